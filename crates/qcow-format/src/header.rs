@@ -1,0 +1,597 @@
+//! The QCOW2 header, versions 2 and 3 ("Header" in the specification).
+//!
+//! [`RawHeaderV2`] and [`RawHeaderV3`] are the bytes as they sit at offset 0
+//! of an image; [`Header::parse`] validates them, together with the header
+//! extensions and the backing file name that follow, into a [`Header`] of
+//! native values that the engine can trust.
+
+use zerocopy::byteorder::big_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::extension::{self, FeatureKind, HeaderExtension};
+use crate::limits::{
+    MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS,
+    MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
+};
+use crate::{FormatError, QCOW_MAGIC};
+
+/// Incompatible feature bit 0: the refcounts may be stale (lazy refcounts).
+pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+/// Incompatible feature bit 1: the image is known to be corrupt.
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Incompatible feature bit 2: guest data lives in an external data file.
+pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+/// Incompatible feature bit 3: the compression type field is not zlib.
+pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+/// Incompatible feature bit 4: L2 entries are 128 bits with subcluster bitmaps.
+pub const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+/// Every incompatible feature bit this implementation understands.
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
+    | INCOMPAT_CORRUPT
+    | INCOMPAT_DATA_FILE
+    | INCOMPAT_COMPRESSION
+    | INCOMPAT_EXTENDED_L2;
+
+/// Compatible feature bit 0: lazy refcounts are enabled.
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+
+/// Autoclear feature bit 0: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Autoclear feature bit 1: the external data file is a valid raw image.
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+
+/// Length of the version 2 header.
+pub const V2_HEADER_LEN: u32 = 72;
+/// Length of the version 3 header without the compression type field.
+pub const V3_MIN_HEADER_LEN: u32 = 104;
+/// Length of the version 3 header as QEMU writes it (with compression type and padding).
+pub const V3_HEADER_LEN: u32 = 112;
+
+/// The version 2 header: the first 72 bytes of every QCOW2 image.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawHeaderV2 {
+    /// `QFI\xfb`.
+    pub magic: U32,
+    /// 2 or 3.
+    pub version: U32,
+    /// Offset of the backing file name, or 0.
+    pub backing_file_offset: U64,
+    /// Length of the backing file name in bytes (no terminating NUL).
+    pub backing_file_size: U32,
+    /// log2 of the cluster size.
+    pub cluster_bits: U32,
+    /// Virtual disk size in bytes.
+    pub size: U64,
+    /// 0: none, 1: AES, 2: LUKS.
+    pub crypt_method: U32,
+    /// Number of entries in the active L1 table.
+    pub l1_size: U32,
+    /// Offset of the active L1 table.
+    pub l1_table_offset: U64,
+    /// Offset of the refcount table.
+    pub refcount_table_offset: U64,
+    /// Number of clusters the refcount table occupies.
+    pub refcount_table_clusters: U32,
+    /// Number of internal snapshots.
+    pub nb_snapshots: U32,
+    /// Offset of the snapshot table.
+    pub snapshots_offset: U64,
+}
+
+/// The fields version 3 adds after the version 2 header.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawHeaderV3 {
+    /// Incompatible feature bits.
+    pub incompatible_features: U64,
+    /// Compatible feature bits.
+    pub compatible_features: U64,
+    /// Autoclear feature bits.
+    pub autoclear_features: U64,
+    /// log2 of the refcount width in bits.
+    pub refcount_order: U32,
+    /// Length of the header structure.
+    pub header_length: U32,
+}
+
+const _: () = assert!(size_of::<RawHeaderV2>() == V2_HEADER_LEN as usize);
+const _: () = assert!(size_of::<RawHeaderV3>() == (V3_MIN_HEADER_LEN - V2_HEADER_LEN) as usize);
+
+/// How the image's data is encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    /// Not encrypted.
+    None,
+    /// Legacy AES-CBC (`crypt_method` 1).
+    Aes,
+    /// LUKS (`crypt_method` 2).
+    Luks,
+    /// A method number the specification does not define.
+    Unknown(u32),
+}
+
+impl Encryption {
+    fn from_raw(method: u32) -> Self {
+        match method {
+            0 => Self::None,
+            1 => Self::Aes,
+            2 => Self::Luks,
+            other => Self::Unknown(other),
+        }
+    }
+
+    /// The method's name as qemu-img prints it.
+    pub fn name(self) -> String {
+        match self {
+            Self::None => "none".into(),
+            Self::Aes => "aes".into(),
+            Self::Luks => "luks".into(),
+            Self::Unknown(n) => format!("unknown method {n}"),
+        }
+    }
+}
+
+/// The algorithm compressed clusters use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionType {
+    /// Raw deflate with a 4 KiB window.
+    Zlib,
+    /// A zstd frame.
+    Zstd,
+}
+
+impl CompressionType {
+    /// The name qemu-img uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Zlib => "zlib",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+/// A validated QCOW2 header with its extensions and backing file name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// log2 of the cluster size, in 9..=21.
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Encryption method.
+    pub encryption: Encryption,
+    /// Entries in the active L1 table.
+    pub l1_size: u32,
+    /// Offset of the active L1 table (cluster aligned, inside the file).
+    pub l1_table_offset: u64,
+    /// Offset of the refcount table (cluster aligned, inside the file).
+    pub refcount_table_offset: u64,
+    /// Clusters the refcount table occupies.
+    pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
+    pub nb_snapshots: u32,
+    /// Offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// Incompatible feature bits (all known).
+    pub incompatible_features: u64,
+    /// Compatible feature bits.
+    pub compatible_features: u64,
+    /// Autoclear feature bits.
+    pub autoclear_features: u64,
+    /// log2 of the refcount width in bits, 0..=6.
+    pub refcount_order: u32,
+    /// Length of the header structure (72 for version 2).
+    pub header_length: u32,
+    /// Compression algorithm of compressed clusters.
+    pub compression_type: CompressionType,
+    /// Backing file name, if any.
+    pub backing_file: Option<String>,
+    /// Header extensions in the order they appear.
+    pub extensions: Vec<HeaderExtension>,
+}
+
+/// Reads the cluster size a header claims, so the caller knows how many bytes
+/// [`Header::parse`] needs (the header cluster). Validates only the magic and
+/// the range of `cluster_bits`.
+pub fn header_cluster_size(prefix: &[u8]) -> Result<u64, FormatError> {
+    let (raw, _) = RawHeaderV2::read_from_prefix(prefix).map_err(|_| FormatError::Truncated {
+        structure: "qcow2 header",
+        needed: u64::from(V2_HEADER_LEN),
+        available: prefix.len() as u64,
+    })?;
+    check_magic(raw.magic.get())?;
+    let bits = raw.cluster_bits.get();
+    check_cluster_bits(bits)?;
+    Ok(1 << bits)
+}
+
+fn check_magic(magic: u32) -> Result<(), FormatError> {
+    if magic != QCOW_MAGIC {
+        return Err(FormatError::BadMagic {
+            found: magic,
+            expected: QCOW_MAGIC,
+        });
+    }
+    Ok(())
+}
+
+fn check_cluster_bits(bits: u32) -> Result<(), FormatError> {
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
+        return Err(FormatError::ClusterBits(bits));
+    }
+    Ok(())
+}
+
+/// A byte range of metadata, for alignment, bounds and overlap checks.
+struct Region {
+    name: &'static str,
+    offset: u64,
+    len: u64,
+}
+
+impl Region {
+    fn end(&self) -> u64 {
+        self.offset.saturating_add(self.len)
+    }
+
+    fn overlaps(&self, other: &Region) -> bool {
+        self.len > 0 && other.len > 0 && self.offset < other.end() && other.offset < self.end()
+    }
+
+    fn check(&self, cluster_size: u64, file_len: u64) -> Result<(), FormatError> {
+        if self.offset % cluster_size != 0 {
+            return Err(FormatError::Misaligned {
+                structure: self.name,
+                offset: self.offset,
+                cluster_size,
+            });
+        }
+        match self.offset.checked_add(self.len) {
+            Some(end) if end <= file_len => Ok(()),
+            _ => Err(FormatError::PastEnd {
+                structure: self.name,
+                offset: self.offset,
+                size: self.len,
+                file_len,
+            }),
+        }
+    }
+}
+
+impl Header {
+    /// Parses and validates the header cluster of a QCOW2 image.
+    ///
+    /// `cluster` holds the first bytes of the image: the whole header cluster
+    /// (see [`header_cluster_size`]) or the whole file if it is shorter.
+    /// `file_len` is the image file's length, used to check that tables fit.
+    pub fn parse(cluster: &[u8], file_len: u64) -> Result<Header, FormatError> {
+        let (v2, rest) =
+            RawHeaderV2::read_from_prefix(cluster).map_err(|_| FormatError::Truncated {
+                structure: "qcow2 header",
+                needed: u64::from(V2_HEADER_LEN),
+                available: cluster.len() as u64,
+            })?;
+        check_magic(v2.magic.get())?;
+        let version = v2.version.get();
+        if version != 2 && version != 3 {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let cluster_bits = v2.cluster_bits.get();
+        check_cluster_bits(cluster_bits)?;
+        let cluster_size = 1u64 << cluster_bits;
+
+        let mut header = Header {
+            version,
+            cluster_bits,
+            virtual_size: v2.size.get(),
+            encryption: Encryption::from_raw(v2.crypt_method.get()),
+            l1_size: v2.l1_size.get(),
+            l1_table_offset: v2.l1_table_offset.get(),
+            refcount_table_offset: v2.refcount_table_offset.get(),
+            refcount_table_clusters: v2.refcount_table_clusters.get(),
+            nb_snapshots: v2.nb_snapshots.get(),
+            snapshots_offset: v2.snapshots_offset.get(),
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            compression_type: CompressionType::Zlib,
+            backing_file: None,
+            extensions: Vec::new(),
+        };
+
+        if version == 3 {
+            let (v3, _) =
+                RawHeaderV3::read_from_prefix(rest).map_err(|_| FormatError::Truncated {
+                    structure: "qcow2 version 3 header",
+                    needed: u64::from(V3_MIN_HEADER_LEN),
+                    available: cluster.len() as u64,
+                })?;
+            header.incompatible_features = v3.incompatible_features.get();
+            header.compatible_features = v3.compatible_features.get();
+            header.autoclear_features = v3.autoclear_features.get();
+            header.refcount_order = v3.refcount_order.get();
+            header.header_length = v3.header_length.get();
+            if header.header_length < V3_MIN_HEADER_LEN
+                || u64::from(header.header_length) > cluster_size
+            {
+                return Err(FormatError::HeaderLength {
+                    length: header.header_length,
+                    min: V3_MIN_HEADER_LEN,
+                    cluster_size,
+                });
+            }
+            if header.refcount_order > 6 {
+                return Err(FormatError::RefcountOrder(header.refcount_order));
+            }
+            let raw_type = if header.header_length > V3_MIN_HEADER_LEN {
+                // Bytes past the end of a short file read as zero.
+                cluster
+                    .get(V3_MIN_HEADER_LEN as usize)
+                    .copied()
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            header.compression_type = match raw_type {
+                0 => CompressionType::Zlib,
+                1 => CompressionType::Zstd,
+                other => return Err(FormatError::CompressionType(other)),
+            };
+            let bit_set = header.incompatible_features & INCOMPAT_COMPRESSION != 0;
+            if bit_set != (raw_type != 0) {
+                return Err(FormatError::CompressionTypeBit {
+                    compression_type: raw_type,
+                    bit_set,
+                });
+            }
+        }
+
+        // Extensions live between the header and the backing file name (or
+        // the end of the header cluster).
+        let backing_offset = v2.backing_file_offset.get();
+        let ext_end = if backing_offset != 0 {
+            backing_offset.min(cluster_size)
+        } else {
+            cluster_size
+        };
+        header.extensions =
+            extension::parse_extensions(cluster, u64::from(header.header_length), ext_end)?;
+
+        let unknown = header.incompatible_features & !INCOMPAT_KNOWN;
+        if unknown != 0 {
+            let names = header
+                .feature_names()
+                .filter(|f| f.kind == FeatureKind::Incompatible && unknown & (1 << f.bit) != 0)
+                .map(|f| f.name.clone())
+                .collect();
+            return Err(FormatError::UnknownIncompatibleFeatures {
+                bits: unknown,
+                names,
+            });
+        }
+
+        if backing_offset != 0 {
+            header.backing_file = Some(parse_backing_name(
+                cluster,
+                backing_offset,
+                v2.backing_file_size.get(),
+                cluster_size,
+            )?);
+        }
+
+        header.validate_tables(file_len)?;
+        Ok(header)
+    }
+
+    fn validate_tables(&self, file_len: u64) -> Result<(), FormatError> {
+        let cluster_size = self.cluster_size();
+        if self.virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(FormatError::VirtualSize(self.virtual_size));
+        }
+
+        let l1_bytes = u64::from(self.l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(FormatError::TooLarge {
+                structure: "L1 table",
+                size: l1_bytes,
+                limit: MAX_L1_BYTES,
+            });
+        }
+        let needed = self.virtual_size.div_ceil(self.bytes_per_l2_table());
+        if u64::from(self.l1_size) < needed {
+            return Err(FormatError::L1TooSmall {
+                l1_size: self.l1_size,
+                virtual_size: self.virtual_size,
+                needed,
+            });
+        }
+        let header_region = Region {
+            name: "header",
+            offset: 0,
+            len: cluster_size,
+        };
+        let l1 = Region {
+            name: "L1 table",
+            offset: self.l1_table_offset,
+            len: l1_bytes,
+        };
+        if l1.len > 0 {
+            l1.check(cluster_size, file_len)?;
+        }
+
+        if self.refcount_table_clusters == 0 {
+            return Err(FormatError::NoRefcountTable);
+        }
+        let reftable_bytes = u64::from(self.refcount_table_clusters) << self.cluster_bits;
+        if reftable_bytes > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(FormatError::TooLarge {
+                structure: "refcount table",
+                size: reftable_bytes,
+                limit: MAX_REFCOUNT_TABLE_BYTES,
+            });
+        }
+        let reftable = Region {
+            name: "refcount table",
+            offset: self.refcount_table_offset,
+            len: reftable_bytes,
+        };
+        reftable.check(cluster_size, file_len)?;
+
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(FormatError::TooManySnapshots {
+                count: self.nb_snapshots,
+                limit: MAX_SNAPSHOTS,
+            });
+        }
+        let snapshots = Region {
+            name: "snapshot table",
+            offset: self.snapshots_offset,
+            // Each entry takes at least 40 bytes; the exact length is known
+            // only once the entries are read.
+            len: u64::from(self.nb_snapshots) * 40,
+        };
+        if snapshots.len > 0 {
+            snapshots.check(cluster_size, file_len)?;
+        }
+
+        let regions = [&header_region, &l1, &reftable, &snapshots];
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                if a.overlaps(b) {
+                    return Err(FormatError::Overlap {
+                        first: a.name,
+                        first_offset: a.offset,
+                        second: b.name,
+                        second_offset: b.offset,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Whether L2 entries are 128-bit extended entries with subclusters.
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & INCOMPAT_EXTENDED_L2 != 0
+    }
+
+    /// Whether the dirty bit is set (refcounts may be stale).
+    pub fn dirty(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DIRTY != 0
+    }
+
+    /// Whether the corrupt bit is set.
+    pub fn corrupt(&self) -> bool {
+        self.incompatible_features & INCOMPAT_CORRUPT != 0
+    }
+
+    /// Whether lazy refcounts are enabled.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DATA_FILE != 0
+    }
+
+    /// Whether the external data file is a valid raw image by itself.
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
+    }
+
+    /// Refcount width in bits.
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    /// Bytes of an L2 entry (8, or 16 for extended L2).
+    pub fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2() { 16 } else { 8 }
+    }
+
+    /// Entries in one L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / self.l2_entry_size()
+    }
+
+    /// Guest bytes one L2 table maps.
+    pub fn bytes_per_l2_table(&self) -> u64 {
+        self.l2_entries() << self.cluster_bits
+    }
+
+    /// The backing format from the backing-format extension, if present.
+    pub fn backing_format(&self) -> Option<&str> {
+        self.extensions.iter().find_map(|e| match e {
+            HeaderExtension::BackingFormat(f) => Some(f.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The external data file name from its extension, if present.
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.extensions.iter().find_map(|e| match e {
+            HeaderExtension::ExternalDataFile(f) => Some(f.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The bitmaps extension, if present and marked consistent by its
+    /// autoclear bit (QEMU ignores it otherwise).
+    pub fn bitmaps(&self) -> Option<&extension::BitmapsExtension> {
+        if self.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return None;
+        }
+        self.extensions.iter().find_map(|e| match e {
+            HeaderExtension::Bitmaps(b) => Some(b),
+            _ => None,
+        })
+    }
+
+    /// The entries of the feature-name table extension, if present.
+    pub fn feature_names(&self) -> impl Iterator<Item = &extension::FeatureName> {
+        self.extensions
+            .iter()
+            .filter_map(|e| match e {
+                HeaderExtension::FeatureNames(names) => Some(names.iter()),
+                _ => None,
+            })
+            .flatten()
+    }
+}
+
+fn parse_backing_name(
+    cluster: &[u8],
+    offset: u64,
+    size: u32,
+    cluster_size: u64,
+) -> Result<String, FormatError> {
+    let err = FormatError::BackingName { offset, size };
+    if size > MAX_BACKING_NAME {
+        return Err(err);
+    }
+    let end = offset.checked_add(u64::from(size)).ok_or(err.clone())?;
+    if end > cluster_size {
+        return Err(err);
+    }
+    // The name may sit past the end of a short file: those bytes read as zero.
+    let mut name = vec![0u8; size as usize];
+    if let Ok(start) = usize::try_from(offset) {
+        if let Some(avail) = cluster.get(start..) {
+            let n = avail.len().min(name.len());
+            name[..n].copy_from_slice(&avail[..n]);
+        }
+    }
+    String::from_utf8(name).map_err(|_| FormatError::NotUtf8 {
+        structure: "backing file name",
+    })
+}

@@ -1,0 +1,139 @@
+//! A [`Storage`] over a file, with positional `pread`/`pwrite`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::Storage;
+
+/// A file used as storage. Positional I/O keeps no cursor, so one
+/// `FileStorage` serves many threads at once.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    writable: bool,
+}
+
+impl FileStorage {
+    /// Opens an existing file, read-only or read-write.
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        Ok(FileStorage { file, writable })
+    }
+
+    /// Creates (or truncates) a file for reading and writing.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            writable: true,
+        })
+    }
+
+    /// Wraps an open file.
+    pub fn from_file(file: File, writable: bool) -> Self {
+        FileStorage { file, writable }
+    }
+
+    /// Whether the file was opened for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    // End of file: the rest reads as zero.
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // write_all_at loops on short writes and EINTR.
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_past_end_as_zero_and_writes_positionally() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("f");
+        let s = FileStorage::create(&path)?;
+        s.write_at(b"hello", 10)?;
+        assert_eq!(s.len()?, 15);
+        let mut buf = [0xffu8; 20];
+        s.read_at(&mut buf, 5)?;
+        assert_eq!(&buf[..5], &[0; 5]);
+        assert_eq!(&buf[5..10], b"hello");
+        assert_eq!(&buf[10..], &[0; 10]);
+        s.set_len(12)?;
+        assert_eq!(s.len()?, 12);
+        s.write_zeroes(10, 2)?;
+        s.read_at(&mut buf[..2], 10)?;
+        assert_eq!(&buf[..2], &[0, 0]);
+        s.flush()?;
+        drop(s);
+        let ro = FileStorage::open(&path, false)?;
+        assert!(ro.write_at(b"x", 0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn shared_across_threads() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = std::sync::Arc::new(FileStorage::create(&dir.path().join("f"))?);
+        let handles: Vec<_> = (0..4u8)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || s.write_at(&[i; 100], u64::from(i) * 100))
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| io::Error::other("thread panicked"))??;
+        }
+        let mut buf = [0u8; 400];
+        s.read_at(&mut buf, 0)?;
+        for i in 0..4usize {
+            assert!(buf[i * 100..(i + 1) * 100].iter().all(|&b| b == i as u8));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,84 @@
+//! Positional storage for disk images.
+//!
+//! [`Storage`] is the one interface the engine does all its I/O through:
+//! `&self` methods at explicit offsets, so one storage is shared by many
+//! threads with no seek state. [`FileStorage`] wraps a file, [`MemStorage`]
+//! a growable buffer. This crate knows nothing of qcow.
+
+#![deny(missing_docs)]
+
+mod file;
+mod memory;
+
+use std::io;
+
+pub use file::FileStorage;
+pub use memory::MemStorage;
+
+/// Positional, thread-safe storage for an image file.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Fills all of `buf` from `offset`. Bytes past the end read as zero.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// The current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Truncates or extends the storage to `len` bytes (new bytes read as zero).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Says the range's contents are no longer needed. The range may read
+    /// back as anything; the default does nothing.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    /// Makes the range read as zeros. The default writes zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            // n <= CHUNK, which fits in usize.
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+}
