@@ -45,7 +45,9 @@ pub enum FormatError {
     #[error("virtual size {0} exceeds the maximum {max}", max = crate::limits::MAX_VIRTUAL_SIZE)]
     VirtualSize(u64),
     /// A v3 header's `header_length` is too small or too large.
-    #[error("header_length {length} is invalid (must be between {min} and the cluster size {cluster_size})")]
+    #[error(
+        "header_length {length} is invalid (must be between {min} and the cluster size {cluster_size})"
+    )]
     HeaderLength {
         /// The header's `header_length`.
         length: u32,
@@ -62,7 +64,9 @@ pub enum FormatError {
     CompressionType(u8),
     /// The compression-type incompatible bit disagrees with the compression
     /// type: it must be set exactly when the type is not zlib.
-    #[error("compression type {compression_type} does not match the compression-type feature bit (set: {bit_set})")]
+    #[error(
+        "compression type {compression_type} does not match the compression-type feature bit (set: {bit_set})"
+    )]
     CompressionTypeBit {
         /// The header's compression type.
         compression_type: u8,
@@ -101,7 +105,9 @@ pub enum FormatError {
         limit: u64,
     },
     /// A table ends past the end of the file.
-    #[error("{structure} at {offset:#x} ({size} bytes) ends past the end of the file ({file_len} bytes)")]
+    #[error(
+        "{structure} at {offset:#x} ({size} bytes) ends past the end of the file ({file_len} bytes)"
+    )]
     PastEnd {
         /// The structure.
         structure: &'static str,
@@ -135,7 +141,9 @@ pub enum FormatError {
         needed: u64,
     },
     /// The backing file name is too long or does not fit in the header cluster.
-    #[error("backing file name at {offset:#x} of {size} bytes is too long or outside the header cluster")]
+    #[error(
+        "backing file name at {offset:#x} of {size} bytes is too long or outside the header cluster"
+    )]
     BackingName {
         /// The name's offset.
         offset: u64,

@@ -152,8 +152,8 @@ pub fn parse_extensions(
     // Each step advances by at least 8 bytes within a bounded area, so the
     // loop ends.
     while offset.saturating_add(8) <= end {
-        let Some(raw) = slice_at(cluster, offset, 8)
-            .and_then(|b| RawExtensionHeader::read_from_bytes(b).ok())
+        let Some(raw) =
+            slice_at(cluster, offset, 8).and_then(|b| RawExtensionHeader::read_from_bytes(b).ok())
         else {
             break;
         };

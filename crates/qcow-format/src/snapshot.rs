@@ -119,8 +119,7 @@ impl Snapshot {
             l1_table_offset,
             l1_size,
             id: String::from_utf8(id.to_vec()).map_err(|_| bad("ID is not UTF-8".into()))?,
-            name: String::from_utf8(name.to_vec())
-                .map_err(|_| bad("name is not UTF-8".into()))?,
+            name: String::from_utf8(name.to_vec()).map_err(|_| bad("name is not UTF-8".into()))?,
             date_sec: raw.date_sec.get(),
             date_nsec: raw.date_nsec.get(),
             vm_clock_nsec: raw.vm_clock_nsec.get(),

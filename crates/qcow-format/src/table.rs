@@ -293,7 +293,10 @@ mod tests {
             g.l2_mapping(0, entry, bitmap, 0).ok(),
             Some(L2Mapping::Data { host: 0x40000 })
         );
-        assert_eq!(g.l2_mapping(0, entry, bitmap, 1).ok(), Some(L2Mapping::Zero));
+        assert_eq!(
+            g.l2_mapping(0, entry, bitmap, 1).ok(),
+            Some(L2Mapping::Zero)
+        );
         assert_eq!(
             g.l2_mapping(0, entry, bitmap, 2).ok(),
             Some(L2Mapping::Unallocated)

@@ -92,11 +92,12 @@ impl HeaderV1 {
     /// Parses and validates a version 1 header. `bytes` holds the start of the
     /// file (enough for the backing file name), `file_len` its length.
     pub fn parse(bytes: &[u8], file_len: u64) -> Result<HeaderV1, FormatError> {
-        let (raw, _) = RawHeaderV1::read_from_prefix(bytes).map_err(|_| FormatError::Truncated {
-            structure: "qcow header",
-            needed: V1_HEADER_LEN as u64,
-            available: bytes.len() as u64,
-        })?;
+        let (raw, _) =
+            RawHeaderV1::read_from_prefix(bytes).map_err(|_| FormatError::Truncated {
+                structure: "qcow header",
+                needed: V1_HEADER_LEN as u64,
+                available: bytes.len() as u64,
+            })?;
         if raw.magic.get() != QCOW_MAGIC {
             return Err(FormatError::BadMagic {
                 found: raw.magic.get(),

@@ -127,7 +127,8 @@ mod tests {
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| io::Error::other("thread panicked"))??;
+            h.join()
+                .map_err(|_| io::Error::other("thread panicked"))??;
         }
         let mut buf = [0u8; 400];
         s.read_at(&mut buf, 0)?;

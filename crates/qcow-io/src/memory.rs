@@ -64,7 +64,11 @@ impl Storage for MemStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.bytes.read().unwrap_or_else(PoisonError::into_inner).len() as u64)
+        Ok(self
+            .bytes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len() as u64)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

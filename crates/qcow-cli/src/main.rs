@@ -1,0 +1,57 @@
+//! `qcow`: qemu-img's everyday jobs on QCOW and QCOW2 images, in
+//! qemu-img's syntax.
+//!
+//! Each subcommand lives in its own module; this file parses arguments and
+//! turns errors into one line and an exit code.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod compare;
+mod convert;
+mod human;
+mod info;
+mod map;
+mod open;
+
+/// Command-line arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "qcow",
+    version,
+    about = "Inspect and convert QCOW and QCOW2 disk images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show information about an image.
+    Info(info::InfoArgs),
+    /// Convert an image to another format.
+    Convert(convert::ConvertArgs),
+    /// Show how the image's guest ranges are stored.
+    Map(map::MapArgs),
+    /// Compare the contents of two images.
+    Compare(compare::CompareArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => info::run(&args),
+        Command::Convert(args) => convert::run(&args),
+        Command::Map(args) => map::run(&args),
+        Command::Compare(args) => compare::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("qcow: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Decompression of compressed clusters ("Compressed Clusters Descriptor"
+//! in the specification): raw deflate or a zstd frame.
+//!
+//! The stored length is rounded up to whole sectors, so the input may carry
+//! trailing bytes after the stream: decoding stops once the cluster is full.
+//! Decoders are kept per thread, since creating one costs more than
+//! decompressing a cluster.
+
+use std::cell::RefCell;
+
+use flate2::{Decompress, FlushDecompress, Status};
+use qcow_format::header::CompressionType;
+
+thread_local! {
+    static INFLATE: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+    static ZSTD: RefCell<Option<zstd::stream::raw::Decoder<'static>>> = const { RefCell::new(None) };
+}
+
+/// Decompresses `input` into all of `out`; fails unless `out` is filled.
+pub(crate) fn decompress(
+    kind: CompressionType,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), String> {
+    match kind {
+        CompressionType::Zlib => inflate(input, out),
+        CompressionType::Zstd => unzstd(input, out),
+    }
+}
+
+/// Inflates raw deflate data (any window size up to 32 KiB).
+pub(crate) fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    INFLATE.with(|cell| {
+        let mut d = cell.borrow_mut();
+        d.reset(false);
+        match d.decompress(input, out, FlushDecompress::Finish) {
+            Ok(Status::StreamEnd | Status::Ok | Status::BufError) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let produced = d.total_out();
+        if produced == out.len() as u64 {
+            Ok(())
+        } else {
+            Err(format!(
+                "deflate stream ended after {produced} of {} bytes",
+                out.len()
+            ))
+        }
+    })
+}
+
+fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    ZSTD.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let decoder = match &mut *slot {
+            Some(d) => {
+                d.reinit().map_err(|e| e.to_string())?;
+                d
+            }
+            None => slot.insert(zstd::stream::raw::Decoder::new().map_err(|e| e.to_string())?),
+        };
+        let mut inb = InBuffer::around(input);
+        let mut outb = OutBuffer::around(out);
+        while outb.pos() < outb.capacity() {
+            let (in_before, out_before) = (inb.pos(), outb.pos());
+            decoder
+                .run(&mut inb, &mut outb)
+                .map_err(|e| e.to_string())?;
+            if inb.pos() == in_before && outb.pos() == out_before {
+                return Err(format!(
+                    "zstd stream ended after {} of {} bytes",
+                    outb.pos(),
+                    outb.capacity()
+                ));
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::{Compress, Compression, FlushCompress};
+
+    #[test]
+    fn inflates_raw_deflate_with_trailing_bytes() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let mut c = Compress::new(Compression::default(), false);
+        let mut packed = Vec::with_capacity(70000);
+        c.compress_vec(&data, &mut packed, FlushCompress::Finish)
+            .expect("compress");
+        packed.extend_from_slice(&[0xAA; 300]);
+        let mut out = vec![0u8; data.len()];
+        inflate(&packed, &mut out).expect("inflate");
+        assert_eq!(out, data);
+        let mut too_big = vec![0u8; data.len() + 1];
+        assert!(inflate(&packed[..packed.len() - 300], &mut too_big).is_err());
+    }
+
+    #[test]
+    fn decodes_zstd_with_trailing_bytes() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 13) as u8).collect();
+        let mut packed = zstd::bulk::compress(&data, 3).expect("compress");
+        packed.extend_from_slice(&[0x55; 100]);
+        let mut out = vec![0u8; data.len()];
+        unzstd(&packed, &mut out).expect("zstd");
+        assert_eq!(out, data);
+        assert!(unzstd(&[1, 2, 3], &mut out).is_err());
+    }
+}

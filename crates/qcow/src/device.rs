@@ -1,0 +1,97 @@
+//! The one interface every readable disk offers: [`BlockDevice`].
+//!
+//! qcow2, qcow version 1 and raw images all implement it, so that convert,
+//! compare, map and (later) serve work on any of them.
+
+use crate::Result;
+
+/// An image format the engine reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImageFormat {
+    /// QCOW2, versions 2 and 3.
+    Qcow2,
+    /// QCOW version 1.
+    Qcow,
+    /// A plain file.
+    Raw,
+}
+
+impl ImageFormat {
+    /// The name qemu-img uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Qcow => "qcow",
+            ImageFormat::Raw => "raw",
+        }
+    }
+
+    /// Parses a qemu-img format name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            "qcow" => Ok(ImageFormat::Qcow),
+            "raw" => Ok(ImageFormat::Raw),
+            other => Err(crate::Error::UnknownFormat(other.to_owned())),
+        }
+    }
+}
+
+/// How a range of a disk is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Data stored in the image at `depth` of the chain (0 is the image itself).
+    Data {
+        /// Chain depth of the layer holding it.
+        depth: u32,
+        /// Host offset in that layer's data file, when known (not for
+        /// compressed clusters).
+        offset: Option<u64>,
+        /// Whether the data is compressed.
+        compressed: bool,
+    },
+    /// Reads as zeros, recorded as such at `depth` of the chain.
+    Zero {
+        /// Chain depth of the layer saying so.
+        depth: u32,
+    },
+    /// Stored nowhere in the chain: reads as zeros.
+    Unallocated {
+        /// Depth of the last layer of the chain looked at.
+        depth: u32,
+    },
+}
+
+/// The allocation of a run of bytes at the start of a queried range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length of the run in bytes (at least 1 for a non-empty query).
+    pub len: u64,
+    /// How the run is stored.
+    pub allocation: Allocation,
+}
+
+/// A disk image that can be read (and, for some, written) at any byte offset.
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// The image's format.
+    fn format(&self) -> ImageFormat;
+
+    /// The size of the virtual disk in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Fills `buf` with the disk's bytes from `offset`. The range must lie
+    /// within the virtual size.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// How the bytes from `offset` are stored, for a run of at most `len`
+    /// bytes, looking through the backing chain.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
+
+    /// The image's name as it was opened (a path), used in messages.
+    fn name(&self) -> &str;
+
+    /// The backing image, when one is open.
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        None
+    }
+}

@@ -1,0 +1,174 @@
+//! The engine's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use qcow_format::FormatError;
+use thiserror::Error;
+
+/// Result with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an engine operation failed. Every variant names the image it concerns.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be opened.
+    #[error("{path}: could not open")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// An I/O operation on an image failed.
+    #[error("{image}: {op} at offset {offset:#x} failed")]
+    Io {
+        /// The image.
+        image: String,
+        /// What was being done.
+        op: &'static str,
+        /// Where.
+        offset: u64,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The image's metadata is malformed.
+    #[error("{image}")]
+    Format {
+        /// The image.
+        image: String,
+        /// What is wrong.
+        #[source]
+        source: FormatError,
+    },
+    /// The image is encrypted, which is not supported yet.
+    #[error("{image}: encrypted images are not supported (encryption method: {method})")]
+    Encrypted {
+        /// The image.
+        image: String,
+        /// The method's name.
+        method: String,
+    },
+    /// The file has the qcow magic but a version this engine does not know.
+    #[error("{image}: unsupported qcow version {version}")]
+    UnsupportedVersion {
+        /// The image.
+        image: String,
+        /// Its version.
+        version: u32,
+    },
+    /// A metadata table points somewhere it must not.
+    #[error("{image}: {table} at {offset:#x} is invalid: {reason}")]
+    Corrupt {
+        /// The image.
+        image: String,
+        /// Which table.
+        table: &'static str,
+        /// Its offset in the file.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A compressed cluster could not be decompressed.
+    #[error(
+        "{image}: compressed cluster at host offset {host:#x} ({len} bytes) is corrupt: {reason}"
+    )]
+    Decompress {
+        /// The image.
+        image: String,
+        /// Host offset of the compressed data.
+        host: u64,
+        /// Its length.
+        len: u64,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// A read or write beyond the virtual disk.
+    #[error("{image}: range {offset:#x}+{len:#x} is beyond the disk size {size:#x}")]
+    OutOfRange {
+        /// The image.
+        image: String,
+        /// Start of the range.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The virtual size.
+        size: u64,
+    },
+    /// The image names a backing file whose format it does not say.
+    #[error(
+        "{image}: backing file {backing} has no format recorded; name one (e.g. raw or qcow2) to open it"
+    )]
+    BackingFormatUnknown {
+        /// The image.
+        image: String,
+        /// The backing file's name.
+        backing: String,
+    },
+    /// A format name the engine does not know.
+    #[error("unknown image format {0:?}")]
+    UnknownFormat(String),
+    /// The backing chain refers back to an image already in it.
+    #[error("{image}: backing chain loops back to {backing}")]
+    BackingLoop {
+        /// The image naming the backing file.
+        image: String,
+        /// The file it names.
+        backing: String,
+    },
+    /// The backing chain is deeper than allowed.
+    #[error("{image}: backing chain is deeper than {limit}")]
+    BackingTooDeep {
+        /// The image at the limit.
+        image: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The image needs a file it names, which the open options did not allow.
+    #[error(
+        "{image}: needs {what} {name}, which was not opened (the open options do not allow it)"
+    )]
+    NotOpened {
+        /// The image.
+        image: String,
+        /// What kind of file (backing file, external data file).
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// No snapshot with this name or ID.
+    #[error("{image}: no snapshot named {name:?}")]
+    SnapshotNotFound {
+        /// The image.
+        image: String,
+        /// The name or ID asked for.
+        name: String,
+    },
+    /// The image was opened read-only.
+    #[error("{image}: image is read-only")]
+    ReadOnly {
+        /// The image.
+        image: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(image: &str, op: &'static str, offset: u64, source: io::Error) -> Self {
+        Error::Io {
+            image: image.to_owned(),
+            op,
+            offset,
+            source,
+        }
+    }
+
+    pub(crate) fn format(image: &str, source: FormatError) -> Self {
+        Error::Format {
+            image: image.to_owned(),
+            source,
+        }
+    }
+}

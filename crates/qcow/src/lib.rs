@@ -1,0 +1,81 @@
+//! A pure-Rust engine for QCOW (version 1) and QCOW2 (versions 2 and 3) disk
+//! images.
+//!
+//! Open any image with [`open`] (formats probed by magic, files the image
+//! names opened only as [`OpenOptions`] allow), then read it through the
+//! [`BlockDevice`] trait that every format implements. The format-specific
+//! types ([`Qcow2Image`], [`QcowImage`], [`RawImage`]) expose headers,
+//! snapshots and bitmaps.
+//!
+//! The specification followed is `docs/interop/qcow2.txt` in QEMU's
+//! repository; `qemu-img` is the reference every test compares against.
+
+#![deny(missing_docs)]
+
+mod compress;
+mod device;
+mod error;
+mod open;
+mod options;
+mod qcow2;
+mod raw;
+mod v1;
+
+pub use device::{Allocation, BlockDevice, Extent, ImageFormat};
+pub use error::{Error, Result};
+pub use open::{Image, open, probe, relative_to};
+pub use options::{DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_CHAIN_DEPTH, OpenOptions};
+pub use qcow_format as format;
+pub use qcow2::Qcow2Image;
+pub use raw::RawImage;
+pub use v1::QcowImage;
+
+/// Fails unless `offset..offset + len` lies within a disk of `size` bytes.
+pub(crate) fn check_range(image: &str, offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange {
+            image: image.to_owned(),
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
+/// The status of an unallocated run, looked up in the backing image (one
+/// level deeper), or unallocated when there is none or the run lies past
+/// its end.
+pub(crate) fn backing_status(
+    backing: Option<&dyn BlockDevice>,
+    offset: u64,
+    len: u64,
+) -> Result<Extent> {
+    if let Some(b) = backing {
+        let size = b.virtual_size();
+        if offset < size {
+            let extent = b.block_status(offset, len.min(size - offset))?;
+            let allocation = match extent.allocation {
+                Allocation::Data {
+                    depth,
+                    offset,
+                    compressed,
+                } => Allocation::Data {
+                    depth: depth + 1,
+                    offset,
+                    compressed,
+                },
+                Allocation::Zero { depth } => Allocation::Zero { depth: depth + 1 },
+                Allocation::Unallocated { depth } => Allocation::Unallocated { depth: depth + 1 },
+            };
+            return Ok(Extent {
+                len: extent.len,
+                allocation,
+            });
+        }
+    }
+    Ok(Extent {
+        len,
+        allocation: Allocation::Unallocated { depth: 0 },
+    })
+}

@@ -1,0 +1,211 @@
+//! Opening an image by path: probing its format, and opening the backing
+//! chain and external data file it names under the caller's policy.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use qcow_format::Probe;
+use qcow_io::{FileStorage, Storage};
+
+use crate::device::{BlockDevice, Extent, ImageFormat};
+use crate::options::OpenOptions;
+use crate::qcow2::Qcow2Image;
+use crate::raw::RawImage;
+use crate::v1::QcowImage;
+use crate::{Error, Result};
+
+/// An open image of any format the engine reads.
+#[derive(Debug)]
+pub enum Image {
+    /// A QCOW2 image.
+    Qcow2(Qcow2Image),
+    /// A QCOW version 1 image.
+    Qcow(QcowImage),
+    /// A raw image.
+    Raw(RawImage),
+}
+
+impl Image {
+    fn device(&self) -> &dyn BlockDevice {
+        match self {
+            Image::Qcow2(i) => i,
+            Image::Qcow(i) => i,
+            Image::Raw(i) => i,
+        }
+    }
+}
+
+impl BlockDevice for Image {
+    fn format(&self) -> ImageFormat {
+        self.device().format()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.device().virtual_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.device().read_at(buf, offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.device().block_status(offset, len)
+    }
+    fn name(&self) -> &str {
+        self.device().name()
+    }
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.device().backing()
+    }
+}
+
+/// Says what format the file at `path` holds, by its magic: a qcow magic
+/// with an unknown version is an error, and a file without one is raw.
+pub fn probe(path: &Path) -> Result<ImageFormat> {
+    let storage = open_storage(path)?;
+    probe_storage(&path.display().to_string(), &*storage)
+}
+
+fn probe_storage(name: &str, storage: &dyn Storage) -> Result<ImageFormat> {
+    let mut prefix = [0u8; 8];
+    storage
+        .read_at(&mut prefix, 0)
+        .map_err(|e| Error::io(name, "reading the magic", 0, e))?;
+    match qcow_format::probe(&prefix) {
+        Probe::Qcow { version: 1 } => Ok(ImageFormat::Qcow),
+        Probe::Qcow { version: 2 | 3 } => Ok(ImageFormat::Qcow2),
+        Probe::Qcow { version } => Err(Error::UnsupportedVersion {
+            image: name.to_owned(),
+            version,
+        }),
+        Probe::NotQcow => Ok(ImageFormat::Raw),
+    }
+}
+
+fn open_storage(path: &Path) -> Result<Arc<dyn Storage>> {
+    let file = FileStorage::open(path, false).map_err(|source| Error::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Arc::new(file))
+}
+
+/// Opens the image at `path` under `options`.
+pub fn open(path: &Path, options: &OpenOptions) -> Result<Image> {
+    let mut seen = HashSet::new();
+    open_layer(path, options.format, options, &mut seen, 0, true)
+}
+
+fn open_layer(
+    path: &Path,
+    format: Option<ImageFormat>,
+    options: &OpenOptions,
+    seen: &mut HashSet<PathBuf>,
+    depth: usize,
+    top: bool,
+) -> Result<Image> {
+    let name = path.display().to_string();
+    if depth > options.max_chain_depth {
+        return Err(Error::BackingTooDeep {
+            image: name,
+            limit: options.max_chain_depth,
+        });
+    }
+    let storage = open_storage(path)?;
+    if let Ok(canonical) = path.canonicalize() {
+        seen.insert(canonical);
+    }
+    let format = match format {
+        Some(f) => f,
+        None => probe_storage(&name, &*storage)?,
+    };
+    let cache = options.cache_bytes;
+    let image = match format {
+        ImageFormat::Raw => Image::Raw(RawImage::open(&name, storage)?),
+        ImageFormat::Qcow2 => {
+            let mut image = Qcow2Image::open(&name, storage, cache)?;
+            if top {
+                if let Some(snapshot) = &options.snapshot {
+                    image.select_snapshot(snapshot)?;
+                }
+            }
+            if options.open_data_file && image.header().has_data_file() {
+                let data_name = image.header().data_file_name().map(str::to_owned);
+                let data_name = data_name.ok_or_else(|| Error::NotOpened {
+                    image: name.clone(),
+                    what: "external data file",
+                    name: "(no name recorded)".into(),
+                })?;
+                let data_path = relative_to(path, &data_name);
+                image.attach_data_file(open_storage(&data_path)?);
+            }
+            if let Some(backing) = image.header().backing_file.clone() {
+                if options.follow_backing {
+                    let backing_format = match image.header().backing_format() {
+                        Some(f) => Some(ImageFormat::from_name(f)?),
+                        None => options.assume_backing_format,
+                    };
+                    let layer =
+                        open_backing(path, &name, &backing, backing_format, options, seen, depth)?;
+                    image.attach_backing(Box::new(layer));
+                }
+            }
+            Image::Qcow2(image)
+        }
+        ImageFormat::Qcow => {
+            let mut image = QcowImage::open(&name, storage, cache)?;
+            if let Some(backing) = image.header().backing_file.clone() {
+                if options.follow_backing {
+                    let layer = open_backing(
+                        path,
+                        &name,
+                        &backing,
+                        options.assume_backing_format,
+                        options,
+                        seen,
+                        depth,
+                    )?;
+                    image.attach_backing(Box::new(layer));
+                }
+            }
+            Image::Qcow(image)
+        }
+    };
+    Ok(image)
+}
+
+fn open_backing(
+    path: &Path,
+    name: &str,
+    backing: &str,
+    format: Option<ImageFormat>,
+    options: &OpenOptions,
+    seen: &mut HashSet<PathBuf>,
+    depth: usize,
+) -> Result<Image> {
+    let format = format.ok_or_else(|| Error::BackingFormatUnknown {
+        image: name.to_owned(),
+        backing: backing.to_owned(),
+    })?;
+    let backing_path = relative_to(path, backing);
+    if let Ok(canonical) = backing_path.canonicalize() {
+        if seen.contains(&canonical) {
+            return Err(Error::BackingLoop {
+                image: name.to_owned(),
+                backing: backing.to_owned(),
+            });
+        }
+    }
+    open_layer(&backing_path, Some(format), options, seen, depth + 1, false)
+}
+
+/// Resolves a file name stored in the image at `image`: absolute names stay,
+/// relative ones are taken from the image's directory.
+pub fn relative_to(image: &Path, named: &str) -> PathBuf {
+    let named = Path::new(named);
+    if named.is_absolute() {
+        return named.to_owned();
+    }
+    match image.parent() {
+        Some(dir) => dir.join(named),
+        None => named.to_owned(),
+    }
+}

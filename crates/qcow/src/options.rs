@@ -1,0 +1,61 @@
+//! How an image is opened: which files it names may be opened, formats,
+//! cache size and snapshot.
+
+use crate::device::ImageFormat;
+
+/// Deepest backing chain the engine follows by default.
+pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 64;
+
+/// Largest default L2 cache: the default covers every L2 table of the image
+/// up to this many bytes.
+pub const DEFAULT_MAX_CACHE_BYTES: u64 = 32 << 20;
+
+/// Options for opening an image.
+///
+/// The default opens only the named file: no backing file and no external
+/// data file is opened unless allowed here, since a crafted image can name
+/// any file on the host.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Format of the named image; `None` probes by magic (raw when there is none).
+    pub format: Option<ImageFormat>,
+    /// Open backing files named by images.
+    pub follow_backing: bool,
+    /// Open external data files named by images.
+    pub open_data_file: bool,
+    /// Format to assume for a backing file whose format the image does not
+    /// record; `None` refuses such backing files (they are never probed).
+    pub assume_backing_format: Option<ImageFormat>,
+    /// Deepest backing chain accepted.
+    pub max_chain_depth: usize,
+    /// L2 cache budget in bytes per image; `None` covers all of the image's
+    /// L2 tables up to [`DEFAULT_MAX_CACHE_BYTES`].
+    pub cache_bytes: Option<u64>,
+    /// Internal snapshot (name or ID) to open instead of the active layer.
+    pub snapshot: Option<String>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            follow_backing: false,
+            open_data_file: false,
+            assume_backing_format: None,
+            max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
+            cache_bytes: None,
+            snapshot: None,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Options that open every file the image names, as qemu-img does.
+    pub fn trusted() -> Self {
+        OpenOptions {
+            follow_backing: true,
+            open_data_file: true,
+            ..Self::default()
+        }
+    }
+}

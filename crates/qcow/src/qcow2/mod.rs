@@ -1,0 +1,204 @@
+//! QCOW2 images (versions 2 and 3): opening, and the state an open image
+//! keeps. Reading lives in [`read`](self::read), snapshots and bitmaps in
+//! their own modules.
+
+mod bitmaps;
+mod read;
+mod snapshots;
+
+use std::sync::Arc;
+
+use qcow_cache::TableCache;
+use qcow_format::bitmap::BitmapEntry;
+use qcow_format::header::{Encryption, Header, header_cluster_size};
+use qcow_format::snapshot::Snapshot;
+use qcow_format::table::Geometry;
+use qcow_io::Storage;
+
+use crate::device::BlockDevice;
+use crate::options::DEFAULT_MAX_CACHE_BYTES;
+use crate::{Error, Result};
+
+/// An L2 table decoded to native integers (two words per entry with
+/// extended L2).
+pub(crate) type L2Table = Box<[u64]>;
+
+/// An open QCOW2 image, read-only.
+#[derive(Debug)]
+pub struct Qcow2Image {
+    name: String,
+    file: Arc<dyn Storage>,
+    /// Where guest data lives: the image file, the external data file, or
+    /// `None` when the external data file was not opened.
+    data: Option<Arc<dyn Storage>>,
+    header: Header,
+    geometry: Geometry,
+    virtual_size: u64,
+    l1: Vec<u64>,
+    l2_cache: TableCache<L2Table>,
+    backing: Option<Box<dyn BlockDevice>>,
+    snapshots: Vec<Snapshot>,
+    bitmaps: Vec<BitmapEntry>,
+    file_len: u64,
+    snapshot: Option<String>,
+}
+
+impl Qcow2Image {
+    /// Opens the QCOW2 image in `file`; `name` is used in messages.
+    ///
+    /// Backing and external data files are not opened here: see
+    /// [`Qcow2Image::attach_backing`] and [`Qcow2Image::attach_data_file`]
+    /// (or [`crate::open`], which does both under an [`crate::OpenOptions`]).
+    /// `cache_bytes` bounds the L2 cache (`None`: the default).
+    pub fn open(name: &str, file: Arc<dyn Storage>, cache_bytes: Option<u64>) -> Result<Self> {
+        let file_len = file
+            .len()
+            .map_err(|e| Error::io(name, "reading the file size", 0, e))?;
+        let mut prefix = [0u8; 112];
+        file.read_at(&mut prefix, 0)
+            .map_err(|e| Error::io(name, "reading the header", 0, e))?;
+        let cluster_size = header_cluster_size(&prefix).map_err(|e| Error::format(name, e))?;
+        // The header cluster is at most 2 MiB (cluster_bits <= 21).
+        let mut cluster = vec![0u8; cluster_size.min(file_len.max(112)) as usize];
+        file.read_at(&mut cluster, 0)
+            .map_err(|e| Error::io(name, "reading the header cluster", 0, e))?;
+        let header = Header::parse(&cluster, file_len).map_err(|e| Error::format(name, e))?;
+        if header.encryption != Encryption::None {
+            return Err(Error::Encrypted {
+                image: name.to_owned(),
+                method: header.encryption.name(),
+            });
+        }
+        let geometry = Geometry::of(&header);
+        let l1 = read_l1(name, &*file, header.l1_table_offset, header.l1_size)?;
+        let allocated_tables = l1.iter().filter(|&&e| e != 0).count() as u64;
+        let budget = cache_bytes.unwrap_or_else(|| {
+            (allocated_tables.max(1) << header.cluster_bits).min(DEFAULT_MAX_CACHE_BYTES)
+        });
+        let data = (!header.has_data_file()).then(|| file.clone());
+        let mut image = Qcow2Image {
+            name: name.to_owned(),
+            virtual_size: header.virtual_size,
+            l2_cache: TableCache::new(budget, header.cluster_size()),
+            file,
+            data,
+            geometry,
+            l1,
+            backing: None,
+            snapshots: Vec::new(),
+            bitmaps: Vec::new(),
+            file_len,
+            snapshot: None,
+            header,
+        };
+        image.snapshots = image.load_snapshots()?;
+        image.bitmaps = image.load_bitmaps()?;
+        Ok(image)
+    }
+
+    /// Uses `backing` for clusters this image does not allocate.
+    pub fn attach_backing(&mut self, backing: Box<dyn BlockDevice>) {
+        self.backing = Some(backing);
+    }
+
+    /// Uses `data` as the external data file the image names.
+    pub fn attach_data_file(&mut self, data: Arc<dyn Storage>) {
+        self.data = Some(data);
+    }
+
+    /// Switches to the internal snapshot named `name` (or with that ID):
+    /// reads then see the disk as it was when the snapshot was taken.
+    pub fn select_snapshot(&mut self, name: &str) -> Result<()> {
+        let snapshot = self
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .or_else(|| self.snapshots.iter().find(|s| s.id == name))
+            .cloned()
+            .ok_or_else(|| Error::SnapshotNotFound {
+                image: self.name.clone(),
+                name: name.to_owned(),
+            })?;
+        let cluster_size = self.header.cluster_size();
+        let l1_bytes = u64::from(snapshot.l1_size) * 8;
+        if snapshot.l1_table_offset % cluster_size != 0
+            || snapshot.l1_table_offset.saturating_add(l1_bytes) > self.file_len
+        {
+            return Err(Error::Corrupt {
+                image: self.name.clone(),
+                table: "snapshot L1 table",
+                offset: snapshot.l1_table_offset,
+                reason: format!("{l1_bytes} bytes do not fit in the file"),
+            });
+        }
+        let virtual_size = snapshot.disk_size.unwrap_or(self.header.virtual_size);
+        let needed = virtual_size.div_ceil(self.header.bytes_per_l2_table());
+        if u64::from(snapshot.l1_size) < needed {
+            return Err(Error::Corrupt {
+                image: self.name.clone(),
+                table: "snapshot L1 table",
+                offset: snapshot.l1_table_offset,
+                reason: format!(
+                    "{} entries cannot map the snapshot's disk size {virtual_size}",
+                    snapshot.l1_size
+                ),
+            });
+        }
+        self.l1 = read_l1(
+            &self.name,
+            &*self.file,
+            snapshot.l1_table_offset,
+            snapshot.l1_size,
+        )?;
+        self.virtual_size = virtual_size;
+        self.l2_cache.clear_clean();
+        self.snapshot = Some(snapshot.name);
+        Ok(())
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The persistent bitmaps.
+    pub fn bitmaps(&self) -> &[BitmapEntry] {
+        &self.bitmaps
+    }
+
+    /// The image file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// L2 cache counters.
+    pub fn cache_stats(&self) -> qcow_cache::CacheStats {
+        self.l2_cache.stats()
+    }
+}
+
+/// Reads an L1 table of `entries` entries at `offset`.
+fn read_l1(name: &str, file: &dyn Storage, offset: u64, entries: u32) -> Result<Vec<u64>> {
+    // Bounded by the header checks: at most MAX_L1_BYTES.
+    let mut bytes = vec![0u8; entries as usize * 8];
+    file.read_at(&mut bytes, offset)
+        .map_err(|e| Error::io(name, "reading the L1 table", offset, e))?;
+    Ok(decode_be_words(&bytes))
+}
+
+/// Decodes big-endian 64-bit words.
+pub(crate) fn decode_be_words(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            u64::from_be_bytes(w)
+        })
+        .collect()
+}

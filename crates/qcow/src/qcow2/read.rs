@@ -1,0 +1,262 @@
+//! Reading a QCOW2 image: guest ranges resolved into runs of clusters
+//! through the L1 and L2 tables, then data read outside any lock.
+//!
+//! A run is a stretch of (sub)clusters with the same kind of mapping and,
+//! for data, consecutive host offsets, so that contiguous clusters are read
+//! with one call.
+
+use std::sync::Arc;
+
+use qcow_format::table::L2Mapping;
+
+use super::{L2Table, Qcow2Image, decode_be_words};
+use crate::compress;
+use crate::device::{Allocation, BlockDevice, Extent, ImageFormat};
+use crate::{Error, Result};
+
+/// A run of guest bytes with one mapping.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    mapping: L2Mapping,
+    len: u64,
+}
+
+impl Qcow2Image {
+    /// The L2 table at `offset`, from the cache or the file.
+    fn l2_table(&self, l1_index: u64, offset: u64) -> Result<Arc<L2Table>> {
+        if let Some(table) = self.l2_cache.get(offset) {
+            return Ok(table);
+        }
+        let cluster_size = self.header.cluster_size();
+        if offset.saturating_add(cluster_size) > self.file_len {
+            return Err(Error::Corrupt {
+                image: self.name.clone(),
+                table: "L2 table",
+                offset,
+                reason: format!(
+                    "L1 entry {l1_index} points past the end of the file ({} bytes)",
+                    self.file_len
+                ),
+            });
+        }
+        // One cluster: at most 2 MiB.
+        let mut bytes = vec![0u8; cluster_size as usize];
+        self.file
+            .read_at(&mut bytes, offset)
+            .map_err(|e| Error::io(&self.name, "reading an L2 table", offset, e))?;
+        let table: Arc<L2Table> = Arc::new(decode_be_words(&bytes).into_boxed_slice());
+        // The read path never dirties tables, so nothing evicted needs writing.
+        Ok(self.l2_cache.insert_clean(offset, table).0)
+    }
+
+    /// Resolves the run starting at guest offset `guest`, at most `max` bytes.
+    fn run_at(&self, guest: u64, max: u64) -> Result<Run> {
+        let geo = &self.geometry;
+        let table_span = self.header.bytes_per_l2_table();
+        let to_table_end = table_span - (guest & (table_span - 1));
+        let l1_index = geo.l1_index(guest);
+        let l1_entry = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .copied()
+            .unwrap_or(0);
+        let l2_offset = geo
+            .l1_entry(l1_index, l1_entry)
+            .map_err(|e| Error::format(&self.name, e))?;
+        let Some(l2_offset) = l2_offset else {
+            return Ok(Run {
+                mapping: L2Mapping::Unallocated,
+                len: max.min(to_table_end),
+            });
+        };
+        let table = self.l2_table(l1_index, l2_offset)?;
+        let unit_bits = geo.subcluster_bits();
+        let unit = 1u64 << unit_bits;
+        let words = geo.l2_entry_words();
+        let units_per_cluster = 1u64 << (geo.cluster_bits - unit_bits);
+        let first_unit = (guest & (table_span - 1)) >> unit_bits;
+        let total_units = table_span >> unit_bits;
+
+        let mapping_of = |u: u64| -> Result<L2Mapping> {
+            let index = u / units_per_cluster;
+            // index < entries per table, which the table holds.
+            let i = index as usize * words;
+            let entry = table.get(i).copied().unwrap_or(0);
+            let bitmap = if words == 2 {
+                table.get(i + 1).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            geo.l2_mapping(index, entry, bitmap, (u % units_per_cluster) as u32)
+                .map_err(|e| Error::format(&self.name, e))
+        };
+
+        let first = mapping_of(first_unit)?;
+        let mut len = unit - (guest & (unit - 1));
+        if let L2Mapping::Compressed { .. } = first {
+            // A compressed cluster stands alone: the run ends with it.
+            let len = self.header.cluster_size() - geo.in_cluster(guest);
+            return Ok(Run {
+                mapping: first,
+                len: len.min(max),
+            });
+        }
+        let mut u = first_unit + 1;
+        while len < max && u < total_units {
+            let next = mapping_of(u)?;
+            let continues = match (first, next) {
+                (L2Mapping::Zero, L2Mapping::Zero) => true,
+                (L2Mapping::Unallocated, L2Mapping::Unallocated) => true,
+                (L2Mapping::Data { host: a }, L2Mapping::Data { host: b }) => {
+                    b == a + ((u - first_unit) << unit_bits)
+                }
+                _ => false,
+            };
+            if !continues {
+                break;
+            }
+            len += unit;
+            u += 1;
+        }
+        Ok(Run {
+            mapping: first,
+            len: len.min(max),
+        })
+    }
+
+    fn read_compressed(&self, host: u64, len: u64, guest: u64, out: &mut [u8]) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let decompress_err = |reason: String| Error::Decompress {
+            image: self.name.clone(),
+            host,
+            len,
+            reason,
+        };
+        if host.saturating_add(len) > self.file_len.saturating_add(511) {
+            return Err(decompress_err(format!(
+                "data ends past the end of the file ({} bytes)",
+                self.file_len
+            )));
+        }
+        // At most one cluster plus a sector.
+        let mut packed = vec![0u8; len as usize];
+        self.file
+            .read_at(&mut packed, host)
+            .map_err(|e| Error::io(&self.name, "reading a compressed cluster", host, e))?;
+        let kind = self.header.compression_type;
+        let start = self.geometry.in_cluster(guest) as usize;
+        if start == 0 && out.len() as u64 == cluster_size {
+            return compress::decompress(kind, &packed, out).map_err(decompress_err);
+        }
+        let mut cluster = vec![0u8; cluster_size as usize];
+        compress::decompress(kind, &packed, &mut cluster).map_err(decompress_err)?;
+        out.copy_from_slice(&cluster[start..start + out.len()]);
+        Ok(())
+    }
+
+    fn read_backing(&self, out: &mut [u8], guest: u64) -> Result<()> {
+        match &self.backing {
+            Some(backing) => {
+                let size = backing.virtual_size();
+                let inside = size.saturating_sub(guest).min(out.len() as u64) as usize;
+                if inside > 0 {
+                    backing.read_at(&mut out[..inside], guest)?;
+                }
+                out[inside..].fill(0);
+                Ok(())
+            }
+            None => match &self.header.backing_file {
+                Some(name) => Err(Error::NotOpened {
+                    image: self.name.clone(),
+                    what: "backing file",
+                    name: name.clone(),
+                }),
+                None => {
+                    out.fill(0);
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    fn data_storage(&self) -> Result<&dyn qcow_io::Storage> {
+        self.data.as_deref().ok_or_else(|| Error::NotOpened {
+            image: self.name.clone(),
+            what: "external data file",
+            name: self
+                .header
+                .data_file_name()
+                .unwrap_or("(unnamed)")
+                .to_owned(),
+        })
+    }
+}
+
+impl BlockDevice for Qcow2Image {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        crate::check_range(&self.name, offset, buf.len() as u64, self.virtual_size)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = offset + done as u64;
+            let run = self.run_at(guest, (buf.len() - done) as u64)?;
+            // run.len <= the remaining length of buf.
+            let out = &mut buf[done..done + run.len as usize];
+            match run.mapping {
+                L2Mapping::Data { host } => {
+                    let host = host + (guest & ((1 << self.geometry.subcluster_bits()) - 1));
+                    self.data_storage()?
+                        .read_at(out, host)
+                        .map_err(|e| Error::io(&self.name, "reading data", host, e))?;
+                }
+                L2Mapping::Zero => out.fill(0),
+                L2Mapping::Unallocated => self.read_backing(out, guest)?,
+                L2Mapping::Compressed { host, len } => {
+                    self.read_compressed(host, len, guest, out)?;
+                }
+            }
+            done += out.len();
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        crate::check_range(&self.name, offset, len, self.virtual_size)?;
+        let run = self.run_at(offset, len)?;
+        let allocation = match run.mapping {
+            L2Mapping::Data { host } => Allocation::Data {
+                depth: 0,
+                offset: Some(host + (offset & ((1 << self.geometry.subcluster_bits()) - 1))),
+                compressed: false,
+            },
+            L2Mapping::Compressed { .. } => Allocation::Data {
+                depth: 0,
+                offset: None,
+                compressed: true,
+            },
+            L2Mapping::Zero => Allocation::Zero { depth: 0 },
+            L2Mapping::Unallocated => {
+                return crate::backing_status(self.backing.as_deref(), offset, run.len);
+            }
+        };
+        Ok(Extent {
+            len: run.len,
+            allocation,
+        })
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.backing.as_deref()
+    }
+}

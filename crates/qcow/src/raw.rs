@@ -1,0 +1,63 @@
+//! Raw images: the virtual disk is the file.
+
+use std::sync::Arc;
+
+use qcow_io::Storage;
+
+use crate::device::{Allocation, BlockDevice, Extent, ImageFormat};
+use crate::{Error, Result};
+
+/// A raw image over any storage.
+#[derive(Debug)]
+pub struct RawImage {
+    name: String,
+    storage: Arc<dyn Storage>,
+    size: u64,
+}
+
+impl RawImage {
+    /// Opens `storage` as a raw disk; `name` is used in messages.
+    pub fn open(name: &str, storage: Arc<dyn Storage>) -> Result<Self> {
+        let size = storage
+            .len()
+            .map_err(|e| Error::io(name, "reading the size", 0, e))?;
+        Ok(RawImage {
+            name: name.to_owned(),
+            storage,
+            size,
+        })
+    }
+}
+
+impl BlockDevice for RawImage {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        crate::check_range(&self.name, offset, buf.len() as u64, self.size)?;
+        self.storage
+            .read_at(buf, offset)
+            .map_err(|e| Error::io(&self.name, "reading data", offset, e))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        crate::check_range(&self.name, offset, len, self.size)?;
+        Ok(Extent {
+            len,
+            allocation: Allocation::Data {
+                depth: 0,
+                offset: Some(offset),
+                compressed: false,
+            },
+        })
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}

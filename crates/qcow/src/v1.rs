@@ -1,0 +1,228 @@
+//! QCOW version 1 images, read-only.
+//!
+//! Version 1 has no refcounts, no snapshots and no zero clusters: an L1
+//! table of L2 tables whose entries are a host offset, zero (unallocated) or
+//! a compressed descriptor with its size in bytes.
+
+use std::sync::Arc;
+
+use qcow_cache::TableCache;
+use qcow_format::header::Encryption;
+use qcow_format::v1::{HeaderV1, V1_HEADER_LEN, V1Mapping};
+use qcow_io::Storage;
+
+use crate::device::{Allocation, BlockDevice, Extent, ImageFormat};
+use crate::qcow2::decode_be_words;
+use crate::{Error, Result, compress};
+
+/// An open QCOW version 1 image.
+#[derive(Debug)]
+pub struct QcowImage {
+    name: String,
+    file: Arc<dyn Storage>,
+    header: HeaderV1,
+    l1: Vec<u64>,
+    l2_cache: TableCache<Box<[u64]>>,
+    backing: Option<Box<dyn BlockDevice>>,
+    file_len: u64,
+}
+
+impl QcowImage {
+    /// Opens the version 1 image in `file`; `name` is used in messages.
+    pub fn open(name: &str, file: Arc<dyn Storage>, cache_bytes: Option<u64>) -> Result<Self> {
+        let file_len = file
+            .len()
+            .map_err(|e| Error::io(name, "reading the file size", 0, e))?;
+        // The header and a backing name of at most 1023 bytes.
+        let mut prefix = vec![0u8; (V1_HEADER_LEN + 1024).min(file_len.max(48) as usize)];
+        file.read_at(&mut prefix, 0)
+            .map_err(|e| Error::io(name, "reading the header", 0, e))?;
+        let header = HeaderV1::parse(&prefix, file_len).map_err(|e| Error::format(name, e))?;
+        if header.encryption != Encryption::None {
+            return Err(Error::Encrypted {
+                image: name.to_owned(),
+                method: header.encryption.name(),
+            });
+        }
+        // Bounded by HeaderV1::parse (MAX_L1_BYTES, inside the file).
+        let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
+        file.read_at(&mut l1_bytes, header.l1_table_offset)
+            .map_err(|e| Error::io(name, "reading the L1 table", header.l1_table_offset, e))?;
+        let l1 = decode_be_words(&l1_bytes);
+        let table_bytes = 8u64 << header.l2_bits;
+        let tables = l1.iter().filter(|&&e| e != 0).count() as u64;
+        let budget = cache_bytes
+            .unwrap_or_else(|| (tables.max(1) * table_bytes).min(crate::DEFAULT_MAX_CACHE_BYTES));
+        Ok(QcowImage {
+            name: name.to_owned(),
+            file,
+            l2_cache: TableCache::new(budget, table_bytes),
+            header,
+            l1,
+            backing: None,
+            file_len,
+        })
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &HeaderV1 {
+        &self.header
+    }
+
+    /// Uses `backing` for clusters this image does not allocate.
+    pub fn attach_backing(&mut self, backing: Box<dyn BlockDevice>) {
+        self.backing = Some(backing);
+    }
+
+    /// The image file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    fn mapping(&self, guest: u64) -> Result<V1Mapping> {
+        let cluster_bits = self.header.cluster_bits;
+        let l2_bits = self.header.l2_bits;
+        let l1_index = guest >> (cluster_bits + l2_bits);
+        let l2_offset = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .copied()
+            .unwrap_or(0);
+        if l2_offset == 0 {
+            return Ok(V1Mapping::Unallocated);
+        }
+        let table = match self.l2_cache.get(l2_offset) {
+            Some(t) => t,
+            None => {
+                let table_bytes = 8u64 << l2_bits;
+                if l2_offset.saturating_add(table_bytes) > self.file_len {
+                    return Err(Error::Corrupt {
+                        image: self.name.clone(),
+                        table: "L2 table",
+                        offset: l2_offset,
+                        reason: format!("L1 entry {l1_index} points past the end of the file"),
+                    });
+                }
+                // At most 64 KiB (l2_bits <= 13).
+                let mut bytes = vec![0u8; table_bytes as usize];
+                self.file
+                    .read_at(&mut bytes, l2_offset)
+                    .map_err(|e| Error::io(&self.name, "reading an L2 table", l2_offset, e))?;
+                let table = Arc::new(decode_be_words(&bytes).into_boxed_slice());
+                self.l2_cache.insert_clean(l2_offset, table).0
+            }
+        };
+        let index = ((guest >> cluster_bits) & ((1 << l2_bits) - 1)) as usize;
+        let entry = table.get(index).copied().unwrap_or(0);
+        Ok(self.header.l2_mapping(entry))
+    }
+
+    fn read_cluster_part(&self, guest: u64, out: &mut [u8]) -> Result<()> {
+        let in_cluster = guest & (self.header.cluster_size() - 1);
+        match self.mapping(guest)? {
+            V1Mapping::Data { host } => {
+                let host = host + in_cluster;
+                self.file
+                    .read_at(out, host)
+                    .map_err(|e| Error::io(&self.name, "reading data", host, e))
+            }
+            V1Mapping::Unallocated => match &self.backing {
+                Some(b) => {
+                    let inside = b.virtual_size().saturating_sub(guest).min(out.len() as u64);
+                    let (head, tail) = out.split_at_mut(inside as usize);
+                    if !head.is_empty() {
+                        b.read_at(head, guest)?;
+                    }
+                    tail.fill(0);
+                    Ok(())
+                }
+                None => match &self.header.backing_file {
+                    Some(name) => Err(Error::NotOpened {
+                        image: self.name.clone(),
+                        what: "backing file",
+                        name: name.clone(),
+                    }),
+                    None => {
+                        out.fill(0);
+                        Ok(())
+                    }
+                },
+            },
+            V1Mapping::Compressed { host, len } => {
+                // len < cluster size (64 KiB at most).
+                let mut packed = vec![0u8; len as usize];
+                self.file
+                    .read_at(&mut packed, host)
+                    .map_err(|e| Error::io(&self.name, "reading a compressed cluster", host, e))?;
+                let mut cluster = vec![0u8; self.header.cluster_size() as usize];
+                compress::inflate(&packed, &mut cluster).map_err(|reason| Error::Decompress {
+                    image: self.name.clone(),
+                    host,
+                    len,
+                    reason,
+                })?;
+                let start = in_cluster as usize;
+                out.copy_from_slice(&cluster[start..start + out.len()]);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl BlockDevice for QcowImage {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.header.virtual_size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        crate::check_range(
+            &self.name,
+            offset,
+            buf.len() as u64,
+            self.header.virtual_size,
+        )?;
+        let cluster_size = self.header.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = offset + done as u64;
+            let n = (cluster_size - (guest & (cluster_size - 1))).min((buf.len() - done) as u64);
+            self.read_cluster_part(guest, &mut buf[done..done + n as usize])?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        crate::check_range(&self.name, offset, len, self.header.virtual_size)?;
+        let cluster_size = self.header.cluster_size();
+        let len = len.min(cluster_size - (offset & (cluster_size - 1)));
+        let allocation = match self.mapping(offset)? {
+            V1Mapping::Data { host } => Allocation::Data {
+                depth: 0,
+                offset: Some(host + (offset & (cluster_size - 1))),
+                compressed: false,
+            },
+            V1Mapping::Compressed { .. } => Allocation::Data {
+                depth: 0,
+                offset: None,
+                compressed: true,
+            },
+            V1Mapping::Unallocated => {
+                return crate::backing_status(self.backing.as_deref(), offset, len);
+            }
+        };
+        Ok(Extent { len, allocation })
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.backing.as_deref()
+    }
+}
