@@ -41,6 +41,19 @@ const _: () = assert!(size_of::<RawSnapshotHeader>() == SNAPSHOT_HEADER_LEN);
 pub const SNAPSHOT_HEADER_LEN: usize = 40;
 
 impl RawSnapshotHeader {
+    /// Checks the fixed part alone, before the rest of the entry is read:
+    /// the extra data must be within [`MAX_SNAPSHOT_EXTRA_DATA`].
+    pub fn validate(&self, index: u32) -> Result<(), FormatError> {
+        let extra = self.extra_data_size.get();
+        if extra > MAX_SNAPSHOT_EXTRA_DATA {
+            return Err(FormatError::Snapshot {
+                index,
+                reason: format!("extra data size {extra} exceeds {MAX_SNAPSHOT_EXTRA_DATA}"),
+            });
+        }
+        Ok(())
+    }
+
     /// The length of the whole entry, padding included.
     pub fn entry_len(&self) -> u64 {
         (SNAPSHOT_HEADER_LEN as u64

@@ -27,15 +27,28 @@ impl Qcow2Image {
                     },
                 )
             })?;
+            raw.validate(index)
+                .map_err(|e| Error::format(&self.name, e))?;
             let len = raw.entry_len();
             total += len;
-            if total > MAX_SNAPSHOT_TABLE_BYTES || offset.saturating_add(len) > self.file_len {
+            if total > MAX_SNAPSHOT_TABLE_BYTES {
                 return Err(Error::format(
                     &self.name,
                     qcow_format::FormatError::TooLarge {
-                        structure: "snapshot table (or past the end of the file)",
+                        structure: "snapshot table",
                         size: total,
-                        limit: MAX_SNAPSHOT_TABLE_BYTES.min(self.file_len),
+                        limit: MAX_SNAPSHOT_TABLE_BYTES,
+                    },
+                ));
+            }
+            if offset.saturating_add(len) > self.file_len {
+                return Err(Error::format(
+                    &self.name,
+                    qcow_format::FormatError::PastEnd {
+                        structure: "snapshot table entry",
+                        offset,
+                        size: len,
+                        file_len: self.file_len,
                     },
                 ));
             }

@@ -1,0 +1,7 @@
+//! Integration tests of the engine: committed fixtures, images made by
+//! qemu-img at test time, and malformed images.
+
+mod common;
+mod fixtures;
+mod malformed;
+mod oracle;
