@@ -75,7 +75,6 @@ fn compare(args: &CompareArgs) -> Result<Verdict> {
         if args.strict {
             return Ok(Verdict::Differs("Strict mode: Image size mismatch!".into()));
         }
-        println!("Warning: Image size mismatch!");
     }
     let common = size_a.min(size_b);
     let mut buf_a = vec![0u8; CHUNK as usize];
@@ -103,6 +102,9 @@ fn compare(args: &CompareArgs) -> Result<Verdict> {
             }
         }
         pos += len;
+    }
+    if size_a != size_b {
+        println!("Warning: Image size mismatch!");
     }
     let longer: &dyn BlockDevice = if size_a > size_b { &a } else { &b };
     while pos < longer.virtual_size() {

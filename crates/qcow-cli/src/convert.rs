@@ -71,8 +71,12 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     let size = source.virtual_size();
     let dest = FileStorage::create(&args.dest)
         .with_context(|| format!("could not create '{}'", args.dest.display()))?;
-    dest.set_len(size)
-        .with_context(|| format!("could not size '{}'", args.dest.display()))?;
+    // Devices (and /dev/null) keep their size; regular files take the disk's.
+    let regular = std::fs::metadata(&args.dest).is_ok_and(|m| m.is_file());
+    if regular {
+        dest.set_len(size)
+            .with_context(|| format!("could not size '{}'", args.dest.display()))?;
+    }
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -80,8 +84,10 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     let progress = args.progress.then(|| progress_bar(size));
     copy_sparse(&source, &dest, workers, progress.as_ref())
         .with_context(|| format!("converting '{}'", args.source.display()))?;
-    dest.flush()
-        .with_context(|| format!("could not flush '{}'", args.dest.display()))?;
+    if regular {
+        dest.flush()
+            .with_context(|| format!("could not flush '{}'", args.dest.display()))?;
+    }
     if let Some(bar) = progress {
         bar.finish();
     }

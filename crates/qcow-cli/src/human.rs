@@ -19,8 +19,10 @@ fn three_significant(v: f64) -> String {
         0
     } else if v >= 10.0 {
         1
-    } else {
+    } else if v >= 1.0 {
         2
+    } else {
+        3
     };
     let s = format!("{v:.decimals$}");
     if s.contains('.') {

@@ -282,6 +282,9 @@ fn human(info: &Value) -> String {
     if let Some(cs) = get("cluster-size").and_then(Value::as_u64) {
         let _ = writeln!(out, "cluster_size: {cs}");
     }
+    if get("dirty-flag").and_then(Value::as_bool) == Some(true) {
+        let _ = writeln!(out, "cleanly shut down: no");
+    }
     if let Some(b) = get("backing-filename").and_then(Value::as_str) {
         let full = s("full-backing-filename");
         if full == b {

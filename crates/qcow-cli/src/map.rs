@@ -44,8 +44,8 @@ impl MapEntry {
                 offset,
                 compressed,
             } => (depth, true, false, true, compressed, offset),
-            Allocation::Zero { depth } => (depth, true, true, false, false, None),
-            Allocation::Unallocated { depth } => (depth, false, true, false, false, None),
+            Allocation::Zero { depth, offset } => (depth, true, true, false, false, offset),
+            Allocation::Unallocated { depth, offset } => (depth, false, true, false, false, offset),
         };
         MapEntry {
             start,
@@ -131,7 +131,7 @@ fn chain_names(image: &dyn BlockDevice) -> Vec<String> {
     let mut names = Vec::new();
     let mut layer = Some(image);
     while let Some(l) = layer {
-        names.push(l.name().to_owned());
+        names.push(l.data_name().to_owned());
         layer = l.backing();
     }
     names

@@ -132,10 +132,17 @@ impl Geometry {
         let allocated = offset != 0 || (self.external_data && entry & OFLAG_COPIED != 0);
         if !self.extended_l2 {
             if entry & OFLAG_ZERO != 0 {
-                return Ok(L2Mapping::Zero);
+                if allocated && offset & (self.cluster_size() - 1) != 0 {
+                    return Err(bad(
+                        "preallocated zero cluster offset is not cluster aligned",
+                    ));
+                }
+                return Ok(L2Mapping::Zero {
+                    host: allocated.then_some(offset),
+                });
             }
             if !allocated {
-                return Ok(L2Mapping::Unallocated);
+                return Ok(L2Mapping::Unallocated { host: None });
             }
             if offset & (self.cluster_size() - 1) != 0 {
                 return Err(bad("data cluster offset is not cluster aligned"));
@@ -149,9 +156,9 @@ impl Geometry {
                 return Err(bad("unallocated cluster with allocated subclusters"));
             }
             return Ok(if zero_bit {
-                L2Mapping::Zero
+                L2Mapping::Zero { host: None }
             } else {
-                L2Mapping::Unallocated
+                L2Mapping::Unallocated { host: None }
             });
         }
         if offset & (self.cluster_size() - 1) != 0 {
@@ -160,14 +167,13 @@ impl Geometry {
         if (bitmap >> 32) & bitmap & 0xffff_ffff != 0 {
             return Err(bad("subcluster both allocated and zero"));
         }
+        let host = offset + (u64::from(subcluster) << self.subcluster_bits());
         Ok(if alloc_bit {
-            L2Mapping::Data {
-                host: offset + (u64::from(subcluster) << self.subcluster_bits()),
-            }
+            L2Mapping::Data { host }
         } else if zero_bit {
-            L2Mapping::Zero
+            L2Mapping::Zero { host: Some(host) }
         } else {
-            L2Mapping::Unallocated
+            L2Mapping::Unallocated { host: Some(host) }
         })
     }
 
@@ -184,10 +190,17 @@ impl Geometry {
 /// What one guest cluster (or subcluster) maps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L2Mapping {
-    /// Not allocated here: read from the backing file, or zeros.
-    Unallocated,
-    /// Reads as zeros.
-    Zero,
+    /// Not allocated here: read from the backing file, or zeros. `host` is
+    /// set for an unallocated subcluster of an allocated cluster.
+    Unallocated {
+        /// Host offset reserved for the (sub)cluster, if any.
+        host: Option<u64>,
+    },
+    /// Reads as zeros. `host` is set when space stays allocated for it.
+    Zero {
+        /// Host offset reserved for the (sub)cluster, if any.
+        host: Option<u64>,
+    },
     /// Stored uncompressed at this host offset (of the data file, when the
     /// image has an external one), pointing at the start of the (sub)cluster.
     Data {
@@ -275,8 +288,20 @@ mod tests {
     #[test]
     fn standard_entries_decode() {
         let g = geometry(16, false);
-        assert_eq!(g.l2_mapping(0, 0, 0, 0).ok(), Some(L2Mapping::Unallocated));
-        assert_eq!(g.l2_mapping(0, 1, 0, 0).ok(), Some(L2Mapping::Zero));
+        assert_eq!(
+            g.l2_mapping(0, 0, 0, 0).ok(),
+            Some(L2Mapping::Unallocated { host: None })
+        );
+        assert_eq!(
+            g.l2_mapping(0, 1, 0, 0).ok(),
+            Some(L2Mapping::Zero { host: None })
+        );
+        assert_eq!(
+            g.l2_mapping(0, 0x50001, 0, 0).ok(),
+            Some(L2Mapping::Zero {
+                host: Some(0x50000)
+            })
+        );
         assert_eq!(
             g.l2_mapping(0, OFLAG_COPIED | 0x30000, 0, 0).ok(),
             Some(L2Mapping::Data { host: 0x30000 })
@@ -299,11 +324,16 @@ mod tests {
         );
         assert_eq!(
             g.l2_mapping(0, entry, bitmap, 2).ok(),
-            Some(L2Mapping::Unallocated)
+            Some(L2Mapping::Unallocated {
+                host: Some(0x41000)
+            })
         );
         assert!(g.l2_mapping(0, entry, 1 | (1 << 32), 0).is_err());
         assert!(g.l2_mapping(0, 0, 1, 0).is_err());
-        assert_eq!(g.l2_mapping(0, 0, 1 << 33, 1).ok(), Some(L2Mapping::Zero));
+        assert_eq!(
+            g.l2_mapping(0, 0, 1 << 33, 1).ok(),
+            Some(L2Mapping::Zero { host: None })
+        );
     }
 
     #[test]
@@ -317,7 +347,10 @@ mod tests {
             g.l2_mapping(0, OFLAG_COPIED, 0, 0).ok(),
             Some(L2Mapping::Data { host: 0 })
         );
-        assert_eq!(g.l2_mapping(0, 0, 0, 0).ok(), Some(L2Mapping::Unallocated));
+        assert_eq!(
+            g.l2_mapping(0, 0, 0, 0).ok(),
+            Some(L2Mapping::Unallocated { host: None })
+        );
     }
 
     proptest! {

@@ -54,11 +54,15 @@ pub enum Allocation {
     Zero {
         /// Chain depth of the layer saying so.
         depth: u32,
+        /// Host space that layer keeps reserved for the range, if any.
+        offset: Option<u64>,
     },
     /// Stored nowhere in the chain: reads as zeros.
     Unallocated {
         /// Depth of the last layer of the chain looked at.
         depth: u32,
+        /// Host space that layer keeps reserved for the range, if any.
+        offset: Option<u64>,
     },
 }
 
@@ -89,6 +93,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 
     /// The image's name as it was opened (a path), used in messages.
     fn name(&self) -> &str;
+
+    /// The name of the file holding this image's data: the external data
+    /// file where there is one, else the image itself.
+    fn data_name(&self) -> &str {
+        self.name()
+    }
 
     /// The backing image, when one is open.
     fn backing(&self) -> Option<&dyn BlockDevice> {

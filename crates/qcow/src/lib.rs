@@ -43,13 +43,36 @@ pub(crate) fn check_range(image: &str, offset: u64, len: u64, size: u64) -> Resu
     }
 }
 
+/// Reads a run this layer does not allocate: from the backing image up to
+/// its end, zeros past it or when there is no backing image.
+pub(crate) fn read_backing(
+    backing: Option<&dyn BlockDevice>,
+    out: &mut [u8],
+    guest: u64,
+) -> Result<()> {
+    let inside = match backing {
+        Some(b) => {
+            // Bounded by out.len(), so the cast cannot truncate.
+            let inside = b.virtual_size().saturating_sub(guest).min(out.len() as u64) as usize;
+            if inside > 0 {
+                b.read_at(&mut out[..inside], guest)?;
+            }
+            inside
+        }
+        None => 0,
+    };
+    out[inside..].fill(0);
+    Ok(())
+}
+
 /// The status of an unallocated run, looked up in the backing image (one
 /// level deeper), or unallocated when there is none or the run lies past
-/// its end.
+/// its end. `reserved` is host space the run keeps in this layer, if any.
 pub(crate) fn backing_status(
     backing: Option<&dyn BlockDevice>,
     offset: u64,
     len: u64,
+    reserved: Option<u64>,
 ) -> Result<Extent> {
     if let Some(b) = backing {
         let size = b.virtual_size();
@@ -65,8 +88,14 @@ pub(crate) fn backing_status(
                     offset,
                     compressed,
                 },
-                Allocation::Zero { depth } => Allocation::Zero { depth: depth + 1 },
-                Allocation::Unallocated { depth } => Allocation::Unallocated { depth: depth + 1 },
+                Allocation::Zero { depth, offset } => Allocation::Zero {
+                    depth: depth + 1,
+                    offset,
+                },
+                Allocation::Unallocated { depth, offset } => Allocation::Unallocated {
+                    depth: depth + 1,
+                    offset,
+                },
             };
             return Ok(Extent {
                 len: extent.len,
@@ -76,6 +105,9 @@ pub(crate) fn backing_status(
     }
     Ok(Extent {
         len,
-        allocation: Allocation::Unallocated { depth: 0 },
+        allocation: Allocation::Unallocated {
+            depth: 0,
+            offset: reserved,
+        },
     })
 }

@@ -55,6 +55,9 @@ impl BlockDevice for Image {
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.device().backing()
     }
+    fn data_name(&self) -> &str {
+        self.device().data_name()
+    }
 }
 
 /// Says what format the file at `path` holds, by its magic: a qcow magic
@@ -135,7 +138,7 @@ fn open_layer(
                     name: "(no name recorded)".into(),
                 })?;
                 let data_path = relative_to(path, &data_name);
-                image.attach_data_file(open_storage(&data_path)?);
+                image.attach_data_file(open_storage(&data_path)?, data_path.display().to_string());
             }
             if let Some(backing) = image.header().backing_file.clone() {
                 if options.follow_backing {

@@ -79,6 +79,20 @@ impl QcowImage {
         self.file_len
     }
 
+    /// The backing image, `None` when the image has none, and an error when
+    /// it names one that was not opened.
+    fn backing_device(&self) -> Result<Option<&dyn BlockDevice>> {
+        match (&self.backing, &self.header.backing_file) {
+            (Some(b), _) => Ok(Some(b.as_ref())),
+            (None, Some(name)) => Err(Error::NotOpened {
+                image: self.name.clone(),
+                what: "backing file",
+                name: name.clone(),
+            }),
+            (None, None) => Ok(None),
+        }
+    }
+
     fn mapping(&self, guest: u64) -> Result<V1Mapping> {
         let cluster_bits = self.header.cluster_bits;
         let l2_bits = self.header.l2_bits;
@@ -126,28 +140,7 @@ impl QcowImage {
                     .read_at(out, host)
                     .map_err(|e| Error::io(&self.name, "reading data", host, e))
             }
-            V1Mapping::Unallocated => match &self.backing {
-                Some(b) => {
-                    let inside = b.virtual_size().saturating_sub(guest).min(out.len() as u64);
-                    let (head, tail) = out.split_at_mut(inside as usize);
-                    if !head.is_empty() {
-                        b.read_at(head, guest)?;
-                    }
-                    tail.fill(0);
-                    Ok(())
-                }
-                None => match &self.header.backing_file {
-                    Some(name) => Err(Error::NotOpened {
-                        image: self.name.clone(),
-                        what: "backing file",
-                        name: name.clone(),
-                    }),
-                    None => {
-                        out.fill(0);
-                        Ok(())
-                    }
-                },
-            },
+            V1Mapping::Unallocated => crate::read_backing(self.backing_device()?, out, guest),
             V1Mapping::Compressed { host, len } => {
                 // len < cluster size (64 KiB at most).
                 let mut packed = vec![0u8; len as usize];
@@ -212,7 +205,7 @@ impl BlockDevice for QcowImage {
                 compressed: true,
             },
             V1Mapping::Unallocated => {
-                return crate::backing_status(self.backing.as_deref(), offset, len);
+                return crate::backing_status(self.backing_device()?, offset, len, None);
             }
         };
         Ok(Extent { len, allocation })

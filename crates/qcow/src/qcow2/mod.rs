@@ -31,6 +31,8 @@ pub struct Qcow2Image {
     /// Where guest data lives: the image file, the external data file, or
     /// `None` when the external data file was not opened.
     data: Option<Arc<dyn Storage>>,
+    /// The external data file's name, once attached.
+    data_name: Option<String>,
     header: Header,
     geometry: Geometry,
     virtual_size: u64,
@@ -82,6 +84,7 @@ impl Qcow2Image {
             l2_cache: TableCache::new(budget, header.cluster_size()),
             file,
             data,
+            data_name: None,
             geometry,
             l1,
             backing: None,
@@ -101,9 +104,11 @@ impl Qcow2Image {
         self.backing = Some(backing);
     }
 
-    /// Uses `data` as the external data file the image names.
-    pub fn attach_data_file(&mut self, data: Arc<dyn Storage>) {
+    /// Uses `data` as the external data file the image names; `name` is
+    /// how messages and maps refer to it.
+    pub fn attach_data_file(&mut self, data: Arc<dyn Storage>, name: String) {
         self.data = Some(data);
+        self.data_name = Some(name);
     }
 
     /// Switches to the internal snapshot named `name` (or with that ID):

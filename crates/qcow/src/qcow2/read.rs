@@ -65,7 +65,7 @@ impl Qcow2Image {
             .map_err(|e| Error::format(&self.name, e))?;
         let Some(l2_offset) = l2_offset else {
             return Ok(Run {
-                mapping: L2Mapping::Unallocated,
+                mapping: L2Mapping::Unallocated { host: None },
                 len: max.min(to_table_end),
             });
         };
@@ -104,12 +104,18 @@ impl Qcow2Image {
         let mut u = first_unit + 1;
         while len < max && u < total_units {
             let next = mapping_of(u)?;
+            let delta = (u - first_unit) << unit_bits;
+            let follows = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => b == a + delta,
+                _ => false,
+            };
             let continues = match (first, next) {
-                (L2Mapping::Zero, L2Mapping::Zero) => true,
-                (L2Mapping::Unallocated, L2Mapping::Unallocated) => true,
-                (L2Mapping::Data { host: a }, L2Mapping::Data { host: b }) => {
-                    b == a + ((u - first_unit) << unit_bits)
+                (L2Mapping::Zero { host: a }, L2Mapping::Zero { host: b }) => follows(a, b),
+                (L2Mapping::Unallocated { host: a }, L2Mapping::Unallocated { host: b }) => {
+                    follows(a, b)
                 }
+                (L2Mapping::Data { host: a }, L2Mapping::Data { host: b }) => b == a + delta,
                 _ => false,
             };
             if !continues {
@@ -154,29 +160,22 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn read_backing(&self, out: &mut [u8], guest: u64) -> Result<()> {
-        match &self.backing {
-            Some(backing) => {
-                let size = backing.virtual_size();
-                let inside = size.saturating_sub(guest).min(out.len() as u64) as usize;
-                if inside > 0 {
-                    backing.read_at(&mut out[..inside], guest)?;
-                }
-                out[inside..].fill(0);
-                Ok(())
-            }
-            None => match &self.header.backing_file {
-                Some(name) => Err(Error::NotOpened {
-                    image: self.name.clone(),
-                    what: "backing file",
-                    name: name.clone(),
-                }),
-                None => {
-                    out.fill(0);
-                    Ok(())
-                }
-            },
+    /// The backing image, `None` when the image has none, and an error when
+    /// it names one that was not opened.
+    fn backing_device(&self) -> Result<Option<&dyn BlockDevice>> {
+        match (&self.backing, &self.header.backing_file) {
+            (Some(b), _) => Ok(Some(b.as_ref())),
+            (None, Some(name)) => Err(Error::NotOpened {
+                image: self.name.clone(),
+                what: "backing file",
+                name: name.clone(),
+            }),
+            (None, None) => Ok(None),
         }
+    }
+
+    fn read_backing(&self, out: &mut [u8], guest: u64) -> Result<()> {
+        crate::read_backing(self.backing_device()?, out, guest)
     }
 
     fn data_storage(&self) -> Result<&dyn qcow_io::Storage> {
@@ -216,8 +215,8 @@ impl BlockDevice for Qcow2Image {
                         .read_at(out, host)
                         .map_err(|e| Error::io(&self.name, "reading data", host, e))?;
                 }
-                L2Mapping::Zero => out.fill(0),
-                L2Mapping::Unallocated => self.read_backing(out, guest)?,
+                L2Mapping::Zero { .. } => out.fill(0),
+                L2Mapping::Unallocated { .. } => self.read_backing(out, guest)?,
                 L2Mapping::Compressed { host, len } => {
                     self.read_compressed(host, len, guest, out)?;
                 }
@@ -230,10 +229,11 @@ impl BlockDevice for Qcow2Image {
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         crate::check_range(&self.name, offset, len, self.virtual_size)?;
         let run = self.run_at(offset, len)?;
+        let in_unit = offset & ((1 << self.geometry.subcluster_bits()) - 1);
         let allocation = match run.mapping {
             L2Mapping::Data { host } => Allocation::Data {
                 depth: 0,
-                offset: Some(host + (offset & ((1 << self.geometry.subcluster_bits()) - 1))),
+                offset: Some(host + in_unit),
                 compressed: false,
             },
             L2Mapping::Compressed { .. } => Allocation::Data {
@@ -241,9 +241,17 @@ impl BlockDevice for Qcow2Image {
                 offset: None,
                 compressed: true,
             },
-            L2Mapping::Zero => Allocation::Zero { depth: 0 },
-            L2Mapping::Unallocated => {
-                return crate::backing_status(self.backing.as_deref(), offset, run.len);
+            L2Mapping::Zero { host } => Allocation::Zero {
+                depth: 0,
+                offset: host.map(|h| h + in_unit),
+            },
+            L2Mapping::Unallocated { host } => {
+                return crate::backing_status(
+                    self.backing_device()?,
+                    offset,
+                    run.len,
+                    host.map(|h| h + in_unit),
+                );
             }
         };
         Ok(Extent {
@@ -258,5 +266,9 @@ impl BlockDevice for Qcow2Image {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_deref()
+    }
+
+    fn data_name(&self) -> &str {
+        self.data_name.as_deref().unwrap_or(&self.name)
     }
 }

@@ -3,5 +3,6 @@
 
 mod common;
 mod fixtures;
+mod fuzz_seeds;
 mod malformed;
 mod oracle;

@@ -1,0 +1,299 @@
+//! Tests of the `qcow` binary: its output against qemu-img's on every
+//! fixture, exit codes, and insta snapshots of `info`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+}
+
+fn run(program: &str, args: &[&str], cwd: &Path) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        // Snapshot dates print in local time; both tools must agree.
+        .env("TZ", "UTC")
+        .output()
+        .unwrap_or_else(|e| panic!("{program} could not be run (qemu-utils is required): {e}"))
+}
+
+fn qcow(args: &[&str]) -> Output {
+    run(env!("CARGO_BIN_EXE_qcow"), args, &testdata())
+}
+
+fn qemu_img(args: &[&str]) -> Output {
+    run("qemu-img", args, &testdata())
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The fixtures' file names (images only).
+fn fixtures() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(testdata())
+        .expect("testdata")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".qcow2") || n.ends_with(".qcow") || n.ends_with(".img"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 20, "fixtures are missing: {names:?}");
+    names
+}
+
+fn encrypted(name: &str) -> bool {
+    name == "luks.qcow2" || name == "aes.qcow2"
+}
+
+#[test]
+fn info_matches_qemu_img_on_every_fixture() {
+    for name in fixtures() {
+        for output in ["json", "human"] {
+            let ours = qcow(&["info", "--output", output, &name]);
+            if encrypted(&name) {
+                assert_eq!(ours.status.code(), Some(1));
+                let err = String::from_utf8_lossy(&ours.stderr);
+                assert!(err.contains("encryption method"), "{name}: {err}");
+                continue;
+            }
+            let theirs = qemu_img(&["info", "--output", output, &name]);
+            assert!(theirs.status.success(), "qemu-img info {name} failed");
+            assert!(ours.status.success(), "qcow info {name}: {:?}", ours);
+            assert_eq!(
+                stdout(&ours),
+                stdout(&theirs),
+                "info --output {output} {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn info_backing_chain_lists_every_layer() {
+    let ours = qcow(&[
+        "info",
+        "--backing-chain",
+        "--output",
+        "json",
+        "chain-top.qcow2",
+    ]);
+    let theirs = qemu_img(&[
+        "info",
+        "--backing-chain",
+        "--output",
+        "json",
+        "chain-top.qcow2",
+    ]);
+    assert!(ours.status.success());
+    assert_eq!(stdout(&ours), stdout(&theirs));
+}
+
+#[test]
+fn map_matches_qemu_img_on_every_fixture() {
+    for name in fixtures() {
+        if encrypted(&name) {
+            continue;
+        }
+        for output in ["json", "human"] {
+            let ours = qcow(&["map", "--output", output, &name]);
+            let theirs = qemu_img(&["map", "--output", output, &name]);
+            assert_eq!(
+                ours.status.success(),
+                theirs.status.success(),
+                "map --output {output} {name}: exit status"
+            );
+            assert_eq!(
+                stdout(&ours),
+                stdout(&theirs),
+                "map --output {output} {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn convert_to_raw_matches_qemu_img_and_is_sparse() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in fixtures() {
+        if encrypted(&name) {
+            continue;
+        }
+        let ours = dir.path().join("ours.raw");
+        let theirs = dir.path().join("theirs.raw");
+        let o = qcow(&["convert", "-O", "raw", &name, ours.to_str().expect("path")]);
+        assert!(o.status.success(), "convert {name}: {o:?}");
+        let t = qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            &name,
+            theirs.to_str().expect("path"),
+        ]);
+        assert!(t.status.success());
+        let (a, b) = (
+            std::fs::read(&ours).expect("ours"),
+            std::fs::read(&theirs).expect("theirs"),
+        );
+        assert!(a == b, "convert {name}: output differs from qemu-img's");
+        // Zero and unallocated ranges stay holes: no more blocks than qemu-img.
+        let (ma, mb) = (
+            std::fs::metadata(&ours).expect("m"),
+            std::fs::metadata(&theirs).expect("m"),
+        );
+        assert!(
+            ma.blocks() <= mb.blocks() + 8,
+            "convert {name}: {} blocks, qemu-img {}",
+            ma.blocks(),
+            mb.blocks()
+        );
+    }
+}
+
+#[test]
+fn convert_a_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for snap in ["first", "second"] {
+        let ours = dir.path().join("ours.raw");
+        let theirs = dir.path().join("theirs.raw");
+        let l = format!("snapshot.name={snap}");
+        let o = qcow(&[
+            "convert",
+            "-l",
+            &l,
+            "-O",
+            "raw",
+            "snapshots.qcow2",
+            ours.to_str().expect("p"),
+        ]);
+        assert!(o.status.success(), "{o:?}");
+        let t = qemu_img(&[
+            "convert",
+            "-l",
+            &l,
+            "-O",
+            "raw",
+            "snapshots.qcow2",
+            theirs.to_str().expect("p"),
+        ]);
+        assert!(t.status.success());
+        assert!(
+            std::fs::read(&ours).ok() == std::fs::read(&theirs).ok(),
+            "snapshot {snap}"
+        );
+    }
+}
+
+#[test]
+fn compare_messages_and_exit_codes_follow_qemu_img() {
+    let cases: &[&[&str]] = &[
+        &["compare", "sample.qcow2", "sample.qcow2"],
+        &["compare", "v3-64k.qcow2", "v2-64k.qcow2"],
+        &["compare", "zlib.qcow2", "zstd.qcow2"],
+        &["compare", "chain-mid.qcow2", "chain-top.qcow2"],
+        &["compare", "-s", "chain-mid.qcow2", "chain-top.qcow2"],
+        &["compare", "chain-base.raw", "chain-mid.qcow2"],
+        &["compare", "-s", "v3-64k.qcow2", "v3-64k.qcow2"],
+    ];
+    for args in cases {
+        let ours = qcow(args);
+        let theirs = qemu_img(args);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{args:?}");
+        assert_eq!(stdout(&ours), stdout(&theirs), "{args:?}");
+    }
+    let missing = qcow(&["compare", "sample.qcow2", "no-such-file"]);
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+#[test]
+fn errors_are_one_line_and_never_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("bad.qcow2");
+    let mut bytes = std::fs::read(testdata().join("sample.qcow2")).expect("sample");
+    bytes[20..24].copy_from_slice(&40u32.to_be_bytes()); // cluster_bits 40
+    std::fs::write(&garbage, bytes).expect("write");
+    for args in [
+        vec!["info", "no-such-file.qcow2"],
+        vec!["info", garbage.to_str().expect("p")],
+        vec![
+            "convert",
+            "-O",
+            "raw",
+            garbage.to_str().expect("p"),
+            "/dev/null",
+        ],
+        vec!["map", garbage.to_str().expect("p")],
+    ] {
+        let out = qcow(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("qcow: "), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = qcow(&["info", garbage.to_str().expect("p")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster_bits 40"));
+}
+
+#[test]
+fn untrusted_refuses_named_files() {
+    let out = qcow(&[
+        "convert",
+        "--untrusted",
+        "-O",
+        "raw",
+        "chain-top.qcow2",
+        "/dev/null",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backing file"));
+}
+
+/// `info` output with the file system's allocation (which varies between
+/// machines) taken out.
+fn info_for_snapshot(name: &str, output: &str) -> String {
+    let out = qcow(&["info", "--output", output, name]);
+    assert!(out.status.success(), "{out:?}");
+    stdout(&out)
+        .lines()
+        .map(|l| {
+            if l.contains("\"actual-size\"") {
+                let indent = &l[..l.len() - l.trim_start().len()];
+                let comma = if l.ends_with(',') { "," } else { "" };
+                format!("{indent}\"actual-size\": \"[redacted]\"{comma}")
+            } else if l.trim_start().starts_with("disk size:") {
+                let indent = &l[..l.len() - l.trim_start().len()];
+                format!("{indent}disk size: [redacted]")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn info_snapshots() {
+    for name in [
+        "sample.qcow2",
+        "v2-64k.qcow2",
+        "snapshots.qcow2",
+        "bitmaps.qcow2",
+        "chain-top.qcow2",
+        "extl2.qcow2",
+        "datafile-raw.qcow2",
+        "zstd.qcow2",
+        "lazy-dirty.qcow2",
+        "v1.qcow",
+        "raw.img",
+    ] {
+        let key = name.replace('.', "_");
+        insta::assert_snapshot!(
+            format!("info_human_{key}"),
+            info_for_snapshot(name, "human")
+        );
+        insta::assert_snapshot!(format!("info_json_{key}"), info_for_snapshot(name, "json"));
+    }
+}

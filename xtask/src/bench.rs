@@ -1,0 +1,429 @@
+//! `cargo xtask bench [--size-gib N] [--runs N] [--qcow PATH]`: times
+//! `qcow convert -O raw` against `qemu-img convert -O raw` on large images.
+//!
+//! The `qcow` binary is built first with `cargo build --release -p qcow-cli`
+//! unless `--qcow PATH` names a binary to use instead (anything accepting
+//! `convert -O raw IMAGE OUTPUT`; `--qcow qemu-img` benchmarks the harness).
+//!
+//! The images live in `bench-work/` (gitignored) and are built once, then
+//! reused while their virtual size matches `--size-gib`:
+//!
+//! * `random-<N>g.qcow2`: fully allocated, incompressible PRNG data;
+//! * `zlib-<N>g.qcow2` and `zstd-<N>g.qcow2`: compressed clusters of
+//!   text-like data with periodic zero runs.
+//!
+//! For each image the two tools run alternately (`qcow`, `qemu-img`, `qcow`,
+//! ...): one untimed warm-up each, then `--runs` timed runs each. Each tool
+//! writes its own output file, which is overwritten in place by the next run
+//! rather than deleted (deleting multi-GiB files is slow). After timing, the
+//! two outputs are compared byte for byte so that a fast but wrong result is
+//! reported as such.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::util::{
+    GIB, MIB, Rng, describe, human_size, require_tool, run_captured, run_inherited, top_level_u64,
+    workspace_root,
+};
+
+/// Parsed command-line options.
+#[derive(Debug, Clone)]
+struct Options {
+    /// Virtual size of each benchmark image, in GiB.
+    size_gib: u64,
+    /// Timed runs per tool and image.
+    runs: usize,
+    /// Binary to benchmark instead of building `qcow-cli`.
+    qcow: Option<PathBuf>,
+}
+
+impl Options {
+    /// Parses `--size-gib N`, `--runs N` and `--qcow PATH` (also as
+    /// `--flag=VALUE`).
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut opts = Self {
+            size_gib: 1,
+            runs: 5,
+            qcow: None,
+        };
+        let mut iter = args.iter();
+        while let Some(arg) = iter.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) => (flag, Some(value.to_owned())),
+                None => (arg.as_str(), None),
+            };
+            let mut value = |flag: &str| -> Result<String> {
+                match inline.clone() {
+                    Some(v) => Ok(v),
+                    None => iter
+                        .next()
+                        .cloned()
+                        .with_context(|| format!("`{flag}` needs a value")),
+                }
+            };
+            match flag {
+                "--size-gib" => {
+                    let v = value(flag)?;
+                    opts.size_gib = v.parse().with_context(|| format!("bad --size-gib `{v}`"))?;
+                    ensure!(opts.size_gib >= 1, "--size-gib must be at least 1");
+                }
+                "--runs" => {
+                    let v = value(flag)?;
+                    opts.runs = v.parse().with_context(|| format!("bad --runs `{v}`"))?;
+                    ensure!(opts.runs >= 1, "--runs must be at least 1");
+                }
+                "--qcow" => opts.qcow = Some(PathBuf::from(value(flag)?)),
+                other => bail!(
+                    "unknown argument `{other}` for `bench` \
+                     (expected: [--size-gib N] [--runs N] [--qcow PATH])"
+                ),
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// What a benchmark image is filled with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Content {
+    /// Incompressible pseudo-random bytes, stored uncompressed.
+    Random,
+    /// Text-like data with zero runs, stored with this compression type.
+    Compressed(&'static str),
+}
+
+/// A benchmark image.
+#[derive(Debug, Clone)]
+struct BenchImage {
+    /// File name inside `bench-work/`.
+    name: String,
+    /// Contents and storage.
+    content: Content,
+}
+
+/// Entry point of `cargo xtask bench`.
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let opts = Options::parse(args)?;
+    require_tool("qemu-img", "install the qemu-utils package")?;
+    let root = workspace_root()?;
+    let work = root.join("bench-work");
+    fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+
+    let qcow = match &opts.qcow {
+        Some(path) => path.clone(),
+        None => build_qcow(&root)?,
+    };
+    let size = opts.size_gib * GIB;
+    let images = [
+        Content::Random,
+        Content::Compressed("zlib"),
+        Content::Compressed("zstd"),
+    ]
+    .map(|content| {
+        let stem = match content {
+            Content::Random => "random",
+            Content::Compressed(kind) => kind,
+        };
+        BenchImage {
+            name: format!("{stem}-{}g.qcow2", opts.size_gib),
+            content,
+        }
+    });
+    for image in &images {
+        ensure_image(&work, image, size)?;
+    }
+
+    let out_qcow = work.join("out-qcow.raw");
+    let out_qemu = work.join("out-qemu-img.raw");
+    let mut results = Vec::new();
+    for image in &images {
+        let path = work.join(&image.name);
+        let mut ours = convert_command(&qcow, &path, &out_qcow);
+        let mut theirs = convert_command(Path::new("qemu-img"), &path, &out_qemu);
+        let (ours_times, theirs_times) =
+            time_alternately(&image.name, &mut ours, &mut theirs, opts.runs)?;
+        let same = files_equal(&out_qcow, &out_qemu)?;
+        if !same {
+            eprintln!(
+                "warning: {}: `qcow convert` output differs from qemu-img's",
+                image.name
+            );
+        }
+        results.push(Outcome {
+            image: image.name.clone(),
+            size,
+            ours: median(ours_times),
+            theirs: median(theirs_times),
+            same,
+        });
+    }
+    print_table(&results);
+    if results.iter().any(|r| !r.same) {
+        bail!("some `qcow convert` outputs differ from qemu-img's (see the table)");
+    }
+    Ok(())
+}
+
+/// Builds the release CLI and returns the path of the `qcow` binary.
+fn build_qcow(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(["build", "--release", "-p", "qcow-cli"]);
+    eprintln!("$ {}", describe(&cmd));
+    run_inherited(&mut cmd).context("cannot build the qcow CLI")?;
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    };
+    let binary = target
+        .join("release")
+        .join(format!("qcow{}", std::env::consts::EXE_SUFFIX));
+    ensure!(
+        binary.is_file(),
+        "{} does not exist after building qcow-cli",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// Creates `image` in `work` unless it already exists with virtual size `size`.
+fn ensure_image(work: &Path, image: &BenchImage, size: u64) -> Result<()> {
+    let path = work.join(&image.name);
+    if path.is_file() {
+        match image_virtual_size(&path) {
+            Ok(existing) if existing == size => {
+                eprintln!("reusing {}", path.display());
+                return Ok(());
+            }
+            Ok(existing) => eprintln!(
+                "{} has virtual size {existing}, expected {size}: rebuilding",
+                path.display()
+            ),
+            Err(e) => eprintln!("{} is unusable ({e:#}): rebuilding", path.display()),
+        }
+    }
+
+    let raw = work.join(format!("{}.source.raw", image.name));
+    eprintln!(
+        "generating {} of source data for {}",
+        human_size(size),
+        image.name
+    );
+    write_source(&raw, image.content, size)?;
+    // Convert to a temporary name so an interrupted build is never reused.
+    let partial = work.join(format!("{}.partial", image.name));
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-f", "raw", "-O", "qcow2"]);
+    if let Content::Compressed(kind) = image.content {
+        cmd.args(["-c", "-o", &format!("compression_type={kind}")]);
+    }
+    cmd.arg(&raw).arg(&partial);
+    eprintln!("$ {}", describe(&cmd));
+    let started = Instant::now();
+    run_captured(&mut cmd)?;
+    eprintln!("  took {:.1} s", started.elapsed().as_secs_f64());
+    fs::rename(&partial, &path)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), path.display()))?;
+    fs::remove_file(&raw).with_context(|| format!("cannot remove {}", raw.display()))?;
+    Ok(())
+}
+
+/// Reads an image's virtual size with `qemu-img info`.
+fn image_virtual_size(path: &Path) -> Result<u64> {
+    let json = run_captured(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "qcow2"])
+            .arg(path),
+    )?;
+    top_level_u64(&json, "virtual-size").context("no virtual-size in `qemu-img info` output")
+}
+
+/// Writes `size` bytes of benchmark source data to `path`.
+///
+/// Compressible data is 7 MiB of text followed by 1 MiB of zeros, repeated.
+fn write_source(path: &Path, content: Content, size: u64) -> Result<()> {
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = BufWriter::with_capacity(MIB as usize, file);
+    let mut rng = Rng::new(match content {
+        Content::Random => 0xbe7c_0001,
+        Content::Compressed(_) => 0xbe7c_0002,
+    });
+    let mut buf = vec![0u8; MIB as usize];
+    let mut written = 0;
+    while written < size {
+        let n = (size - written).min(MIB) as usize;
+        let chunk = &mut buf[..n];
+        match content {
+            Content::Random => rng.fill_random(chunk),
+            Content::Compressed(_) if (written / MIB) % 8 == 7 => chunk.fill(0),
+            Content::Compressed(_) => rng.fill_text(chunk),
+        }
+        out.write_all(chunk)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        written += n as u64;
+    }
+    out.flush()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `PROGRAM convert -O raw IMAGE OUTPUT`.
+fn convert_command(program: &Path, image: &Path, output: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(["convert", "-O", "raw"]).arg(image).arg(output);
+    cmd
+}
+
+/// Runs the two commands alternately: a warm-up each, then `runs` timed runs
+/// each. Returns the timings in seconds.
+fn time_alternately(
+    label: &str,
+    ours: &mut Command,
+    theirs: &mut Command,
+    runs: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    eprintln!("{label}: warm-up");
+    time_once(ours)?;
+    time_once(theirs)?;
+    let mut ours_times = Vec::with_capacity(runs);
+    let mut theirs_times = Vec::with_capacity(runs);
+    for run in 1..=runs {
+        let a = time_once(ours)?;
+        let b = time_once(theirs)?;
+        eprintln!("{label}: run {run}/{runs}: qcow {a:.3} s, qemu-img {b:.3} s");
+        ours_times.push(a);
+        theirs_times.push(b);
+    }
+    Ok((ours_times, theirs_times))
+}
+
+/// Runs a command once and returns its wall-clock time in seconds.
+fn time_once(cmd: &mut Command) -> Result<f64> {
+    let started = Instant::now();
+    run_captured(cmd)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The median of a non-empty sample (mean of the middle two if even).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let mid = xs.len() / 2;
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[mid],
+        _ => (xs[mid - 1] + xs[mid]) / 2.0,
+    }
+}
+
+/// Compares two files byte for byte.
+fn files_equal(a: &Path, b: &Path) -> Result<bool> {
+    let open = |p: &Path| File::open(p).with_context(|| format!("cannot open {}", p.display()));
+    let (mut fa, mut fb) = (open(a)?, open(b)?);
+    let len = |f: &File, p: &Path| {
+        f.metadata()
+            .map(|m| m.len())
+            .with_context(|| format!("cannot stat {}", p.display()))
+    };
+    if len(&fa, a)? != len(&fb, b)? {
+        return Ok(false);
+    }
+    let mut ba = vec![0u8; 4 * MIB as usize];
+    let mut bb = vec![0u8; 4 * MIB as usize];
+    loop {
+        let n =
+            read_full(&mut fa, &mut ba).with_context(|| format!("cannot read {}", a.display()))?;
+        let m =
+            read_full(&mut fb, &mut bb).with_context(|| format!("cannot read {}", b.display()))?;
+        if n != m || ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Reads until `buf` is full or end of file; returns the bytes read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The measurements for one image.
+#[derive(Debug)]
+struct Outcome {
+    /// Image file name.
+    image: String,
+    /// Virtual size in bytes.
+    size: u64,
+    /// Median seconds for `qcow convert`.
+    ours: f64,
+    /// Median seconds for `qemu-img convert`.
+    theirs: f64,
+    /// Whether both tools produced identical output.
+    same: bool,
+}
+
+/// Prints the results table.
+fn print_table(results: &[Outcome]) {
+    println!();
+    println!(
+        "{:<18} {:>10} {:>12} {:>8} {:>11} {:>13} {:>7}",
+        "image", "qcow s", "qemu-img s", "ratio", "qcow MB/s", "qemu-img MB/s", "output"
+    );
+    for r in results {
+        let mb = r.size as f64 / 1e6;
+        println!(
+            "{:<18} {:>10.3} {:>12.3} {:>8.2} {:>11.0} {:>13.0} {:>7}",
+            r.image,
+            r.ours,
+            r.theirs,
+            r.ours / r.theirs,
+            mb / r.ours,
+            mb / r.theirs,
+            if r.same { "same" } else { "DIFFERS" }
+        );
+    }
+    println!(
+        "(medians; ratio = qcow / qemu-img, lower is better; MB = 10^6 bytes of virtual size)"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_samples() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn parses_options() -> Result<()> {
+        let args: Vec<String> = ["--size-gib", "2", "--runs=3", "--qcow", "/bin/q"]
+            .map(String::from)
+            .into();
+        let opts = Options::parse(&args)?;
+        assert_eq!((opts.size_gib, opts.runs), (2, 3));
+        assert_eq!(opts.qcow, Some(PathBuf::from("/bin/q")));
+        assert!(Options::parse(&["--bogus".to_owned()]).is_err());
+        assert!(Options::parse(&["--runs".to_owned()]).is_err());
+        Ok(())
+    }
+}

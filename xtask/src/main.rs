@@ -1,0 +1,57 @@
+//! Project automation for the qcow workspace, run as `cargo xtask <command>`
+//! (an alias defined in `.cargo/config.toml`).
+//!
+//! Commands:
+//!
+//! * `fixtures [--check]`: regenerate `testdata/` with qemu-img and qemu-io,
+//!   or check that the committed fixtures still match their manifest;
+//! * `bench [--size-gib N] [--runs N] [--qcow PATH]`: time `qcow convert`
+//!   against `qemu-img convert` on large images.
+
+mod bench;
+mod fixtures;
+mod util;
+
+use std::process::ExitCode;
+
+/// Usage text printed for `help` and on bad input.
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  fixtures [--check]               regenerate testdata/ with qemu-img and qemu-io;
+                                   --check regenerates into a temporary directory and
+                                   fails if the contents differ from testdata/manifest.tsv
+  bench [--size-gib N] [--runs N] [--qcow PATH]
+                                   time `qcow convert -O raw` against `qemu-img convert
+                                   -O raw` on N GiB images (default 1) in bench-work/,
+                                   N timed runs each (default 5); builds the release
+                                   qcow-cli first unless --qcow names a binary to use
+  help                             print this message";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::FAILURE;
+    };
+    let result = match command.as_str() {
+        "fixtures" => fixtures::run(rest),
+        "bench" => bench::run(rest),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            eprintln!("error: unknown command `{other}`\n\n{USAGE}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
