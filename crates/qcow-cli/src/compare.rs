@@ -71,10 +71,8 @@ fn compare(args: &CompareArgs) -> Result<Verdict> {
     let a = open_image(&args.file1, args.format1.as_deref(), &args.open, None, true)?;
     let b = open_image(&args.file2, args.format2.as_deref(), &args.open, None, true)?;
     let (size_a, size_b) = (a.virtual_size(), b.virtual_size());
-    if size_a != size_b {
-        if args.strict {
-            return Ok(Verdict::Differs("Strict mode: Image size mismatch!".into()));
-        }
+    if size_a != size_b && args.strict {
+        return Ok(Verdict::Differs("Strict mode: Image size mismatch!".into()));
     }
     let common = size_a.min(size_b);
     let mut buf_a = vec![0u8; CHUNK as usize];

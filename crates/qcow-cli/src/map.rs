@@ -98,10 +98,7 @@ pub(crate) fn run(args: &MapArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let names = chain_names(&image);
-    println!(
-        "{:<16}{:<16}{:<16}{}",
-        "Offset", "Length", "Mapped to", "File"
-    );
+    println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
     for e in entries.iter().filter(|e| e.data) {
         let Some(offset) = e.offset else {
             bail!("File contains external, encrypted or compressed clusters.");

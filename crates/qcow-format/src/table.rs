@@ -320,7 +320,9 @@ mod tests {
         );
         assert_eq!(
             g.l2_mapping(0, entry, bitmap, 1).ok(),
-            Some(L2Mapping::Zero)
+            Some(L2Mapping::Zero {
+                host: Some(0x40800)
+            })
         );
         assert_eq!(
             g.l2_mapping(0, entry, bitmap, 2).ok(),

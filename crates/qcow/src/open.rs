@@ -19,7 +19,7 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub enum Image {
     /// A QCOW2 image.
-    Qcow2(Qcow2Image),
+    Qcow2(Box<Qcow2Image>),
     /// A QCOW version 1 image.
     Qcow(QcowImage),
     /// A raw image.
@@ -29,7 +29,7 @@ pub enum Image {
 impl Image {
     fn device(&self) -> &dyn BlockDevice {
         match self {
-            Image::Qcow2(i) => i,
+            Image::Qcow2(i) => i.as_ref(),
             Image::Qcow(i) => i,
             Image::Raw(i) => i,
         }
@@ -151,7 +151,7 @@ fn open_layer(
                     image.attach_backing(Box::new(layer));
                 }
             }
-            Image::Qcow2(image)
+            Image::Qcow2(Box::new(image))
         }
         ImageFormat::Qcow => {
             let mut image = QcowImage::open(&name, storage, cache)?;
