@@ -13,7 +13,7 @@ use qcow_format::header::CompressionType;
 
 thread_local! {
     static INFLATE: RefCell<Decompress> = RefCell::new(Decompress::new(false));
-    static ZSTD: RefCell<Option<zstd::stream::raw::Decoder<'static>>> = const { RefCell::new(None) };
+    static ZSTD: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
 }
 
 /// Decompresses `input` into all of `out`; fails unless `out` is filled.
@@ -49,33 +49,29 @@ pub(crate) fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
     })
 }
 
+/// Decodes the one zstd frame at the start of `input` straight into `out`
+/// (the bytes after the frame are sector padding).
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
-    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    use zstd::zstd_safe;
+    let frame_len = zstd_safe::find_frame_compressed_size(input)
+        .map_err(|code| format!("bad zstd frame: {}", zstd_safe::get_error_name(code)))?;
+    let frame = input
+        .get(..frame_len)
+        .ok_or_else(|| "zstd frame is longer than its cluster".to_owned())?;
     ZSTD.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let decoder = match &mut *slot {
-            Some(d) => {
-                d.reinit().map_err(|e| e.to_string())?;
-                d
-            }
-            None => slot.insert(zstd::stream::raw::Decoder::new().map_err(|e| e.to_string())?),
-        };
-        let mut inb = InBuffer::around(input);
-        let mut outb = OutBuffer::around(out);
-        while outb.pos() < outb.capacity() {
-            let (in_before, out_before) = (inb.pos(), outb.pos());
-            decoder
-                .run(&mut inb, &mut outb)
-                .map_err(|e| e.to_string())?;
-            if inb.pos() == in_before && outb.pos() == out_before {
-                return Err(format!(
-                    "zstd stream ended after {} of {} bytes",
-                    outb.pos(),
-                    outb.capacity()
-                ));
-            }
+        let dctx = slot.get_or_insert_with(zstd_safe::DCtx::create);
+        let produced = dctx
+            .decompress(out, frame)
+            .map_err(|code| format!("zstd: {}", zstd_safe::get_error_name(code)))?;
+        if produced == out.len() {
+            Ok(())
+        } else {
+            Err(format!(
+                "zstd frame holds {produced} bytes, not {}",
+                out.len()
+            ))
         }
-        Ok(())
     })
 }
 

@@ -43,6 +43,24 @@ pub(crate) fn check_range(image: &str, offset: u64, len: u64, size: u64) -> Resu
     }
 }
 
+/// An image's backing layer: `None` when it names none, and an error when
+/// it names one that was not opened.
+pub(crate) fn backing_layer<'a>(
+    image: &str,
+    backing: Option<&'a dyn BlockDevice>,
+    named: Option<&str>,
+) -> Result<Option<&'a dyn BlockDevice>> {
+    match (backing, named) {
+        (Some(b), _) => Ok(Some(b)),
+        (None, Some(name)) => Err(Error::NotOpened {
+            image: image.to_owned(),
+            what: "backing file",
+            name: name.to_owned(),
+        }),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Reads a run this layer does not allocate: from the backing image up to
 /// its end, zeros past it or when there is no backing image.
 pub(crate) fn read_backing(

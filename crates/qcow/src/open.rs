@@ -21,7 +21,7 @@ pub enum Image {
     /// A QCOW2 image.
     Qcow2(Box<Qcow2Image>),
     /// A QCOW version 1 image.
-    Qcow(QcowImage),
+    Qcow(Box<QcowImage>),
     /// A raw image.
     Raw(RawImage),
 }
@@ -30,7 +30,7 @@ impl Image {
     fn device(&self) -> &dyn BlockDevice {
         match self {
             Image::Qcow2(i) => i.as_ref(),
-            Image::Qcow(i) => i,
+            Image::Qcow(i) => i.as_ref(),
             Image::Raw(i) => i,
         }
     }
@@ -169,7 +169,7 @@ fn open_layer(
                     image.attach_backing(Box::new(layer));
                 }
             }
-            Image::Qcow(image)
+            Image::Qcow(Box::new(image))
         }
     };
     Ok(image)

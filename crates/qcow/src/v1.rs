@@ -82,15 +82,11 @@ impl QcowImage {
     /// The backing image, `None` when the image has none, and an error when
     /// it names one that was not opened.
     fn backing_device(&self) -> Result<Option<&dyn BlockDevice>> {
-        match (&self.backing, &self.header.backing_file) {
-            (Some(b), _) => Ok(Some(b.as_ref())),
-            (None, Some(name)) => Err(Error::NotOpened {
-                image: self.name.clone(),
-                what: "backing file",
-                name: name.clone(),
-            }),
-            (None, None) => Ok(None),
-        }
+        crate::backing_layer(
+            &self.name,
+            self.backing.as_deref(),
+            self.header.backing_file.as_deref(),
+        )
     }
 
     fn mapping(&self, guest: u64) -> Result<V1Mapping> {
@@ -123,7 +119,9 @@ impl QcowImage {
                     .read_at(&mut bytes, l2_offset)
                     .map_err(|e| Error::io(&self.name, "reading an L2 table", l2_offset, e))?;
                 let table = Arc::new(decode_be_words(&bytes).into_boxed_slice());
-                self.l2_cache.insert_clean(l2_offset, table).0
+                self.l2_cache.insert_clean(l2_offset, table).map_err(|e| {
+                    Error::io(&self.name, "writing back an evicted table", l2_offset, e)
+                })?
             }
         };
         let index = ((guest >> cluster_bits) & ((1 << l2_bits) - 1)) as usize;

@@ -46,7 +46,9 @@ impl Qcow2Image {
             .map_err(|e| Error::io(&self.name, "reading an L2 table", offset, e))?;
         let table: Arc<L2Table> = Arc::new(decode_be_words(&bytes).into_boxed_slice());
         // The read path never dirties tables, so nothing evicted needs writing.
-        Ok(self.l2_cache.insert_clean(offset, table).0)
+        self.l2_cache
+            .insert_clean(offset, table)
+            .map_err(|e| Error::io(&self.name, "writing back an evicted table", offset, e))
     }
 
     /// Resolves the run starting at guest offset `guest`, at most `max` bytes.
@@ -163,15 +165,11 @@ impl Qcow2Image {
     /// The backing image, `None` when the image has none, and an error when
     /// it names one that was not opened.
     fn backing_device(&self) -> Result<Option<&dyn BlockDevice>> {
-        match (&self.backing, &self.header.backing_file) {
-            (Some(b), _) => Ok(Some(b.as_ref())),
-            (None, Some(name)) => Err(Error::NotOpened {
-                image: self.name.clone(),
-                what: "backing file",
-                name: name.clone(),
-            }),
-            (None, None) => Ok(None),
-        }
+        crate::backing_layer(
+            &self.name,
+            self.backing.as_deref(),
+            self.header.backing_file.as_deref(),
+        )
     }
 
     fn read_backing(&self, out: &mut [u8], guest: u64) -> Result<()> {
