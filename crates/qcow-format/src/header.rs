@@ -365,7 +365,12 @@ impl Header {
         if unknown != 0 {
             let names = header
                 .feature_names()
-                .filter(|f| f.kind == FeatureKind::Incompatible && unknown & (1 << f.bit) != 0)
+                .filter(|f| {
+                    f.kind == FeatureKind::Incompatible
+                        && 1u64
+                            .checked_shl(u32::from(f.bit))
+                            .is_some_and(|bit| unknown & bit != 0)
+                })
                 .map(|f| f.name.clone())
                 .collect();
             return Err(FormatError::UnknownIncompatibleFeatures {

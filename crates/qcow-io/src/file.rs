@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::Storage;
+use crate::{Storage, StorageExtent};
 
 /// A file used as storage. Positional I/O keeps no cursor, so one
 /// `FileStorage` serves many threads at once.
@@ -86,6 +86,39 @@ impl Storage for FileStorage {
     fn flush(&self) -> io::Result<()> {
         self.file.sync_all()
     }
+
+    /// Finds holes with `SEEK_DATA`/`SEEK_HOLE`. The file position moves,
+    /// which nothing here depends on (all I/O is positional).
+    fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {
+        use rustix::fs::{SeekFrom, seek};
+        let all_data = StorageExtent { data: true, len };
+        if len == 0 {
+            return Ok(all_data);
+        }
+        let data_start = match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(start) => start,
+            // Past the last data: a hole to the end.
+            Err(rustix::io::Errno::NXIO) => u64::MAX,
+            // The file system cannot tell: call it all data.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => return Ok(all_data),
+            Err(e) => return Err(e.into()),
+        };
+        if data_start > offset {
+            return Ok(StorageExtent {
+                data: false,
+                len: (data_start - offset).min(len),
+            });
+        }
+        let hole_start = match seek(&self.file, SeekFrom::Hole(offset)) {
+            Ok(start) => start,
+            Err(rustix::io::Errno::NXIO) => u64::MAX,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(StorageExtent {
+            data: true,
+            len: hole_start.saturating_sub(offset).clamp(1, len),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -113,6 +146,25 @@ mod tests {
         drop(s);
         let ro = FileStorage::open(&path, false)?;
         assert!(ro.write_at(b"x", 0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn extents_report_holes() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = FileStorage::create(&dir.path().join("sparse"))?;
+        s.set_len(4 << 20)?;
+        s.write_at(&[1u8; 4096], 2 << 20)?;
+        let first = s.extent(0, 4 << 20)?;
+        // File systems without hole reporting call it all data.
+        if !first.data {
+            assert_eq!(first.len, 2 << 20);
+            let data = s.extent(2 << 20, 2 << 20)?;
+            assert!(data.data);
+            assert!(data.len >= 4096 && data.len < 2 << 20);
+            assert!(!s.extent((2 << 20) + data.len, 1 << 20)?.data);
+        }
+        assert_eq!(s.extent(0, 0)?.len, 0);
         Ok(())
     }
 

@@ -44,6 +44,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Whether the bytes from `offset` hold data or are a hole, and for how
+    /// many bytes (at most `len`, at least 1 when `len` is not 0). The
+    /// default says everything is data.
+    fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {
+        let _ = offset;
+        Ok(StorageExtent { data: true, len })
+    }
+
     /// Makes the range read as zeros. The default writes zeros.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
@@ -57,6 +65,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+}
+
+/// A run of storage that is all data or all hole (reads as zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageExtent {
+    /// Whether the run holds data (`false`: a hole).
+    pub data: bool,
+    /// Length of the run in bytes.
+    pub len: u64,
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -77,6 +94,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).discard(offset, len)
+    }
+    fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {
+        (**self).extent(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)

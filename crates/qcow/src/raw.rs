@@ -45,15 +45,29 @@ impl BlockDevice for RawImage {
             .map_err(|e| Error::io(&self.name, "reading data", offset, e))
     }
 
+    /// Holes in the file (where the file system reports them) read as
+    /// zeros, as qemu-img reports them.
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         crate::check_range(&self.name, offset, len, self.size)?;
-        Ok(Extent {
-            len,
-            allocation: Allocation::Data {
+        let extent = self
+            .storage
+            .extent(offset, len)
+            .map_err(|e| Error::io(&self.name, "looking for holes", offset, e))?;
+        let allocation = if extent.data {
+            Allocation::Data {
                 depth: 0,
                 offset: Some(offset),
                 compressed: false,
-            },
+            }
+        } else {
+            Allocation::Zero {
+                depth: 0,
+                offset: Some(offset),
+            }
+        };
+        Ok(Extent {
+            len: extent.len.clamp(len.min(1), len),
+            allocation,
         })
     }
 

@@ -297,3 +297,20 @@ fn info_snapshots() {
         insta::assert_snapshot!(format!("info_json_{key}"), info_for_snapshot(name, "json"));
     }
 }
+
+#[test]
+fn map_of_a_sparse_raw_file_reports_holes_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sparse.raw");
+    let file = std::fs::File::create(&path).expect("create");
+    file.set_len(8 << 20).expect("size");
+    std::os::unix::fs::FileExt::write_all_at(&file, &[7u8; 65536], 3 << 20).expect("write");
+    drop(file);
+    let p = path.to_str().expect("path");
+    for output in ["json", "human"] {
+        let ours = qcow(&["map", "-f", "raw", "--output", output, p]);
+        let theirs = qemu_img(&["map", "-f", "raw", "--output", output, p]);
+        assert!(ours.status.success());
+        assert_eq!(stdout(&ours), stdout(&theirs), "map --output {output}");
+    }
+}
