@@ -195,6 +195,97 @@ fn zero_extended(bytes: &[u8], offset: u64, len: usize) -> Vec<u8> {
     out
 }
 
+impl HeaderExtension {
+    /// The extension's type code.
+    pub fn kind(&self) -> u32 {
+        match self {
+            HeaderExtension::BackingFormat(_) => EXT_BACKING_FORMAT,
+            HeaderExtension::FeatureNames(_) => EXT_FEATURE_NAMES,
+            HeaderExtension::Bitmaps(_) => EXT_BITMAPS,
+            HeaderExtension::FullDiskEncryption { .. } => EXT_FULL_DISK_ENCRYPTION,
+            HeaderExtension::ExternalDataFile(_) => EXT_DATA_FILE,
+            HeaderExtension::Unknown { kind, .. } => *kind,
+        }
+    }
+
+    /// The extension's data, unpadded.
+    pub fn data(&self) -> Vec<u8> {
+        match self {
+            HeaderExtension::BackingFormat(s) | HeaderExtension::ExternalDataFile(s) => {
+                s.as_bytes().to_vec()
+            }
+            HeaderExtension::FeatureNames(names) => {
+                let mut out = Vec::with_capacity(names.len() * 48);
+                for f in names {
+                    let mut raw = RawFeatureName {
+                        kind: match f.kind {
+                            FeatureKind::Incompatible => 0,
+                            FeatureKind::Compatible => 1,
+                            FeatureKind::Autoclear => 2,
+                            FeatureKind::Other(k) => k,
+                        },
+                        bit: f.bit,
+                        name: [0; 46],
+                    };
+                    let n = f.name.len().min(46);
+                    raw.name[..n].copy_from_slice(&f.name.as_bytes()[..n]);
+                    out.extend_from_slice(raw.as_bytes());
+                }
+                out
+            }
+            HeaderExtension::Bitmaps(b) => RawBitmapsExtension {
+                nb_bitmaps: b.nb_bitmaps.into(),
+                reserved: 0.into(),
+                bitmap_directory_size: b.directory_size.into(),
+                bitmap_directory_offset: b.directory_offset.into(),
+            }
+            .as_bytes()
+            .to_vec(),
+            HeaderExtension::FullDiskEncryption { offset, length } => RawEncryptionExtension {
+                offset: (*offset).into(),
+                length: (*length).into(),
+            }
+            .as_bytes()
+            .to_vec(),
+            HeaderExtension::Unknown { data, .. } => data.clone(),
+        }
+    }
+}
+
+/// Encodes extensions, each padded to 8 bytes, followed by the end marker.
+pub fn encode_extensions(extensions: &[HeaderExtension]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for ext in extensions {
+        let data = ext.data();
+        out.extend_from_slice(&ext.kind().to_be_bytes());
+        // Extension data lives inside one cluster (at most 2 MiB).
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&data);
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out.extend_from_slice(&[0; 8]);
+    out
+}
+
+/// The feature name table QEMU writes into version 3 images.
+pub fn standard_feature_names() -> Vec<FeatureName> {
+    let entry = |kind, bit, name: &str| FeatureName {
+        kind,
+        bit,
+        name: name.to_owned(),
+    };
+    vec![
+        entry(FeatureKind::Incompatible, 0, "dirty bit"),
+        entry(FeatureKind::Incompatible, 1, "corrupt bit"),
+        entry(FeatureKind::Incompatible, 2, "external data file"),
+        entry(FeatureKind::Incompatible, 3, "compression type"),
+        entry(FeatureKind::Incompatible, 4, "extended L2 entries"),
+        entry(FeatureKind::Compatible, 0, "lazy refcounts"),
+        entry(FeatureKind::Autoclear, 0, "bitmaps"),
+        entry(FeatureKind::Autoclear, 1, "raw external data"),
+    ]
+}
+
 fn decode(kind: u32, len: u32, data: Vec<u8>) -> Result<HeaderExtension, FormatError> {
     let bad_len = FormatError::ExtensionLength { kind, length: len };
     Ok(match kind {

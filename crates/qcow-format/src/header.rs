@@ -261,6 +261,76 @@ impl Region {
 }
 
 impl Header {
+    /// Encodes the header, its extensions and the backing file name into the
+    /// bytes of the header cluster (`backing_file` is placed after the
+    /// extensions; the offsets in the result say where). Fails when they do
+    /// not fit in one cluster.
+    pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
+        let cluster_size = self.cluster_size();
+        let v3 = self.version >= 3;
+        let header_length = if v3 { V3_HEADER_LEN } else { V2_HEADER_LEN };
+        let mut out = vec![0u8; header_length as usize];
+        out.extend_from_slice(&extension::encode_extensions(&self.extensions));
+        let (backing_offset, backing_size) = match &self.backing_file {
+            Some(name) => {
+                let offset = out.len() as u64;
+                if name.len() > MAX_BACKING_NAME as usize {
+                    return Err(FormatError::BackingName {
+                        offset,
+                        size: u32::try_from(name.len()).unwrap_or(u32::MAX),
+                    });
+                }
+                out.extend_from_slice(name.as_bytes());
+                (offset, name.len() as u32)
+            }
+            None => (0, 0),
+        };
+        if out.len() as u64 > cluster_size {
+            return Err(FormatError::TooLarge {
+                structure: "header with extensions and backing file name",
+                size: out.len() as u64,
+                limit: cluster_size,
+            });
+        }
+        let v2 = RawHeaderV2 {
+            magic: QCOW_MAGIC.into(),
+            version: self.version.into(),
+            backing_file_offset: backing_offset.into(),
+            backing_file_size: backing_size.into(),
+            cluster_bits: self.cluster_bits.into(),
+            size: self.virtual_size.into(),
+            crypt_method: match self.encryption {
+                Encryption::None => 0,
+                Encryption::Aes => 1,
+                Encryption::Luks => 2,
+                Encryption::Unknown(n) => n,
+            }
+            .into(),
+            l1_size: self.l1_size.into(),
+            l1_table_offset: self.l1_table_offset.into(),
+            refcount_table_offset: self.refcount_table_offset.into(),
+            refcount_table_clusters: self.refcount_table_clusters.into(),
+            nb_snapshots: self.nb_snapshots.into(),
+            snapshots_offset: self.snapshots_offset.into(),
+        };
+        out[..V2_HEADER_LEN as usize].copy_from_slice(v2.as_bytes());
+        if v3 {
+            let v3 = RawHeaderV3 {
+                incompatible_features: self.incompatible_features.into(),
+                compatible_features: self.compatible_features.into(),
+                autoclear_features: self.autoclear_features.into(),
+                refcount_order: self.refcount_order.into(),
+                header_length: header_length.into(),
+            };
+            out[V2_HEADER_LEN as usize..V3_MIN_HEADER_LEN as usize].copy_from_slice(v3.as_bytes());
+            out[V3_MIN_HEADER_LEN as usize] = match self.compression_type {
+                CompressionType::Zlib => 0,
+                CompressionType::Zstd => 1,
+            };
+        }
+        Ok(out)
+    }
+
     /// Parses and validates the header cluster of a QCOW2 image.
     ///
     /// `cluster` holds the first bytes of the image: the whole header cluster
@@ -599,4 +669,42 @@ fn parse_backing_name(
     String::from_utf8(name).map_err(|_| FormatError::NotUtf8 {
         structure: "backing file name",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extension::standard_feature_names;
+
+    #[test]
+    fn encode_then_parse_round_trips() -> Result<(), FormatError> {
+        let header = Header {
+            version: 3,
+            cluster_bits: 16,
+            virtual_size: 1 << 30,
+            encryption: Encryption::None,
+            l1_size: 2,
+            l1_table_offset: 3 << 16,
+            refcount_table_offset: 1 << 16,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: INCOMPAT_COMPRESSION,
+            compatible_features: COMPAT_LAZY_REFCOUNTS,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN,
+            compression_type: CompressionType::Zstd,
+            backing_file: Some("base.qcow2".into()),
+            extensions: vec![
+                HeaderExtension::BackingFormat("qcow2".into()),
+                HeaderExtension::FeatureNames(standard_feature_names()),
+            ],
+        };
+        let mut bytes = header.encode()?;
+        bytes.resize(4 << 16, 0);
+        let parsed = Header::parse(&bytes, 4 << 16)?;
+        assert_eq!(parsed, header);
+        Ok(())
+    }
 }

@@ -358,7 +358,7 @@ mod tests {
     proptest! {
         #[test]
         fn refcounts_round_trip(order in 0u32..=6, index in 0u64..512, value: u64) {
-            let mut block = vec![0u8; 4096];
+            let mut block = vec![0u8; 8192];
             let bits = 1u32 << order;
             let value = if bits == 64 { value } else { value & ((1 << bits) - 1) };
             prop_assert!(refcount_set(&mut block, index, order, value).is_some());
