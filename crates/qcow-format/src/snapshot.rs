@@ -56,11 +56,16 @@ impl RawSnapshotHeader {
 
     /// The length of the whole entry, padding included.
     pub fn entry_len(&self) -> u64 {
-        (SNAPSHOT_HEADER_LEN as u64
+        self.unpadded_len().next_multiple_of(8)
+    }
+
+    /// The length of the entry without its padding (the last entry's
+    /// padding may lie past the end of the file).
+    pub fn unpadded_len(&self) -> u64 {
+        SNAPSHOT_HEADER_LEN as u64
             + u64::from(self.extra_data_size.get())
             + u64::from(self.id_str_size.get())
-            + u64::from(self.name_size.get()))
-        .next_multiple_of(8)
+            + u64::from(self.name_size.get())
     }
 }
 

@@ -8,12 +8,47 @@
 
 use std::cell::RefCell;
 
-use flate2::{Decompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use qcow_format::header::CompressionType;
 
+/// zstd level QEMU uses (the library's default).
+const ZSTD_LEVEL: i32 = 3;
+
 thread_local! {
+    static DEFLATE: RefCell<Compress> =
+        RefCell::new(Compress::new_with_window_bits(Compression::default(), false, 12));
+    static ZSTD_COMPRESS: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
     static INFLATE: RefCell<Decompress> = RefCell::new(Decompress::new(false));
     static ZSTD: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
+}
+
+/// Compresses one cluster as QEMU does: raw deflate with a 4 KiB window, or
+/// one zstd frame. `None` when the result would not be smaller than the
+/// input (the caller then stores the cluster uncompressed).
+pub(crate) fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
+    match kind {
+        CompressionType::Zlib => DEFLATE.with(|cell| {
+            let mut c = cell.borrow_mut();
+            c.reset();
+            let mut out = Vec::with_capacity(input.len());
+            match c.compress_vec(input, &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => Some(out),
+                _ => None,
+            }
+        }),
+        CompressionType::Zstd => ZSTD_COMPRESS.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+            }
+            let c = slot.as_mut()?;
+            let mut out = vec![0u8; input.len()];
+            let n = c.compress_to_buffer(input, &mut out).ok()?;
+            out.truncate(n);
+            Some(out)
+        }),
+    }
+    .filter(|out| out.len() < input.len())
 }
 
 /// Decompresses `input` into all of `out`; fails unless `out` is filled.
@@ -93,6 +128,26 @@ mod tests {
         assert_eq!(out, data);
         let mut too_big = vec![0u8; data.len() + 1];
         assert!(inflate(&packed[..packed.len() - 300], &mut too_big).is_err());
+    }
+
+    #[test]
+    fn compress_round_trips_and_refuses_to_grow() {
+        let text: Vec<u8> = (0..65536u32)
+            .map(|i| b"qcow2 text "[i as usize % 11])
+            .collect();
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let packed = compress(kind, &text).expect("text compresses");
+            let mut out = vec![0u8; text.len()];
+            decompress(kind, &packed, &mut out).expect("round trip");
+            assert_eq!(out, text);
+            let mut noise = vec![0u8; 65536];
+            let mut x = 1u32;
+            for b in &mut noise {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                *b = (x >> 24) as u8;
+            }
+            assert!(compress(kind, &noise).is_none());
+        }
     }
 
     #[test]

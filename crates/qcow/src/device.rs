@@ -94,6 +94,20 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// The image's name as it was opened (a path), used in messages.
     fn name(&self) -> &str;
 
+    /// Writes `buf` at `offset`; the range must lie within the virtual size.
+    /// The default refuses: the image is read-only.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _ = (buf, offset);
+        Err(crate::Error::ReadOnly {
+            image: self.name().to_owned(),
+        })
+    }
+
+    /// Makes every completed write durable. The default has nothing to do.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The name of the file holding this image's data: the external data
     /// file where there is one, else the image itself.
     fn data_name(&self) -> &str {

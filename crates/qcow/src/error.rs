@@ -147,6 +147,33 @@ pub enum Error {
         /// The name or ID asked for.
         name: String,
     },
+    /// The operation or image feature is not supported yet.
+    #[error("{image}: {what} is not supported yet")]
+    Unsupported {
+        /// The image.
+        image: String,
+        /// What is not supported.
+        what: String,
+    },
+    /// The image's corrupt bit is set: it may be read but not written.
+    #[error("{image}: the image is marked corrupt; repair it before writing")]
+    MarkedCorrupt {
+        /// The image.
+        image: String,
+    },
+    /// A refcount would exceed the image's refcount width.
+    #[error("{image}: refcount of cluster {cluster:#x} would exceed {max}")]
+    RefcountOverflow {
+        /// The image.
+        image: String,
+        /// Host offset of the cluster.
+        cluster: u64,
+        /// The largest refcount the image can hold.
+        max: u64,
+    },
+    /// Invalid creation options.
+    #[error("{0}")]
+    InvalidOptions(String),
     /// The image was opened read-only.
     #[error("{image}: image is read-only")]
     ReadOnly {

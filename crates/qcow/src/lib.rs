@@ -23,10 +23,10 @@ mod v1;
 
 pub use device::{Allocation, BlockDevice, Extent, ImageFormat};
 pub use error::{Error, Result};
-pub use open::{Image, open, probe, relative_to};
+pub use open::{Image, create, open, probe, relative_to};
 pub use options::{DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_CHAIN_DEPTH, OpenOptions};
 pub use qcow_format as format;
-pub use qcow2::Qcow2Image;
+pub use qcow2::{CreateOptions, Preallocation, Qcow2Image};
 pub use raw::RawImage;
 pub use v1::QcowImage;
 

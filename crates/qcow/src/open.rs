@@ -58,6 +58,12 @@ impl BlockDevice for Image {
     fn data_name(&self) -> &str {
         self.device().data_name()
     }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.device().write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        self.device().flush()
+    }
 }
 
 /// Says what format the file at `path` holds, by its magic: a qcow magic
@@ -84,7 +90,11 @@ fn probe_storage(name: &str, storage: &dyn Storage) -> Result<ImageFormat> {
 }
 
 fn open_storage(path: &Path) -> Result<Arc<dyn Storage>> {
-    let file = FileStorage::open(path, false).map_err(|source| Error::Open {
+    open_storage_mode(path, false)
+}
+
+fn open_storage_mode(path: &Path, writable: bool) -> Result<Arc<dyn Storage>> {
+    let file = FileStorage::open(path, writable).map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
     })?;
@@ -112,7 +122,9 @@ fn open_layer(
             limit: options.max_chain_depth,
         });
     }
-    let storage = open_storage(path)?;
+    // Only the named image is ever opened for writing.
+    let writable = top && options.writable;
+    let storage = open_storage_mode(path, writable)?;
     if let Ok(canonical) = path.canonicalize() {
         seen.insert(canonical);
     }
@@ -124,7 +136,11 @@ fn open_layer(
     let image = match format {
         ImageFormat::Raw => Image::Raw(RawImage::open(&name, storage)?),
         ImageFormat::Qcow2 => {
-            let mut image = Qcow2Image::open(&name, storage, cache)?;
+            let mut image = if writable {
+                Qcow2Image::open_writable(&name, storage, cache)?
+            } else {
+                Qcow2Image::open(&name, storage, cache)?
+            };
             if top {
                 if let Some(snapshot) = &options.snapshot {
                     image.select_snapshot(snapshot)?;
@@ -154,6 +170,12 @@ fn open_layer(
             Image::Qcow2(Box::new(image))
         }
         ImageFormat::Qcow => {
+            if writable {
+                return Err(Error::Unsupported {
+                    image: name,
+                    what: "writing qcow version 1 images".into(),
+                });
+            }
             let mut image = QcowImage::open(&name, storage, cache)?;
             if let Some(backing) = image.header().backing_file.clone() {
                 if options.follow_backing {
@@ -198,6 +220,15 @@ fn open_backing(
         }
     }
     open_layer(&backing_path, Some(format), options, seen, depth + 1, false)
+}
+
+/// Creates a new QCOW2 image at `path` (replacing any file there).
+pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
+    let file = FileStorage::create(path).map_err(|source| Error::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    Qcow2Image::create(&file, options)
 }
 
 /// Resolves a file name stored in the image at `image`: absolute names stay,

@@ -33,6 +33,8 @@ pub struct OpenOptions {
     pub cache_bytes: Option<u64>,
     /// Internal snapshot (name or ID) to open instead of the active layer.
     pub snapshot: Option<String>,
+    /// Open the named image for writing (backing files stay read-only).
+    pub writable: bool,
 }
 
 impl Default for OpenOptions {
@@ -45,6 +47,7 @@ impl Default for OpenOptions {
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
             cache_bytes: None,
             snapshot: None,
+            writable: false,
         }
     }
 }

@@ -74,4 +74,17 @@ impl BlockDevice for RawImage {
     fn name(&self) -> &str {
         &self.name
     }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        crate::check_range(&self.name, offset, buf.len() as u64, self.size)?;
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| Error::io(&self.name, "writing data", offset, e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(|e| Error::io(&self.name, "flushing", 0, e))
+    }
 }

@@ -14,14 +14,14 @@ impl Qcow2Image {
         };
         let size = ext.directory_size;
         let offset = ext.directory_offset;
-        if size > MAX_BITMAP_DIRECTORY_BYTES || offset.saturating_add(size) > self.file_len {
+        if size > MAX_BITMAP_DIRECTORY_BYTES || offset.saturating_add(size) > self.file_len() {
             return Err(Error::format(
                 &self.name,
                 qcow_format::FormatError::PastEnd {
                     structure: "bitmap directory",
                     offset,
                     size,
-                    file_len: self.file_len,
+                    file_len: self.file_len(),
                 },
             ));
         }

@@ -1,12 +1,20 @@
 //! QCOW2 images (versions 2 and 3): opening, and the state an open image
-//! keeps. Reading lives in [`read`](self::read), snapshots and bitmaps in
-//! their own modules.
+//! keeps. Reading lives in [`read`](self::read), writing in
+//! [`write`](self::write) over the allocator in [`refcount`](self::refcount),
+//! creation in [`create`](self::create), snapshots and bitmaps in their own
+//! modules.
 
 mod bitmaps;
+mod create;
 mod read;
+mod refcount;
 mod snapshots;
+mod write;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use create::{CreateOptions, Preallocation};
 
 use qcow_cache::TableCache;
 use qcow_format::bitmap::BitmapEntry;
@@ -20,10 +28,11 @@ use crate::options::DEFAULT_MAX_CACHE_BYTES;
 use crate::{Error, Result};
 
 /// An L2 table decoded to native integers (two words per entry with
-/// extended L2).
-pub(crate) type L2Table = Box<[u64]>;
+/// extended L2). Entries are atomics so that a writer (holding the
+/// allocation lock) updates them in place while readers look them up.
+pub(crate) type L2Table = Box<[AtomicU64]>;
 
-/// An open QCOW2 image, read-only.
+/// An open QCOW2 image.
 #[derive(Debug)]
 pub struct Qcow2Image {
     name: String,
@@ -36,12 +45,15 @@ pub struct Qcow2Image {
     header: Header,
     geometry: Geometry,
     virtual_size: u64,
-    l1: Vec<u64>,
+    l1: Vec<AtomicU64>,
     l2_cache: TableCache<L2Table>,
+    /// Allocation state; `None` for a read-only image.
+    writer: Option<write::WriteState>,
     backing: Option<Box<dyn BlockDevice>>,
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<BitmapEntry>,
-    file_len: u64,
+    /// The image file's length; grows as clusters are allocated.
+    file_len: AtomicU64,
     snapshot: Option<String>,
 }
 
@@ -74,6 +86,7 @@ impl Qcow2Image {
         let geometry = Geometry::of(&header);
         let l1 = read_l1(name, &*file, header.l1_table_offset, header.l1_size)?;
         let allocated_tables = l1.iter().filter(|&&e| e != 0).count() as u64;
+        let l1 = l1.into_iter().map(AtomicU64::new).collect();
         let budget = cache_bytes.unwrap_or_else(|| {
             (allocated_tables.max(1) << header.cluster_bits).min(DEFAULT_MAX_CACHE_BYTES)
         });
@@ -87,10 +100,11 @@ impl Qcow2Image {
             data_name: None,
             geometry,
             l1,
+            writer: None,
             backing: None,
             snapshots: Vec::new(),
             bitmaps: Vec::new(),
-            file_len,
+            file_len: AtomicU64::new(file_len),
             snapshot: None,
             header,
         };
@@ -127,7 +141,7 @@ impl Qcow2Image {
         let cluster_size = self.header.cluster_size();
         let l1_bytes = u64::from(snapshot.l1_size) * 8;
         if snapshot.l1_table_offset % cluster_size != 0
-            || snapshot.l1_table_offset.saturating_add(l1_bytes) > self.file_len
+            || snapshot.l1_table_offset.saturating_add(l1_bytes) > self.file_len()
         {
             return Err(Error::Corrupt {
                 image: self.name.clone(),
@@ -149,12 +163,21 @@ impl Qcow2Image {
                 ),
             });
         }
+        if self.writer.is_some() {
+            return Err(Error::Unsupported {
+                image: self.name.clone(),
+                what: "writing to an internal snapshot".into(),
+            });
+        }
         self.l1 = read_l1(
             &self.name,
             &*self.file,
             snapshot.l1_table_offset,
             snapshot.l1_size,
-        )?;
+        )?
+        .into_iter()
+        .map(AtomicU64::new)
+        .collect();
         self.virtual_size = virtual_size;
         self.l2_cache.clear_clean();
         self.snapshot = Some(snapshot.name);
@@ -178,7 +201,15 @@ impl Qcow2Image {
 
     /// The image file's length in bytes.
     pub fn file_len(&self) -> u64 {
-        self.file_len
+        self.file_len.load(Ordering::Acquire)
+    }
+
+    /// The active L1 entry at `index` (0 past the end of the table).
+    pub(crate) fn l1_entry(&self, index: u64) -> u64 {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .map_or(0, |e| e.load(Ordering::Acquire))
     }
 
     /// L2 cache counters.

@@ -6,6 +6,7 @@
 //! with one call.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use qcow_format::table::L2Mapping;
 
@@ -23,19 +24,19 @@ struct Run {
 
 impl Qcow2Image {
     /// The L2 table at `offset`, from the cache or the file.
-    fn l2_table(&self, l1_index: u64, offset: u64) -> Result<Arc<L2Table>> {
+    pub(super) fn l2_table(&self, l1_index: u64, offset: u64) -> Result<Arc<L2Table>> {
         if let Some(table) = self.l2_cache.get(offset) {
             return Ok(table);
         }
         let cluster_size = self.header.cluster_size();
-        if offset.saturating_add(cluster_size) > self.file_len {
+        if offset.saturating_add(cluster_size) > self.file_len() {
             return Err(Error::Corrupt {
                 image: self.name.clone(),
                 table: "L2 table",
                 offset,
                 reason: format!(
                     "L1 entry {l1_index} points past the end of the file ({} bytes)",
-                    self.file_len
+                    self.file_len()
                 ),
             });
         }
@@ -44,7 +45,12 @@ impl Qcow2Image {
         self.file
             .read_at(&mut bytes, offset)
             .map_err(|e| Error::io(&self.name, "reading an L2 table", offset, e))?;
-        let table: Arc<L2Table> = Arc::new(decode_be_words(&bytes).into_boxed_slice());
+        let table: Arc<L2Table> = Arc::new(
+            decode_be_words(&bytes)
+                .into_iter()
+                .map(AtomicU64::new)
+                .collect(),
+        );
         // The read path never dirties tables, so nothing evicted needs writing.
         self.l2_cache
             .insert_clean(offset, table)
@@ -57,11 +63,7 @@ impl Qcow2Image {
         let table_span = self.header.bytes_per_l2_table();
         let to_table_end = table_span - (guest & (table_span - 1));
         let l1_index = geo.l1_index(guest);
-        let l1_entry = usize::try_from(l1_index)
-            .ok()
-            .and_then(|i| self.l1.get(i))
-            .copied()
-            .unwrap_or(0);
+        let l1_entry = self.l1_entry(l1_index);
         let l2_offset = geo
             .l1_entry(l1_index, l1_entry)
             .map_err(|e| Error::format(&self.name, e))?;
@@ -83,12 +85,9 @@ impl Qcow2Image {
             let index = u / units_per_cluster;
             // index < entries per table, which the table holds.
             let i = index as usize * words;
-            let entry = table.get(i).copied().unwrap_or(0);
-            let bitmap = if words == 2 {
-                table.get(i + 1).copied().unwrap_or(0)
-            } else {
-                0
-            };
+            let word = |i: usize| table.get(i).map_or(0, |e| e.load(Ordering::Acquire));
+            let entry = word(i);
+            let bitmap = if words == 2 { word(i + 1) } else { 0 };
             geo.l2_mapping(index, entry, bitmap, (u % units_per_cluster) as u32)
                 .map_err(|e| Error::format(&self.name, e))
         };
@@ -140,10 +139,10 @@ impl Qcow2Image {
             len,
             reason,
         };
-        if host.saturating_add(len) > self.file_len.saturating_add(511) {
+        if host.saturating_add(len) > self.file_len().saturating_add(511) {
             return Err(decompress_err(format!(
                 "data ends past the end of the file ({} bytes)",
-                self.file_len
+                self.file_len()
             )));
         }
         // At most one cluster plus a sector.
@@ -268,5 +267,13 @@ impl BlockDevice for Qcow2Image {
 
     fn data_name(&self) -> &str {
         self.data_name.as_deref().unwrap_or(&self.name)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Qcow2Image::write_at(self, buf, offset)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Qcow2Image::flush(self)
     }
 }

@@ -41,14 +41,14 @@ impl Qcow2Image {
                     },
                 ));
             }
-            if offset.saturating_add(len) > self.file_len {
+            if offset.saturating_add(raw.unpadded_len()) > self.file_len() {
                 return Err(Error::format(
                     &self.name,
                     qcow_format::FormatError::PastEnd {
                         structure: "snapshot table entry",
                         offset,
                         size: len,
-                        file_len: self.file_len,
+                        file_len: self.file_len(),
                     },
                 ));
             }

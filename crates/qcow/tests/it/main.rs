@@ -6,3 +6,4 @@ mod fixtures;
 mod fuzz_seeds;
 mod malformed;
 mod oracle;
+mod write;

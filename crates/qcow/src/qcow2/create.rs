@@ -1,0 +1,279 @@
+//! Creating QCOW2 images, laid out as qemu-img lays them out: the header
+//! cluster, the refcount table, the refcount blocks, then the L1 table, all
+//! counted once.
+
+use std::sync::Arc;
+
+use qcow_format::extension::{HeaderExtension, standard_feature_names};
+use qcow_format::header::{
+    AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, CompressionType, Encryption, Header,
+    INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, V2_HEADER_LEN, V3_HEADER_LEN,
+};
+use qcow_format::limits::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS};
+use qcow_format::table::refcount_set;
+use qcow_io::Storage;
+
+use super::Qcow2Image;
+use crate::{Error, Result};
+
+/// How much of a new image is allocated up front (qemu-img's `preallocation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing beyond the metadata every image has.
+    #[default]
+    Off,
+    /// L2 tables and data clusters allocated, not written.
+    Metadata,
+    /// Like metadata, with the file's space reserved.
+    Falloc,
+    /// Like metadata, with zeros written to every cluster.
+    Full,
+}
+
+impl Preallocation {
+    /// Parses qemu-img's name for the mode.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "off" => Ok(Self::Off),
+            "metadata" => Ok(Self::Metadata),
+            "falloc" => Ok(Self::Falloc),
+            "full" => Ok(Self::Full),
+            other => Err(Error::InvalidOptions(format!(
+                "invalid preallocation mode {other:?} (off, metadata, falloc, full)"
+            ))),
+        }
+    }
+}
+
+/// Options for a new QCOW2 image, named after qemu-img's `-o` options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// Cluster size in bytes (`cluster_size`), a power of two from 512 to 2 MiB.
+    pub cluster_size: u64,
+    /// Format version: 2 (`compat=0.10`) or 3 (`compat=1.1`).
+    pub version: u32,
+    /// Refcount width in bits (`refcount_bits`): 1, 2, 4, 8, 16, 32 or 64.
+    pub refcount_bits: u32,
+    /// Lazy refcounts (`lazy_refcounts`), version 3 only.
+    pub lazy_refcounts: bool,
+    /// Extended L2 entries with subclusters (`extended_l2`), version 3 only.
+    pub extended_l2: bool,
+    /// Compression type of compressed clusters (`compression_type`).
+    pub compression_type: CompressionType,
+    /// Backing file name as stored in the image (`backing_file`).
+    pub backing_file: Option<String>,
+    /// Backing file format (`backing_fmt`).
+    pub backing_format: Option<String>,
+    /// External data file name as stored in the image (`data_file`).
+    pub data_file: Option<String>,
+    /// The external data file is a valid raw image (`data_file_raw`).
+    pub data_file_raw: bool,
+    /// Preallocation mode.
+    pub preallocation: Preallocation,
+}
+
+impl CreateOptions {
+    /// qemu-img's defaults for a disk of `size` bytes: version 3, 64 KiB
+    /// clusters, 16-bit refcounts, zlib.
+    pub fn new(size: u64) -> Self {
+        CreateOptions {
+            size,
+            cluster_size: 65536,
+            version: 3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            extended_l2: false,
+            compression_type: CompressionType::Zlib,
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            data_file_raw: false,
+            preallocation: Preallocation::Off,
+        }
+    }
+
+    fn validate(&self) -> Result<(u32, u32)> {
+        let bad = |msg: String| Err(Error::InvalidOptions(msg));
+        let cluster_bits = self.cluster_size.trailing_zeros();
+        if !self.cluster_size.is_power_of_two()
+            || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits)
+        {
+            return bad(format!(
+                "cluster size {} must be a power of two between 512 and 2M",
+                self.cluster_size
+            ));
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return bad(format!(
+                "refcount_bits {} must be a power of two up to 64",
+                self.refcount_bits
+            ));
+        }
+        let refcount_order = self.refcount_bits.trailing_zeros();
+        if self.version != 2 && self.version != 3 {
+            return bad(format!("version {} is not 2 or 3", self.version));
+        }
+        if self.version == 2 {
+            let v3_only = [
+                (self.refcount_bits != 16, "refcount_bits other than 16"),
+                (self.lazy_refcounts, "lazy_refcounts"),
+                (self.extended_l2, "extended_l2"),
+                (
+                    self.compression_type != CompressionType::Zlib,
+                    "compression_type",
+                ),
+                (self.data_file.is_some(), "data_file"),
+            ];
+            if let Some((_, what)) = v3_only.iter().find(|(set, _)| *set) {
+                return bad(format!("{what} requires compat=1.1"));
+            }
+        }
+        if self.extended_l2 && cluster_bits < 14 {
+            return bad("extended_l2 requires a cluster size of at least 16K".into());
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return bad("data_file_raw requires data_file".into());
+        }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return bad("backing_fmt requires backing_file".into());
+        }
+        if self.size > MAX_VIRTUAL_SIZE {
+            return bad(format!("size {} is too large", self.size));
+        }
+        if self.preallocation != Preallocation::Off {
+            return Err(Error::Unsupported {
+                image: "(new image)".into(),
+                what: "preallocation other than off".into(),
+            });
+        }
+        Ok((cluster_bits, refcount_order))
+    }
+}
+
+impl Qcow2Image {
+    /// Writes a new, empty QCOW2 image into `file` (which should be empty).
+    pub fn create(file: &dyn Storage, options: &CreateOptions) -> Result<()> {
+        let (cluster_bits, refcount_order) = options.validate()?;
+        let cs = options.cluster_size;
+        let l2_entries = cs / if options.extended_l2 { 16 } else { 8 };
+        let l1_size = options.size.div_ceil(l2_entries << cluster_bits);
+        if l1_size * 8 > MAX_L1_BYTES {
+            return Err(Error::InvalidOptions(format!(
+                "size {} needs an L1 table larger than {MAX_L1_BYTES} bytes",
+                options.size
+            )));
+        }
+        let l1_clusters = (l1_size * 8).div_ceil(cs);
+        let per_block = cs * 8 / u64::from(options.refcount_bits);
+        let (mut table_clusters, mut blocks) = (1u64, 1u64);
+        loop {
+            let total = 1 + table_clusters + blocks + l1_clusters;
+            let b = total.div_ceil(per_block);
+            let t = (b * 8).div_ceil(cs);
+            if (b, t) == (blocks, table_clusters) {
+                break;
+            }
+            (blocks, table_clusters) = (b, t);
+        }
+        let total = 1 + table_clusters + blocks + l1_clusters;
+        let reftable_offset = cs;
+        let blocks_offset = (1 + table_clusters) * cs;
+        let l1_offset = (1 + table_clusters + blocks) * cs;
+
+        let mut incompatible = 0;
+        let mut extensions = Vec::new();
+        if let Some(format) = &options.backing_format {
+            extensions.push(HeaderExtension::BackingFormat(format.clone()));
+        }
+        if let Some(data_file) = &options.data_file {
+            extensions.push(HeaderExtension::ExternalDataFile(data_file.clone()));
+            incompatible |= INCOMPAT_DATA_FILE;
+        }
+        if options.version >= 3 {
+            extensions.push(HeaderExtension::FeatureNames(standard_feature_names()));
+        }
+        if options.extended_l2 {
+            incompatible |= INCOMPAT_EXTENDED_L2;
+        }
+        if options.compression_type != CompressionType::Zlib {
+            incompatible |= INCOMPAT_COMPRESSION;
+        }
+        let header = Header {
+            version: options.version,
+            cluster_bits,
+            virtual_size: options.size,
+            encryption: Encryption::None,
+            // Bounded by MAX_L1_BYTES above.
+            l1_size: l1_size as u32,
+            l1_table_offset: l1_offset,
+            refcount_table_offset: reftable_offset,
+            // At most a few clusters for any size the L1 bound allows.
+            refcount_table_clusters: table_clusters as u32,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: incompatible,
+            compatible_features: if options.lazy_refcounts {
+                COMPAT_LAZY_REFCOUNTS
+            } else {
+                0
+            },
+            autoclear_features: if options.data_file_raw {
+                AUTOCLEAR_DATA_FILE_RAW
+            } else {
+                0
+            },
+            refcount_order,
+            header_length: if options.version >= 3 {
+                V3_HEADER_LEN
+            } else {
+                V2_HEADER_LEN
+            },
+            compression_type: options.compression_type,
+            backing_file: options.backing_file.clone(),
+            extensions,
+        };
+        let header_bytes = header
+            .encode()
+            .map_err(|e| Error::format("(new image)", e))?;
+        let io = |op: &'static str, offset: u64| move |e| Error::io("(new image)", op, offset, e);
+        file.set_len(0).map_err(io("truncating", 0))?;
+        file.write_at(&header_bytes, 0)
+            .map_err(io("writing the header", 0))?;
+        let reftable: Vec<u8> = (0..blocks)
+            .flat_map(|i| (blocks_offset + i * cs).to_be_bytes())
+            .collect();
+        file.write_at(&reftable, reftable_offset)
+            .map_err(io("writing the refcount table", reftable_offset))?;
+        // Blocks are small: a few clusters.
+        let mut block_bytes = vec![0u8; (blocks * cs) as usize];
+        for cluster in 0..total {
+            let block = (cluster / per_block) as usize;
+            let at = block * cs as usize;
+            refcount_set(
+                &mut block_bytes[at..at + cs as usize],
+                cluster % per_block,
+                refcount_order,
+                1,
+            )
+            .ok_or_else(|| Error::InvalidOptions("refcount layout overflow".into()))?;
+        }
+        file.write_at(&block_bytes, blocks_offset)
+            .map_err(io("writing refcount blocks", blocks_offset))?;
+        file.set_len(total * cs)
+            .map_err(io("sizing the image", total * cs))?;
+        file.flush().map_err(io("flushing", 0))?;
+        Ok(())
+    }
+
+    /// Creates a new image in `file` and opens it for writing.
+    pub fn create_writable(
+        name: &str,
+        file: Arc<dyn Storage>,
+        options: &CreateOptions,
+    ) -> Result<Self> {
+        Self::create(&*file, options)?;
+        Self::open_writable(name, file, None)
+    }
+}

@@ -1,0 +1,406 @@
+//! Refcounts and cluster allocation ("Host cluster management" in the
+//! specification).
+//!
+//! Every host cluster has a reference count in a refcount block; the
+//! refcount table lists the blocks. Allocation finds clusters whose count is
+//! zero (reusing freed space before growing the file), and grows refcount
+//! blocks and the refcount table as the file grows, including the blocks
+//! that must count themselves.
+//!
+//! All of this runs under the image's allocation lock ([`Meta`]). New
+//! refcount blocks and tables reach the disk before anything points at
+//! them, so that a crash leaves at worst leaked clusters.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use qcow_cache::{Flush, WriteBack};
+use qcow_format::limits::{MAX_HOST_OFFSET, MAX_REFCOUNT_TABLE_BYTES};
+use qcow_format::table::{refcount_get, refcount_set};
+use qcow_io::Storage;
+
+use super::Qcow2Image;
+use crate::{Error, Result};
+
+/// A refcount block: one cluster of packed big-endian refcounts. Changed in
+/// place under the allocation lock, then marked dirty in the cache.
+#[derive(Debug)]
+pub(crate) struct RefBlock(Mutex<Box<[u8]>>);
+
+impl RefBlock {
+    pub(super) fn new(bytes: Box<[u8]>) -> Self {
+        RefBlock(Mutex::new(bytes))
+    }
+
+    fn get(&self, index: u64, order: u32) -> Option<u64> {
+        refcount_get(
+            &self.0.lock().unwrap_or_else(PoisonError::into_inner),
+            index,
+            order,
+        )
+    }
+
+    fn set(&self, index: u64, order: u32, value: u64) -> Option<()> {
+        refcount_set(
+            &mut self.0.lock().unwrap_or_else(PoisonError::into_inner),
+            index,
+            order,
+            value,
+        )
+    }
+}
+
+/// Writes refcount blocks back to the image file.
+#[derive(Debug)]
+pub(super) struct RefBlockWriter(pub(super) Arc<dyn Storage>);
+
+impl WriteBack<RefBlock> for RefBlockWriter {
+    fn write_back(&self, offset: u64, table: &RefBlock) -> std::io::Result<()> {
+        let bytes = table
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        self.0.write_at(&bytes, offset)
+    }
+}
+
+/// The allocation state of a writable image, guarded by its allocation lock.
+#[derive(Debug)]
+pub(super) struct Meta {
+    /// The refcount table (offsets of refcount blocks).
+    pub(super) reftable: Vec<u64>,
+    /// Where the refcount table lives.
+    pub(super) reftable_offset: u64,
+    /// Cluster index from which to look for free clusters.
+    pub(super) free_hint: u64,
+    /// Cluster index past the last cluster known to be in use.
+    pub(super) end: u64,
+    /// Clusters (host offsets) to release once the metadata that stopped
+    /// using them is on disk.
+    pub(super) pending_frees: Vec<u64>,
+    /// Host byte offset where the next compressed cluster may be packed
+    /// (0: start a new cluster).
+    pub(super) compressed_cursor: u64,
+}
+
+impl Qcow2Image {
+    /// log2 of the clusters one refcount block covers.
+    fn refblock_shift(&self) -> u32 {
+        self.header.cluster_bits + 3 - self.header.refcount_order
+    }
+
+    fn corrupt(&self, table: &'static str, offset: u64, reason: String) -> Error {
+        Error::Corrupt {
+            image: self.name.clone(),
+            table,
+            offset,
+            reason,
+        }
+    }
+
+    /// The refcount block at `offset`, from the cache or the file.
+    fn refblock(&self, offset: u64) -> Result<Arc<RefBlock>> {
+        let ws = self.write_state()?;
+        if let Some(block) = ws.refcounts.get(offset) {
+            return Ok(block);
+        }
+        let cluster_size = self.header.cluster_size();
+        if offset % cluster_size != 0 || offset.saturating_add(cluster_size) > self.file_len() {
+            return Err(self.corrupt(
+                "refcount block",
+                offset,
+                "offset is misaligned or past the end of the file".into(),
+            ));
+        }
+        // One cluster: at most 2 MiB.
+        let mut bytes = vec![0u8; cluster_size as usize];
+        self.file
+            .read_at(&mut bytes, offset)
+            .map_err(|e| Error::io(&self.name, "reading a refcount block", offset, e))?;
+        ws.refcounts
+            .insert_clean(offset, Arc::new(RefBlock::new(bytes.into_boxed_slice())))
+            .map_err(|e| Error::io(&self.name, "writing back a refcount block", offset, e))
+    }
+
+    /// Adds `delta` to the refcount of cluster number `cluster`, creating
+    /// its refcount block if needed. Returns the new count.
+    pub(super) fn change_refcount(&self, meta: &mut Meta, cluster: u64, delta: i64) -> Result<u64> {
+        let shift = self.refblock_shift();
+        let block_offset = self.ensure_refblock(meta, cluster >> shift)?;
+        let block = self.refblock(block_offset)?;
+        let order = self.header.refcount_order;
+        let index = cluster & ((1 << shift) - 1);
+        let old = block.get(index, order).ok_or_else(|| {
+            self.corrupt("refcount block", block_offset, "index out of range".into())
+        })?;
+        let max = if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << order)) - 1
+        };
+        let host = cluster << self.header.cluster_bits;
+        let new = if delta >= 0 {
+            old.checked_add(delta.unsigned_abs())
+                .filter(|&v| v <= max)
+                .ok_or_else(|| Error::RefcountOverflow {
+                    image: self.name.clone(),
+                    cluster: host,
+                    max,
+                })?
+        } else {
+            old.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                self.corrupt(
+                    "refcount block",
+                    block_offset,
+                    format!("refcount of cluster {host:#x} would drop below zero"),
+                )
+            })?
+        };
+        block.set(index, order, new).ok_or_else(|| {
+            self.corrupt("refcount block", block_offset, "index out of range".into())
+        })?;
+        self.write_state()?
+            .refcounts
+            .insert_dirty(block_offset, block)
+            .map_err(|e| Error::io(&self.name, "writing back a refcount block", block_offset, e))?;
+        if new == 0 {
+            meta.free_hint = meta.free_hint.min(cluster);
+            self.l2_cache.remove(host);
+        }
+        Ok(new)
+    }
+
+    /// The offset of refcount block `index`, allocating it (and growing the
+    /// refcount table) when it does not exist yet.
+    fn ensure_refblock(&self, meta: &mut Meta, index: u64) -> Result<u64> {
+        let slot = usize::try_from(index).map_err(|_| {
+            self.corrupt(
+                "refcount table",
+                meta.reftable_offset,
+                "index overflow".into(),
+            )
+        })?;
+        if slot >= meta.reftable.len() {
+            self.grow_reftable(meta, index + 1)?;
+        }
+        let existing = meta.reftable[slot];
+        if existing != 0 {
+            return Ok(existing);
+        }
+        let shift = self.refblock_shift();
+        let cluster_size = self.header.cluster_size();
+        let cluster = meta.end;
+        meta.end += 1;
+        let offset = cluster << self.header.cluster_bits;
+        self.check_host_offset(offset)?;
+        let block = Arc::new(RefBlock::new(
+            vec![0u8; cluster_size as usize].into_boxed_slice(),
+        ));
+        if cluster >> shift == index {
+            // The block counts itself.
+            block.set(cluster & ((1 << shift) - 1), self.header.refcount_order, 1);
+        } else {
+            // Counted by a later block, which must be on disk first.
+            self.change_refcount(meta, cluster, 1)?;
+            self.flush_refcounts()?;
+        }
+        self.write_state()?
+            .refcounts
+            .insert_dirty(offset, block)
+            .map_err(|e| Error::io(&self.name, "caching a refcount block", offset, e))?;
+        self.flush_refcounts()?;
+        self.grow_file_len(meta);
+        let entry_at = meta.reftable_offset + index * 8;
+        self.file
+            .write_at(&offset.to_be_bytes(), entry_at)
+            .map_err(|e| Error::io(&self.name, "writing the refcount table", entry_at, e))?;
+        meta.reftable[slot] = offset;
+        Ok(offset)
+    }
+
+    /// Moves the refcount table to a larger one of at least `min_entries`
+    /// entries at the end of the file, with the refcount blocks that count
+    /// the new table's own clusters.
+    fn grow_reftable(&self, meta: &mut Meta, min_entries: u64) -> Result<()> {
+        let cluster_bits = self.header.cluster_bits;
+        let per_cluster = self.header.cluster_size() / 8;
+        let shift = self.refblock_shift();
+        let old_len = meta.reftable.len() as u64;
+        let mut entries = min_entries.max(old_len * 2).next_multiple_of(per_cluster);
+        // The new table and its blocks go at the end: make sure the table
+        // covers them too.
+        loop {
+            let table_clusters = entries / per_cluster;
+            let worst_end = meta.end + 2 * table_clusters + 2;
+            let needed = (worst_end >> shift) + 1;
+            if needed <= entries {
+                break;
+            }
+            entries = needed.next_multiple_of(per_cluster);
+        }
+        let bytes = entries * 8;
+        if bytes > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::format(
+                &self.name,
+                qcow_format::FormatError::TooLarge {
+                    structure: "refcount table",
+                    size: bytes,
+                    limit: MAX_REFCOUNT_TABLE_BYTES,
+                },
+            ));
+        }
+        let table_clusters = entries / per_cluster;
+        let table_start = meta.end;
+        let mut next = table_start + table_clusters;
+        // Bounded by MAX_REFCOUNT_TABLE_BYTES.
+        let mut table = meta.reftable.clone();
+        table.resize(entries as usize, 0);
+        let mut new_blocks: Vec<(u64, Arc<RefBlock>)> = Vec::new();
+        let order = self.header.refcount_order;
+        let mut cluster = table_start;
+        while cluster < next {
+            let index = cluster >> shift;
+            let slot = index as usize;
+            let within = cluster & ((1 << shift) - 1);
+            if table[slot] == 0 {
+                let block_offset = next << cluster_bits;
+                next += 1;
+                table[slot] = block_offset;
+                let block = RefBlock::new(
+                    vec![0u8; self.header.cluster_size() as usize].into_boxed_slice(),
+                );
+                new_blocks.push((block_offset, Arc::new(block)));
+            }
+            let block = match new_blocks.iter().find(|(o, _)| *o == table[slot]) {
+                Some((_, b)) => b.clone(),
+                None => self.refblock(table[slot])?,
+            };
+            block.set(within, order, 1).ok_or_else(|| {
+                self.corrupt("refcount block", table[slot], "index out of range".into())
+            })?;
+            self.write_state()?
+                .refcounts
+                .insert_dirty(table[slot], block)
+                .map_err(|e| Error::io(&self.name, "caching a refcount block", table[slot], e))?;
+            cluster += 1;
+        }
+        self.check_host_offset(next << cluster_bits)?;
+        meta.end = next;
+        self.grow_file_len(meta);
+        // Blocks first, then the table, then the header that points at it.
+        self.flush_refcounts()?;
+        let table_offset = table_start << cluster_bits;
+        let encoded: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.file
+            .write_at(&encoded, table_offset)
+            .map_err(|e| Error::io(&self.name, "writing the refcount table", table_offset, e))?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
+        // At most MAX_REFCOUNT_TABLE_BYTES / 512 clusters.
+        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.file
+            .write_at(&fields, 48)
+            .map_err(|e| Error::io(&self.name, "writing the header", 48, e))?;
+        let old_offset = meta.reftable_offset;
+        let old_clusters = (old_len * 8).div_ceil(self.header.cluster_size());
+        meta.reftable = table;
+        meta.reftable_offset = table_offset;
+        for i in 0..old_clusters {
+            meta.pending_frees.push(old_offset + (i << cluster_bits));
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous clusters (refcount 1 each), reusing freed
+    /// space before growing the file. Returns the first one's host offset.
+    pub(super) fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
+        let start = self.find_free(meta, n)?;
+        if n == 1 || start == meta.free_hint {
+            meta.free_hint = start + n;
+        }
+        meta.end = meta.end.max(start + n);
+        self.check_host_offset((start + n) << self.header.cluster_bits)?;
+        for cluster in start..start + n {
+            self.change_refcount(meta, cluster, 1)?;
+        }
+        self.grow_file_len(meta);
+        Ok(start << self.header.cluster_bits)
+    }
+
+    /// The first run of `n` clusters with refcount zero at or after the hint.
+    fn find_free(&self, meta: &Meta, n: u64) -> Result<u64> {
+        let shift = self.refblock_shift();
+        let order = self.header.refcount_order;
+        let mut cluster = meta.free_hint;
+        let mut start = cluster;
+        let mut run = 0u64;
+        while run < n {
+            let index = cluster >> shift;
+            let block_offset = usize::try_from(index)
+                .ok()
+                .and_then(|i| meta.reftable.get(i))
+                .copied()
+                .unwrap_or(0);
+            let block_end = (index + 1) << shift;
+            if block_offset == 0 {
+                // No block: every cluster it would cover is free.
+                if run == 0 {
+                    start = cluster;
+                }
+                run += block_end - cluster;
+                cluster = block_end;
+                continue;
+            }
+            let block = self.refblock(block_offset)?;
+            let bytes = block.0.lock().unwrap_or_else(PoisonError::into_inner);
+            while cluster < block_end && run < n {
+                let count = refcount_get(&bytes, cluster & ((1 << shift) - 1), order).unwrap_or(1);
+                if count == 0 {
+                    if run == 0 {
+                        start = cluster;
+                    }
+                    run += 1;
+                } else {
+                    run = 0;
+                }
+                cluster += 1;
+            }
+        }
+        Ok(start)
+    }
+
+    /// Applies the refcount decrements deferred until the metadata that
+    /// dropped the references reached the disk.
+    pub(super) fn release_pending(&self, meta: &mut Meta) -> Result<()> {
+        let pending = std::mem::take(&mut meta.pending_frees);
+        for host in pending {
+            self.change_refcount(meta, host >> self.header.cluster_bits, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block.
+    pub(super) fn flush_refcounts(&self) -> Result<()> {
+        self.write_state()?
+            .refcounts
+            .flush()
+            .map_err(|e| Error::io(&self.name, "writing refcount blocks", 0, e))
+    }
+
+    fn check_host_offset(&self, offset: u64) -> Result<()> {
+        if offset > MAX_HOST_OFFSET {
+            return Err(self.corrupt(
+                "image file",
+                offset,
+                "allocation beyond the largest host offset".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn grow_file_len(&self, meta: &Meta) {
+        self.file_len
+            .fetch_max(meta.end << self.header.cluster_bits, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,439 @@
+//! Writing a QCOW2 image: in-place overwrites of clusters the image owns
+//! alone, copy-on-write allocation for everything else, compressed
+//! clusters, and flushing metadata in dependency order.
+//!
+//! Overwrites of a cluster whose L2 entry carries `OFLAG_COPIED` (refcount
+//! one) go straight to the data file with no lock. Everything that
+//! allocates takes the allocation lock ([`Meta`]): it allocates, writes the
+//! data, then points the L2 entry at it. Metadata follows the crash rule:
+//! refcounts reach the disk before the L2 tables that use the clusters they
+//! count (the L2 cache depends on the refcount cache), new L2 tables before
+//! the L1 entries that point at them, and references are dropped from L2
+//! tables on disk before the clusters they named are released.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use qcow_cache::{Flush, TableCache, WriteBack};
+use qcow_format::table::{L2Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use qcow_io::Storage;
+
+use super::refcount::{Meta, RefBlock, RefBlockWriter};
+use super::{L2Table, Qcow2Image, decode_be_words};
+use crate::device::BlockDevice;
+use crate::{Error, Result};
+
+/// The state a writable image adds.
+#[derive(Debug)]
+pub(crate) struct WriteState {
+    meta: Mutex<Meta>,
+    pub(super) refcounts: Arc<TableCache<RefBlock>>,
+}
+
+/// Writes L2 tables back to the image file.
+#[derive(Debug)]
+struct L2Writer(Arc<dyn Storage>);
+
+impl WriteBack<L2Table> for L2Writer {
+    fn write_back(&self, offset: u64, table: &L2Table) -> std::io::Result<()> {
+        let bytes: Vec<u8> = table
+            .iter()
+            .flat_map(|e| e.load(Ordering::Acquire).to_be_bytes())
+            .collect();
+        self.0.write_at(&bytes, offset)
+    }
+}
+
+impl Qcow2Image {
+    /// Opens the QCOW2 image in `file` for reading and writing.
+    ///
+    /// Refused for images marked corrupt, dirty images (their refcounts
+    /// must be rebuilt first), encrypted images, and features whose write
+    /// path is not implemented yet (extended L2, external data files,
+    /// internal snapshots are kept but a snapshot cannot be the target).
+    pub fn open_writable(
+        name: &str,
+        file: Arc<dyn Storage>,
+        cache_bytes: Option<u64>,
+    ) -> Result<Self> {
+        let mut image = Self::open(name, file, cache_bytes)?;
+        image.enable_writes(cache_bytes)?;
+        Ok(image)
+    }
+
+    fn enable_writes(&mut self, cache_bytes: Option<u64>) -> Result<()> {
+        let unsupported = |what: &str| Error::Unsupported {
+            image: self.name.clone(),
+            what: what.to_owned(),
+        };
+        if self.header.corrupt() {
+            return Err(Error::MarkedCorrupt {
+                image: self.name.clone(),
+            });
+        }
+        if self.header.dirty() {
+            return Err(unsupported(
+                "writing a dirty image (rebuilding its refcounts)",
+            ));
+        }
+        if self.header.extended_l2() {
+            return Err(unsupported("writing an image with extended L2 entries"));
+        }
+        if self.header.has_data_file() {
+            return Err(unsupported("writing an image with an external data file"));
+        }
+        if self.header.bitmaps().is_some() {
+            return Err(unsupported("writing an image with persistent bitmaps"));
+        }
+        let cluster_size = self.header.cluster_size();
+        let budget = cache_bytes.unwrap_or(crate::DEFAULT_MAX_CACHE_BYTES);
+        let refcounts = Arc::new(TableCache::with_write_back(
+            (budget / 4).max(4 * cluster_size),
+            cluster_size,
+            Arc::new(RefBlockWriter(self.file.clone())),
+        ));
+        let l2_cache = TableCache::with_write_back(
+            budget.max(4 * cluster_size),
+            cluster_size,
+            Arc::new(L2Writer(self.file.clone())),
+        );
+        l2_cache.set_dependency(refcounts.clone());
+        self.l2_cache = l2_cache;
+        let reftable_bytes = u64::from(self.header.refcount_table_clusters) * cluster_size;
+        // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
+        let mut raw = vec![0u8; reftable_bytes as usize];
+        self.file
+            .read_at(&mut raw, self.header.refcount_table_offset)
+            .map_err(|e| {
+                Error::io(
+                    &self.name,
+                    "reading the refcount table",
+                    self.header.refcount_table_offset,
+                    e,
+                )
+            })?;
+        let reftable: Vec<u64> = decode_be_words(&raw)
+            .into_iter()
+            .map(|e| e & !0x1ff)
+            .collect();
+        let end = self.file_len().div_ceil(cluster_size);
+        self.writer = Some(WriteState {
+            meta: Mutex::new(Meta {
+                reftable,
+                reftable_offset: self.header.refcount_table_offset,
+                free_hint: 0,
+                end,
+                pending_frees: Vec::new(),
+                compressed_cursor: 0,
+            }),
+            refcounts,
+        });
+        Ok(())
+    }
+
+    pub(super) fn write_state(&self) -> Result<&WriteState> {
+        self.writer.as_ref().ok_or_else(|| Error::ReadOnly {
+            image: self.name.clone(),
+        })
+    }
+
+    fn lock_meta(&self) -> Result<MutexGuard<'_, Meta>> {
+        Ok(self
+            .write_state()?
+            .meta
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Where the guest cluster at `guest` can be overwritten in place: its
+    /// host offset when the image owns it alone (`OFLAG_COPIED`).
+    fn in_place_host(&self, guest: u64) -> Result<Option<u64>> {
+        let geo = &self.geometry;
+        let l1_index = geo.l1_index(guest);
+        let l1_entry = self.l1_entry(l1_index);
+        if l1_entry & OFLAG_COPIED == 0 {
+            return Ok(None);
+        }
+        let Some(l2_offset) = geo
+            .l1_entry(l1_index, l1_entry)
+            .map_err(|e| Error::format(&self.name, e))?
+        else {
+            return Ok(None);
+        };
+        let table = self.l2_table(l1_index, l2_offset)?;
+        let entry = table
+            .get(geo.l2_index(guest))
+            .map_or(0, |e| e.load(Ordering::Acquire));
+        let host = entry & OFFSET_MASK;
+        let owned = entry & OFLAG_COPIED != 0 && entry & (OFLAG_COMPRESSED | 1) == 0 && host != 0;
+        Ok(owned.then_some(host))
+    }
+
+    /// Writes `buf` at guest offset `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_state()?;
+        crate::check_range(&self.name, offset, buf.len() as u64, self.virtual_size)?;
+        let cluster_size = self.header.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = offset + done as u64;
+            let in_cluster = self.geometry.in_cluster(guest);
+            let n = (cluster_size - in_cluster).min((buf.len() - done) as u64) as usize;
+            let piece = &buf[done..done + n];
+            match self.in_place_host(guest)? {
+                Some(host) => self.write_data(piece, host + in_cluster)?,
+                None => self.write_allocating(piece, guest)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+        self.file
+            .write_at(data, host)
+            .map_err(|e| Error::io(&self.name, "writing data", host, e))
+    }
+
+    /// Writes one piece of a cluster the image does not own alone: a new
+    /// cluster gets the old contents (backing file, zeros, a compressed or
+    /// shared cluster) merged with the piece.
+    fn write_allocating(&self, piece: &[u8], guest: u64) -> Result<()> {
+        let mut meta = self.lock_meta()?;
+        // Another writer may have allocated it meanwhile.
+        let in_cluster = self.geometry.in_cluster(guest);
+        if let Some(host) = self.in_place_host(guest)? {
+            return self.write_data(piece, host + in_cluster);
+        }
+        let cluster_size = self.header.cluster_size();
+        let cluster_start = guest - in_cluster;
+        let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+        let host = self.alloc_clusters(&mut meta, 1)?;
+        if piece.len() as u64 == cluster_size {
+            self.write_data(piece, host)?;
+        } else {
+            // One cluster: at most 2 MiB.
+            let mut cluster = vec![0u8; cluster_size as usize];
+            let visible = (self.virtual_size - cluster_start).min(cluster_size) as usize;
+            self.read_at(&mut cluster[..visible], cluster_start)?;
+            let at = in_cluster as usize;
+            cluster[at..at + piece.len()].copy_from_slice(piece);
+            self.write_data(&cluster, host)?;
+        }
+        self.set_l2_entry(&mut meta, l2_offset, &table, guest, host | OFLAG_COPIED)
+    }
+
+    /// Points the L2 entry of `guest` at `entry`, releasing (once the table
+    /// is on disk) whatever the old entry held in this image.
+    fn set_l2_entry(
+        &self,
+        meta: &mut Meta,
+        l2_offset: u64,
+        table: &Arc<L2Table>,
+        guest: u64,
+        entry: u64,
+    ) -> Result<()> {
+        let index = self.geometry.l2_index(guest);
+        let slot = table.get(index).ok_or_else(|| Error::Corrupt {
+            image: self.name.clone(),
+            table: "L2 table",
+            offset: l2_offset,
+            reason: format!("index {index} out of range"),
+        })?;
+        let old = slot.swap(entry, Ordering::AcqRel);
+        self.l2_cache
+            .insert_dirty(l2_offset, table.clone())
+            .map_err(|e| Error::io(&self.name, "writing back an L2 table", l2_offset, e))?;
+        let mapping = self
+            .geometry
+            .l2_mapping(index as u64, old, 0, 0)
+            .map_err(|e| Error::format(&self.name, e))?;
+        match mapping {
+            L2Mapping::Data { host } | L2Mapping::Zero { host: Some(host) } => {
+                meta.pending_frees.push(host);
+            }
+            L2Mapping::Compressed { host, len } => {
+                let bits = self.header.cluster_bits;
+                let first = host >> bits;
+                let last = (host + len - 1) >> bits;
+                for cluster in first..=last {
+                    meta.pending_frees.push(cluster << bits);
+                }
+            }
+            L2Mapping::Zero { host: None } | L2Mapping::Unallocated { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The L2 table for `guest`, allocated or copied so that this image
+    /// owns it alone.
+    fn writable_l2(&self, meta: &mut Meta, guest: u64) -> Result<(u64, Arc<L2Table>)> {
+        let geo = self.geometry;
+        let l1_index = geo.l1_index(guest);
+        let l1_entry = self.l1_entry(l1_index);
+        let current = geo
+            .l1_entry(l1_index, l1_entry)
+            .map_err(|e| Error::format(&self.name, e))?;
+        if let Some(offset) = current {
+            if l1_entry & OFLAG_COPIED != 0 {
+                return Ok((offset, self.l2_table(l1_index, offset)?));
+            }
+        }
+        let entries = (self.header.cluster_size() / 8) as usize;
+        let new_table: Arc<L2Table> = match current {
+            Some(offset) => {
+                // Shared with a snapshot: copy it. Its clusters stay shared
+                // (their refcounts already count both views).
+                let old = self.l2_table(l1_index, offset)?;
+                Arc::new(
+                    old.iter()
+                        .map(|e| AtomicU64::new(e.load(Ordering::Acquire) & !OFLAG_COPIED))
+                        .collect(),
+                )
+            }
+            None => Arc::new((0..entries).map(|_| AtomicU64::new(0)).collect()),
+        };
+        let new_offset = self.alloc_clusters(meta, 1)?;
+        // The table and its refcount reach the disk before the L1 entry.
+        L2Writer(self.file.clone())
+            .write_back(new_offset, &new_table)
+            .map_err(|e| Error::io(&self.name, "writing an L2 table", new_offset, e))?;
+        self.flush_refcounts()?;
+        let new_entry = new_offset | OFLAG_COPIED;
+        let at = self.header.l1_table_offset + l1_index * 8;
+        self.file
+            .write_at(&new_entry.to_be_bytes(), at)
+            .map_err(|e| Error::io(&self.name, "writing the L1 table", at, e))?;
+        let slot = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .ok_or_else(|| Error::OutOfRange {
+                image: self.name.clone(),
+                offset: guest,
+                len: 1,
+                size: self.virtual_size,
+            })?;
+        slot.store(new_entry, Ordering::Release);
+        if let Some(old) = current {
+            meta.pending_frees.push(old);
+        }
+        let table = self
+            .l2_cache
+            .insert_clean(new_offset, new_table)
+            .map_err(|e| Error::io(&self.name, "caching an L2 table", new_offset, e))?;
+        Ok((new_offset, table))
+    }
+
+    /// Writes one whole guest cluster compressed (as `qemu-img convert -c`
+    /// does). Clusters that do not shrink are written uncompressed. The
+    /// cluster must not be allocated yet.
+    pub fn write_compressed_cluster(&self, data: &[u8], guest: u64) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        if data.len() as u64 != cluster_size || self.geometry.in_cluster(guest) != 0 {
+            return Err(Error::InvalidOptions(format!(
+                "compressed writes take one whole aligned cluster ({cluster_size} bytes)"
+            )));
+        }
+        let packed = crate::compress::compress(self.header.compression_type, data);
+        let Some(packed) = packed.filter(|p| (p.len() as u64) < cluster_size) else {
+            return self.write_at(data, guest);
+        };
+        self.write_packed_cluster(&packed, guest)
+    }
+
+    /// Stores already-compressed bytes as the guest cluster at `guest`,
+    /// packed back to back with the previous compressed cluster.
+    pub(crate) fn write_packed_cluster(&self, packed: &[u8], guest: u64) -> Result<()> {
+        let mut meta = self.lock_meta()?;
+        let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+        let len = packed.len() as u64;
+        let host = self.alloc_bytes(&mut meta, len)?;
+        self.write_data(packed, host)?;
+        let shift = 62 - (self.header.cluster_bits - 8);
+        let sectors = ((host + len - 1) >> 9) - (host >> 9);
+        let entry = OFLAG_COMPRESSED | (sectors << shift) | host;
+        self.set_l2_entry(&mut meta, l2_offset, &table, guest, entry)
+    }
+
+    /// Reserves `len` bytes for compressed data, continuing the cluster the
+    /// previous compressed cluster ended in when it fits (each cluster
+    /// touched gains one reference).
+    fn alloc_bytes(&self, meta: &mut Meta, len: u64) -> Result<u64> {
+        let bits = self.header.cluster_bits;
+        let cluster_size = self.header.cluster_size();
+        let cursor = meta.compressed_cursor;
+        let fits = cursor != 0 && cursor % cluster_size != 0 && {
+            let room = cluster_size - cursor % cluster_size;
+            // Spilling into the next cluster is fine when it is the end of
+            // the file (it is then allocated contiguously).
+            len <= room || ((cursor >> bits) + 1 == meta.end && meta.free_hint >= meta.end)
+        };
+        let start = if fits {
+            let first = cursor >> bits;
+            self.change_refcount(meta, first, 1)?;
+            let last = (cursor + len - 1) >> bits;
+            if last > first {
+                let next = self.alloc_clusters(meta, last - first)?;
+                if next >> bits != first + 1 {
+                    // Someone took the next cluster: undo and start afresh.
+                    for c in 0..(last - first) {
+                        meta.pending_frees.push(next + (c << bits));
+                    }
+                    meta.pending_frees.push(first << bits);
+                    return self.alloc_fresh_bytes(meta, len);
+                }
+            }
+            cursor
+        } else {
+            return self.alloc_fresh_bytes(meta, len);
+        };
+        meta.compressed_cursor = start + len;
+        Ok(start)
+    }
+
+    fn alloc_fresh_bytes(&self, meta: &mut Meta, len: u64) -> Result<u64> {
+        let clusters = len.div_ceil(self.header.cluster_size());
+        let start = self.alloc_clusters(meta, clusters)?;
+        meta.compressed_cursor = start + len;
+        Ok(start)
+    }
+
+    /// Makes everything written so far durable: refcounts, then L2 tables,
+    /// then the release of clusters they stopped using, then the file.
+    pub fn flush(&self) -> Result<()> {
+        let Some(ws) = &self.writer else {
+            return Ok(());
+        };
+        let mut meta = ws.meta.lock().unwrap_or_else(PoisonError::into_inner);
+        self.flush_refcounts()?;
+        self.l2_cache
+            .flush()
+            .map_err(|e| Error::io(&self.name, "writing L2 tables", 0, e))?;
+        self.file
+            .flush()
+            .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
+        if !meta.pending_frees.is_empty() {
+            self.release_pending(&mut meta)?;
+            self.flush_refcounts()?;
+            self.file
+                .flush()
+                .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes the image, reporting any error (dropping the
+    /// image flushes too, but cannot report).
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            // Best effort: an error here has nowhere to go; close() reports it.
+            let _ = self.flush();
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Writing: images this engine creates and writes must pass `qemu-img
+//! check` with no errors and no leaks, and `qemu-img compare` must find
+//! them identical to a plain model of what was written.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use qcow::format::header::CompressionType;
+use qcow::{BlockDevice, CreateOptions, OpenOptions, Qcow2Image};
+use qcow_io::FileStorage;
+
+use crate::common::{Rng, qemu, qemu_raw};
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `qemu-img check` finds no corruption and no leaks.
+pub(crate) fn assert_check_clean(image: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", s(image)])
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img is required for the oracle tests: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("No errors were found"),
+        "qemu-img check {}: exit {:?}\n{text}",
+        image.display(),
+        out.status.code()
+    );
+}
+
+fn open_rw(path: &Path) -> Qcow2Image {
+    let file = Arc::new(FileStorage::open(path, true).expect("open"));
+    Qcow2Image::open_writable(s(path), file, None).expect("open writable")
+}
+
+fn create(path: &Path, options: &CreateOptions) -> Qcow2Image {
+    let file = Arc::new(FileStorage::create(path).expect("create file"));
+    Qcow2Image::create_writable(s(path), file, options).expect("create image")
+}
+
+#[test]
+fn created_images_pass_check_and_match_qemu_img_info() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cases = Vec::new();
+    for cluster_size in [512u64, 4096, 65536, 2 << 20] {
+        for version in [2u32, 3] {
+            let mut o = CreateOptions::new(1 << 30);
+            o.cluster_size = cluster_size;
+            o.version = version;
+            cases.push(o);
+        }
+    }
+    for refcount_bits in [1u32, 2, 4, 8, 32, 64] {
+        let mut o = CreateOptions::new(5 << 30);
+        o.refcount_bits = refcount_bits;
+        o.cluster_size = 512;
+        cases.push(o);
+    }
+    let mut o = CreateOptions::new(3 << 20);
+    o.compression_type = CompressionType::Zstd;
+    o.lazy_refcounts = true;
+    o.extended_l2 = true;
+    cases.push(o);
+    // A large disk with small clusters needs several refcount blocks and
+    // table clusters at creation.
+    let mut o = CreateOptions::new(16 << 30);
+    o.cluster_size = 512;
+    o.refcount_bits = 64;
+    cases.push(o);
+    for (i, options) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("c{i}.qcow2"));
+        qcow::create(&path, options).expect("create");
+        assert_check_clean(&path);
+        let info = qemu("qemu-img", &["info", "--output", "json", s(&path)]);
+        let v: serde_json_lite::Value = serde_json_lite::parse(&info);
+        assert_eq!(v.num("virtual-size"), options.size, "case {i}");
+        assert_eq!(v.num("cluster-size"), options.cluster_size, "case {i}");
+        assert!(
+            info.contains(if options.version == 2 {
+                "\"0.10\""
+            } else {
+                "\"1.1\""
+            }),
+            "case {i}: {info}"
+        );
+        assert!(
+            info.contains(&format!("\"refcount-bits\": {}", options.refcount_bits)),
+            "case {i}: {info}"
+        );
+    }
+}
+
+/// Just enough JSON reading for qemu-img info's top-level numbers.
+mod serde_json_lite {
+    pub(crate) struct Value(String);
+
+    pub(crate) fn parse(text: &str) -> Value {
+        Value(text.to_owned())
+    }
+
+    impl Value {
+        pub(crate) fn num(&self, key: &str) -> u64 {
+            let needle = format!("\n    \"{key}\": ");
+            let at = self
+                .0
+                .find(&needle)
+                .unwrap_or_else(|| panic!("{key} missing"));
+            self.0[at + needle.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .expect("number")
+        }
+    }
+}
+
+/// Random writes (partial and whole clusters, across cluster and L2
+/// boundaries) against a model; then check, compare and read back.
+fn random_writes(image: &Qcow2Image, model: &mut [u8], rng: &mut Rng, ops: usize) {
+    let size = model.len() as u64;
+    for _ in 0..ops {
+        let len = match rng.below(4) {
+            0 => 1 + rng.below(600),
+            1 => 512 * (1 + rng.below(16)),
+            _ => 1 + rng.below(300_000),
+        }
+        .min(size);
+        let off = rng.below(size - len + 1);
+        let mut data = vec![0u8; len as usize];
+        rng.fill(&mut data);
+        if rng.below(5) == 0 {
+            data.fill(0);
+        }
+        image.write_at(&data, off).expect("write");
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        if rng.below(10) == 0 {
+            image.flush().expect("flush");
+        }
+    }
+}
+
+fn verify(path: &Path, model: &[u8], options: &OpenOptions) {
+    assert_check_clean(path);
+    let raw = qemu_raw(path, &[]);
+    assert!(
+        raw == model,
+        "{}: qemu-img reads other contents",
+        path.display()
+    );
+    let image = qcow::open(path, options).expect("reopen");
+    let ours = crate::common::read_all(&image, 1 << 20);
+    assert!(ours == model, "{}: we read other contents", path.display());
+}
+
+#[test]
+fn random_writes_on_new_images_pass_check_and_compare() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let configs: &[(u64, u32, u32)] = &[
+        (65536, 3, 16),
+        (65536, 2, 16),
+        (512, 3, 64),
+        (512, 3, 1),
+        (4096, 3, 2),
+        (4096, 3, 8),
+        (16384, 3, 32),
+        (2 << 20, 3, 16),
+    ];
+    for (i, &(cluster_size, version, refcount_bits)) in configs.iter().enumerate() {
+        let path = dir.path().join(format!("w{i}.qcow2"));
+        let size = if cluster_size == 2 << 20 {
+            24 << 20
+        } else {
+            6 << 20
+        };
+        let mut options = CreateOptions::new(size);
+        options.cluster_size = cluster_size;
+        options.version = version;
+        options.refcount_bits = refcount_bits;
+        let image = create(&path, &options);
+        let mut model = vec![0u8; size as usize];
+        let mut rng = Rng::new(1000 + i as u64);
+        random_writes(&image, &mut model, &mut rng, 120);
+        image.close().expect("close");
+        verify(&path, &model, &OpenOptions::default());
+        // Reopen and write more over what is there.
+        let image = open_rw(&path);
+        random_writes(&image, &mut model, &mut rng, 60);
+        image.close().expect("close");
+        verify(&path, &model, &OpenOptions::default());
+    }
+}
+
+#[test]
+fn writes_over_qemu_written_images_with_compression_snapshots_and_backing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let base = d.join("base.raw");
+    let mut rng = Rng::new(77);
+    let mut model = vec![0u8; 4 << 20];
+    for chunk in model.chunks_mut(1 << 16).step_by(3) {
+        rng.fill(chunk);
+    }
+    for chunk in model.chunks_mut(1 << 16).skip(1).step_by(5) {
+        chunk
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = b"text "[i % 5]);
+    }
+    std::fs::write(&base, &model).expect("write base");
+    for (i, extra) in [
+        vec!["-c"],
+        vec!["-c", "-o", "compression_type=zstd,cluster_size=4096"],
+        vec!["-o", "compat=0.10"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = d.join(format!("q{i}.qcow2"));
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+        args.extend(extra);
+        args.extend([s(&base), s(&path)]);
+        qemu("qemu-img", &args);
+        qemu("qemu-img", &["snapshot", "-c", "before", s(&path)]);
+        let mut m = model.clone();
+        let image = open_rw(&path);
+        random_writes(&image, &mut m, &mut rng, 80);
+        image.close().expect("close");
+        verify(&path, &m, &OpenOptions::default());
+        // The snapshot still reads as it was.
+        let snap = qemu_raw(&path, &["-l", "snapshot.name=before"]);
+        assert!(
+            snap == model,
+            "snapshot changed by writes to the active layer"
+        );
+    }
+    // An overlay over a qcow2 backing file: partial writes copy from it.
+    let backing = d.join("q0.qcow2");
+    let top = d.join("top.qcow2");
+    let mut options = CreateOptions::new(5 << 20);
+    options.backing_file = Some("q0.qcow2".into());
+    options.backing_format = Some("qcow2".into());
+    drop(create(&top, &options));
+    let mut m = qemu_raw(&backing, &[]);
+    m.resize(5 << 20, 0);
+    let image = qcow::open(
+        &top,
+        &OpenOptions {
+            writable: true,
+            ..OpenOptions::trusted()
+        },
+    )
+    .expect("open overlay");
+    let mut rng = Rng::new(5);
+    for _ in 0..100 {
+        let len = 1 + rng.below(100_000);
+        let off = rng.below((5 << 20) - len);
+        let mut data = vec![0u8; len as usize];
+        rng.fill(&mut data);
+        image.write_at(&data, off).expect("write");
+        m[off as usize..(off + len) as usize].copy_from_slice(&data);
+    }
+    image.flush().expect("flush");
+    drop(image);
+    verify(&top, &m, &OpenOptions::trusted());
+}
+
+#[test]
+fn compressed_writes_pass_check_and_compare() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, kind) in [CompressionType::Zlib, CompressionType::Zstd]
+        .into_iter()
+        .enumerate()
+    {
+        for cluster_size in [4096u64, 65536] {
+            let path = dir.path().join(format!("z{i}-{cluster_size}.qcow2"));
+            let mut options = CreateOptions::new(4 << 20);
+            options.cluster_size = cluster_size;
+            options.compression_type = kind;
+            let image = create(&path, &options);
+            let mut model = vec![0u8; 4 << 20];
+            let mut rng = Rng::new(9);
+            for (n, chunk) in model.chunks_mut(cluster_size as usize).enumerate() {
+                match n % 4 {
+                    0 => chunk
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(j, b)| *b = b"compressible "[j % 13]),
+                    1 => rng.fill(chunk),
+                    2 => chunk
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(j, b)| *b = (j / 100) as u8),
+                    _ => continue,
+                }
+                image
+                    .write_compressed_cluster(chunk, n as u64 * cluster_size)
+                    .expect("compressed write");
+            }
+            // Overwrite a few compressed clusters partially.
+            for n in [0u64, 2, 5] {
+                let off = n * cluster_size + 100;
+                image.write_at(&[0xee; 300], off).expect("write");
+                model[off as usize..off as usize + 300].fill(0xee);
+            }
+            image.close().expect("close");
+            verify(&path, &model, &OpenOptions::default());
+            let map = qemu("qemu-img", &["map", "--output", "json", s(&path)]);
+            assert!(
+                map.contains("\"compressed\": true"),
+                "no compressed clusters: {map}"
+            );
+        }
+    }
+}
+
+#[test]
+fn concurrent_writers_to_different_clusters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mt.qcow2");
+    let mut options = CreateOptions::new(16 << 20);
+    options.cluster_size = 4096;
+    let image = create(&path, &options);
+    let threads = 4u64;
+    let per = (16 << 20) / threads;
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let image = &image;
+            scope.spawn(move || {
+                let mut rng = Rng::new(t + 40);
+                for _ in 0..300 {
+                    let len = 1 + rng.below(20_000);
+                    let off = t * per + rng.below(per - len);
+                    let data = vec![(t + 1) as u8; len as usize];
+                    image.write_at(&data, off).expect("write");
+                }
+            });
+        }
+    });
+    image.close().expect("close");
+    assert_check_clean(&path);
+    // Every byte is 0 or its thread's value.
+    let raw = qemu_raw(&path, &[]);
+    for (t, part) in raw.chunks(per as usize).enumerate() {
+        assert!(part.iter().all(|&b| b == 0 || b == t as u8 + 1));
+    }
+}
+
+#[test]
+fn refcount_table_grows_and_freed_clusters_are_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("grow.qcow2");
+    let mut options = CreateOptions::new(64 << 20);
+    options.cluster_size = 512;
+    options.refcount_bits = 64;
+    let image = create(&path, &options);
+    // 64-bit refcounts in 512-byte clusters: a block counts 64 clusters, a
+    // table cluster 64 blocks; 16 MiB of data needs several table moves.
+    let mut model = vec![0u8; 64 << 20];
+    let mut rng = Rng::new(3);
+    let chunk = 1 << 20;
+    for i in 0..16u64 {
+        let mut data = vec![0u8; chunk];
+        rng.fill(&mut data);
+        image.write_at(&data, i * 4 * chunk as u64).expect("write");
+        let at = (i * 4) as usize * chunk;
+        model[at..at + chunk].copy_from_slice(&data);
+    }
+    image.close().expect("close");
+    verify(&path, &model, &OpenOptions::default());
+    let header = Qcow2Image::open(
+        "grow",
+        Arc::new(FileStorage::open(&path, false).expect("o")),
+        None,
+    )
+    .expect("open");
+    assert!(header.header().refcount_table_clusters > 1);
+}
