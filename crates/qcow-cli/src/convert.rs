@@ -1,26 +1,30 @@
-//! `qcow convert`: copies an image's guest contents into a new image.
+//! `qcow convert`: copies an image's guest contents into a new raw or
+//! qcow2 image.
 //!
 //! The output is sparse: ranges that are unallocated or zero in the source,
-//! and blocks of data that are all zeros, are left as holes. Chunks are
-//! copied by several threads at once; each reads through the engine (which
-//! decompresses compressed clusters on the thread that reads them) and
-//! writes at the chunk's own offset.
+//! and blocks of data that are all zeros (`-S`, 4 KiB by default), are left
+//! as holes. Several worker threads read (decompressing on the thread that
+//! reads) and, for `-c`, compress. A raw output is written by the workers at
+//! each chunk's own offset; a qcow2 output is written by one writer in guest
+//! order, so its clusters, compressed ones packed back to back, follow the
+//! disk's order as qemu-img lays them out.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
 
 use anyhow::{Context, Result, bail};
-use qcow::{Allocation, BlockDevice};
+use qcow::{Allocation, BlockDevice, OpenOptions, Qcow2Image};
 use qcow_io::{FileStorage, Storage};
 
+use crate::create_opts::OptionList;
 use crate::open::{OpenFlags, open_image};
+use crate::size::parse_size;
 
-/// Bytes each worker copies at a time.
+/// Bytes each worker copies at a time (a multiple of every cluster size).
 const CHUNK: u64 = 4 << 20;
-/// Granularity of zero detection in data (qemu-img's default `-S 4k`).
-const ZERO_BLOCK: usize = 4096;
 
 /// Arguments of `qcow convert`.
 #[derive(Debug, clap::Args)]
@@ -28,18 +32,31 @@ pub(crate) struct ConvertArgs {
     /// Source format (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
-    /// Output format (only raw so far).
+    /// Output format: raw or qcow2.
     #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
     output_format: String,
+    /// Compress the output's clusters (qcow2).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Output format options, `key=value,...` (qemu-img's names).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Smallest run of zeros left as a hole (0: write everything).
+    #[arg(short = 'S', value_name = "SIZE", default_value = "4k")]
+    sparse_size: String,
     /// Source snapshot: `snapshot.name=NAME`, `snapshot.id=ID` or a name.
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
     /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
-    /// Number of parallel workers.
+    /// Number of worker threads.
     #[arg(short = 'm', value_name = "N")]
     workers: Option<usize>,
+    /// Accepted for compatibility with qemu-img (out-of-order writes);
+    /// qcow2 output is always written in order.
+    #[arg(short = 'W')]
+    unordered: bool,
     #[command(flatten)]
     open: OpenFlags,
     /// Source image.
@@ -48,14 +65,16 @@ pub(crate) struct ConvertArgs {
     dest: PathBuf,
 }
 
+/// What a worker hands the writer for one chunk.
+enum Piece {
+    /// Uncompressed bytes at a guest offset.
+    Data(u64, Vec<u8>),
+    /// One compressed cluster at a guest offset.
+    Packed(u64, Vec<u8>),
+}
+
 /// Runs `qcow convert`.
 pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
-    if args.output_format != "raw" {
-        bail!(
-            "output format {:?} is not supported yet (only raw)",
-            args.output_format
-        );
-    }
     let snapshot = args.snapshot.as_deref().map(|s| {
         s.strip_prefix("snapshot.name=")
             .or_else(|| s.strip_prefix("snapshot.id="))
@@ -69,6 +88,39 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         true,
     )?;
     let size = source.virtual_size();
+    let sparse = usize::try_from(parse_size(&args.sparse_size)?)?;
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .clamp(1, 16);
+    let progress = args.progress.then(|| progress_bar(size));
+    match args.output_format.as_str() {
+        "raw" => {
+            if args.compress {
+                bail!("compression is not supported for raw output");
+            }
+            to_raw(args, &source, size, sparse, workers, progress.as_ref())?;
+        }
+        "qcow2" => to_qcow2(args, &source, size, sparse, workers, progress.as_ref())?,
+        other => bail!("output format {other:?} is not supported yet (raw or qcow2)"),
+    }
+    if let Some(bar) = progress {
+        bar.finish();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn to_raw(
+    args: &ConvertArgs,
+    source: &dyn BlockDevice,
+    size: u64,
+    sparse: usize,
+    workers: usize,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<()> {
+    if !args.options.is_empty() {
+        bail!("raw output takes no -o options");
+    }
     let dest = FileStorage::create(&args.dest)
         .with_context(|| format!("could not create '{}'", args.dest.display()))?;
     // Devices (and /dev/null) keep their size; regular files take the disk's.
@@ -77,21 +129,223 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         dest.set_len(size)
             .with_context(|| format!("could not size '{}'", args.dest.display()))?;
     }
-    let workers = args
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-        .clamp(1, 16);
-    let progress = args.progress.then(|| progress_bar(size));
-    copy_sparse(&source, &dest, workers, progress.as_ref())
-        .with_context(|| format!("converting '{}'", args.source.display()))?;
+    let done = AtomicU64::new(0);
+    for_each_chunk(size, workers, |start, end, buf| {
+        let mut pos = start;
+        while pos < end {
+            let extent = source.block_status(pos, end - pos)?;
+            let len = extent.len.max(1).min(end - pos);
+            if let Allocation::Data { .. } = extent.allocation {
+                // len <= CHUNK == buf.len().
+                let data = &mut buf[..len as usize];
+                source.read_at(data, pos)?;
+                for (at, run) in nonzero_runs(data, sparse) {
+                    dest.write_at(run, pos + at as u64)?;
+                }
+            }
+            pos += len;
+        }
+        if let Some(bar) = progress {
+            bar.set_position(done.fetch_add(end - start, Ordering::Relaxed) + end - start);
+        }
+        Ok(())
+    })
+    .with_context(|| format!("converting '{}'", args.source.display()))?;
     if regular {
         dest.flush()
             .with_context(|| format!("could not flush '{}'", args.dest.display()))?;
     }
-    if let Some(bar) = progress {
-        bar.finish();
+    Ok(())
+}
+
+fn to_qcow2(
+    args: &ConvertArgs,
+    source: &dyn BlockDevice,
+    size: u64,
+    sparse: usize,
+    workers: usize,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<()> {
+    let list = OptionList::parse(&args.options)?;
+    let options = list.qcow2_options(size)?;
+    if options.backing_file.is_some() {
+        bail!("converting onto a backing file (-B, backing_file) is not supported yet");
     }
-    Ok(ExitCode::SUCCESS)
+    qcow::create(&args.dest, &options)?;
+    let dest = qcow::open(
+        &args.dest,
+        &OpenOptions {
+            writable: true,
+            format: Some(qcow::ImageFormat::Qcow2),
+            ..OpenOptions::default()
+        },
+    )?;
+    let qcow::Image::Qcow2(dest) = dest else {
+        bail!("'{}' did not open as qcow2", args.dest.display());
+    };
+    let cluster_size = options.cluster_size as usize;
+    let compress = args.compress;
+    let chunks = size.div_ceil(CHUNK);
+    let (tx, rx) = sync_channel::<(u64, Result<Vec<Piece>>)>(workers * 2);
+    let next = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, stop, dest) = (&next, &stop, &*dest);
+            scope.spawn(move || {
+                let mut buf = vec![0u8; CHUNK as usize];
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= chunks || stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let pieces = chunk_pieces(
+                        source,
+                        dest,
+                        index * CHUNK,
+                        ((index + 1) * CHUNK).min(size),
+                        &mut buf,
+                        cluster_size,
+                        sparse,
+                        compress,
+                    );
+                    if tx.send((index, pieces)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let result = write_in_order(&dest, rx, chunks, progress, size);
+        if result.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        result
+    })
+    .with_context(|| format!("converting '{}'", args.source.display()))?;
+    dest.close()
+        .with_context(|| format!("could not close '{}'", args.dest.display()))?;
+    Ok(())
+}
+
+/// Receives chunks from the workers and writes them in guest order.
+fn write_in_order(
+    dest: &Qcow2Image,
+    rx: std::sync::mpsc::Receiver<(u64, Result<Vec<Piece>>)>,
+    chunks: u64,
+    progress: Option<&indicatif::ProgressBar>,
+    size: u64,
+) -> Result<()> {
+    let mut waiting: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
+    let mut expected = 0u64;
+    while expected < chunks {
+        let Ok((index, pieces)) = rx.recv() else {
+            bail!("a convert worker stopped early");
+        };
+        waiting.insert(index, pieces?);
+        while let Some(pieces) = waiting.remove(&expected) {
+            for piece in pieces {
+                match piece {
+                    Piece::Data(guest, bytes) => dest.write_at(&bytes, guest)?,
+                    Piece::Packed(guest, bytes) => dest.write_packed_cluster(&bytes, guest)?,
+                }
+            }
+            expected += 1;
+            if let Some(bar) = progress {
+                bar.set_position((expected * CHUNK).min(size));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads one chunk and turns it into what the writer must write: runs of
+/// non-zero clusters, or compressed clusters.
+#[allow(clippy::too_many_arguments)]
+fn chunk_pieces(
+    source: &dyn BlockDevice,
+    dest: &Qcow2Image,
+    start: u64,
+    end: u64,
+    buf: &mut [u8],
+    cluster_size: usize,
+    sparse: usize,
+    compress: bool,
+) -> Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let extent = source.block_status(pos, end - pos)?;
+        let len = extent.len.max(1).min(end - pos);
+        if let Allocation::Data { .. } = extent.allocation {
+            // Whole clusters around the extent, so each is written once.
+            let from = pos - (pos - start) % cluster_size as u64;
+            let to = (pos + len).next_multiple_of(cluster_size as u64).min(end);
+            let data = &mut buf[(from - start) as usize..(to - start) as usize];
+            source.read_at(data, from)?;
+            if compress {
+                for (i, cluster) in data.chunks(cluster_size).enumerate() {
+                    let guest = from + (i * cluster_size) as u64;
+                    if sparse > 0 && is_zero(cluster) {
+                        continue;
+                    }
+                    let mut whole = cluster.to_vec();
+                    whole.resize(cluster_size, 0);
+                    match dest.compress_cluster(&whole) {
+                        Some(packed) => pieces.push(Piece::Packed(guest, packed)),
+                        None => pieces.push(Piece::Data(guest, cluster.to_vec())),
+                    }
+                }
+            } else {
+                let granularity = if sparse == 0 { 0 } else { cluster_size };
+                for (at, run) in nonzero_runs(data, granularity) {
+                    pieces.push(Piece::Data(from + at as u64, run.to_vec()));
+                }
+            }
+            pos = to;
+        } else {
+            pos += len;
+        }
+    }
+    Ok(pieces)
+}
+
+/// Runs `work(start, end, buffer)` over every chunk of a disk of `size`
+/// bytes on `workers` threads; stops at the first error.
+fn for_each_chunk<F>(size: u64, workers: usize, work: F) -> Result<()>
+where
+    F: Fn(u64, u64, &mut [u8]) -> Result<()> + Sync,
+{
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    let mut buf = vec![0u8; CHUNK as usize];
+                    loop {
+                        let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+                        if start >= size || failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let end = (start + CHUNK).min(size);
+                        if let Err(e) = work(start, end, &mut buf) {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            match handle.join() {
+                Ok(result) => result?,
+                Err(_) => bail!("a convert worker panicked"),
+            }
+        }
+        Ok(())
+    })
 }
 
 fn progress_bar(size: u64) -> indicatif::ProgressBar {
@@ -104,97 +358,32 @@ fn progress_bar(size: u64) -> indicatif::ProgressBar {
     bar
 }
 
-/// Copies every guest byte of `source` that may be non-zero into `dest`.
-fn copy_sparse(
-    source: &dyn BlockDevice,
-    dest: &dyn Storage,
-    workers: usize,
-    progress: Option<&indicatif::ProgressBar>,
-) -> Result<()> {
-    let size = source.virtual_size();
-    let next = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
-    let done = Arc::new(AtomicU64::new(0));
-    std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| -> Result<()> {
-                    let mut buf = vec![0u8; CHUNK as usize];
-                    loop {
-                        if failed.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                        let start = next.fetch_add(CHUNK, Ordering::Relaxed);
-                        if start >= size {
-                            return Ok(());
-                        }
-                        let end = (start + CHUNK).min(size);
-                        let result = copy_range(source, dest, start, end, &mut buf);
-                        if result.is_err() {
-                            failed.store(true, Ordering::Relaxed);
-                            return result;
-                        }
-                        done.fetch_add(end - start, Ordering::Relaxed);
-                        if let Some(bar) = progress {
-                            bar.set_position(done.load(Ordering::Relaxed));
-                        }
-                    }
-                })
-            })
-            .collect();
-        for handle in handles {
-            match handle.join() {
-                Ok(result) => result?,
-                Err(_) => bail!("a copy worker panicked"),
-            }
-        }
-        Ok(())
-    })
-}
-
-fn copy_range(
-    source: &dyn BlockDevice,
-    dest: &dyn Storage,
-    start: u64,
-    end: u64,
-    buf: &mut [u8],
-) -> Result<()> {
-    let mut pos = start;
-    while pos < end {
-        let extent = source.block_status(pos, end - pos)?;
-        let len = extent.len.max(1).min(end - pos);
-        if let Allocation::Data { .. } = extent.allocation {
-            // len <= CHUNK == buf.len().
-            let data = &mut buf[..len as usize];
-            source.read_at(data, pos)?;
-            write_nonzero(dest, data, pos)?;
-        }
-        pos += len;
+/// The runs of `data` that are not made of all-zero blocks of `block`
+/// bytes, as (offset, bytes). A block size of 0 keeps everything.
+fn nonzero_runs(data: &[u8], block: usize) -> Vec<(usize, &[u8])> {
+    if block == 0 {
+        return vec![(0, data)];
     }
-    Ok(())
-}
-
-/// Writes the blocks of `data` that are not all zeros.
-fn write_nonzero(dest: &dyn Storage, data: &[u8], offset: u64) -> Result<()> {
+    let mut runs = Vec::new();
     let mut run_start: Option<usize> = None;
     let mut i = 0;
     while i < data.len() {
-        let block = &data[i..(i + ZERO_BLOCK).min(data.len())];
-        let zero = is_zero(block);
+        let end = (i + block).min(data.len());
+        let zero = is_zero(&data[i..end]);
         match (zero, run_start) {
             (false, None) => run_start = Some(i),
             (true, Some(s)) => {
-                dest.write_at(&data[s..i], offset + s as u64)?;
+                runs.push((s, &data[s..i]));
                 run_start = None;
             }
             _ => {}
         }
-        i += block.len();
+        i = end;
     }
     if let Some(s) = run_start {
-        dest.write_at(&data[s..], offset + s as u64)?;
+        runs.push((s, &data[s..]));
     }
-    Ok(())
+    runs
 }
 
 /// Whether every byte is zero (word at a time, which the compiler vectorizes).
@@ -204,4 +393,22 @@ pub(crate) fn is_zero(bytes: &[u8]) -> bool {
         acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
     });
     all_words == 0 && words.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nonzero_runs;
+
+    #[test]
+    fn zero_blocks_split_runs() {
+        let mut data = vec![0u8; 16];
+        data[0] = 1;
+        data[9] = 2;
+        let runs = nonzero_runs(&data, 4);
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].0, runs[0].1.len()), (0, 4));
+        assert_eq!((runs[1].0, runs[1].1.len()), (8, 4));
+        assert_eq!(nonzero_runs(&data, 0).len(), 1);
+        assert!(nonzero_runs(&[0u8; 8], 4).is_empty());
+    }
 }

@@ -10,10 +10,13 @@ use clap::{Parser, Subcommand};
 
 mod compare;
 mod convert;
+mod create;
+mod create_opts;
 mod human;
 mod info;
 mod map;
 mod open;
+mod size;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -31,6 +34,8 @@ struct Cli {
 enum Command {
     /// Show information about an image.
     Info(info::InfoArgs),
+    /// Create a new image.
+    Create(create::CreateArgs),
     /// Convert an image to another format.
     Convert(convert::ConvertArgs),
     /// Show how the image's guest ranges are stored.
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(args) => info::run(&args),
+        Command::Create(args) => create::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Map(args) => map::run(&args),
         Command::Compare(args) => compare::run(&args),

@@ -314,3 +314,161 @@ fn map_of_a_sparse_raw_file_reports_holes_like_qemu_img() {
         assert_eq!(stdout(&ours), stdout(&theirs), "map --output {output}");
     }
 }
+
+/// `qemu-img check` exits 0 (no corruption, no leaks).
+fn assert_check_clean(path: &Path) {
+    let out = qemu_img(&["check", path.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}{}",
+        path.display(),
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn create_prints_what_qemu_img_prints_and_passes_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: &[&[&str]] = &[
+        &["-f", "qcow2", "{}", "1G"],
+        &["-f", "qcow2", "-o", "compat=0.10", "{}", "1M"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k,refcount_bits=64,lazy_refcounts=on,compression_type=zstd",
+            "{}",
+            "100M",
+        ],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M,extended_l2=on",
+            "{}",
+            "3G",
+        ],
+        &[
+            "-f",
+            "qcow2",
+            "-b",
+            "../../../testdata/sample.qcow2",
+            "-F",
+            "qcow2",
+            "{}",
+        ],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let ours = dir.path().join(format!("ours{i}.qcow2"));
+        let theirs = dir.path().join(format!("theirs{i}.qcow2"));
+        let with = |p: &Path| -> Vec<String> {
+            let mut v = vec!["create".to_owned()];
+            v.extend(
+                case.iter()
+                    .map(|a| a.replace("{}", p.to_str().expect("path"))),
+            );
+            v
+        };
+        let a = with(&ours);
+        let b = with(&theirs);
+        // Relative backing names resolve against the image's directory.
+        let backing_case = case.contains(&"-b");
+        if backing_case {
+            let base = testdata().join("sample.qcow2");
+            let base = base.to_str().expect("path");
+            let a: Vec<String> = a
+                .iter()
+                .map(|x| x.replace("../../../testdata/sample.qcow2", base))
+                .collect();
+            let b: Vec<String> = b
+                .iter()
+                .map(|x| x.replace("../../../testdata/sample.qcow2", base))
+                .collect();
+            let o = qcow(&a.iter().map(String::as_str).collect::<Vec<_>>());
+            let t = qemu_img(&b.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(o.status.success(), "{o:?}");
+            assert_eq!(
+                stdout(&o).replace("ours", "X"),
+                stdout(&t).replace("theirs", "X")
+            );
+        } else {
+            let o = qcow(&a.iter().map(String::as_str).collect::<Vec<_>>());
+            let t = qemu_img(&b.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(o.status.success(), "{o:?}");
+            assert_eq!(
+                stdout(&o).replace("ours", "X"),
+                stdout(&t).replace("theirs", "X"),
+                "{case:?}"
+            );
+        }
+        assert_check_clean(&ours);
+        let info = |p: &Path| {
+            let out = qemu_img(&["info", "--output", "json", p.to_str().expect("path")]);
+            stdout(&out)
+                .lines()
+                .filter(|l| !l.starts_with("                "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let (io, it) = (info(&ours), info(&theirs));
+        let pick = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .filter(|l| {
+                    [
+                        "\"virtual-size\"",
+                        "cluster-size",
+                        "compat",
+                        "compression-type",
+                        "lazy-refcounts",
+                        "refcount-bits",
+                        "extended-l2",
+                        "backing-filename-format",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .cloned()
+                .collect()
+        };
+        assert_eq!(pick(&io), pick(&it), "{case:?}");
+    }
+}
+
+#[test]
+fn convert_to_qcow2_passes_check_and_compare() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out.qcow2");
+    let o = out.to_str().expect("path");
+    for name in [
+        "sample.qcow2",
+        "zlib.qcow2",
+        "zstd.qcow2",
+        "chain-top.qcow2",
+        "extl2-backed.qcow2",
+        "v1-compressed.qcow",
+        "v3-64k.qcow2",
+        "raw.img",
+    ] {
+        for opts in [
+            vec![],
+            vec!["-c"],
+            vec!["-c", "-o", "compression_type=zstd,cluster_size=4k"],
+            vec!["-o", "compat=0.10,cluster_size=512,refcount_bits=16"],
+            vec!["-S", "0", "-o", "refcount_bits=1,cluster_size=16k"],
+        ] {
+            let mut args = vec!["convert", "-O", "qcow2"];
+            args.extend(opts.iter().copied());
+            args.extend([name, o]);
+            let r = qcow(&args);
+            assert!(r.status.success(), "{args:?}: {r:?}");
+            assert_check_clean(&out);
+            let cmp = qemu_img(&["compare", name, o]);
+            assert!(cmp.status.success(), "{args:?}: {}", stdout(&cmp));
+            if opts.contains(&"-c") && name == "sample.qcow2" {
+                let map = qemu_img(&["map", "--output", "json", o]);
+                assert!(stdout(&map).contains("\"compressed\": true"), "{args:?}");
+            }
+        }
+    }
+}

@@ -329,21 +329,47 @@ impl Qcow2Image {
     /// cluster must not be allocated yet.
     pub fn write_compressed_cluster(&self, data: &[u8], guest: u64) -> Result<()> {
         let cluster_size = self.header.cluster_size();
-        if data.len() as u64 != cluster_size || self.geometry.in_cluster(guest) != 0 {
+        if data.len() as u64 != cluster_size
+            || self.geometry.in_cluster(guest) != 0
+            || guest >= self.virtual_size
+        {
             return Err(Error::InvalidOptions(format!(
                 "compressed writes take one whole aligned cluster ({cluster_size} bytes)"
             )));
         }
-        let packed = crate::compress::compress(self.header.compression_type, data);
-        let Some(packed) = packed.filter(|p| (p.len() as u64) < cluster_size) else {
-            return self.write_at(data, guest);
-        };
-        self.write_packed_cluster(&packed, guest)
+        match self.compress_cluster(data) {
+            Some(packed) => self.write_packed_cluster(&packed, guest),
+            None => {
+                let visible = (self.virtual_size - guest).min(cluster_size) as usize;
+                self.write_at(&data[..visible], guest)
+            }
+        }
     }
 
-    /// Stores already-compressed bytes as the guest cluster at `guest`,
-    /// packed back to back with the previous compressed cluster.
-    pub(crate) fn write_packed_cluster(&self, packed: &[u8], guest: u64) -> Result<()> {
+    /// Compresses one whole cluster with the image's compression type, as
+    /// [`Qcow2Image::write_compressed_cluster`] would; `None` when it does
+    /// not shrink. Lets callers compress on many threads and write in order
+    /// with [`Qcow2Image::write_packed_cluster`].
+    pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        crate::compress::compress(self.header.compression_type, data)
+            .filter(|p| (p.len() as u64) < self.header.cluster_size())
+    }
+
+    /// Stores bytes from [`Qcow2Image::compress_cluster`] as the guest
+    /// cluster at `guest`, packed back to back with the previous compressed
+    /// cluster.
+    pub fn write_packed_cluster(&self, packed: &[u8], guest: u64) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        if packed.is_empty()
+            || packed.len() as u64 >= cluster_size
+            || self.geometry.in_cluster(guest) != 0
+            || guest >= self.virtual_size
+        {
+            return Err(Error::InvalidOptions(format!(
+                "a packed cluster must be 1 to {} bytes at an aligned offset inside the disk",
+                cluster_size - 1
+            )));
+        }
         let mut meta = self.lock_meta()?;
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
         let len = packed.len() as u64;

@@ -1,0 +1,93 @@
+//! `qcow create`: a new image, with qemu-img's options and output.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use qcow::BlockDevice;
+
+use crate::create_opts::OptionList;
+use crate::open::{OpenFlags, open_image};
+use crate::size::parse_size;
+
+/// Arguments of `qcow create`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CreateArgs {
+    /// Image format: qcow2 (default).
+    #[arg(short = 'f', value_name = "FMT", default_value = "qcow2")]
+    format: String,
+    /// Format options, `key=value,...` (qemu-img's names).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Backing file.
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_format: Option<String>,
+    /// Quiet: print nothing.
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[command(flatten)]
+    open: OpenFlags,
+    /// The new image.
+    file: PathBuf,
+    /// Virtual size (taken from the backing file when omitted).
+    size: Option<String>,
+}
+
+/// Runs `qcow create`.
+pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
+    if args.format != "qcow2" {
+        bail!(
+            "creating {:?} images is not supported yet (only qcow2)",
+            args.format
+        );
+    }
+    let mut list = OptionList::parse(&args.options)?;
+    if let Some(b) = &args.backing {
+        list.set("backing_file", b);
+    }
+    if let Some(f) = &args.backing_format {
+        list.set("backing_fmt", f);
+    }
+    let size = match (&args.size, list.get("size")) {
+        (Some(s), _) => Some(parse_size(s)?),
+        (None, Some(s)) => Some(parse_size(s)?),
+        (None, None) => None,
+    };
+    let mut options = list.qcow2_options(size.unwrap_or(0))?;
+    if let Some(backing) = &options.backing_file {
+        if options.backing_format.is_none() {
+            bail!("backing format (-F) must be given with a backing file (-b)");
+        }
+        if size.is_none() {
+            let path = qcow::relative_to(&args.file, backing);
+            let image = open_image(
+                &path,
+                options.backing_format.as_deref(),
+                &args.open,
+                None,
+                true,
+            )
+            .context("could not open the backing file to learn its size")?;
+            options.size = image.virtual_size();
+        }
+    } else if size.is_none() {
+        bail!("size must be given for an image without a backing file");
+    }
+    if !args.quiet {
+        println!(
+            "{}",
+            list.formatting_line(&args.file.display().to_string(), &options)
+        );
+    }
+    if let Some(data_file) = &options.data_file {
+        let path = qcow::relative_to(&args.file, data_file);
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("could not create '{}'", path.display()))?;
+        file.set_len(options.size)?;
+    }
+    qcow::create(&args.file, &options)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,171 @@
+//! qemu-img's `-o key=value,...` creation options, turned into the
+//! engine's [`CreateOptions`].
+
+use anyhow::{Result, bail};
+use qcow::format::header::CompressionType;
+use qcow::{CreateOptions, Preallocation};
+
+use crate::size::parse_size;
+
+/// The `-o` options as given, kept to print qemu-img's "Formatting" line.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct OptionList {
+    pairs: Vec<(String, String)>,
+}
+
+impl OptionList {
+    /// Parses `-o` arguments (each a comma-separated list; `,,` is a comma).
+    pub(crate) fn parse(args: &[String]) -> Result<Self> {
+        let mut pairs = Vec::new();
+        for arg in args {
+            for item in split_options(arg) {
+                if item.is_empty() {
+                    continue;
+                }
+                let (k, v) = match item.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), v.to_owned()),
+                    // A bare flag means "on", as qemu accepts.
+                    None => (item.clone(), "on".to_owned()),
+                };
+                pairs.push((k, v));
+            }
+        }
+        Ok(OptionList { pairs })
+    }
+
+    /// The value of `key`, if given.
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sets `key` (used for -b / -F, which are `backing_file` / `backing_fmt`).
+    pub(crate) fn set(&mut self, key: &str, value: &str) {
+        self.pairs.retain(|(k, _)| k != key);
+        self.pairs.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Builds qcow2 creation options for a disk of `size` bytes.
+    pub(crate) fn qcow2_options(&self, size: u64) -> Result<CreateOptions> {
+        let mut o = CreateOptions::new(size);
+        for (key, value) in &self.pairs {
+            match key.as_str() {
+                "size" => o.size = parse_size(value)?,
+                "cluster_size" => o.cluster_size = parse_size(value)?,
+                "compat" => {
+                    o.version = match value.as_str() {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        other => bail!("invalid compat {other:?} (0.10 or 1.1)"),
+                    }
+                }
+                "refcount_bits" => {
+                    o.refcount_bits = value
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("invalid refcount_bits {value:?}"))?
+                }
+                "lazy_refcounts" => o.lazy_refcounts = on_off(key, value)?,
+                "extended_l2" => o.extended_l2 = on_off(key, value)?,
+                "data_file_raw" => o.data_file_raw = on_off(key, value)?,
+                "compression_type" => {
+                    o.compression_type = match value.as_str() {
+                        "zlib" => CompressionType::Zlib,
+                        "zstd" => CompressionType::Zstd,
+                        other => bail!("invalid compression_type {other:?} (zlib or zstd)"),
+                    }
+                }
+                "preallocation" => o.preallocation = Preallocation::from_name(value)?,
+                "backing_file" => o.backing_file = Some(value.clone()),
+                "backing_fmt" => o.backing_format = Some(value.clone()),
+                "data_file" => o.data_file = Some(value.clone()),
+                other => bail!("invalid option {other:?} for qcow2"),
+            }
+        }
+        Ok(o)
+    }
+
+    /// qemu-img's "Formatting ..." line for a qcow2 image.
+    pub(crate) fn formatting_line(&self, file: &str, o: &CreateOptions) -> String {
+        let on = |b: bool| if b { "on" } else { "off" };
+        let mut line = format!(
+            "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={}",
+            o.cluster_size,
+            on(o.extended_l2),
+            o.compression_type.name(),
+            o.size
+        );
+        if let Some(b) = &o.backing_file {
+            line.push_str(&format!(" backing_file={b}"));
+        }
+        if let Some(f) = &o.backing_format {
+            line.push_str(&format!(" backing_fmt={f}"));
+        }
+        if let Some(d) = &o.data_file {
+            line.push_str(&format!(" data_file={d}"));
+        }
+        if let Some(c) = self.get("compat") {
+            line.push_str(&format!(" compat={c}"));
+        }
+        line.push_str(&format!(
+            " lazy_refcounts={} refcount_bits={}",
+            on(o.lazy_refcounts),
+            o.refcount_bits
+        ));
+        line
+    }
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        other => bail!("invalid value {other:?} for {key} (on or off)"),
+    }
+}
+
+/// Splits on commas, where `,,` stands for a literal comma.
+fn split_options(arg: &str) -> Vec<String> {
+    let mut items = vec![String::new()];
+    let mut chars = arg.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                if let Some(last) = items.last_mut() {
+                    last.push(',');
+                }
+            } else {
+                items.push(String::new());
+            }
+        } else if let Some(last) = items.last_mut() {
+            last.push(c);
+        }
+    }
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_qemu_img_options() -> Result<()> {
+        let list = OptionList::parse(&[
+            "cluster_size=4k,compat=0.10".into(),
+            "lazy_refcounts=off,backing_file=a,,b.qcow2".into(),
+        ])?;
+        let o = list.qcow2_options(1 << 20)?;
+        assert_eq!(o.cluster_size, 4096);
+        assert_eq!(o.version, 2);
+        assert_eq!(o.backing_file.as_deref(), Some("a,b.qcow2"));
+        assert!(
+            OptionList::parse(&["bogus=1".into()])?
+                .qcow2_options(1)
+                .is_err()
+        );
+        Ok(())
+    }
+}
