@@ -3,15 +3,19 @@
 //! [`Storage`] is the one interface the engine does all its I/O through:
 //! `&self` methods at explicit offsets, so one storage is shared by many
 //! threads with no seek state. [`FileStorage`] wraps a file, [`MemStorage`]
-//! a growable buffer. This crate knows nothing of qcow.
+//! a growable buffer, and [`FaultyStorage`] logs writes and flushes to
+//! replay crashes and injects I/O errors in tests. This crate knows nothing
+//! of qcow.
 
 #![deny(missing_docs)]
 
+mod fault;
 mod file;
 mod memory;
 
 use std::io;
 
+pub use fault::{FaultyStorage, LoggedOp};
 pub use file::FileStorage;
 pub use memory::MemStorage;
 

@@ -2,6 +2,7 @@
 //! qemu-img at test time, and malformed images.
 
 mod common;
+mod crash;
 mod fixtures;
 mod fuzz_seeds;
 mod malformed;
