@@ -33,6 +33,9 @@ fn check_code(path: &Path) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// A write the workload issued: the log length before it, offset, length.
+type IssuedWrite = (usize, u64, u64);
+
 /// Runs the workload and returns the storage with its log, the
 /// checkpoints, and every write range issued (with the log length before it).
 fn workload(
@@ -40,7 +43,7 @@ fn workload(
     seed: u64,
     writes: usize,
     max_len: u64,
-) -> (Arc<FaultyStorage>, Vec<Checkpoint>, Vec<(usize, u64, u64)>) {
+) -> (Arc<FaultyStorage>, Vec<Checkpoint>, Vec<IssuedWrite>) {
     let storage = Arc::new(FaultyStorage::new());
     Qcow2Image::create(&*storage, options).expect("create");
     let image =
@@ -81,7 +84,7 @@ fn verify_crash_point(
     dir: &Path,
     storage: &FaultyStorage,
     checkpoints: &[Checkpoint],
-    ranges: &[(usize, u64, u64)],
+    ranges: &[IssuedWrite],
     kept: usize,
     torn: Option<usize>,
 ) {
