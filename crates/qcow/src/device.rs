@@ -103,6 +103,28 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         })
     }
 
+    /// Makes the range read as zeros (`unmap`: its space may be released).
+    /// The default writes zeros.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let _ = unmap;
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(1 << 20);
+            // n <= 1 MiB.
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Says the range's contents are no longer needed; it may read back as
+    /// zeros or as before. The default does nothing.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// Makes every completed write durable. The default has nothing to do.
     fn flush(&self) -> Result<()> {
         Ok(())

@@ -64,6 +64,12 @@ impl BlockDevice for Image {
     fn flush(&self) -> Result<()> {
         self.device().flush()
     }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.device().write_zeroes(offset, len, unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.device().discard(offset, len)
+    }
 }
 
 /// Says what format the file at `path` holds, by its magic: a qcow magic

@@ -234,9 +234,21 @@ impl Qcow2Image {
             backing_file: options.backing_file.clone(),
             extensions,
         };
-        let header_bytes = header
-            .encode()
-            .map_err(|e| Error::format("(new image)", e))?;
+        // The feature name table is a courtesy: like qemu-img, leave it out
+        // when it does not fit in a small header cluster.
+        let header_bytes = match header.encode() {
+            Ok(bytes) => bytes,
+            Err(_) if options.version >= 3 => {
+                let mut header = header.clone();
+                header
+                    .extensions
+                    .retain(|e| !matches!(e, HeaderExtension::FeatureNames(_)));
+                header
+                    .encode()
+                    .map_err(|e| Error::format("(new image)", e))?
+            }
+            Err(e) => return Err(Error::format("(new image)", e)),
+        };
         let io = |op: &'static str, offset: u64| move |e| Error::io("(new image)", op, offset, e);
         file.set_len(0).map_err(io("truncating", 0))?;
         file.write_at(&header_bytes, 0)

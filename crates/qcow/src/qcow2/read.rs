@@ -276,4 +276,12 @@ impl BlockDevice for Qcow2Image {
     fn flush(&self) -> Result<()> {
         Qcow2Image::flush(self)
     }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        Qcow2Image::write_zeroes(self, offset, len, unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        Qcow2Image::discard(self, offset, len)
+    }
 }

@@ -167,6 +167,11 @@ impl Qcow2Image {
         if new == 0 {
             meta.free_hint = meta.free_hint.min(cluster);
             self.l2_cache.remove(host);
+            // Compressed data must not be packed into a cluster that may be
+            // handed out again.
+            if meta.compressed_cursor >> self.header.cluster_bits == cluster {
+                meta.compressed_cursor = 0;
+            }
         }
         Ok(new)
     }

@@ -6,5 +6,6 @@ mod crash;
 mod fixtures;
 mod fuzz_seeds;
 mod malformed;
+mod model;
 mod oracle;
 mod write;
