@@ -7,6 +7,7 @@
 mod bitmaps;
 mod create;
 mod read;
+mod rebuild;
 mod refcount;
 mod snapshots;
 mod write;
@@ -219,7 +220,12 @@ impl Qcow2Image {
 }
 
 /// Reads an L1 table of `entries` entries at `offset`.
-fn read_l1(name: &str, file: &dyn Storage, offset: u64, entries: u32) -> Result<Vec<u64>> {
+pub(super) fn read_l1(
+    name: &str,
+    file: &dyn Storage,
+    offset: u64,
+    entries: u32,
+) -> Result<Vec<u64>> {
     // Bounded by the header checks: at most MAX_L1_BYTES.
     let mut bytes = vec![0u8; entries as usize * 8];
     file.read_at(&mut bytes, offset)

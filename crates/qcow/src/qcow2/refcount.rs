@@ -304,9 +304,10 @@ impl Qcow2Image {
         fields[..8].copy_from_slice(&table_offset.to_be_bytes());
         // At most MAX_REFCOUNT_TABLE_BYTES / 512 clusters.
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        let at = super::write::REFCOUNT_TABLE_AT;
         self.file
-            .write_at(&fields, 48)
-            .map_err(|e| Error::io(&self.name, "writing the header", 48, e))?;
+            .write_at(&fields, at)
+            .map_err(|e| Error::io(&self.name, "writing the header", at, e))?;
         let old_offset = meta.reftable_offset;
         let old_clusters = (old_len * 8).div_ceil(self.header.cluster_size());
         meta.reftable = table;

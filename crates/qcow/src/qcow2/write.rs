@@ -12,6 +12,8 @@
 //! tables on disk before the clusters they named are released.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use qcow_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use qcow_cache::{Flush, TableCache, WriteBack};
@@ -23,11 +25,18 @@ use super::{L2Table, Qcow2Image, decode_be_words};
 use crate::device::BlockDevice;
 use crate::{Error, Result};
 
+/// Offset of the header's refcount table offset and cluster count.
+pub(super) const REFCOUNT_TABLE_AT: u64 = 48;
+/// Offset of the version 3 header's incompatible feature bits.
+pub(super) const INCOMPATIBLE_FEATURES_AT: u64 = 72;
+
 /// The state a writable image adds.
 #[derive(Debug)]
 pub(crate) struct WriteState {
     meta: Mutex<Meta>,
     pub(super) refcounts: Arc<TableCache<RefBlock>>,
+    /// The incompatible feature bits as on disk (dirty and corrupt change).
+    incompatible: AtomicU64,
 }
 
 /// Writes L2 tables back to the image file.
@@ -71,11 +80,6 @@ impl Qcow2Image {
                 image: self.name.clone(),
             });
         }
-        if self.header.dirty() {
-            return Err(unsupported(
-                "writing a dirty image (rebuilding its refcounts)",
-            ));
-        }
         if self.header.extended_l2() {
             return Err(unsupported("writing an image with extended L2 entries"));
         }
@@ -84,6 +88,10 @@ impl Qcow2Image {
         }
         if self.header.bitmaps().is_some() {
             return Err(unsupported("writing an image with persistent bitmaps"));
+        }
+        if self.header.dirty() {
+            // Refcounts may be stale after a crash with lazy refcounts.
+            self.rebuild_refcounts()?;
         }
         let cluster_size = self.header.cluster_size();
         let budget = cache_bytes.unwrap_or(crate::DEFAULT_MAX_CACHE_BYTES);
@@ -127,8 +135,62 @@ impl Qcow2Image {
                 compressed_cursor: 0,
             }),
             refcounts,
+            incompatible: AtomicU64::new(self.header.incompatible_features),
         });
         Ok(())
+    }
+
+    /// Rewrites the incompatible feature bits in the header (version 3).
+    fn set_incompatible(&self, bits: u64) -> Result<()> {
+        let ws = self.write_state()?;
+        if self.header.version < 3 || ws.incompatible.swap(bits, Ordering::AcqRel) == bits {
+            return Ok(());
+        }
+        let at = INCOMPATIBLE_FEATURES_AT;
+        self.file
+            .write_at(&bits.to_be_bytes(), at)
+            .map_err(|e| Error::io(&self.name, "writing the header", at, e))?;
+        self.file
+            .flush()
+            .map_err(|e| Error::io(&self.name, "flushing", 0, e))
+    }
+
+    /// With lazy refcounts, sets the dirty bit before the first metadata
+    /// change (so a crash makes the next writer rebuild refcounts).
+    fn mark_dirty(&self) -> Result<()> {
+        if !self.header.lazy_refcounts() {
+            return Ok(());
+        }
+        let ws = self.write_state()?;
+        let bits = ws.incompatible.load(Ordering::Acquire);
+        if bits & INCOMPAT_DIRTY == 0 {
+            self.set_incompatible(bits | INCOMPAT_DIRTY)?;
+        }
+        Ok(())
+    }
+
+    /// Stops writing after an inconsistency: sets the corrupt bit (as QEMU
+    /// does) so that nothing writes the image again before it is repaired.
+    fn guard<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(Error::Corrupt { .. } | Error::Format { .. }) = &result {
+            if let Some(ws) = &self.writer {
+                let bits = ws.incompatible.load(Ordering::Acquire);
+                // Best effort: the original error is what the caller needs.
+                let _ = self.set_incompatible(bits | INCOMPAT_CORRUPT);
+            }
+        }
+        result
+    }
+
+    /// Refuses writes once the image was found corrupt.
+    fn check_writable(&self) -> Result<&WriteState> {
+        let ws = self.write_state()?;
+        if ws.incompatible.load(Ordering::Acquire) & INCOMPAT_CORRUPT != 0 {
+            return Err(Error::MarkedCorrupt {
+                image: self.name.clone(),
+            });
+        }
+        Ok(ws)
     }
 
     pub(super) fn write_state(&self) -> Result<&WriteState> {
@@ -164,14 +226,25 @@ impl Qcow2Image {
         let entry = table
             .get(geo.l2_index(guest))
             .map_or(0, |e| e.load(Ordering::Acquire));
-        let host = entry & OFFSET_MASK;
-        let owned = entry & OFLAG_COPIED != 0 && entry & (OFLAG_COMPRESSED | 1) == 0 && host != 0;
-        Ok(owned.then_some(host))
+        let index = geo.l2_index(guest);
+        // Decoding validates the entry (alignment, reserved combinations).
+        let mapping = geo
+            .l2_mapping(index as u64, entry, 0, 0)
+            .map_err(|e| Error::format(&self.name, e))?;
+        Ok(match mapping {
+            L2Mapping::Data { host } if entry & OFLAG_COPIED != 0 => Some(host),
+            _ => None,
+        })
     }
 
     /// Writes `buf` at guest offset `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_state()?;
+        self.check_writable()?;
+        let result = self.write_range(buf, offset);
+        self.guard(result)
+    }
+
+    fn write_range(&self, buf: &[u8], offset: u64) -> Result<()> {
         crate::check_range(&self.name, offset, buf.len() as u64, self.virtual_size)?;
         let cluster_size = self.header.cluster_size();
         let mut done = 0usize;
@@ -200,6 +273,7 @@ impl Qcow2Image {
     /// shared cluster) merged with the piece.
     fn write_allocating(&self, piece: &[u8], guest: u64) -> Result<()> {
         let mut meta = self.lock_meta()?;
+        self.mark_dirty()?;
         // Another writer may have allocated it meanwhile.
         let in_cluster = self.geometry.in_cluster(guest);
         if let Some(host) = self.in_place_host(guest)? {
@@ -359,6 +433,12 @@ impl Qcow2Image {
     /// cluster at `guest`, packed back to back with the previous compressed
     /// cluster.
     pub fn write_packed_cluster(&self, packed: &[u8], guest: u64) -> Result<()> {
+        self.check_writable()?;
+        let result = self.store_packed(packed, guest);
+        self.guard(result)
+    }
+
+    fn store_packed(&self, packed: &[u8], guest: u64) -> Result<()> {
         let cluster_size = self.header.cluster_size();
         if packed.is_empty()
             || packed.len() as u64 >= cluster_size
@@ -435,7 +515,12 @@ impl Qcow2Image {
     /// with `unmap` false a cluster the image owns keeps its space.
     /// Partial clusters are written with zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        self.write_state()?;
+        self.check_writable()?;
+        let result = self.zero_range(offset, len, unmap);
+        self.guard(result)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         crate::check_range(&self.name, offset, len, self.virtual_size)?;
         let has_backing = self.header.backing_file.is_some();
         if self.header.version < 3 && has_backing {
@@ -447,6 +532,7 @@ impl Qcow2Image {
                 return self.write_zero_bytes(guest, n);
             }
             let mut meta = self.lock_meta()?;
+            self.mark_dirty()?;
             let owned = self.in_place_host(guest)?;
             let entry = match owned {
                 Some(host) if !unmap && self.header.version >= 3 => host | OFLAG_COPIED | 1,
@@ -479,7 +565,7 @@ impl Qcow2Image {
     /// file from showing through); partial clusters are left as they are,
     /// as are clusters of a version 2 image with a backing file.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_state()?;
+        self.check_writable()?;
         crate::check_range(&self.name, offset, len, self.virtual_size)?;
         if self.header.version < 3 && self.header.backing_file.is_some() {
             return Ok(());
@@ -552,18 +638,29 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Flushes and closes the image, reporting any error (dropping the
-    /// image flushes too, but cannot report).
+    /// Flushes and closes the image, clearing the dirty bit of a lazy
+    /// refcounts image, and reports any error (dropping the image does the
+    /// same, but cannot report).
     pub fn close(self) -> Result<()> {
-        self.flush()
+        self.shut_down()
+    }
+
+    fn shut_down(&self) -> Result<()> {
+        let Some(ws) = &self.writer else {
+            return Ok(());
+        };
+        self.flush()?;
+        let bits = ws.incompatible.load(Ordering::Acquire);
+        if bits & INCOMPAT_DIRTY != 0 && bits & INCOMPAT_CORRUPT == 0 {
+            self.set_incompatible(bits & !INCOMPAT_DIRTY)?;
+        }
+        Ok(())
     }
 }
 
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
-        if self.writer.is_some() {
-            // Best effort: an error here has nowhere to go; close() reports it.
-            let _ = self.flush();
-        }
+        // Best effort: an error here has nowhere to go; close() reports it.
+        let _ = self.shut_down();
     }
 }

@@ -380,3 +380,171 @@ fn refcount_table_grows_and_freed_clusters_are_reused() {
     .expect("open");
     assert!(header.header().refcount_table_clusters > 1);
 }
+
+/// Runs qemu-io commands on an image.
+fn qemu_io(path: &Path, commands: &[String]) {
+    let mut args: Vec<&str> = Vec::new();
+    for c in commands {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(s(path));
+    qemu("qemu-io", &args);
+}
+
+#[test]
+fn interop_with_qemu_io_in_both_orders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, (cluster_size, version)) in [(65536u64, 3u32), (4096, 2), (512, 3)]
+        .into_iter()
+        .enumerate()
+    {
+        let path = dir.path().join(format!("i{i}.qcow2"));
+        let size = 4u64 << 20;
+        let mut options = CreateOptions::new(size);
+        options.cluster_size = cluster_size;
+        options.version = version;
+        let mut model = vec![0u8; size as usize];
+        let mut rng = Rng::new(500 + i as u64);
+        // qcow writes first.
+        let image = create(&path, &options);
+        random_writes(&image, &mut model, &mut rng, 40);
+        image.close().expect("close");
+        assert_check_clean(&path);
+        // qemu-io writes over it: patterns, zeroes, discards.
+        let mut commands = Vec::new();
+        for _ in 0..30 {
+            let len = 512 * (1 + rng.below(200));
+            let off = 512 * rng.below((size - len) / 512);
+            let pattern = 1 + rng.below(250) as u8;
+            match rng.below(4) {
+                0 if version >= 3 => {
+                    commands.push(format!("write -z {off} {len}"));
+                    model[off as usize..(off + len) as usize].fill(0);
+                }
+                _ => {
+                    commands.push(format!("write -P {pattern} {off} {len}"));
+                    model[off as usize..(off + len) as usize].fill(pattern);
+                }
+            }
+        }
+        qemu_io(&path, &commands);
+        assert_check_clean(&path);
+        verify(&path, &model, &OpenOptions::default());
+        // qcow writes again over what qemu-io wrote.
+        let image = open_rw(&path);
+        random_writes(&image, &mut model, &mut rng, 40);
+        image.close().expect("close");
+        verify(&path, &model, &OpenOptions::default());
+    }
+}
+
+fn incompatible_bits(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).expect("read");
+    u64::from_be_bytes(bytes[72..80].try_into().expect("8 bytes"))
+}
+
+#[test]
+fn lazy_refcounts_set_the_dirty_bit_while_writing_and_clear_it_on_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("lazy.qcow2");
+    let mut options = CreateOptions::new(4 << 20);
+    options.lazy_refcounts = true;
+    let image = create(&path, &options);
+    assert_eq!(
+        incompatible_bits(&path) & 1,
+        0,
+        "clean before the first write"
+    );
+    image.write_at(&[1u8; 100_000], 12_345).expect("write");
+    assert_eq!(incompatible_bits(&path) & 1, 1, "dirty while writing");
+    image.close().expect("close");
+    assert_eq!(incompatible_bits(&path) & 1, 0, "clean after close");
+    assert_check_clean(&path);
+}
+
+#[test]
+fn opening_a_dirty_image_for_writing_rebuilds_its_refcounts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dirty.qcow2");
+    let mut options = CreateOptions::new(4 << 20);
+    options.lazy_refcounts = true;
+    options.cluster_size = 4096;
+    let mut model = vec![0u8; 4 << 20];
+    let image = create(&path, &options);
+    let mut rng = Rng::new(8);
+    random_writes(&image, &mut model, &mut rng, 50);
+    image.flush().expect("flush");
+    // A crash with lazy refcounts: the dirty bit stays set and the
+    // refcounts on disk are stale. Simulate it by zeroing every refcount
+    // block and setting the dirty bit by hand.
+    drop(image);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let reftable = u64::from_be_bytes(bytes[48..56].try_into().expect("8")) as usize;
+    let first_block =
+        u64::from_be_bytes(bytes[reftable..reftable + 8].try_into().expect("8")) as usize;
+    bytes[first_block..first_block + 4096].fill(0);
+    bytes[79] |= 1;
+    std::fs::write(&path, &bytes).expect("write");
+    let out = Command::new("qemu-img")
+        .args(["check", s(&path)])
+        .output()
+        .expect("qemu-img");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "the damage is visible to qemu-img check"
+    );
+    // Opening for writing rebuilds them.
+    let image = open_rw(&path);
+    random_writes(&image, &mut model, &mut rng, 20);
+    image.close().expect("close");
+    assert_eq!(incompatible_bits(&path) & 1, 0);
+    verify(&path, &model, &OpenOptions::default());
+}
+
+#[test]
+fn the_dirty_fixture_is_rebuilt_and_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("lazy-dirty.qcow2");
+    std::fs::copy(crate::common::testdata().join("lazy-dirty.qcow2"), &path).expect("copy");
+    let mut model = qemu_raw(&path, &[]);
+    let image = open_rw(&path);
+    let mut rng = Rng::new(10);
+    random_writes(&image, &mut model, &mut rng, 30);
+    image.close().expect("close");
+    verify(&path, &model, &OpenOptions::default());
+}
+
+#[test]
+fn an_inconsistency_found_while_writing_sets_the_corrupt_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.qcow2");
+    let image = create(&path, &CreateOptions::new(4 << 20));
+    image.write_at(&[5u8; 65536], 0).expect("write");
+    image.close().expect("close");
+    // Point the first L2 entry at a misaligned cluster.
+    let mut bytes = std::fs::read(&path).expect("read");
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().expect("8")) as usize;
+    let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().expect("8")) & 0x00ff_ffff_ffff_fe00)
+        as usize;
+    bytes[l2..l2 + 8].copy_from_slice(&(0x1234_5600u64 | 1 << 63).to_be_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+    let image = open_rw(&path);
+    assert!(image.write_at(&[1u8; 10], 100).is_err());
+    assert!(matches!(
+        image.write_at(&[1u8; 10], 1 << 20),
+        Err(qcow::Error::MarkedCorrupt { .. })
+    ));
+    drop(image);
+    assert_eq!(incompatible_bits(&path) & 2, 2, "corrupt bit set");
+    let file = Arc::new(FileStorage::open(&path, true).expect("open"));
+    assert!(matches!(
+        Qcow2Image::open_writable("bad", file, None),
+        Err(qcow::Error::MarkedCorrupt { .. })
+    ));
+    // It still reads where it can.
+    let image = qcow::open(&path, &OpenOptions::default()).expect("open read-only");
+    let mut buf = vec![0u8; 100];
+    image.read_at(&mut buf, 1 << 20).expect("read elsewhere");
+}

@@ -1,0 +1,264 @@
+//! Rebuilding refcounts from the metadata that references clusters, for
+//! images left dirty by a crash with lazy refcounts ("Dirty bit" in the
+//! specification: "refcounts may be inconsistent").
+//!
+//! Every reference is counted: the header, the active and snapshot L1
+//! tables, the L2 tables they name, data clusters (compressed ones by every
+//! cluster their sectors touch) and the snapshot table. New refcount blocks
+//! and a new refcount table are written past everything else, then the
+//! header is switched to them in one write, so a crash during the rebuild
+//! leaves the old (dirty) state in place. `OFLAG_COPIED` is then set exactly
+//! on the entries whose cluster is referenced once.
+
+use std::collections::HashMap;
+
+use qcow_format::header::INCOMPAT_DIRTY;
+use qcow_format::limits::MAX_REFCOUNT_TABLE_BYTES;
+use qcow_format::table::{L2Mapping, OFFSET_MASK, OFLAG_COPIED, refcount_set};
+use qcow_io::Storage;
+
+use super::{Qcow2Image, decode_be_words};
+use crate::{Error, Result};
+
+/// Reference counts by cluster number.
+type Counts = HashMap<u64, u64>;
+
+impl Qcow2Image {
+    /// Recomputes every refcount of a dirty image and clears its dirty bit.
+    pub(super) fn rebuild_refcounts(&mut self) -> Result<()> {
+        if self.header.bitmaps().is_some() {
+            return Err(Error::Unsupported {
+                image: self.name.clone(),
+                what: "rebuilding refcounts of an image with persistent bitmaps".into(),
+            });
+        }
+        let bits = self.header.cluster_bits;
+        let cs = self.header.cluster_size();
+        let mut counts = Counts::new();
+        let add = |counts: &mut Counts, offset: u64, len: u64| {
+            if len == 0 {
+                return;
+            }
+            for c in (offset >> bits)..=((offset + len - 1) >> bits) {
+                *counts.entry(c).or_insert(0) += 1;
+            }
+        };
+        add(&mut counts, 0, cs);
+        let mut tables = vec![(self.header.l1_table_offset, self.header.l1_size)];
+        if self.header.nb_snapshots > 0 {
+            let table_len: u64 = self
+                .snapshots
+                .iter()
+                .map(|s| {
+                    (40 + s.extra_data.len() + s.id.len() + s.name.len()).next_multiple_of(8) as u64
+                })
+                .sum();
+            add(&mut counts, self.header.snapshots_offset, table_len);
+            tables.extend(
+                self.snapshots
+                    .iter()
+                    .map(|s| (s.l1_table_offset, s.l1_size)),
+            );
+        }
+        for (l1_offset, l1_size) in tables {
+            add(&mut counts, l1_offset, u64::from(l1_size) * 8);
+            let l1 = super::read_l1(&self.name, &*self.file, l1_offset, l1_size)?;
+            for (i, &entry) in l1.iter().enumerate() {
+                let Some(l2_offset) = self
+                    .geometry
+                    .l1_entry(i as u64, entry)
+                    .map_err(|e| Error::format(&self.name, e))?
+                else {
+                    continue;
+                };
+                add(&mut counts, l2_offset, cs);
+                let table = self.read_l2_words(l2_offset)?;
+                for (index, &entry) in table.iter().enumerate() {
+                    match self
+                        .geometry
+                        .l2_mapping(index as u64, entry, 0, 0)
+                        .map_err(|e| Error::format(&self.name, e))?
+                    {
+                        L2Mapping::Data { host } | L2Mapping::Zero { host: Some(host) } => {
+                            add(&mut counts, host, cs)
+                        }
+                        L2Mapping::Compressed { host, len } => add(&mut counts, host, len),
+                        L2Mapping::Zero { host: None } | L2Mapping::Unallocated { .. } => {}
+                    }
+                }
+            }
+        }
+        self.write_rebuilt_refcounts(&counts)?;
+        self.fix_copied_flags(&counts)?;
+        // The refcounts are consistent again: clear the dirty bit.
+        self.header.incompatible_features &= !INCOMPAT_DIRTY;
+        if self.header.version >= 3 {
+            let at = super::write::INCOMPATIBLE_FEATURES_AT;
+            self.file
+                .write_at(&self.header.incompatible_features.to_be_bytes(), at)
+                .map_err(|e| Error::io(&self.name, "clearing the dirty bit", at, e))?;
+        }
+        self.file
+            .flush()
+            .map_err(|e| Error::io(&self.name, "flushing", 0, e))
+    }
+
+    fn read_l2_words(&self, offset: u64) -> Result<Vec<u64>> {
+        let cs = self.header.cluster_size();
+        if offset.saturating_add(cs) > self.file_len() {
+            return Err(Error::Corrupt {
+                image: self.name.clone(),
+                table: "L2 table",
+                offset,
+                reason: "past the end of the file".into(),
+            });
+        }
+        // One cluster: at most 2 MiB.
+        let mut bytes = vec![0u8; cs as usize];
+        self.file
+            .read_at(&mut bytes, offset)
+            .map_err(|e| Error::io(&self.name, "reading an L2 table", offset, e))?;
+        Ok(decode_be_words(&bytes))
+    }
+
+    /// Writes refcount blocks and a table holding `counts` (plus their own
+    /// clusters) past the last referenced cluster, then points the header
+    /// at them.
+    fn write_rebuilt_refcounts(&mut self, counts: &Counts) -> Result<()> {
+        let bits = self.header.cluster_bits;
+        let cs = self.header.cluster_size();
+        let order = self.header.refcount_order;
+        let per_block = cs * 8 / (1u64 << order);
+        let used_end = counts.keys().max().map_or(1, |m| m + 1);
+        let start = used_end.max(self.file_len().div_ceil(cs));
+        let (mut table_clusters, mut blocks) = (1u64, 1u64);
+        loop {
+            let end = start + table_clusters + blocks;
+            let b = end.div_ceil(per_block);
+            let t = (b * 8).div_ceil(cs);
+            if (b, t) == (blocks, table_clusters) {
+                break;
+            }
+            (blocks, table_clusters) = (b, t);
+        }
+        if table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::format(
+                &self.name,
+                qcow_format::FormatError::TooLarge {
+                    structure: "refcount table",
+                    size: table_clusters * cs,
+                    limit: MAX_REFCOUNT_TABLE_BYTES,
+                },
+            ));
+        }
+        let table_start = start;
+        let blocks_start = start + table_clusters;
+        let max = if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << order)) - 1
+        };
+        for block in 0..blocks {
+            // One cluster per block.
+            let mut bytes = vec![0u8; cs as usize];
+            for i in 0..per_block {
+                let c = block * per_block + i;
+                let own = u64::from(c >= table_start && c < blocks_start + blocks);
+                let n = counts.get(&c).copied().unwrap_or(0) + own;
+                if n > max {
+                    return Err(Error::RefcountOverflow {
+                        image: self.name.clone(),
+                        cluster: c << bits,
+                        max,
+                    });
+                }
+                if n > 0 {
+                    refcount_set(&mut bytes, i, order, n);
+                }
+            }
+            let at = (blocks_start + block) << bits;
+            self.file
+                .write_at(&bytes, at)
+                .map_err(|e| Error::io(&self.name, "writing a refcount block", at, e))?;
+        }
+        let table: Vec<u8> = (0..blocks)
+            .flat_map(|b| ((blocks_start + b) << bits).to_be_bytes())
+            .collect();
+        let table_offset = table_start << bits;
+        self.file
+            .write_at(&table, table_offset)
+            .map_err(|e| Error::io(&self.name, "writing the refcount table", table_offset, e))?;
+        self.file
+            .flush()
+            .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
+        // Bounded by MAX_REFCOUNT_TABLE_BYTES above.
+        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.file
+            .write_at(&fields, super::write::REFCOUNT_TABLE_AT)
+            .map_err(|e| {
+                Error::io(
+                    &self.name,
+                    "writing the header",
+                    super::write::REFCOUNT_TABLE_AT,
+                    e,
+                )
+            })?;
+        self.header.refcount_table_offset = table_offset;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        let end = (blocks_start + blocks) << bits;
+        self.file
+            .set_len(end.max(self.file_len()))
+            .map_err(|e| Error::io(&self.name, "sizing the file", end, e))?;
+        self.file_len
+            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Sets `OFLAG_COPIED` on active L1 and L2 entries exactly when their
+    /// cluster is referenced once.
+    fn fix_copied_flags(&mut self, counts: &Counts) -> Result<()> {
+        let bits = self.header.cluster_bits;
+        let copied = |offset: u64| counts.get(&(offset >> bits)).copied() == Some(1);
+        let l1_offset = self.header.l1_table_offset;
+        for i in 0..self.l1.len() {
+            let entry = self.l1_entry(i as u64);
+            let l2_offset = entry & OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
+            }
+            let mut table = self.read_l2_words(l2_offset)?;
+            let mut changed = false;
+            for word in table.iter_mut() {
+                let host = *word & OFFSET_MASK;
+                let compressed = *word & qcow_format::table::OFLAG_COMPRESSED != 0;
+                if host == 0 || compressed {
+                    continue;
+                }
+                let want = if copied(host) { OFLAG_COPIED } else { 0 };
+                if *word & OFLAG_COPIED != want {
+                    *word = (*word & !OFLAG_COPIED) | want;
+                    changed = true;
+                }
+            }
+            if changed {
+                let bytes: Vec<u8> = table.iter().flat_map(|w| w.to_be_bytes()).collect();
+                self.file
+                    .write_at(&bytes, l2_offset)
+                    .map_err(|e| Error::io(&self.name, "writing an L2 table", l2_offset, e))?;
+                self.l2_cache.remove(l2_offset);
+            }
+            let want = if copied(l2_offset) { OFLAG_COPIED } else { 0 };
+            if entry & OFLAG_COPIED != want {
+                let new = (entry & !OFLAG_COPIED) | want;
+                let at = l1_offset + i as u64 * 8;
+                self.file
+                    .write_at(&new.to_be_bytes(), at)
+                    .map_err(|e| Error::io(&self.name, "writing the L1 table", at, e))?;
+                self.l1[i].store(new, std::sync::atomic::Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+}
