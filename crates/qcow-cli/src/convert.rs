@@ -57,6 +57,10 @@ pub(crate) struct ConvertArgs {
     /// qcow2 output is always written in order.
     #[arg(short = 'W')]
     unordered: bool,
+    /// Output cache mode: `unsafe` (the default, as qemu-img's convert:
+    /// no sync at the end) or `writeback` (sync the output when done).
+    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe")]
+    cache: String,
     #[command(flatten)]
     open: OpenFlags,
     /// Source image.
@@ -94,14 +98,35 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .clamp(1, 16);
     let progress = args.progress.then(|| progress_bar(size));
+    let sync = match args.cache.as_str() {
+        "unsafe" => false,
+        "writeback" | "writethrough" | "none" | "directsync" => true,
+        other => bail!("invalid cache mode {other:?}"),
+    };
     match args.output_format.as_str() {
         "raw" => {
             if args.compress {
                 bail!("compression is not supported for raw output");
             }
-            to_raw(args, &source, size, sparse, workers, progress.as_ref())?;
+            to_raw(
+                args,
+                &source,
+                size,
+                sparse,
+                workers,
+                progress.as_ref(),
+                sync,
+            )?;
         }
-        "qcow2" => to_qcow2(args, &source, size, sparse, workers, progress.as_ref())?,
+        "qcow2" => to_qcow2(
+            args,
+            &source,
+            size,
+            sparse,
+            workers,
+            progress.as_ref(),
+            sync,
+        )?,
         other => bail!("output format {other:?} is not supported yet (raw or qcow2)"),
     }
     if let Some(bar) = progress {
@@ -117,12 +142,16 @@ fn to_raw(
     sparse: usize,
     workers: usize,
     progress: Option<&indicatif::ProgressBar>,
+    sync: bool,
 ) -> Result<()> {
     if !args.options.is_empty() {
         bail!("raw output takes no -o options");
     }
-    let dest = FileStorage::create(&args.dest)
+    let mut dest = FileStorage::create(&args.dest)
         .with_context(|| format!("could not create '{}'", args.dest.display()))?;
+    if !sync {
+        dest = dest.without_sync();
+    }
     // Devices (and /dev/null) keep their size; regular files take the disk's.
     let regular = std::fs::metadata(&args.dest).is_ok_and(|m| m.is_file());
     if regular {
@@ -165,6 +194,7 @@ fn to_qcow2(
     sparse: usize,
     workers: usize,
     progress: Option<&indicatif::ProgressBar>,
+    sync: bool,
 ) -> Result<()> {
     let list = OptionList::parse(&args.options)?;
     let options = list.qcow2_options(size)?;
@@ -176,6 +206,7 @@ fn to_qcow2(
         &args.dest,
         &OpenOptions {
             writable: true,
+            sync,
             format: Some(qcow::ImageFormat::Qcow2),
             ..OpenOptions::default()
         },

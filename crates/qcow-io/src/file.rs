@@ -13,32 +13,58 @@ use crate::{Storage, StorageExtent};
 pub struct FileStorage {
     file: File,
     writable: bool,
+    /// Whether `flush` reaches stable storage (`false`: qemu-img's
+    /// `cache=unsafe`, for scratch outputs).
+    durable: bool,
 }
 
 impl FileStorage {
     /// Opens an existing file, read-only or read-write.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        Ok(FileStorage { file, writable })
+        Ok(FileStorage {
+            file,
+            writable,
+            durable: true,
+        })
     }
 
     /// Creates (or truncates) a file for reading and writing.
+    ///
+    /// The file is truncated through one handle and written through a
+    /// second: file systems such as ext4 flush a file that was truncated to
+    /// zero and rewritten when the truncating handle closes (to protect
+    /// replace-by-truncate patterns), which would stall the close of a
+    /// freshly written multi-GiB output.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
+        OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
         Ok(FileStorage {
             file,
             writable: true,
+            durable: true,
         })
     }
 
     /// Wraps an open file.
     pub fn from_file(file: File, writable: bool) -> Self {
-        FileStorage { file, writable }
+        FileStorage {
+            file,
+            writable,
+            durable: true,
+        }
+    }
+
+    /// Makes `flush` a no-op, as qemu-img's `cache=unsafe` does for convert
+    /// outputs: data reaches the page cache, and the disk when the system
+    /// writes it back. For files whose loss on a crash does not matter.
+    pub fn without_sync(mut self) -> Self {
+        self.durable = false;
+        self
     }
 
     /// Whether the file was opened for writing.
@@ -84,7 +110,11 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_all()
+        if self.durable {
+            self.file.sync_all()
+        } else {
+            Ok(())
+        }
     }
 
     /// Finds holes with `SEEK_DATA`/`SEEK_HOLE`. The file position moves,

@@ -130,7 +130,15 @@ fn open_layer(
     }
     // Only the named image is ever opened for writing.
     let writable = top && options.writable;
-    let storage = open_storage_mode(path, writable)?;
+    let storage = if writable && !options.sync {
+        let file = FileStorage::open(path, true).map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Arc::new(file.without_sync()) as Arc<dyn Storage>
+    } else {
+        open_storage_mode(path, writable)?
+    };
     if let Ok(canonical) = path.canonicalize() {
         seen.insert(canonical);
     }

@@ -35,6 +35,10 @@ pub struct OpenOptions {
     pub snapshot: Option<String>,
     /// Open the named image for writing (backing files stay read-only).
     pub writable: bool,
+    /// Whether flushes reach stable storage; `false` is qemu-img's
+    /// `cache=unsafe` (the default of its `convert`), for outputs a crash
+    /// may lose.
+    pub sync: bool,
 }
 
 impl Default for OpenOptions {
@@ -48,6 +52,7 @@ impl Default for OpenOptions {
             cache_bytes: None,
             snapshot: None,
             writable: false,
+            sync: true,
         }
     }
 }

@@ -255,11 +255,59 @@ impl Qcow2Image {
             let piece = &buf[done..done + n];
             match self.in_place_host(guest)? {
                 Some(host) => self.write_data(piece, host + in_cluster)?,
+                None if in_cluster == 0 && n as u64 == cluster_size => {
+                    // Whole clusters need no copy-on-write: allocate the run
+                    // of them together and write it with one call.
+                    let written = self.write_new_clusters(&buf[done..], guest)?;
+                    done += written;
+                    continue;
+                }
                 None => self.write_allocating(piece, guest)?,
             }
             done += n;
         }
         Ok(())
+    }
+
+    /// Writes the whole clusters at the start of `data` (at least one, all
+    /// within one L2 table, none owned by the image) into newly allocated
+    /// contiguous clusters. Returns the bytes written.
+    fn write_new_clusters(&self, data: &[u8], guest: u64) -> Result<usize> {
+        let cluster_size = self.header.cluster_size();
+        let mut meta = self.lock_meta()?;
+        self.mark_dirty()?;
+        let entries = self.header.l2_entries();
+        let left_in_table = entries - (guest >> self.header.cluster_bits) % entries;
+        let mut count = 0u64;
+        let whole = data.len() as u64 / cluster_size;
+        while count < whole.min(left_in_table) {
+            if self.in_place_host(guest + count * cluster_size)?.is_some() {
+                break;
+            }
+            count += 1;
+        }
+        if count == 0 {
+            // Allocated by another writer meanwhile: an in-place write.
+            drop(meta);
+            let n = cluster_size as usize;
+            self.write_range(&data[..n], guest)?;
+            return Ok(n);
+        }
+        let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+        let host = self.alloc_clusters(&mut meta, count)?;
+        let len = (count * cluster_size) as usize;
+        self.write_data(&data[..len], host)?;
+        for i in 0..count {
+            let entry = (host + i * cluster_size) | OFLAG_COPIED;
+            self.set_l2_entry(
+                &mut meta,
+                l2_offset,
+                &table,
+                guest + i * cluster_size,
+                entry,
+            )?;
+        }
+        Ok(len)
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
