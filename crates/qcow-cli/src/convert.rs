@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
+use std::sync::{Mutex, PoisonError};
 
 use anyhow::{Context, Result, bail};
 use qcow::{Allocation, BlockDevice, OpenOptions, Qcow2Image};
@@ -69,12 +70,22 @@ pub(crate) struct ConvertArgs {
     dest: PathBuf,
 }
 
-/// What a worker hands the writer for one chunk.
+/// What the writer must write for one part of a chunk.
 enum Piece {
-    /// Uncompressed bytes at a guest offset.
-    Data(u64, Vec<u8>),
-    /// One compressed cluster at a guest offset.
-    Packed(u64, Vec<u8>),
+    /// Bytes `start..end` of the chunk's buffer, at guest offset `guest`.
+    Range {
+        guest: u64,
+        start: usize,
+        end: usize,
+    },
+    /// One compressed cluster at guest offset `guest`.
+    Packed { guest: u64, bytes: Vec<u8> },
+}
+
+/// A chunk read by a worker: its buffer and what to write from it.
+struct Chunk {
+    buf: Vec<u8>,
+    pieces: Vec<Piece>,
 }
 
 /// Runs `qcow convert`.
@@ -217,38 +228,45 @@ fn to_qcow2(
     let cluster_size = options.cluster_size as usize;
     let compress = args.compress;
     let chunks = size.div_ceil(CHUNK);
-    let (tx, rx) = sync_channel::<(u64, Result<Vec<Piece>>)>(workers * 2);
+    let (tx, rx) = sync_channel::<(u64, Result<Chunk>)>(workers * 2);
+    // Buffers go back from the writer to the workers, so no chunk is
+    // copied and no fresh memory is touched per chunk.
+    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     let next = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| -> Result<()> {
         for _ in 0..workers {
             let tx = tx.clone();
-            let (next, stop, dest) = (&next, &stop, &*dest);
+            let (next, stop, dest, pool) = (&next, &stop, &*dest, &pool);
             scope.spawn(move || {
-                let mut buf = vec![0u8; CHUNK as usize];
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     if index >= chunks || stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let pieces = chunk_pieces(
+                    let buf = pool
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .pop()
+                        .unwrap_or_else(|| vec![0u8; CHUNK as usize]);
+                    let chunk = read_chunk(
                         source,
                         dest,
                         index * CHUNK,
                         ((index + 1) * CHUNK).min(size),
-                        &mut buf,
+                        buf,
                         cluster_size,
                         sparse,
                         compress,
                     );
-                    if tx.send((index, pieces)).is_err() {
+                    if tx.send((index, chunk)).is_err() {
                         return;
                     }
                 }
             });
         }
         drop(tx);
-        let result = write_in_order(&dest, rx, chunks, progress, size);
+        let result = write_in_order(&dest, rx, chunks, progress, size, &pool);
         if result.is_err() {
             stop.store(true, Ordering::Relaxed);
         }
@@ -263,25 +281,31 @@ fn to_qcow2(
 /// Receives chunks from the workers and writes them in guest order.
 fn write_in_order(
     dest: &Qcow2Image,
-    rx: std::sync::mpsc::Receiver<(u64, Result<Vec<Piece>>)>,
+    rx: std::sync::mpsc::Receiver<(u64, Result<Chunk>)>,
     chunks: u64,
     progress: Option<&indicatif::ProgressBar>,
     size: u64,
+    pool: &Mutex<Vec<Vec<u8>>>,
 ) -> Result<()> {
-    let mut waiting: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
+    let mut waiting: BTreeMap<u64, Chunk> = BTreeMap::new();
     let mut expected = 0u64;
     while expected < chunks {
-        let Ok((index, pieces)) = rx.recv() else {
+        let Ok((index, chunk)) = rx.recv() else {
             bail!("a convert worker stopped early");
         };
-        waiting.insert(index, pieces?);
-        while let Some(pieces) = waiting.remove(&expected) {
-            for piece in pieces {
+        waiting.insert(index, chunk?);
+        while let Some(chunk) = waiting.remove(&expected) {
+            for piece in &chunk.pieces {
                 match piece {
-                    Piece::Data(guest, bytes) => dest.write_at(&bytes, guest)?,
-                    Piece::Packed(guest, bytes) => dest.write_packed_cluster(&bytes, guest)?,
+                    Piece::Range { guest, start, end } => {
+                        dest.write_at(&chunk.buf[*start..*end], *guest)?
+                    }
+                    Piece::Packed { guest, bytes } => dest.write_packed_cluster(bytes, *guest)?,
                 }
             }
+            pool.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(chunk.buf);
             expected += 1;
             if let Some(bar) = progress {
                 bar.set_position((expected * CHUNK).min(size));
@@ -291,21 +315,22 @@ fn write_in_order(
     Ok(())
 }
 
-/// Reads one chunk and turns it into what the writer must write: runs of
+/// Reads one chunk into `buf` and says what the writer must write: runs of
 /// non-zero clusters, or compressed clusters.
 #[allow(clippy::too_many_arguments)]
-fn chunk_pieces(
+fn read_chunk(
     source: &dyn BlockDevice,
     dest: &Qcow2Image,
     start: u64,
     end: u64,
-    buf: &mut [u8],
+    mut buf: Vec<u8>,
     cluster_size: usize,
     sparse: usize,
     compress: bool,
-) -> Result<Vec<Piece>> {
+) -> Result<Chunk> {
     let mut pieces = Vec::new();
     let mut pos = start;
+    let mut whole = Vec::new();
     while pos < end {
         let extent = source.block_status(pos, end - pos)?;
         let len = extent.len.max(1).min(end - pos);
@@ -313,25 +338,41 @@ fn chunk_pieces(
             // Whole clusters around the extent, so each is written once.
             let from = pos - (pos - start) % cluster_size as u64;
             let to = (pos + len).next_multiple_of(cluster_size as u64).min(end);
-            let data = &mut buf[(from - start) as usize..(to - start) as usize];
-            source.read_at(data, from)?;
+            let (a, b) = ((from - start) as usize, (to - start) as usize);
+            source.read_at(&mut buf[a..b], from)?;
             if compress {
-                for (i, cluster) in data.chunks(cluster_size).enumerate() {
-                    let guest = from + (i * cluster_size) as u64;
+                for c in (a..b).step_by(cluster_size) {
+                    let cluster = &buf[c..(c + cluster_size).min(b)];
+                    let guest = start + c as u64;
                     if sparse > 0 && is_zero(cluster) {
                         continue;
                     }
-                    let mut whole = cluster.to_vec();
-                    whole.resize(cluster_size, 0);
-                    match dest.compress_cluster(&whole) {
-                        Some(packed) => pieces.push(Piece::Packed(guest, packed)),
-                        None => pieces.push(Piece::Data(guest, cluster.to_vec())),
+                    let packed = if cluster.len() == cluster_size {
+                        dest.compress_cluster(cluster)
+                    } else {
+                        // The disk's last, partial cluster: pad with zeros.
+                        whole.clear();
+                        whole.extend_from_slice(cluster);
+                        whole.resize(cluster_size, 0);
+                        dest.compress_cluster(&whole)
+                    };
+                    match packed {
+                        Some(bytes) => pieces.push(Piece::Packed { guest, bytes }),
+                        None => pieces.push(Piece::Range {
+                            guest,
+                            start: c,
+                            end: c + cluster.len(),
+                        }),
                     }
                 }
             } else {
                 let granularity = if sparse == 0 { 0 } else { cluster_size };
-                for (at, run) in nonzero_runs(data, granularity) {
-                    pieces.push(Piece::Data(from + at as u64, run.to_vec()));
+                for (at, run) in nonzero_runs(&buf[a..b], granularity) {
+                    pieces.push(Piece::Range {
+                        guest: from + at as u64,
+                        start: a + at,
+                        end: a + at + run.len(),
+                    });
                 }
             }
             pos = to;
@@ -339,7 +380,7 @@ fn chunk_pieces(
             pos += len;
         }
     }
-    Ok(pieces)
+    Ok(Chunk { buf, pieces })
 }
 
 /// Runs `work(start, end, buffer)` over every chunk of a disk of `size`

@@ -12,6 +12,7 @@ mod compare;
 mod convert;
 mod create;
 mod create_opts;
+mod dd;
 mod human;
 mod info;
 mod map;
@@ -42,6 +43,8 @@ enum Command {
     Map(map::MapArgs),
     /// Compare the contents of two images.
     Compare(compare::CompareArgs),
+    /// Copy a range of an image into a new image, with dd's operands.
+    Dd(dd::DdArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(&args),
         Command::Map(args) => map::run(&args),
         Command::Compare(args) => compare::run(&args),
+        Command::Dd(args) => dd::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -42,9 +42,9 @@ pub(crate) fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
                 *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
             }
             let c = slot.as_mut()?;
-            let mut out = vec![0u8; input.len()];
-            let n = c.compress_to_buffer(input, &mut out).ok()?;
-            out.truncate(n);
+            // Compressed into spare capacity: no zeroing of the buffer.
+            let mut out = Vec::with_capacity(input.len());
+            c.compress_to_buffer(input, &mut out).ok()?;
             Some(out)
         }),
     }

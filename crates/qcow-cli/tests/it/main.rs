@@ -472,3 +472,46 @@ fn convert_to_qcow2_passes_check_and_compare() {
         }
     }
 }
+
+#[test]
+fn dd_copies_what_qemu_img_dd_copies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for operands in [
+        vec!["bs=64k", "count=5", "skip=2"],
+        vec!["bs=4096"],
+        vec!["bs=1M", "skip=3"],
+        vec!["bs=512", "count=9000"],
+    ] {
+        for name in ["sample.qcow2", "zlib.qcow2"] {
+            let ours = dir.path().join("ours.raw");
+            let theirs = dir.path().join("theirs.raw");
+            let run_dd = |tool: fn(&[&str]) -> Output, out: &Path| {
+                let i = format!("if={name}");
+                let o = format!("of={}", out.to_str().expect("path"));
+                let mut args = vec!["dd", "-O", "raw", i.as_str(), o.as_str()];
+                args.extend(operands.iter().copied());
+                let r = tool(&args);
+                assert!(r.status.success(), "{args:?}: {r:?}");
+            };
+            run_dd(qcow, &ours);
+            run_dd(qemu_img, &theirs);
+            assert!(
+                std::fs::read(&ours).ok() == std::fs::read(&theirs).ok(),
+                "dd {operands:?} of {name} differs from qemu-img's"
+            );
+        }
+    }
+    let out = dir.path().join("dd.qcow2");
+    let o = format!("of={}", out.to_str().expect("path"));
+    let r = qcow(&[
+        "dd",
+        "-O",
+        "qcow2",
+        "if=sample.qcow2",
+        o.as_str(),
+        "bs=1M",
+        "count=4",
+    ]);
+    assert!(r.status.success(), "{r:?}");
+    assert_check_clean(&out);
+}
