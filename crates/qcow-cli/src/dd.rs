@@ -1,5 +1,6 @@
 //! `qcow dd`: qemu-img dd's operands (`if=`, `of=`, `bs=`, `count=`,
 //! `skip=`): copies a range of an image's guest contents into a new image.
+//! Like qemu-img dd, the output holds input blocks `skip..count`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,22 +69,20 @@ pub(crate) fn run(args: &DdArgs) -> Result<ExitCode> {
     let ops = parse_operands(&args.operands)?;
     let source = open_image(&ops.input, args.format.as_deref(), &args.open, None, true)?;
     let size = source.virtual_size();
+    // Skipping past the end copies nothing, as with qemu-img dd.
     let start = ops
         .skip
         .checked_mul(ops.block)
-        .context("skip is too large")?;
-    if start > size {
-        bail!(
-            "skip={} is past the end of '{}'",
-            ops.skip,
-            ops.input.display()
-        );
-    }
+        .context("skip is too large")?
+        .min(size);
+    // As qemu-img dd does, `count` blocks are counted from the start of the
+    // input, skipped ones included.
     let len = match ops.count {
         Some(n) => n
             .checked_mul(ops.block)
             .context("count is too large")?
-            .min(size - start),
+            .min(size)
+            .saturating_sub(start),
         None => size - start,
     };
     let dest: Box<dyn BlockDevice> = match args.output_format.as_str() {
