@@ -73,6 +73,7 @@ pub struct TableCache<T> {
     misses: AtomicU64,
     evictions: AtomicU64,
     write_backs: AtomicU64,
+    generation: AtomicU64,
 }
 
 impl<T> std::fmt::Debug for TableCache<T> {
@@ -129,7 +130,21 @@ impl<T> TableCache<T> {
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             write_backs: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// A counter that changes whenever a table may have left the cache or
+    /// been replaced by another (eviction, removal, replacement, clearing).
+    /// While it stays the same, a table obtained from the cache is still the
+    /// one the cache holds for its offset, so callers may keep using it
+    /// (for example in a per-thread memo) without looking it up again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Names a cache that must be flushed before any table of this one is
@@ -202,8 +217,10 @@ impl<T> TableCache<T> {
             return Err(io::Error::other("the table cache is read-only"));
         }
         let mut shard = lock(self.shard(offset));
-        if !shard.contains(&offset) {
-            self.make_room(&mut shard)?;
+        match shard.peek(&offset) {
+            None => self.make_room(&mut shard)?,
+            Some(existing) if !Arc::ptr_eq(&existing.table, &table) => self.bump(),
+            Some(_) => {}
         }
         shard.push(offset, Entry { table, dirty: true });
         Ok(())
@@ -223,6 +240,7 @@ impl<T> TableCache<T> {
             }
         }
         shard.pop_lru();
+        self.bump();
         self.evictions.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -248,7 +266,11 @@ impl<T> TableCache<T> {
     /// Drops the table at `offset` (for example when its cluster is freed),
     /// dirty or not.
     pub fn remove(&self, offset: u64) -> Option<Arc<T>> {
-        lock(self.shard(offset)).pop(&offset).map(|e| e.table)
+        let removed = lock(self.shard(offset)).pop(&offset).map(|e| e.table);
+        if removed.is_some() {
+            self.bump();
+        }
+        removed
     }
 
     /// Number of dirty tables.
@@ -272,6 +294,7 @@ impl<T> TableCache<T> {
                 shard.pop(&k);
             }
         }
+        self.bump();
     }
 
     /// Usage counters.
@@ -356,6 +379,25 @@ mod tests {
         assert!(cache.get(0).is_some());
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses, stats.evictions), (2, 1, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn generation_changes_when_tables_leave_or_are_replaced() -> io::Result<()> {
+        let log = Arc::new(Log::default());
+        let cache = writable("l2", 1, &log);
+        let g0 = cache.generation();
+        let t = cache.insert_clean(0, Arc::new(1))?;
+        cache.insert_dirty(0, t)?;
+        assert_eq!(cache.generation(), g0, "same table, same generation");
+        cache.insert_dirty(0, Arc::new(2))?;
+        let g1 = cache.generation();
+        assert_ne!(g1, g0, "replaced");
+        cache.insert_clean(512, Arc::new(3))?;
+        let g2 = cache.generation();
+        assert_ne!(g2, g1, "evicted");
+        cache.remove(512);
+        assert_ne!(cache.generation(), g2, "removed");
         Ok(())
     }
 

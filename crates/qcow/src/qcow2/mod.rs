@@ -36,6 +36,8 @@ pub(crate) type L2Table = Box<[AtomicU64]>;
 /// An open QCOW2 image.
 #[derive(Debug)]
 pub struct Qcow2Image {
+    /// Unique among the images of this process (keys per-thread memos).
+    id: u64,
     name: String,
     file: Arc<dyn Storage>,
     /// Where guest data lives: the image file, the external data file, or
@@ -92,7 +94,9 @@ impl Qcow2Image {
             (allocated_tables.max(1) << header.cluster_bits).min(DEFAULT_MAX_CACHE_BYTES)
         });
         let data = (!header.has_data_file()).then(|| file.clone());
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut image = Qcow2Image {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_owned(),
             virtual_size: header.virtual_size,
             l2_cache: TableCache::new(budget, header.cluster_size()),

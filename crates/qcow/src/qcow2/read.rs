@@ -5,6 +5,7 @@
 //! for data, consecutive host offsets, so that contiguous clusters are read
 //! with one call.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -14,6 +15,20 @@ use super::{L2Table, Qcow2Image, decode_be_words};
 use crate::compress;
 use crate::device::{Allocation, BlockDevice, Extent, ImageFormat};
 use crate::{Error, Result};
+
+thread_local! {
+    /// The L2 table this thread used last, so that a run of lookups in one
+    /// table touches no shared state but one atomic load.
+    static LAST_L2: RefCell<Option<LastTable>> = const { RefCell::new(None) };
+}
+
+/// A memo of one L2 table, valid while its image's cache generation holds.
+struct LastTable {
+    image: u64,
+    generation: u64,
+    offset: u64,
+    table: Arc<L2Table>,
+}
 
 /// A run of guest bytes with one mapping.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +72,34 @@ impl Qcow2Image {
             .map_err(|e| Error::io(&self.name, "writing back an evicted table", offset, e))
     }
 
+    /// Calls `f` with the L2 table at `offset`, from this thread's memo when
+    /// the cache has not changed since, else from the cache or the file.
+    pub(super) fn with_l2<R>(
+        &self,
+        l1_index: u64,
+        offset: u64,
+        f: impl FnOnce(&L2Table) -> R,
+    ) -> Result<R> {
+        // Read before the lookup: a change during it invalidates the memo.
+        let generation = self.l2_cache.generation();
+        LAST_L2.with(|cell| {
+            if let Some(last) = cell.borrow().as_ref() {
+                if last.image == self.id && last.generation == generation && last.offset == offset {
+                    return Ok(f(&last.table));
+                }
+            }
+            let table = self.l2_table(l1_index, offset)?;
+            let result = f(&table);
+            *cell.borrow_mut() = Some(LastTable {
+                image: self.id,
+                generation,
+                offset,
+                table,
+            });
+            Ok(result)
+        })
+    }
+
     /// Resolves the run starting at guest offset `guest`, at most `max` bytes.
     fn run_at(&self, guest: u64, max: u64) -> Result<Run> {
         let geo = &self.geometry;
@@ -73,7 +116,15 @@ impl Qcow2Image {
                 len: max.min(to_table_end),
             });
         };
-        let table = self.l2_table(l1_index, l2_offset)?;
+        self.with_l2(l1_index, l2_offset, |table| {
+            self.run_in_table(table, guest, max)
+        })?
+    }
+
+    /// The run at `guest` within one L2 table.
+    fn run_in_table(&self, table: &L2Table, guest: u64, max: u64) -> Result<Run> {
+        let geo = &self.geometry;
+        let table_span = self.header.bytes_per_l2_table();
         let unit_bits = geo.subcluster_bits();
         let unit = 1u64 << unit_bits;
         let words = geo.l2_entry_words();

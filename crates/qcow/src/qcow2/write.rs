@@ -222,11 +222,10 @@ impl Qcow2Image {
         else {
             return Ok(None);
         };
-        let table = self.l2_table(l1_index, l2_offset)?;
-        let entry = table
-            .get(geo.l2_index(guest))
-            .map_or(0, |e| e.load(Ordering::Acquire));
         let index = geo.l2_index(guest);
+        let entry = self.with_l2(l1_index, l2_offset, |table| {
+            table.get(index).map_or(0, |e| e.load(Ordering::Acquire))
+        })?;
         // Decoding validates the entry (alignment, reserved combinations).
         let mapping = geo
             .l2_mapping(index as u64, entry, 0, 0)
