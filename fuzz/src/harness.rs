@@ -380,6 +380,7 @@ fn check_extent(
             depth,
             offset: Some(host),
             compressed: false,
+            ..
         } => {
             assert_eq!(depth, 0, "no backing file was attached");
             // The read succeeded, so the data is in the image file itself

@@ -175,7 +175,7 @@ fn to_raw(
         while pos < end {
             let extent = source.block_status(pos, end - pos)?;
             let len = extent.len.max(1).min(end - pos);
-            if let Allocation::Data { .. } = extent.allocation {
+            if let Allocation::Data { zero: false, .. } = extent.allocation {
                 // len <= CHUNK == buf.len().
                 let data = &mut buf[..len as usize];
                 source.read_at(data, pos)?;
@@ -334,7 +334,7 @@ fn read_chunk(
     while pos < end {
         let extent = source.block_status(pos, end - pos)?;
         let len = extent.len.max(1).min(end - pos);
-        if let Allocation::Data { .. } = extent.allocation {
+        if let Allocation::Data { zero: false, .. } = extent.allocation {
             // Whole clusters around the extent, so each is written once.
             let from = pos - (pos - start) % cluster_size as u64;
             let to = (pos + len).next_multiple_of(cluster_size as u64).min(end);

@@ -43,7 +43,8 @@ impl MapEntry {
                 depth,
                 offset,
                 compressed,
-            } => (depth, true, false, true, compressed, offset),
+                zero,
+            } => (depth, true, zero, true, compressed, offset),
             Allocation::Zero { depth, offset } => (depth, true, true, false, false, offset),
             Allocation::Unallocated { depth, offset } => (depth, false, true, false, false, offset),
         };
@@ -99,7 +100,8 @@ pub(crate) fn run(args: &MapArgs) -> Result<ExitCode> {
     }
     let names = chain_names(&image);
     println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
-    for e in entries.iter().filter(|e| e.data) {
+    // Like qemu-img, list data that does not read as zeros.
+    for e in entries.iter().filter(|e| e.data && !e.zero) {
         let Some(offset) = e.offset else {
             bail!("File contains external, encrypted or compressed clusters.");
         };

@@ -177,6 +177,18 @@ impl Geometry {
         })
     }
 
+    /// The host bytes an L2 entry keeps in use, whatever its subclusters
+    /// say: a compressed cluster's data, or an allocated cluster (also one
+    /// that reads as zeros but keeps its space). `None` when it holds none.
+    pub fn l2_host_range(&self, entry: u64) -> Option<(u64, u64)> {
+        if entry & OFLAG_COMPRESSED != 0 {
+            return Some(self.compressed_extent(entry));
+        }
+        let offset = entry & OFFSET_MASK;
+        let allocated = offset != 0 || (self.external_data && entry & OFLAG_COPIED != 0);
+        allocated.then_some((offset, self.cluster_size()))
+    }
+
     /// The host offset and length of the compressed data of a compressed
     /// L2 entry (the "x = 62 - (cluster_bits - 8)" split).
     pub fn compressed_extent(&self, entry: u64) -> (u64, u64) {

@@ -49,6 +49,9 @@ pub enum Allocation {
         offset: Option<u64>,
         /// Whether the data is compressed.
         compressed: bool,
+        /// Whether the data's host space is a hole in its file, so that it
+        /// reads as zeros (qemu-img map's `"zero": true, "data": true`).
+        zero: bool,
     },
     /// Reads as zeros, recorded as such at `depth` of the chain.
     Zero {

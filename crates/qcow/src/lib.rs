@@ -101,10 +101,12 @@ pub(crate) fn backing_status(
                     depth,
                     offset,
                     compressed,
+                    zero,
                 } => Allocation::Data {
                     depth: depth + 1,
                     offset,
                     compressed,
+                    zero,
                 },
                 Allocation::Zero { depth, offset } => Allocation::Zero {
                     depth: depth + 1,

@@ -58,6 +58,7 @@ impl BlockDevice for RawImage {
                 depth: 0,
                 offset: Some(offset),
                 compressed: false,
+                zero: false,
             }
         } else {
             Allocation::Zero {

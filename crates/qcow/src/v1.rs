@@ -196,11 +196,13 @@ impl BlockDevice for QcowImage {
                 depth: 0,
                 offset: Some(host + (offset & (cluster_size - 1))),
                 compressed: false,
+                zero: false,
             },
             V1Mapping::Compressed { .. } => Allocation::Data {
                 depth: 0,
                 offset: None,
                 compressed: true,
+                zero: false,
             },
             V1Mapping::Unallocated => {
                 return crate::backing_status(self.backing_device()?, offset, len, None);

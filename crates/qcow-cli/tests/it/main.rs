@@ -515,3 +515,48 @@ fn dd_copies_what_qemu_img_dd_copies() {
     assert!(r.status.success(), "{r:?}");
     assert_check_clean(&out);
 }
+
+#[test]
+fn map_looks_through_holes_in_the_image_file_like_qemu_img() {
+    // A checkout may store the images sparsely: data clusters that are
+    // holes in the file read as zeros, and qemu-img map says so.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in [
+        "v2-64k.qcow2",
+        "v3-64k.qcow2",
+        "sample.qcow2",
+        "chain-mid.qcow2",
+        "chain-base.raw",
+    ] {
+        let copy = dir.path().join(name);
+        let status = Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(testdata().join(name))
+            .arg(&copy)
+            .status()
+            .expect("cp");
+        assert!(status.success());
+    }
+    for name in [
+        "v2-64k.qcow2",
+        "v3-64k.qcow2",
+        "sample.qcow2",
+        "chain-mid.qcow2",
+    ] {
+        let p = dir.path().join(name);
+        let p = p.to_str().expect("path");
+        for output in ["json", "human"] {
+            let ours = qcow(&["map", "--output", output, p]);
+            let theirs = qemu_img(&["map", "--output", output, p]);
+            assert_eq!(
+                stdout(&ours),
+                stdout(&theirs),
+                "map --output {output} {name}"
+            );
+        }
+        let out = dir.path().join("out.raw");
+        let o = out.to_str().expect("path");
+        assert!(qcow(&["convert", "-O", "raw", p, o]).status.success());
+        assert!(qemu_img(&["compare", p, o]).status.success(), "{name}");
+    }
+}

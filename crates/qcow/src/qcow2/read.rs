@@ -278,16 +278,35 @@ impl BlockDevice for Qcow2Image {
         crate::check_range(&self.name, offset, len, self.virtual_size)?;
         let run = self.run_at(offset, len)?;
         let in_unit = offset & ((1 << self.geometry.subcluster_bits()) - 1);
+        let mut len = run.len;
         let allocation = match run.mapping {
-            L2Mapping::Data { host } => Allocation::Data {
-                depth: 0,
-                offset: Some(host + in_unit),
-                compressed: false,
-            },
+            L2Mapping::Data { host } => {
+                // Like qemu-img, look through to the image file (not an
+                // external data file): a hole there reads as zeros.
+                let host = host + in_unit;
+                let extent = if self.header.has_data_file() {
+                    qcow_io::StorageExtent {
+                        data: true,
+                        len: run.len,
+                    }
+                } else {
+                    self.file
+                        .extent(host, run.len)
+                        .map_err(|e| Error::io(&self.name, "looking for holes", host, e))?
+                };
+                len = extent.len.clamp(1, run.len);
+                Allocation::Data {
+                    depth: 0,
+                    offset: Some(host),
+                    compressed: false,
+                    zero: !extent.data,
+                }
+            }
             L2Mapping::Compressed { .. } => Allocation::Data {
                 depth: 0,
                 offset: None,
                 compressed: true,
+                zero: false,
             },
             L2Mapping::Zero { host } => Allocation::Zero {
                 depth: 0,
@@ -302,10 +321,7 @@ impl BlockDevice for Qcow2Image {
                 );
             }
         };
-        Ok(Extent {
-            len: run.len,
-            allocation,
-        })
+        Ok(Extent { len, allocation })
     }
 
     fn name(&self) -> &str {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use qcow_format::header::INCOMPAT_DIRTY;
 use qcow_format::limits::MAX_REFCOUNT_TABLE_BYTES;
-use qcow_format::table::{L2Mapping, OFFSET_MASK, OFLAG_COPIED, refcount_set};
+use qcow_format::table::{OFFSET_MASK, OFLAG_COPIED, refcount_set};
 use qcow_io::Storage;
 
 use super::{Qcow2Image, decode_be_words};
@@ -73,17 +73,15 @@ impl Qcow2Image {
                 };
                 add(&mut counts, l2_offset, cs);
                 let table = self.read_l2_words(l2_offset)?;
-                for (index, &entry) in table.iter().enumerate() {
-                    match self
-                        .geometry
-                        .l2_mapping(index as u64, entry, 0, 0)
-                        .map_err(|e| Error::format(&self.name, e))?
-                    {
-                        L2Mapping::Data { host } | L2Mapping::Zero { host: Some(host) } => {
-                            add(&mut counts, host, cs)
-                        }
-                        L2Mapping::Compressed { host, len } => add(&mut counts, host, len),
-                        L2Mapping::Zero { host: None } | L2Mapping::Unallocated { .. } => {}
+                let words = self.geometry.l2_entry_words();
+                for (index, entry) in table.chunks(words).enumerate() {
+                    let bitmap = entry.get(1).copied().unwrap_or(0);
+                    // Decoding validates the entry.
+                    self.geometry
+                        .l2_mapping(index as u64, entry[0], bitmap, 0)
+                        .map_err(|e| Error::format(&self.name, e))?;
+                    if let Some((host, len)) = self.geometry.l2_host_range(entry[0]) {
+                        add(&mut counts, host, len);
                     }
                 }
             }
@@ -230,7 +228,8 @@ impl Qcow2Image {
             }
             let mut table = self.read_l2_words(l2_offset)?;
             let mut changed = false;
-            for word in table.iter_mut() {
+            let words = self.geometry.l2_entry_words();
+            for word in table.iter_mut().step_by(words) {
                 let host = *word & OFFSET_MASK;
                 let compressed = *word & qcow_format::table::OFLAG_COMPRESSED != 0;
                 if host == 0 || compressed {

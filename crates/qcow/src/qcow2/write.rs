@@ -25,6 +25,11 @@ use super::{L2Table, Qcow2Image, decode_be_words};
 use crate::device::BlockDevice;
 use crate::{Error, Result};
 
+/// Extended L2 bitmap: every subcluster allocated.
+const ALL_ALLOCATED: u64 = 0xffff_ffff;
+/// Extended L2 bitmap: every subcluster reads as zeros.
+const ALL_ZERO: u64 = 0xffff_ffff << 32;
+
 /// Offset of the header's refcount table offset and cluster count.
 pub(super) const REFCOUNT_TABLE_AT: u64 = 48;
 /// Offset of the version 3 header's incompatible feature bits.
@@ -79,9 +84,6 @@ impl Qcow2Image {
             return Err(Error::MarkedCorrupt {
                 image: self.name.clone(),
             });
-        }
-        if self.header.extended_l2() {
-            return Err(unsupported("writing an image with extended L2 entries"));
         }
         if self.header.has_data_file() {
             return Err(unsupported("writing an image with an external data file"));
@@ -223,15 +225,21 @@ impl Qcow2Image {
             return Ok(None);
         };
         let index = geo.l2_index(guest);
-        let entry = self.with_l2(l1_index, l2_offset, |table| {
-            table.get(index).map_or(0, |e| e.load(Ordering::Acquire))
+        let words = geo.l2_entry_words();
+        let (entry, bitmap) = self.with_l2(l1_index, l2_offset, |table| {
+            let word = |i: usize| table.get(i).map_or(0, |e| e.load(Ordering::Acquire));
+            let bitmap = if words == 2 { word(index * 2 + 1) } else { 0 };
+            (word(index * words), bitmap)
         })?;
         // Decoding validates the entry (alignment, reserved combinations).
         let mapping = geo
-            .l2_mapping(index as u64, entry, 0, 0)
+            .l2_mapping(index as u64, entry, bitmap, 0)
             .map_err(|e| Error::format(&self.name, e))?;
+        // With extended L2, only a cluster whose every subcluster is
+        // allocated can take any write in place.
+        let whole = words == 1 || bitmap & ALL_ALLOCATED == ALL_ALLOCATED;
         Ok(match mapping {
-            L2Mapping::Data { host } if entry & OFLAG_COPIED != 0 => Some(host),
+            L2Mapping::Data { host } if entry & OFLAG_COPIED != 0 && whole => Some(host),
             _ => None,
         })
     }
@@ -252,6 +260,11 @@ impl Qcow2Image {
             let in_cluster = self.geometry.in_cluster(guest);
             let n = (cluster_size - in_cluster).min((buf.len() - done) as u64) as usize;
             let piece = &buf[done..done + n];
+            if self.geometry.extended_l2 && n as u64 != cluster_size {
+                self.write_subclusters(piece, guest)?;
+                done += n;
+                continue;
+            }
             match self.in_place_host(guest)? {
                 Some(host) => self.write_data(piece, host + in_cluster)?,
                 None if in_cluster == 0 && n as u64 == cluster_size => {
@@ -296,17 +309,88 @@ impl Qcow2Image {
         let host = self.alloc_clusters(&mut meta, count)?;
         let len = (count * cluster_size) as usize;
         self.write_data(&data[..len], host)?;
+        // With extended L2 every subcluster of a whole cluster is written.
+        let bitmap = if self.geometry.extended_l2 {
+            ALL_ALLOCATED
+        } else {
+            0
+        };
         for i in 0..count {
             let entry = (host + i * cluster_size) | OFLAG_COPIED;
-            self.set_l2_entry(
+            let at = guest + i * cluster_size;
+            self.set_l2_words(&mut meta, l2_offset, &table, at, entry, bitmap)?;
+        }
+        Ok(len)
+    }
+
+    /// Writes a piece of one cluster of an image with extended L2 entries:
+    /// the subclusters it touches are written (filled from what they read
+    /// now where the piece covers them partly) and marked allocated; the
+    /// others keep their state. A compressed or shared cluster is copied
+    /// whole into a new one.
+    fn write_subclusters(&self, piece: &[u8], guest: u64) -> Result<()> {
+        let mut meta = self.lock_meta()?;
+        self.mark_dirty()?;
+        let geo = self.geometry;
+        let cluster_size = self.header.cluster_size();
+        let sc_bits = geo.subcluster_bits();
+        let in_cluster = geo.in_cluster(guest);
+        let cluster_start = guest - in_cluster;
+        let visible = (self.virtual_size - cluster_start).min(cluster_size);
+        let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+        let index = geo.l2_index(guest) * 2;
+        let word = |i: usize| table.get(i).map_or(0, |w| w.load(Ordering::Acquire));
+        let (entry, bitmap) = (word(index), word(index + 1));
+        // Validates the entry (alignment, contradictory bitmaps).
+        geo.l2_mapping(index as u64 / 2, entry, bitmap, 0)
+            .map_err(|e| Error::format(&self.name, e))?;
+        let first = in_cluster >> sc_bits;
+        let last = (in_cluster + piece.len() as u64 - 1) >> sc_bits;
+        let touched = ((1u64 << (last - first + 1)) - 1) << first;
+        let host = entry & OFFSET_MASK;
+        let owned = entry & OFLAG_COPIED != 0 && entry & OFLAG_COMPRESSED == 0 && host != 0;
+        let fresh = entry & OFLAG_COMPRESSED == 0 && host == 0;
+        if owned || fresh {
+            // Only the touched subclusters are written.
+            let span_start = first << sc_bits;
+            let span_end = ((last + 1) << sc_bits).min(visible);
+            // At most one cluster: 2 MiB.
+            let mut span = vec![0u8; (span_end - span_start) as usize];
+            self.read_at(&mut span, cluster_start + span_start)?;
+            let at = (in_cluster - span_start) as usize;
+            span[at..at + piece.len()].copy_from_slice(piece);
+            let target = if owned {
+                host
+            } else {
+                self.alloc_clusters(&mut meta, 1)?
+            };
+            self.write_data(&span, target + span_start)?;
+            let new_bitmap = (bitmap | touched) & !(touched << 32);
+            return self.set_l2_words(
                 &mut meta,
                 l2_offset,
                 &table,
-                guest + i * cluster_size,
-                entry,
-            )?;
+                guest,
+                target | OFLAG_COPIED,
+                new_bitmap,
+            );
         }
-        Ok(len)
+        // Compressed, or shared with a snapshot: copy the whole cluster.
+        // One cluster: at most 2 MiB.
+        let mut cluster = vec![0u8; cluster_size as usize];
+        self.read_at(&mut cluster[..visible as usize], cluster_start)?;
+        let at = in_cluster as usize;
+        cluster[at..at + piece.len()].copy_from_slice(piece);
+        let target = self.alloc_clusters(&mut meta, 1)?;
+        self.write_data(&cluster, target)?;
+        self.set_l2_words(
+            &mut meta,
+            l2_offset,
+            &table,
+            guest,
+            target | OFLAG_COPIED,
+            ALL_ALLOCATED,
+        )
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
@@ -354,34 +438,49 @@ impl Qcow2Image {
         guest: u64,
         entry: u64,
     ) -> Result<()> {
-        let index = self.geometry.l2_index(guest);
-        let slot = table.get(index).ok_or_else(|| Error::Corrupt {
+        self.set_l2_words(meta, l2_offset, table, guest, entry, 0)
+    }
+
+    /// Sets the L2 entry of `guest` (and, with extended L2, its subcluster
+    /// bitmap), releasing once the table is on disk whatever host space the
+    /// old entry held that the new one does not.
+    fn set_l2_words(
+        &self,
+        meta: &mut Meta,
+        l2_offset: u64,
+        table: &Arc<L2Table>,
+        guest: u64,
+        entry: u64,
+        bitmap: u64,
+    ) -> Result<()> {
+        let words = self.geometry.l2_entry_words();
+        let index = self.geometry.l2_index(guest) * words;
+        let out_of_range = || Error::Corrupt {
             image: self.name.clone(),
             table: "L2 table",
             offset: l2_offset,
             reason: format!("index {index} out of range"),
-        })?;
+        };
+        let slot = table.get(index).ok_or_else(out_of_range)?;
+        if words == 2 {
+            table
+                .get(index + 1)
+                .ok_or_else(out_of_range)?
+                .store(bitmap, Ordering::Release);
+        }
         let old = slot.swap(entry, Ordering::AcqRel);
         self.l2_cache
             .insert_dirty(l2_offset, table.clone())
             .map_err(|e| Error::io(&self.name, "writing back an L2 table", l2_offset, e))?;
-        let mapping = self
-            .geometry
-            .l2_mapping(index as u64, old, 0, 0)
-            .map_err(|e| Error::format(&self.name, e))?;
-        match mapping {
-            L2Mapping::Data { host } | L2Mapping::Zero { host: Some(host) } => {
-                meta.pending_frees.push(host);
+        let kept = self.geometry.l2_host_range(entry);
+        if let Some((host, len)) = self.geometry.l2_host_range(old) {
+            if kept.map(|(h, _)| h) == Some(host) {
+                return Ok(());
             }
-            L2Mapping::Compressed { host, len } => {
-                let bits = self.header.cluster_bits;
-                let first = host >> bits;
-                let last = (host + len - 1) >> bits;
-                for cluster in first..=last {
-                    meta.pending_frees.push(cluster << bits);
-                }
+            let bits = self.header.cluster_bits;
+            for cluster in (host >> bits)..=((host + len - 1) >> bits) {
+                meta.pending_frees.push(cluster << bits);
             }
-            L2Mapping::Zero { host: None } | L2Mapping::Unallocated { .. } => {}
         }
         Ok(())
     }
@@ -405,10 +504,16 @@ impl Qcow2Image {
             Some(offset) => {
                 // Shared with a snapshot: copy it. Its clusters stay shared
                 // (their refcounts already count both views).
+                // Only entry words carry the flag (not subcluster bitmaps).
                 let old = self.l2_table(l1_index, offset)?;
+                let words = geo.l2_entry_words();
                 Arc::new(
                     old.iter()
-                        .map(|e| AtomicU64::new(e.load(Ordering::Acquire) & !OFLAG_COPIED))
+                        .enumerate()
+                        .map(|(i, e)| {
+                            let w = e.load(Ordering::Acquire);
+                            AtomicU64::new(if i % words == 0 { w & !OFLAG_COPIED } else { w })
+                        })
                         .collect(),
                 )
             }
@@ -580,6 +685,11 @@ impl Qcow2Image {
             }
             let mut meta = self.lock_meta()?;
             self.mark_dirty()?;
+            if self.geometry.extended_l2 {
+                // Every subcluster reads as zeros; the space is released.
+                let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+                return self.set_l2_words(&mut meta, l2_offset, &table, guest, 0, ALL_ZERO);
+            }
             let owned = self.in_place_host(guest)?;
             let entry = match owned {
                 Some(host) if !unmap && self.header.version >= 3 => host | OFLAG_COPIED | 1,

@@ -48,6 +48,7 @@ struct Config {
     refcount_bits: u32,
     backing: bool,
     zstd: bool,
+    extended_l2: bool,
 }
 
 fn config() -> impl Strategy<Value = Config> {
@@ -57,14 +58,16 @@ fn config() -> impl Strategy<Value = Config> {
         prop_oneof![Just(1u32), Just(8), Just(16), Just(64)],
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(cluster_bits, version, refcount_bits, backing, zstd)| Config {
+            |(cluster_bits, version, refcount_bits, backing, zstd, extended)| Config {
                 cluster_bits,
                 version,
                 refcount_bits: if version == 2 { 16 } else { refcount_bits },
                 backing,
                 zstd: zstd && version == 3,
+                extended_l2: extended && version == 3 && cluster_bits >= 14,
             },
         )
 }
@@ -112,6 +115,7 @@ fn run(config: &Config, ops: &[Op]) {
     if config.zstd {
         options.compression_type = CompressionType::Zstd;
     }
+    options.extended_l2 = config.extended_l2;
     if config.backing {
         let base = dir.path().join("base.raw");
         model = pattern(1, SIZE as usize, 0);

@@ -238,35 +238,39 @@ fn writes_over_qemu_written_images_with_compression_snapshots_and_backing() {
             "snapshot changed by writes to the active layer"
         );
     }
-    // An overlay over a qcow2 backing file: partial writes copy from it.
+    // Overlays over a qcow2 backing file: partial writes copy from it
+    // (per subcluster with extended L2).
     let backing = d.join("q0.qcow2");
-    let top = d.join("top.qcow2");
-    let mut options = CreateOptions::new(5 << 20);
-    options.backing_file = Some("q0.qcow2".into());
-    options.backing_format = Some("qcow2".into());
-    drop(create(&top, &options));
-    let mut m = qemu_raw(&backing, &[]);
-    m.resize(5 << 20, 0);
-    let image = qcow::open(
-        &top,
-        &OpenOptions {
-            writable: true,
-            ..OpenOptions::trusted()
-        },
-    )
-    .expect("open overlay");
-    let mut rng = Rng::new(5);
-    for _ in 0..100 {
-        let len = 1 + rng.below(100_000);
-        let off = rng.below((5 << 20) - len);
-        let mut data = vec![0u8; len as usize];
-        rng.fill(&mut data);
-        image.write_at(&data, off).expect("write");
-        m[off as usize..(off + len) as usize].copy_from_slice(&data);
+    for extended in [false, true] {
+        let top = d.join(format!("top-{extended}.qcow2"));
+        let mut options = CreateOptions::new(5 << 20);
+        options.backing_file = Some("q0.qcow2".into());
+        options.backing_format = Some("qcow2".into());
+        options.extended_l2 = extended;
+        drop(create(&top, &options));
+        let mut m = qemu_raw(&backing, &[]);
+        m.resize(5 << 20, 0);
+        let image = qcow::open(
+            &top,
+            &OpenOptions {
+                writable: true,
+                ..OpenOptions::trusted()
+            },
+        )
+        .expect("open overlay");
+        let mut rng = Rng::new(5);
+        for _ in 0..100 {
+            let len = 1 + rng.below(100_000);
+            let off = rng.below((5 << 20) - len);
+            let mut data = vec![0u8; len as usize];
+            rng.fill(&mut data);
+            image.write_at(&data, off).expect("write");
+            m[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        image.flush().expect("flush");
+        drop(image);
+        verify(&top, &m, &OpenOptions::trusted());
     }
-    image.flush().expect("flush");
-    drop(image);
-    verify(&top, &m, &OpenOptions::trusted());
 }
 
 #[test]
