@@ -117,6 +117,11 @@ impl Storage for FileStorage {
         }
     }
 
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(Some(self.file.metadata()?.blocks() * 512))
+    }
+
     /// Finds holes with `SEEK_DATA`/`SEEK_HOLE`. The file position moves,
     /// which nothing here depends on (all I/O is positional).
     fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {

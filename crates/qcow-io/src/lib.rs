@@ -56,6 +56,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(StorageExtent { data: true, len })
     }
 
+    /// Bytes the storage really occupies (a sparse file's allocated
+    /// blocks), when known. The default does not know.
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// Makes the range read as zeros. The default writes zeros.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
@@ -101,6 +107,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {
         (**self).extent(offset, len)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_size()
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)

@@ -168,7 +168,10 @@ fn open_layer(
                     name: "(no name recorded)".into(),
                 })?;
                 let data_path = relative_to(path, &data_name);
-                image.attach_data_file(open_storage(&data_path)?, data_path.display().to_string());
+                image.attach_data_file(
+                    open_storage_mode(&data_path, writable)?,
+                    data_path.display().to_string(),
+                );
             }
             if let Some(backing) = image.header().backing_file.clone() {
                 if options.follow_backing {

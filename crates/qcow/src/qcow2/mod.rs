@@ -57,6 +57,9 @@ pub struct Qcow2Image {
     bitmaps: Vec<BitmapEntry>,
     /// The image file's length; grows as clusters are allocated.
     file_len: AtomicU64,
+    /// Whether clusters look preallocated (the file is much sparser than
+    /// its refcounts say), decided on the first block status query.
+    sparse_file: std::sync::OnceLock<bool>,
     snapshot: Option<String>,
 }
 
@@ -110,6 +113,7 @@ impl Qcow2Image {
             snapshots: Vec::new(),
             bitmaps: Vec::new(),
             file_len: AtomicU64::new(file_len),
+            sparse_file: std::sync::OnceLock::new(),
             snapshot: None,
             header,
         };

@@ -100,6 +100,65 @@ impl Qcow2Image {
         })
     }
 
+    /// Whether data clusters may be holes in the file (metadata
+    /// preallocation), so that block status must look through to the file.
+    /// Decided once, as qemu-img decides it: when more clusters are
+    /// refcounted than the file really occupies (with a 10% margin).
+    fn looks_preallocated(&self) -> Result<bool> {
+        if let Some(&known) = self.sparse_file.get() {
+            return Ok(known);
+        }
+        let answer = self.count_preallocation()?;
+        Ok(*self.sparse_file.get_or_init(|| answer))
+    }
+
+    fn count_preallocation(&self) -> Result<bool> {
+        let Some(real) = self
+            .file
+            .allocated_size()
+            .map_err(|e| Error::io(&self.name, "reading the file's allocation", 0, e))?
+        else {
+            return Ok(false);
+        };
+        let cluster_size = self.header.cluster_size();
+        let real_clusters = real / cluster_size;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = self.file_len().div_ceil(cluster_size);
+        let order = self.header.refcount_order;
+        let per_block = (cluster_size * 8) >> order;
+        let table_offset = self.header.refcount_table_offset;
+        let table_len = u64::from(self.header.refcount_table_clusters) * cluster_size;
+        // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
+        let mut table = vec![0u8; table_len as usize];
+        self.file
+            .read_at(&mut table, table_offset)
+            .map_err(|e| Error::io(&self.name, "reading the refcount table", table_offset, e))?;
+        let mut block = vec![0u8; cluster_size as usize];
+        let mut allocated = 0u64;
+        for (i, entry) in decode_be_words(&table).into_iter().enumerate() {
+            let first = i as u64 * per_block;
+            if first >= end_cluster {
+                break;
+            }
+            let offset = entry & !0x1ff;
+            if offset == 0 {
+                continue;
+            }
+            self.file
+                .read_at(&mut block, offset)
+                .map_err(|e| Error::io(&self.name, "reading a refcount block", offset, e))?;
+            for index in 0..per_block.min(end_cluster - first) {
+                if qcow_format::table::refcount_get(&block, index, order).unwrap_or(0) > 0 {
+                    allocated += 1;
+                    if allocated > threshold {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Resolves the run starting at guest offset `guest`, at most `max` bytes.
     fn run_at(&self, guest: u64, max: u64) -> Result<Run> {
         let geo = &self.geometry;
@@ -226,7 +285,7 @@ impl Qcow2Image {
         crate::read_backing(self.backing_device()?, out, guest)
     }
 
-    fn data_storage(&self) -> Result<&dyn qcow_io::Storage> {
+    pub(super) fn data_storage(&self) -> Result<&dyn qcow_io::Storage> {
         self.data.as_deref().ok_or_else(|| Error::NotOpened {
             image: self.name.clone(),
             what: "external data file",
@@ -284,7 +343,7 @@ impl BlockDevice for Qcow2Image {
                 // Like qemu-img, look through to the image file (not an
                 // external data file): a hole there reads as zeros.
                 let host = host + in_unit;
-                let extent = if self.header.has_data_file() {
+                let extent = if self.header.has_data_file() || !self.looks_preallocated()? {
                     qcow_io::StorageExtent {
                         data: true,
                         len: run.len,

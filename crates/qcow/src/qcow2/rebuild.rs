@@ -80,6 +80,10 @@ impl Qcow2Image {
                     self.geometry
                         .l2_mapping(index as u64, entry[0], bitmap, 0)
                         .map_err(|e| Error::format(&self.name, e))?;
+                    // Clusters of an external data file are not refcounted.
+                    if self.header.has_data_file() {
+                        continue;
+                    }
                     if let Some((host, len)) = self.geometry.l2_host_range(entry[0]) {
                         add(&mut counts, host, len);
                     }

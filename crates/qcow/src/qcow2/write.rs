@@ -85,9 +85,6 @@ impl Qcow2Image {
                 image: self.name.clone(),
             });
         }
-        if self.header.has_data_file() {
-            return Err(unsupported("writing an image with an external data file"));
-        }
         if self.header.bitmaps().is_some() {
             return Err(unsupported("writing an image with persistent bitmaps"));
         }
@@ -306,7 +303,7 @@ impl Qcow2Image {
             return Ok(n);
         }
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-        let host = self.alloc_clusters(&mut meta, count)?;
+        let host = self.alloc_data(&mut meta, guest, count)?;
         let len = (count * cluster_size) as usize;
         self.write_data(&data[..len], host)?;
         // With extended L2 every subcluster of a whole cluster is written.
@@ -362,7 +359,7 @@ impl Qcow2Image {
             let target = if owned {
                 host
             } else {
-                self.alloc_clusters(&mut meta, 1)?
+                self.alloc_data(&mut meta, guest, 1)?
             };
             self.write_data(&span, target + span_start)?;
             let new_bitmap = (bitmap | touched) & !(touched << 32);
@@ -381,7 +378,7 @@ impl Qcow2Image {
         self.read_at(&mut cluster[..visible as usize], cluster_start)?;
         let at = in_cluster as usize;
         cluster[at..at + piece.len()].copy_from_slice(piece);
-        let target = self.alloc_clusters(&mut meta, 1)?;
+        let target = self.alloc_data(&mut meta, guest, 1)?;
         self.write_data(&cluster, target)?;
         self.set_l2_words(
             &mut meta,
@@ -394,9 +391,21 @@ impl Qcow2Image {
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
-        self.file
+        self.data_storage()?
             .write_at(data, host)
             .map_err(|e| Error::io(&self.name, "writing data", host, e))
+    }
+
+    /// Host space for `count` data clusters starting at guest offset
+    /// `guest`: new clusters of the image file, or, with an external data
+    /// file, the same offsets there (QEMU maps data files one to one, which
+    /// keeps a raw data file valid; they are not refcounted).
+    fn alloc_data(&self, meta: &mut Meta, guest: u64, count: u64) -> Result<u64> {
+        if self.header.has_data_file() {
+            self.data_storage()?;
+            return Ok(guest - self.geometry.in_cluster(guest));
+        }
+        self.alloc_clusters(meta, count)
     }
 
     /// Writes one piece of a cluster the image does not own alone: a new
@@ -413,7 +422,7 @@ impl Qcow2Image {
         let cluster_size = self.header.cluster_size();
         let cluster_start = guest - in_cluster;
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-        let host = self.alloc_clusters(&mut meta, 1)?;
+        let host = self.alloc_data(&mut meta, guest, 1)?;
         if piece.len() as u64 == cluster_size {
             self.write_data(piece, host)?;
         } else {
@@ -473,6 +482,10 @@ impl Qcow2Image {
             .insert_dirty(l2_offset, table.clone())
             .map_err(|e| Error::io(&self.name, "writing back an L2 table", l2_offset, e))?;
         let kept = self.geometry.l2_host_range(entry);
+        // Clusters of an external data file are not refcounted.
+        if self.header.has_data_file() {
+            return Ok(());
+        }
         if let Some((host, len)) = self.geometry.l2_host_range(old) {
             if kept.map(|(h, _)| h) == Some(host) {
                 return Ok(());
@@ -577,6 +590,10 @@ impl Qcow2Image {
     /// not shrink. Lets callers compress on many threads and write in order
     /// with [`Qcow2Image::write_packed_cluster`].
     pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        if self.header.has_data_file() {
+            // Compressed clusters cannot live in an external data file.
+            return None;
+        }
         crate::compress::compress(self.header.compression_type, data)
             .filter(|p| (p.len() as u64) < self.header.cluster_size())
     }
@@ -591,6 +608,12 @@ impl Qcow2Image {
     }
 
     fn store_packed(&self, packed: &[u8], guest: u64) -> Result<()> {
+        if self.header.has_data_file() {
+            return Err(Error::Unsupported {
+                image: self.name.clone(),
+                what: "compressed clusters with an external data file".into(),
+            });
+        }
         let cluster_size = self.header.cluster_size();
         if packed.is_empty()
             || packed.len() as u64 >= cluster_size
@@ -675,6 +698,10 @@ impl Qcow2Image {
     fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         crate::check_range(&self.name, offset, len, self.virtual_size)?;
         let has_backing = self.header.backing_file.is_some();
+        // A raw data file must hold the zeros itself.
+        if self.header.data_file_raw() {
+            return self.write_zero_bytes(offset, len);
+        }
         if self.header.version < 3 && has_backing {
             // Version 2 has no zero flag: zeros must be written.
             return self.write_zero_bytes(offset, len);
@@ -778,6 +805,11 @@ impl Qcow2Image {
             return Ok(());
         };
         let mut meta = ws.meta.lock().unwrap_or_else(PoisonError::into_inner);
+        // Data first (an external data file), then the metadata using it.
+        if let (true, Some(data)) = (self.header.has_data_file(), &self.data) {
+            data.flush()
+                .map_err(|e| Error::io(&self.name, "flushing the data file", 0, e))?;
+        }
         self.flush_refcounts()?;
         self.l2_cache
             .flush()

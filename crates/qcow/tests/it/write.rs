@@ -552,3 +552,53 @@ fn an_inconsistency_found_while_writing_sets_the_corrupt_bit() {
     let mut buf = vec![0u8; 100];
     image.read_at(&mut buf, 1 << 20).expect("read elsewhere");
 }
+
+#[test]
+fn writes_into_external_data_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for raw in [false, true] {
+        let path = dir.path().join(format!("ext-{raw}.qcow2"));
+        let data = dir.path().join(format!("ext-{raw}.data"));
+        let size = 4u64 << 20;
+        let file = std::fs::File::create(&data).expect("data file");
+        file.set_len(if raw { size } else { 0 }).expect("size");
+        let mut options = CreateOptions::new(size);
+        // Absolute: qemu-img resolves a relative data file name against its
+        // working directory, this engine against the image's directory.
+        options.data_file = Some(s(&data).into());
+        options.data_file_raw = raw;
+        qcow::create(&path, &options).expect("create");
+        let writable = OpenOptions {
+            writable: true,
+            ..OpenOptions::trusted()
+        };
+        let mut model = vec![0u8; size as usize];
+        let mut rng = Rng::new(60 + u64::from(raw));
+        for round in 0..2 {
+            let image = qcow::open(&path, &writable).expect("open");
+            for _ in 0..60 {
+                let len = 1 + rng.below(150_000);
+                let off = rng.below(size - len);
+                let mut buf = vec![0u8; len as usize];
+                rng.fill(&mut buf);
+                if rng.below(6) == 0 {
+                    image.write_zeroes(off, len, true).expect("zeroes");
+                    buf.fill(0);
+                } else {
+                    image.write_at(&buf, off).expect("write");
+                }
+                model[off as usize..(off + len) as usize].copy_from_slice(&buf);
+            }
+            image.flush().expect("flush");
+            drop(image);
+            verify(&path, &model, &OpenOptions::trusted());
+            if raw {
+                let bytes = std::fs::read(&data).expect("read data file");
+                assert!(
+                    bytes == model,
+                    "round {round}: the raw data file is not the disk"
+                );
+            }
+        }
+    }
+}
