@@ -117,6 +117,11 @@ impl Storage for FileStorage {
         }
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        fallocate(&self.file, FallocateFlags::empty(), offset, len).map_err(io::Error::from)
+    }
+
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         use std::os::unix::fs::MetadataExt;
         Ok(Some(self.file.metadata()?.blocks() * 512))

@@ -56,6 +56,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(StorageExtent { data: true, len })
     }
 
+    /// Reserves space for the range so that later writes to it cannot fail
+    /// for lack of space (`posix_fallocate`). The default does nothing.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// Bytes the storage really occupies (a sparse file's allocated
     /// blocks), when known. The default does not know.
     fn allocated_size(&self) -> io::Result<Option<u64>> {
@@ -110,6 +117,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         (**self).allocated_size()
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).allocate(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)

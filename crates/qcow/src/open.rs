@@ -239,13 +239,31 @@ fn open_backing(
     open_layer(&backing_path, Some(format), options, seen, depth + 1, false)
 }
 
-/// Creates a new QCOW2 image at `path` (replacing any file there).
+/// Creates a new QCOW2 image at `path` (replacing any file there), with
+/// its preallocation mode applied (an external data file must exist).
 pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
     let file = FileStorage::create(path).map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
     })?;
-    Qcow2Image::create(&file, options)
+    Qcow2Image::create(&file, options)?;
+    drop(file);
+    if options.preallocation != crate::Preallocation::Off {
+        let image = open(
+            path,
+            &OpenOptions {
+                writable: true,
+                open_data_file: true,
+                format: Some(ImageFormat::Qcow2),
+                ..OpenOptions::default()
+            },
+        )?;
+        if let Image::Qcow2(image) = image {
+            image.preallocate(options.preallocation)?;
+            image.close()?;
+        }
+    }
+    Ok(())
 }
 
 /// Resolves a file name stored in the image at `image`: absolute names stay,

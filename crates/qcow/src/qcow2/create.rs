@@ -142,18 +142,14 @@ impl CreateOptions {
         if self.size > MAX_VIRTUAL_SIZE {
             return bad(format!("size {} is too large", self.size));
         }
-        if self.preallocation != Preallocation::Off {
-            return Err(Error::Unsupported {
-                image: "(new image)".into(),
-                what: "preallocation other than off".into(),
-            });
-        }
         Ok((cluster_bits, refcount_order))
     }
 }
 
 impl Qcow2Image {
     /// Writes a new, empty QCOW2 image into `file` (which should be empty).
+    /// Only the metadata is written: preallocation is applied by
+    /// [`Qcow2Image::create_writable`] and [`crate::create`].
     pub fn create(file: &dyn Storage, options: &CreateOptions) -> Result<()> {
         let (cluster_bits, refcount_order) = options.validate()?;
         let cs = options.cluster_size;
@@ -279,13 +275,17 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Creates a new image in `file` and opens it for writing.
+    /// Creates a new image in `file` and opens it for writing, applying
+    /// the preallocation mode (an external data file must be attached for
+    /// preallocation, so [`crate::create`] is the way for those).
     pub fn create_writable(
         name: &str,
         file: Arc<dyn Storage>,
         options: &CreateOptions,
     ) -> Result<Self> {
         Self::create(&*file, options)?;
-        Self::open_writable(name, file, None)
+        let image = Self::open_writable(name, file, None)?;
+        image.preallocate(options.preallocation)?;
+        Ok(image)
     }
 }

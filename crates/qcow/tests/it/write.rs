@@ -602,3 +602,51 @@ fn writes_into_external_data_files() {
         }
     }
 }
+
+#[test]
+fn preallocation_modes_allocate_every_cluster_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for mode in ["metadata", "falloc", "full"] {
+        for (cluster_size, extended) in [(65536u64, false), (4096, false), (65536, true)] {
+            let ours = dir
+                .path()
+                .join(format!("ours-{mode}-{cluster_size}-{extended}.qcow2"));
+            let theirs = dir
+                .path()
+                .join(format!("theirs-{mode}-{cluster_size}-{extended}.qcow2"));
+            let mut options = CreateOptions::new(3 << 20);
+            options.cluster_size = cluster_size;
+            options.extended_l2 = extended;
+            options.preallocation = qcow::Preallocation::from_name(mode).expect("mode");
+            qcow::create(&ours, &options).expect("create");
+            let o = format!(
+                "preallocation={mode},cluster_size={cluster_size},extended_l2={}",
+                if extended { "on" } else { "off" }
+            );
+            qemu(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", &o, s(&theirs), "3M"],
+            );
+            assert_check_clean(&ours);
+            let map = qemu("qemu-img", &["map", "--output", "json", s(&ours)]);
+            assert!(
+                !map.contains("\"data\": false"),
+                "{mode}: every cluster is allocated: {map}"
+            );
+            assert!(qemu_raw(&ours, &[]).iter().all(|&b| b == 0));
+            let len = |p: &Path| std::fs::metadata(p).expect("metadata").len();
+            assert_eq!(
+                len(&ours),
+                len(&theirs),
+                "{mode} {cluster_size}: file length"
+            );
+            let blocks = |p: &Path| {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(p).expect("metadata").blocks()
+            };
+            if mode != "metadata" {
+                assert!(blocks(&ours) * 512 >= 3 << 20, "{mode}: space reserved");
+            }
+        }
+    }
+}
