@@ -138,7 +138,8 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
             progress.as_ref(),
             sync,
         )?,
-        other => bail!("output format {other:?} is not supported yet (raw or qcow2)"),
+        "qcow" => to_qcow(args, &source, size, sparse, progress.as_ref(), sync)?,
+        other => bail!("output format {other:?} is not supported (raw, qcow2 or qcow)"),
     }
     if let Some(bar) = progress {
         bar.finish();
@@ -275,6 +276,62 @@ fn to_qcow2(
     .with_context(|| format!("converting '{}'", args.source.display()))?;
     dest.close()
         .with_context(|| format!("could not close '{}'", args.dest.display()))?;
+    Ok(())
+}
+
+/// Converts to a qcow version 1 image, in one thread (a legacy format).
+fn to_qcow(
+    args: &ConvertArgs,
+    source: &dyn BlockDevice,
+    size: u64,
+    sparse: usize,
+    progress: Option<&indicatif::ProgressBar>,
+    sync: bool,
+) -> Result<()> {
+    let options = OptionList::parse(&args.options)?.qcow_options(size)?;
+    if options.backing_file.is_some() {
+        bail!("converting onto a backing file is not supported yet");
+    }
+    qcow::create_qcow(&args.dest, &options)?;
+    let dest = qcow::open(
+        &args.dest,
+        &OpenOptions {
+            writable: true,
+            sync,
+            format: Some(qcow::ImageFormat::Qcow),
+            ..OpenOptions::default()
+        },
+    )?;
+    let qcow::Image::Qcow(dest) = dest else {
+        bail!("'{}' did not open as qcow", args.dest.display());
+    };
+    let cluster_size = dest.header().cluster_size() as usize;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut start = 0;
+    while start < size {
+        let end = (start + CHUNK).min(size);
+        let chunk = &mut buf[..(end - start) as usize];
+        source.read_at(chunk, start)?;
+        for (i, cluster) in chunk.chunks(cluster_size).enumerate() {
+            let guest = start + (i * cluster_size) as u64;
+            if sparse > 0 && is_zero(cluster) {
+                continue;
+            }
+            if args.compress {
+                let mut whole = cluster.to_vec();
+                whole.resize(cluster_size, 0);
+                dest.write_compressed_cluster(&whole, guest)?;
+            } else {
+                dest.write_at(cluster, guest)?;
+            }
+        }
+        start = end;
+        if let Some(bar) = progress {
+            bar.set_position(start);
+        }
+    }
+    dest.flush()
+        .with_context(|| format!("could not flush '{}'", args.dest.display()))?;
     Ok(())
 }
 

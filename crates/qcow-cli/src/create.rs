@@ -38,9 +38,9 @@ pub(crate) struct CreateArgs {
 
 /// Runs `qcow create`.
 pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
-    if args.format != "qcow2" {
+    if args.format != "qcow2" && args.format != "qcow" {
         bail!(
-            "creating {:?} images is not supported yet (only qcow2)",
+            "creating {:?} images is not supported (qcow2 or qcow)",
             args.format
         );
     }
@@ -56,7 +56,11 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
         (None, Some(s)) => Some(parse_size(s)?),
         (None, None) => None,
     };
-    let mut options = list.qcow2_options(size.unwrap_or(0))?;
+    let mut options = if args.format == "qcow" {
+        list.qcow_options(size.unwrap_or(0))?
+    } else {
+        list.qcow2_options(size.unwrap_or(0))?
+    };
     if let Some(backing) = &options.backing_file {
         if options.backing_format.is_none() {
             bail!("backing format (-F) must be given with a backing file (-b)");
@@ -76,11 +80,23 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     } else if size.is_none() {
         bail!("size must be given for an image without a backing file");
     }
+    let name = args.file.display().to_string();
+    if args.format == "qcow" {
+        if !args.quiet {
+            let mut line = format!("Formatting '{name}', fmt=qcow size={}", options.size);
+            if let Some(b) = &options.backing_file {
+                line.push_str(&format!(" backing_file={b}"));
+            }
+            if let Some(f) = &options.backing_format {
+                line.push_str(&format!(" backing_fmt={f}"));
+            }
+            println!("{line}");
+        }
+        qcow::create_qcow(&args.file, &options)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if !args.quiet {
-        println!(
-            "{}",
-            list.formatting_line(&args.file.display().to_string(), &options)
-        );
+        println!("{}", list.formatting_line(&name, &options));
     }
     if let Some(data_file) = &options.data_file {
         let path = qcow::relative_to(&args.file, data_file);

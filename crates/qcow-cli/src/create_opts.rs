@@ -87,6 +87,21 @@ impl OptionList {
         Ok(o)
     }
 
+    /// Builds qcow (version 1) creation options: only `size`,
+    /// `backing_file` and `backing_fmt` apply.
+    pub(crate) fn qcow_options(&self, size: u64) -> Result<CreateOptions> {
+        let mut o = CreateOptions::new(size);
+        for (key, value) in &self.pairs {
+            match key.as_str() {
+                "size" => o.size = parse_size(value)?,
+                "backing_file" => o.backing_file = Some(value.clone()),
+                "backing_fmt" => o.backing_format = Some(value.clone()),
+                other => bail!("invalid option {other:?} for qcow"),
+            }
+        }
+        Ok(o)
+    }
+
     /// qemu-img's "Formatting ..." line for a qcow2 image.
     pub(crate) fn formatting_line(&self, file: &str, o: &CreateOptions) -> String {
         let on = |b: bool| if b { "on" } else { "off" };

@@ -30,7 +30,11 @@ pub(crate) fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
         CompressionType::Zlib => DEFLATE.with(|cell| {
             let mut c = cell.borrow_mut();
             c.reset();
-            let mut out = Vec::with_capacity(input.len());
+            // Room for the worst case (stored blocks): zlib's deflateBound.
+            // zlib-rs panics instead of stopping when stored blocks do not
+            // fit the output, so the output must never be short.
+            let bound = input.len() + (input.len() >> 12) + (input.len() >> 14) + 64;
+            let mut out = Vec::with_capacity(bound);
             match c.compress_vec(input, &mut out, FlushCompress::Finish) {
                 Ok(Status::StreamEnd) => Some(out),
                 _ => None,
@@ -147,6 +151,30 @@ mod tests {
                 *b = (x >> 24) as u8;
             }
             assert!(compress(kind, &noise).is_none());
+        }
+    }
+
+    #[test]
+    fn mixed_and_incompressible_clusters_of_every_size_never_panic() {
+        let mut x = 7u32;
+        for bits in 9..=21 {
+            let len = 1usize << bits;
+            let mut data = vec![0u8; len];
+            for (i, b) in data.iter_mut().enumerate() {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                *b = if (i / 700) % 3 == 0 {
+                    b"text"[i % 4]
+                } else {
+                    (x >> 24) as u8
+                };
+            }
+            for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+                if let Some(packed) = compress(kind, &data) {
+                    let mut out = vec![0u8; len];
+                    decompress(kind, &packed, &mut out).expect("round trip");
+                    assert_eq!(out, data);
+                }
+            }
         }
     }
 

@@ -187,13 +187,11 @@ fn open_layer(
             Image::Qcow2(Box::new(image))
         }
         ImageFormat::Qcow => {
-            if writable {
-                return Err(Error::Unsupported {
-                    image: name,
-                    what: "writing qcow version 1 images".into(),
-                });
-            }
-            let mut image = QcowImage::open(&name, storage, cache)?;
+            let mut image = if writable {
+                QcowImage::open_writable(&name, storage, cache)?
+            } else {
+                QcowImage::open(&name, storage, cache)?
+            };
             if let Some(backing) = image.header().backing_file.clone() {
                 if options.follow_backing {
                     let layer = open_backing(
@@ -264,6 +262,16 @@ pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Creates a new QCOW version 1 image at `path` (replacing any file
+/// there) of `options.size` bytes, with `options.backing_file` if set.
+pub fn create_qcow(path: &Path, options: &crate::CreateOptions) -> Result<()> {
+    let file = FileStorage::create(path).map_err(|source| Error::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    QcowImage::create(&file, options)
 }
 
 /// Resolves a file name stored in the image at `image`: absolute names stay,

@@ -560,3 +560,34 @@ fn map_looks_through_holes_in_the_image_file_like_qemu_img() {
         assert!(qemu_img(&["compare", p, o]).status.success(), "{name}");
     }
 }
+
+#[test]
+fn qcow_version_1_create_and_convert_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ours = dir.path().join("ours.qcow");
+    let theirs = dir.path().join("theirs.qcow");
+    let (o, t) = (ours.to_str().expect("p"), theirs.to_str().expect("p"));
+    let a = qcow(&["create", "-f", "qcow", o, "5M"]);
+    let b = qemu_img(&["create", "-f", "qcow", t, "5M"]);
+    assert_eq!(stdout(&a).replace(o, "X"), stdout(&b).replace(t, "X"));
+    assert!(
+        std::fs::read(&ours).ok() == std::fs::read(&theirs).ok(),
+        "same bytes"
+    );
+    for name in [
+        "sample.qcow2",
+        "zlib.qcow2",
+        "v1-compressed.qcow",
+        "chain-top.qcow2",
+    ] {
+        for opts in [vec![], vec!["-c"]] {
+            let mut args = vec!["convert", "-O", "qcow"];
+            args.extend(opts.iter().copied());
+            args.extend([name, o]);
+            let r = qcow(&args);
+            assert!(r.status.success(), "{args:?}: {r:?}");
+            let cmp = qemu_img(&["compare", name, o]);
+            assert!(cmp.status.success(), "{args:?}: {}", stdout(&cmp));
+        }
+    }
+}

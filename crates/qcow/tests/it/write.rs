@@ -650,3 +650,74 @@ fn preallocation_modes_allocate_every_cluster_like_qemu_img() {
         }
     }
 }
+
+#[test]
+fn qcow_version_1_create_write_and_compress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    let mut base_bytes = vec![0u8; 3 << 20];
+    Rng::new(70).fill(&mut base_bytes);
+    std::fs::write(&base, &base_bytes).expect("base");
+    for with_backing in [false, true] {
+        let path = dir.path().join(format!("v1-{with_backing}.qcow"));
+        let mut options = CreateOptions::new(3 << 20);
+        if with_backing {
+            options.backing_file = Some("base.raw".into());
+        }
+        qcow::create_qcow(&path, &options).expect("create");
+        // Byte for byte what qemu-img creates.
+        let theirs = dir.path().join(format!("theirs-{with_backing}.qcow"));
+        let mut args = vec!["create", "-q", "-f", "qcow"];
+        if with_backing {
+            args.extend(["-b", "base.raw", "-F", "raw"]);
+        }
+        args.extend([s(&theirs), "3M"]);
+        qemu("qemu-img", &args);
+        assert!(
+            std::fs::read(&path).ok() == std::fs::read(&theirs).ok(),
+            "created image differs from qemu-img's"
+        );
+        let mut model = if with_backing {
+            base_bytes.clone()
+        } else {
+            vec![0u8; 3 << 20]
+        };
+        let opts = OpenOptions {
+            writable: true,
+            assume_backing_format: Some(qcow::ImageFormat::Raw),
+            ..OpenOptions::trusted()
+        };
+        let image = qcow::open(&path, &opts).expect("open");
+        let qcow::Image::Qcow(v1) = &image else {
+            panic!("qcow v1")
+        };
+        let cluster = v1.header().cluster_size() as usize;
+        let mut rng = Rng::new(71);
+        for n in (0..(3 << 20) / cluster).step_by(7) {
+            let mut data = vec![0u8; cluster];
+            data.iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = b"v1 text "[i % 8]);
+            v1.write_compressed_cluster(&data, (n * cluster) as u64)
+                .expect("compressed");
+            model[n * cluster..(n + 1) * cluster].copy_from_slice(&data);
+        }
+        for _ in 0..80 {
+            let len = 1 + rng.below(20_000);
+            let off = rng.below((3 << 20) - len);
+            let mut data = vec![0u8; len as usize];
+            rng.fill(&mut data);
+            image.write_at(&data, off).expect("write");
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        image.flush().expect("flush");
+        drop(image);
+        let raw = qemu_raw(&path, &[]);
+        assert!(
+            raw == model,
+            "qemu-img reads other contents (backing {with_backing})"
+        );
+        let image = qcow::open(&path, &opts).expect("reopen");
+        assert!(crate::common::read_all(&image, 1 << 20) == model);
+    }
+}

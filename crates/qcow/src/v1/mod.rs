@@ -2,9 +2,13 @@
 //!
 //! Version 1 has no refcounts, no snapshots and no zero clusters: an L1
 //! table of L2 tables whose entries are a host offset, zero (unallocated) or
-//! a compressed descriptor with its size in bytes.
+//! a compressed descriptor with its size in bytes. Writing lives in
+//! [`write`](self::write).
 
-use std::sync::Arc;
+mod write;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use qcow_cache::TableCache;
 use qcow_format::header::Encryption;
@@ -21,10 +25,12 @@ pub struct QcowImage {
     name: String,
     file: Arc<dyn Storage>,
     header: HeaderV1,
-    l1: Vec<u64>,
+    l1: Vec<AtomicU64>,
     l2_cache: TableCache<Box<[u64]>>,
     backing: Option<Box<dyn BlockDevice>>,
-    file_len: u64,
+    file_len: AtomicU64,
+    /// The allocation lock of a writable image; `None` when read-only.
+    writer: Option<Mutex<()>>,
 }
 
 impl QcowImage {
@@ -48,7 +54,7 @@ impl QcowImage {
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
         file.read_at(&mut l1_bytes, header.l1_table_offset)
             .map_err(|e| Error::io(name, "reading the L1 table", header.l1_table_offset, e))?;
-        let l1 = decode_be_words(&l1_bytes);
+        let l1: Vec<u64> = decode_be_words(&l1_bytes);
         let table_bytes = 8u64 << header.l2_bits;
         let tables = l1.iter().filter(|&&e| e != 0).count() as u64;
         let budget = cache_bytes
@@ -58,9 +64,10 @@ impl QcowImage {
             file,
             l2_cache: TableCache::new(budget, table_bytes),
             header,
-            l1,
+            l1: l1.into_iter().map(AtomicU64::new).collect(),
             backing: None,
-            file_len,
+            file_len: AtomicU64::new(file_len),
+            writer: None,
         })
     }
 
@@ -76,7 +83,14 @@ impl QcowImage {
 
     /// The image file's length in bytes.
     pub fn file_len(&self) -> u64 {
-        self.file_len
+        self.file_len.load(Ordering::Acquire)
+    }
+
+    fn l1_entry(&self, index: u64) -> u64 {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .map_or(0, |e| e.load(Ordering::Acquire))
     }
 
     /// The backing image, `None` when the image has none, and an error when
@@ -93,11 +107,7 @@ impl QcowImage {
         let cluster_bits = self.header.cluster_bits;
         let l2_bits = self.header.l2_bits;
         let l1_index = guest >> (cluster_bits + l2_bits);
-        let l2_offset = usize::try_from(l1_index)
-            .ok()
-            .and_then(|i| self.l1.get(i))
-            .copied()
-            .unwrap_or(0);
+        let l2_offset = self.l1_entry(l1_index);
         if l2_offset == 0 {
             return Ok(V1Mapping::Unallocated);
         }
@@ -105,7 +115,7 @@ impl QcowImage {
             Some(t) => t,
             None => {
                 let table_bytes = 8u64 << l2_bits;
-                if l2_offset.saturating_add(table_bytes) > self.file_len {
+                if l2_offset.saturating_add(table_bytes) > self.file_len() {
                     return Err(Error::Corrupt {
                         image: self.name.clone(),
                         table: "L2 table",
@@ -217,5 +227,13 @@ impl BlockDevice for QcowImage {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_deref()
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        QcowImage::write_at(self, buf, offset)
+    }
+
+    fn flush(&self) -> Result<()> {
+        QcowImage::flush(self)
     }
 }
