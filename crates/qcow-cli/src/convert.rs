@@ -51,6 +51,15 @@ pub(crate) struct ConvertArgs {
     /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
+    /// Backing file of the output (qcow2): only what the source's top
+    /// layer holds is copied; the rest comes from this file, which must
+    /// hold what the source's backing chain holds.
+    #[arg(short = 'B', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the output's backing file (probed when omitted, as the
+    /// file is named on the command line).
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_format: Option<String>,
     /// Number of worker threads.
     #[arg(short = 'm', value_name = "N")]
     workers: Option<usize>,
@@ -80,6 +89,8 @@ enum Piece {
     },
     /// One compressed cluster at guest offset `guest`.
     Packed { guest: u64, bytes: Vec<u8> },
+    /// A range that must read as zeros over the output's backing file.
+    Zero { guest: u64, len: u64 },
 }
 
 /// A chunk read by a worker: its buffer and what to write from it.
@@ -208,11 +219,23 @@ fn to_qcow2(
     progress: Option<&indicatif::ProgressBar>,
     sync: bool,
 ) -> Result<()> {
-    let list = OptionList::parse(&args.options)?;
-    let options = list.qcow2_options(size)?;
-    if options.backing_file.is_some() {
-        bail!("converting onto a backing file (-B, backing_file) is not supported yet");
+    let mut list = OptionList::parse(&args.options)?;
+    if let Some(b) = &args.backing {
+        list.set("backing_file", b);
     }
+    if let Some(f) = &args.backing_format {
+        list.set("backing_fmt", f);
+    }
+    let mut options = list.qcow2_options(size)?;
+    if let Some(backing) = &options.backing_file {
+        if options.backing_format.is_none() {
+            let path = qcow::relative_to(&args.dest, backing);
+            let format = qcow::probe(&path)
+                .with_context(|| format!("could not probe backing file '{}'", path.display()))?;
+            options.backing_format = Some(format.name().to_owned());
+        }
+    }
+    let top_only = options.backing_file.is_some();
     qcow::create(&args.dest, &options)?;
     let dest = qcow::open(
         &args.dest,
@@ -257,8 +280,9 @@ fn to_qcow2(
                         ((index + 1) * CHUNK).min(size),
                         buf,
                         cluster_size,
-                        sparse,
+                        if top_only { 0 } else { sparse },
                         compress,
+                        top_only,
                     );
                     if tx.send((index, chunk)).is_err() {
                         return;
@@ -358,6 +382,7 @@ fn write_in_order(
                         dest.write_at(&chunk.buf[*start..*end], *guest)?
                     }
                     Piece::Packed { guest, bytes } => dest.write_packed_cluster(bytes, *guest)?,
+                    Piece::Zero { guest, len } => dest.write_zeroes(*guest, *len, false)?,
                 }
             }
             pool.lock()
@@ -384,6 +409,7 @@ fn read_chunk(
     cluster_size: usize,
     sparse: usize,
     compress: bool,
+    top_only: bool,
 ) -> Result<Chunk> {
     let mut pieces = Vec::new();
     let mut pos = start;
@@ -391,6 +417,27 @@ fn read_chunk(
     while pos < end {
         let extent = source.block_status(pos, end - pos)?;
         let len = extent.len.max(1).min(end - pos);
+        if top_only {
+            // Only the source's top layer: the output's backing file holds
+            // the rest. Zeros in the top layer must hide the backing file.
+            match extent.allocation {
+                Allocation::Zero { depth: 0, .. }
+                | Allocation::Data {
+                    depth: 0,
+                    zero: true,
+                    ..
+                } => {
+                    pieces.push(Piece::Zero { guest: pos, len });
+                    pos += len;
+                    continue;
+                }
+                Allocation::Data { depth: 0, .. } => {}
+                _ => {
+                    pos += len;
+                    continue;
+                }
+            }
+        }
         if let Allocation::Data { zero: false, .. } = extent.allocation {
             // Whole clusters around the extent, so each is written once.
             let from = pos - (pos - start) % cluster_size as u64;

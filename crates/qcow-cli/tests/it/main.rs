@@ -591,3 +591,66 @@ fn qcow_version_1_create_and_convert_like_qemu_img() {
         }
     }
 }
+
+#[test]
+fn convert_onto_a_backing_file_copies_only_the_top_layer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| dir.path().join(n).to_str().expect("path").to_owned();
+    let run_ok = |tool: fn(&[&str]) -> Output, args: &[&str]| {
+        let r = tool(args);
+        assert!(r.status.success(), "{args:?}: {r:?}");
+        r
+    };
+    run_ok(
+        qemu_img,
+        &["convert", "-O", "qcow2", "sample.qcow2", &d("base.qcow2")],
+    );
+    run_ok(
+        qemu_img,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &d("base.qcow2"),
+            "-F",
+            "qcow2",
+            &d("top.qcow2"),
+        ],
+    );
+    let io = Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 9 1M 300k",
+            "-c",
+            "write -z 3M 128k",
+            "-c",
+            "write -P 7 6M 64k",
+            &d("top.qcow2"),
+        ])
+        .output()
+        .expect("qemu-io is required");
+    assert!(io.status.success());
+    for extra in [vec![], vec!["-c"]] {
+        let out = d("out.qcow2");
+        let mut args = vec!["convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2"];
+        args.extend(extra.iter().copied());
+        let top = d("top.qcow2");
+        args.extend([top.as_str(), out.as_str()]);
+        // Relative backing names resolve against the output's directory.
+        let r = run(env!("CARGO_BIN_EXE_qcow"), &args, dir.path());
+        assert!(r.status.success(), "{r:?}");
+        assert_check_clean(Path::new(&out));
+        let cmp = qemu_img(&["compare", &top, &out]);
+        assert!(cmp.status.success(), "{}", stdout(&cmp));
+        let info = stdout(&qemu_img(&["info", "--output", "json", &out]));
+        assert!(
+            info.contains("\"backing-filename\": \"base.qcow2\""),
+            "{info}"
+        );
+        // Only the top layer's data was copied.
+        let size = std::fs::metadata(&out).expect("out").len();
+        assert!(size < 1 << 20, "output holds {size} bytes");
+    }
+}
