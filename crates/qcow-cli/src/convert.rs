@@ -376,14 +376,27 @@ fn write_in_order(
         };
         waiting.insert(index, chunk?);
         while let Some(chunk) = waiting.remove(&expected) {
+            // Runs of compressed clusters go down together.
+            let mut packed: Vec<(u64, &[u8])> = Vec::new();
             for piece in &chunk.pieces {
+                if let Piece::Packed { guest, bytes } = piece {
+                    packed.push((*guest, bytes));
+                    continue;
+                }
+                if !packed.is_empty() {
+                    dest.write_packed_clusters(&packed)?;
+                    packed.clear();
+                }
                 match piece {
                     Piece::Range { guest, start, end } => {
                         dest.write_at(&chunk.buf[*start..*end], *guest)?
                     }
-                    Piece::Packed { guest, bytes } => dest.write_packed_cluster(bytes, *guest)?,
                     Piece::Zero { guest, len } => dest.write_zeroes(*guest, *len, false)?,
+                    Piece::Packed { .. } => {}
                 }
+            }
+            if !packed.is_empty() {
+                dest.write_packed_clusters(&packed)?;
             }
             pool.lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -562,13 +575,12 @@ fn nonzero_runs(data: &[u8], block: usize) -> Vec<(usize, &[u8])> {
     runs
 }
 
-/// Whether every byte is zero (word at a time, which the compiler vectorizes).
+/// Whether every byte is zero: 64-byte blocks (which the compiler
+/// vectorizes), stopping at the first one that is not.
 pub(crate) fn is_zero(bytes: &[u8]) -> bool {
-    let mut words = bytes.chunks_exact(8);
-    let all_words = words.by_ref().fold(0u64, |acc, w| {
-        acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
-    });
-    all_words == 0 && words.remainder().iter().all(|&b| b == 0)
+    bytes
+        .chunks(64)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 #[cfg(test)]

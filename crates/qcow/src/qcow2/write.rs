@@ -602,12 +602,19 @@ impl Qcow2Image {
     /// cluster at `guest`, packed back to back with the previous compressed
     /// cluster.
     pub fn write_packed_cluster(&self, packed: &[u8], guest: u64) -> Result<()> {
+        self.write_packed_clusters(&[(guest, packed)])
+    }
+
+    /// Stores several compressed clusters, as (guest offset, bytes from
+    /// [`Qcow2Image::compress_cluster`]), packed back to back in their
+    /// order and written with as few calls as their placement allows.
+    pub fn write_packed_clusters(&self, items: &[(u64, &[u8])]) -> Result<()> {
         self.check_writable()?;
-        let result = self.store_packed(packed, guest);
+        let result = self.store_packed(items);
         self.guard(result)
     }
 
-    fn store_packed(&self, packed: &[u8], guest: u64) -> Result<()> {
+    fn store_packed(&self, items: &[(u64, &[u8])]) -> Result<()> {
         if self.header.has_data_file() {
             return Err(Error::Unsupported {
                 image: self.name.clone(),
@@ -615,25 +622,50 @@ impl Qcow2Image {
             });
         }
         let cluster_size = self.header.cluster_size();
-        if packed.is_empty()
-            || packed.len() as u64 >= cluster_size
-            || self.geometry.in_cluster(guest) != 0
-            || guest >= self.virtual_size
-        {
-            return Err(Error::InvalidOptions(format!(
-                "a packed cluster must be 1 to {} bytes at an aligned offset inside the disk",
-                cluster_size - 1
-            )));
+        for &(guest, packed) in items {
+            if packed.is_empty()
+                || packed.len() as u64 >= cluster_size
+                || self.geometry.in_cluster(guest) != 0
+                || guest >= self.virtual_size
+            {
+                return Err(Error::InvalidOptions(format!(
+                    "a packed cluster must be 1 to {} bytes at an aligned offset inside the disk",
+                    cluster_size - 1
+                )));
+            }
         }
         let mut meta = self.lock_meta()?;
-        let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-        let len = packed.len() as u64;
-        let host = self.alloc_bytes(&mut meta, len)?;
-        self.write_data(packed, host)?;
+        self.mark_dirty()?;
+        // Place every cluster, then write the data (runs that follow each
+        // other in one call), then point the L2 entries at it.
+        let mut hosts = Vec::with_capacity(items.len());
+        for &(_, packed) in items {
+            hosts.push(self.alloc_bytes(&mut meta, packed.len() as u64)?);
+        }
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0u64;
+        for (&(_, packed), &host) in items.iter().zip(&hosts) {
+            if !run.is_empty() && run_start + run.len() as u64 != host {
+                self.write_data(&run, run_start)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = host;
+            }
+            run.extend_from_slice(packed);
+        }
+        if !run.is_empty() {
+            self.write_data(&run, run_start)?;
+        }
         let shift = 62 - (self.header.cluster_bits - 8);
-        let sectors = ((host + len - 1) >> 9) - (host >> 9);
-        let entry = OFLAG_COMPRESSED | (sectors << shift) | host;
-        self.set_l2_entry(&mut meta, l2_offset, &table, guest, entry)
+        for (&(guest, packed), &host) in items.iter().zip(&hosts) {
+            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+            let len = packed.len() as u64;
+            let sectors = ((host + len - 1) >> 9) - (host >> 9);
+            let entry = OFLAG_COMPRESSED | (sectors << shift) | host;
+            self.set_l2_entry(&mut meta, l2_offset, &table, guest, entry)?;
+        }
+        Ok(())
     }
 
     /// Reserves `len` bytes for compressed data, continuing the cluster the
