@@ -236,7 +236,14 @@ fn to_qcow2(
         }
     }
     let top_only = options.backing_file.is_some();
-    qcow::create(&args.dest, &options)?;
+    if sync || options.preallocation != qcow::Preallocation::Off {
+        qcow::create(&args.dest, &options)?;
+    } else {
+        // cache=unsafe: no sync while creating either (a sync right after
+        // truncating a large old output waits for its write-back).
+        let file = unsynced_output(&args.dest)?;
+        Qcow2Image::create(&file, &options)?;
+    }
     let dest = qcow::open(
         &args.dest,
         &OpenOptions {
@@ -316,7 +323,11 @@ fn to_qcow(
     if options.backing_file.is_some() {
         bail!("converting onto a backing file is not supported yet");
     }
-    qcow::create_qcow(&args.dest, &options)?;
+    if sync {
+        qcow::create_qcow(&args.dest, &options)?;
+    } else {
+        qcow::QcowImage::create(&unsynced_output(&args.dest)?, &options)?;
+    }
     let dest = qcow::open(
         &args.dest,
         &OpenOptions {
@@ -357,6 +368,13 @@ fn to_qcow(
     dest.flush()
         .with_context(|| format!("could not flush '{}'", args.dest.display()))?;
     Ok(())
+}
+
+/// A new output file whose flushes do not sync (qemu-img's cache=unsafe).
+fn unsynced_output(path: &std::path::Path) -> Result<FileStorage> {
+    Ok(FileStorage::create(path)
+        .with_context(|| format!("could not create '{}'", path.display()))?
+        .without_sync())
 }
 
 /// Receives chunks from the workers and writes them in guest order.
