@@ -17,6 +17,7 @@ mod human;
 mod info;
 mod map;
 mod open;
+mod resize;
 mod size;
 
 /// Command-line arguments.
@@ -45,6 +46,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Copy a range of an image into a new image, with dd's operands.
     Dd(dd::DdArgs),
+    /// Grow an image.
+    Resize(resize::ResizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Map(args) => map::run(&args),
         Command::Compare(args) => compare::run(&args),
         Command::Dd(args) => dd::run(&args),
+        Command::Resize(args) => resize::run(&args),
     };
     match result {
         Ok(code) => code,

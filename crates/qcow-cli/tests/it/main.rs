@@ -654,3 +654,41 @@ fn convert_onto_a_backing_file_copies_only_the_top_layer() {
         assert!(size < 1 << 20, "output holds {size} bytes");
     }
 }
+
+#[test]
+fn resize_grows_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, size) in ["+3G", "5G", "+0"].iter().enumerate() {
+        let ours = dir.path().join(format!("ours{i}.qcow2"));
+        let theirs = dir.path().join(format!("theirs{i}.qcow2"));
+        let (o, t) = (ours.to_str().expect("p"), theirs.to_str().expect("p"));
+        for (path, p) in [(&ours, o), (&theirs, t)] {
+            let r = qemu_img(&[
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=4k",
+                "sample.qcow2",
+                p,
+            ]);
+            assert!(r.status.success(), "{path:?}");
+        }
+        let a = qcow(&["resize", o, size]);
+        let b = qemu_img(&["resize", t, size]);
+        assert!(a.status.success(), "{a:?}");
+        assert_eq!(stdout(&a), stdout(&b));
+        assert_check_clean(&ours);
+        let cmp = qemu_img(&["compare", "-s", o, t]);
+        assert!(cmp.status.success(), "{size}: {}", stdout(&cmp));
+    }
+    let tiny = dir.path().join("tiny.qcow2");
+    let t = tiny.to_str().expect("p");
+    assert!(
+        qcow(&["create", "-q", "-f", "qcow2", t, "1M"])
+            .status
+            .success()
+    );
+    let shrink = qcow(&["resize", t, "-512k"]);
+    assert_eq!(shrink.status.code(), Some(1));
+}

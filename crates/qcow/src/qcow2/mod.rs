@@ -9,6 +9,7 @@ mod create;
 mod read;
 mod rebuild;
 mod refcount;
+mod resize;
 mod snapshots;
 mod write;
 

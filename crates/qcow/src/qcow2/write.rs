@@ -182,7 +182,7 @@ impl Qcow2Image {
     }
 
     /// Refuses writes once the image was found corrupt.
-    fn check_writable(&self) -> Result<&WriteState> {
+    pub(super) fn check_writable(&self) -> Result<&WriteState> {
         let ws = self.write_state()?;
         if ws.incompatible.load(Ordering::Acquire) & INCOMPAT_CORRUPT != 0 {
             return Err(Error::MarkedCorrupt {
@@ -198,7 +198,7 @@ impl Qcow2Image {
         })
     }
 
-    fn lock_meta(&self) -> Result<MutexGuard<'_, Meta>> {
+    pub(super) fn lock_meta(&self) -> Result<MutexGuard<'_, Meta>> {
         Ok(self
             .write_state()?
             .meta

@@ -721,3 +721,46 @@ fn qcow_version_1_create_write_and_compress() {
         assert!(crate::common::read_all(&image, 1 << 20) == model);
     }
 }
+
+#[test]
+fn growing_an_image_grows_its_l1_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (cluster_size, extended) in [(512u64, false), (65536, false), (65536, true)] {
+        let path = dir
+            .path()
+            .join(format!("grow-{cluster_size}-{extended}.qcow2"));
+        let mut options = CreateOptions::new(1 << 20);
+        options.cluster_size = cluster_size;
+        options.extended_l2 = extended;
+        let mut image = create(&path, &options);
+        let mut model = vec![0u8; 1 << 20];
+        let mut rng = Rng::new(90);
+        random_writes(&image, &mut model, &mut rng, 20);
+        let l1_before = image.header().l1_size;
+        // Far enough that more L1 entries are needed.
+        let new_size = 64u64 << 30;
+        image.resize(new_size).expect("resize");
+        assert!(image.header().l1_size > l1_before);
+        // Write past the old L1 table's reach.
+        let far = new_size - 3 * cluster_size.max(4096) - 17;
+        image.write_at(&[0xabu8; 5000], far).expect("write far");
+        image.close().expect("close");
+        assert_check_clean(&path);
+        let info = qemu("qemu-img", &["info", "--output", "json", s(&path)]);
+        assert!(
+            info.contains(&format!("\"virtual-size\": {new_size}")),
+            "{info}"
+        );
+        let image = qcow::open(&path, &OpenOptions::default()).expect("reopen");
+        let mut head = vec![0u8; 1 << 20];
+        image.read_at(&mut head, 0).expect("read");
+        assert!(head == model, "old contents kept");
+        let mut tail = vec![0u8; 5000];
+        image.read_at(&mut tail, far).expect("read far");
+        assert!(tail.iter().all(|&b| b == 0xab));
+        // qemu-io reads the same bytes there (it fails on a mismatch).
+        let cmd = format!("read -P 171 {far} 5000");
+        let out = qemu("qemu-io", &["-f", "qcow2", "-c", &cmd, s(&path)]);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+}
