@@ -322,6 +322,37 @@ impl Qcow2Image {
     /// space before growing the file. Returns the first one's host offset.
     pub(super) fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let start = self.find_free(meta, n)?;
+        self.take_clusters(meta, start, n)
+    }
+
+    /// Allocates the first free run of clusters at or after the hint, at
+    /// most `max` long (and at least one): fragmented free space is used
+    /// before the file grows. Returns its host offset and length.
+    pub(super) fn alloc_run(&self, meta: &mut Meta, max: u64) -> Result<(u64, u64)> {
+        let start = self.find_free(meta, 1)?;
+        let mut n = 1;
+        while n < max && self.cluster_is_free(meta, start + n)? {
+            n += 1;
+        }
+        Ok((self.take_clusters(meta, start, n)?, n))
+    }
+
+    fn cluster_is_free(&self, meta: &Meta, cluster: u64) -> Result<bool> {
+        let shift = self.refblock_shift();
+        let block_offset = usize::try_from(cluster >> shift)
+            .ok()
+            .and_then(|i| meta.reftable.get(i))
+            .copied()
+            .unwrap_or(0);
+        if block_offset == 0 {
+            return Ok(true);
+        }
+        let block = self.refblock(block_offset)?;
+        Ok(block.get(cluster & ((1 << shift) - 1), self.header.refcount_order) == Some(0))
+    }
+
+    /// Counts `n` clusters from `start` as used (refcount 1).
+    fn take_clusters(&self, meta: &mut Meta, start: u64, n: u64) -> Result<u64> {
         if n == 1 || start == meta.free_hint {
             meta.free_hint = start + n;
         }

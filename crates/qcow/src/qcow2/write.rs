@@ -303,7 +303,12 @@ impl Qcow2Image {
             return Ok(n);
         }
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-        let host = self.alloc_data(&mut meta, guest, count)?;
+        // The first free run may be shorter: the rest goes in the next call.
+        let (host, count) = if self.header.has_data_file() {
+            (self.alloc_data(&mut meta, guest, count)?, count)
+        } else {
+            self.alloc_run(&mut meta, count)?
+        };
         let len = (count * cluster_size) as usize;
         self.write_data(&data[..len], host)?;
         // With extended L2 every subcluster of a whole cluster is written.

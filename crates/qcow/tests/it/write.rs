@@ -764,3 +764,27 @@ fn growing_an_image_grows_its_l1_table() {
         assert!(!out.contains("Pattern verification failed"), "{out}");
     }
 }
+
+#[test]
+fn freed_clusters_are_reused_before_the_file_grows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("reuse.qcow2");
+    let mut options = CreateOptions::new(8 << 20);
+    options.cluster_size = 4096;
+    let image = create(&path, &options);
+    let data = vec![0x11u8; 4 << 20];
+    image.write_at(&data, 0).expect("write");
+    image.flush().expect("flush");
+    let grown = std::fs::metadata(&path).expect("m").len();
+    // Release the first half, then write the second half of the disk.
+    image.discard(0, 4 << 20).expect("discard");
+    image.flush().expect("flush");
+    image.write_at(&data, 4 << 20).expect("write");
+    image.close().expect("close");
+    let after = std::fs::metadata(&path).expect("m").len();
+    assert!(
+        after <= grown + 2 * 4096,
+        "file grew from {grown} to {after} instead of reusing freed clusters"
+    );
+    assert_check_clean(&path);
+}
