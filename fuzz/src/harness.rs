@@ -400,3 +400,74 @@ fn check_extent(
         Allocation::Data { .. } => {}
     }
 }
+
+/// Most operations [`ops`] runs on one image.
+const MAX_OPS: usize = 16;
+
+/// Longest write [`ops`] makes.
+const MAX_WRITE: u64 = 64 * 1024;
+
+/// Bytes at the end of an [`ops`] input that choose the operations.
+const SCRIPT_BYTES: usize = MAX_OPS * 10;
+
+/// Opens `data` as a writable qcow2 image in memory (all but the last
+/// [`SCRIPT_BYTES`] bytes are the image; those drive the operations) and
+/// runs writes, zero writes, discards, compressed writes and flushes at
+/// offsets the input chooses, then reads back what it wrote. Errors are
+/// fine; panics, hangs and unbounded allocations are bugs.
+pub fn ops(data: &[u8]) {
+    let split = data.len().saturating_sub(SCRIPT_BYTES);
+    let (image_bytes, script) = data.split_at(split);
+    let storage = Arc::new(MemStorage::from_bytes(image_bytes.to_vec()));
+    let Ok(image) = Qcow2Image::open_writable("fuzz.qcow2", storage.clone(), Some(CACHE_BYTES))
+    else {
+        return;
+    };
+    let size = image.virtual_size();
+    if size == 0 {
+        return;
+    }
+    // Bound the memory the image may grow to: writes allocate clusters.
+    let cluster = image.header().cluster_size();
+    let mut written: Vec<(u64, Vec<u8>)> = Vec::new();
+    for op in script.chunks(10).take(MAX_OPS) {
+        let mut word = [0u8; 8];
+        word[..op.len().min(8)].copy_from_slice(&op[..op.len().min(8)]);
+        let offset = u64::from_le_bytes(word) % size;
+        let len = (u64::from(op.get(8).copied().unwrap_or(1)) * 257 + 1)
+            .min(MAX_WRITE)
+            .min(size - offset);
+        let fill = op.get(9).copied().unwrap_or(0);
+        let buf = vec![fill; len as usize];
+        match op.first().copied().unwrap_or(0) % 5 {
+            0 | 1 => {
+                if image.write_at(&buf, offset).is_ok() {
+                    written.push((offset, buf));
+                }
+            }
+            2 => {
+                let _ = image.write_zeroes(offset, len, fill % 2 == 0);
+            }
+            3 => {
+                let _ = image.discard(offset, len);
+            }
+            _ => {
+                if cluster <= MAX_WRITE {
+                    let at = offset - offset % cluster;
+                    let _ = image.write_compressed_cluster(&vec![fill; cluster as usize], at);
+                }
+            }
+        }
+        if storage.len().unwrap_or(0) > 64 << 20 {
+            break;
+        }
+    }
+    let _ = image.flush();
+    // The last write to each place reads back, unless a later operation
+    // failed half-way (then anything is allowed, but no panic).
+    if let Some((offset, buf)) = written.last() {
+        let mut back = vec![0u8; buf.len()];
+        let _ = image.read_at(&mut back, *offset);
+    }
+    let _ = image.close();
+}

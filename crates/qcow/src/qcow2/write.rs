@@ -236,9 +236,34 @@ impl Qcow2Image {
         // allocated can take any write in place.
         let whole = words == 1 || bitmap & ALL_ALLOCATED == ALL_ALLOCATED;
         Ok(match mapping {
-            L2Mapping::Data { host } if entry & OFLAG_COPIED != 0 && whole => Some(host),
+            L2Mapping::Data { host } if entry & OFLAG_COPIED != 0 && whole => {
+                self.check_data_host(index as u64, host)?;
+                Some(host)
+            }
             _ => None,
         })
+    }
+
+    /// Refuses to write in place where no data cluster can be: past the end
+    /// of the image file (or, for an external data file, which QEMU maps
+    /// one to one, past the disk). Reads there just see zeros, but a write
+    /// would grow the file to wherever a damaged entry points.
+    fn check_data_host(&self, index: u64, host: u64) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let limit = if self.header.has_data_file() {
+            self.virtual_size.next_multiple_of(cluster_size)
+        } else {
+            self.file_len().next_multiple_of(cluster_size)
+        };
+        if host.saturating_add(cluster_size) > limit {
+            return Err(Error::Corrupt {
+                image: self.name.clone(),
+                table: "L2 table",
+                offset: host,
+                reason: format!("entry {index} points past the end of the data ({limit} bytes)"),
+            });
+        }
+        Ok(())
     }
 
     /// Writes `buf` at guest offset `offset`.
@@ -362,6 +387,7 @@ impl Qcow2Image {
             let at = (in_cluster - span_start) as usize;
             span[at..at + piece.len()].copy_from_slice(piece);
             let target = if owned {
+                self.check_data_host(index as u64 / 2, host)?;
                 host
             } else {
                 self.alloc_data(&mut meta, guest, 1)?

@@ -47,3 +47,8 @@ fn header_seeds() {
 fn open_read_seeds() {
     replay("open_read", harness::open_read);
 }
+
+#[test]
+fn ops_seeds() {
+    replay("ops", harness::ops);
+}
