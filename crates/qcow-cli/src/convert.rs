@@ -258,6 +258,35 @@ fn to_qcow2(
     };
     let cluster_size = options.cluster_size as usize;
     let compress = args.compress;
+    if !compress && !top_only {
+        // Like qemu-img -W: every worker writes its own chunks; the engine
+        // allocates under its lock and writes the data outside it.
+        let done = AtomicU64::new(0);
+        for_each_chunk(size, workers, |start, end, buf| {
+            let mut pos = start;
+            while pos < end {
+                let extent = source.block_status(pos, end - pos)?;
+                let len = extent.len.max(1).min(end - pos);
+                if let Allocation::Data { zero: false, .. } = extent.allocation {
+                    let data = &mut buf[..len as usize];
+                    source.read_at(data, pos)?;
+                    let granularity = if sparse == 0 { 0 } else { cluster_size };
+                    for (at, run) in nonzero_runs(data, granularity) {
+                        dest.write_at(run, pos + at as u64)?;
+                    }
+                }
+                pos += len;
+            }
+            if let Some(bar) = progress {
+                bar.set_position(done.fetch_add(end - start, Ordering::Relaxed) + end - start);
+            }
+            Ok(())
+        })
+        .with_context(|| format!("converting '{}'", args.source.display()))?;
+        dest.close()
+            .with_context(|| format!("could not close '{}'", args.dest.display()))?;
+        return Ok(());
+    }
     let chunks = size.div_ceil(CHUNK);
     let (tx, rx) = sync_channel::<(u64, Result<Chunk>)>(workers * 2);
     // Buffers go back from the writer to the workers, so no chunk is

@@ -23,6 +23,11 @@ use crate::{Error, Result};
 /// Reference counts by cluster number.
 type Counts = HashMap<u64, u64>;
 
+/// Most bytes of L1 tables (active and snapshots) a rebuild reads: far more
+/// than any real image's, and a bound for crafted ones that name the same
+/// huge table from thousands of snapshots.
+const MAX_L1_BYTES_READ: u64 = 1 << 30;
+
 impl Qcow2Image {
     /// Recomputes every refcount of a dirty image and clears its dirty bit.
     pub(super) fn rebuild_refcounts(&mut self) -> Result<()> {
@@ -34,16 +39,28 @@ impl Qcow2Image {
         }
         let bits = self.header.cluster_bits;
         let cs = self.header.cluster_size();
+        let file_end = self.file_len().next_multiple_of(cs);
         let mut counts = Counts::new();
-        let add = |counts: &mut Counts, offset: u64, len: u64| {
+        // Every reference must lie inside the file: a damaged entry must not
+        // make the rebuild place refcount blocks at its offset.
+        let add = |counts: &mut Counts, offset: u64, len: u64, times: u64| -> Result<()> {
             if len == 0 {
-                return;
+                return Ok(());
+            }
+            if offset.saturating_add(len) > file_end {
+                return Err(Error::Corrupt {
+                    image: self.name.clone(),
+                    table: "metadata",
+                    offset,
+                    reason: format!("a reference of {len} bytes lies past the end of the file"),
+                });
             }
             for c in (offset >> bits)..=((offset + len - 1) >> bits) {
-                *counts.entry(c).or_insert(0) += 1;
+                *counts.entry(c).or_insert(0) += times;
             }
+            Ok(())
         };
-        add(&mut counts, 0, cs);
+        add(&mut counts, 0, cs, 1)?;
         let mut tables = vec![(self.header.l1_table_offset, self.header.l1_size)];
         if self.header.nb_snapshots > 0 {
             let table_len: u64 = self
@@ -53,40 +70,57 @@ impl Qcow2Image {
                     (40 + s.extra_data.len() + s.id.len() + s.name.len()).next_multiple_of(8) as u64
                 })
                 .sum();
-            add(&mut counts, self.header.snapshots_offset, table_len);
+            add(&mut counts, self.header.snapshots_offset, table_len, 1)?;
             tables.extend(
                 self.snapshots
                     .iter()
                     .map(|s| (s.l1_table_offset, s.l1_size)),
             );
         }
+        // How many L1 entries name each L2 table: a table is read once and
+        // its clusters counted that many times, so the work is bounded by
+        // the file's size however often tables are shared.
+        let mut l2_tables: HashMap<u64, u64> = HashMap::new();
+        let mut l1_bytes_read = 0u64;
         for (l1_offset, l1_size) in tables {
-            add(&mut counts, l1_offset, u64::from(l1_size) * 8);
+            let len = u64::from(l1_size) * 8;
+            add(&mut counts, l1_offset, len, 1)?;
+            l1_bytes_read += len;
+            if l1_bytes_read > MAX_L1_BYTES_READ {
+                return Err(Error::Unsupported {
+                    image: self.name.clone(),
+                    what: format!(
+                        "rebuilding refcounts over more than {MAX_L1_BYTES_READ} bytes of L1 tables"
+                    ),
+                });
+            }
             let l1 = super::read_l1(&self.name, &*self.file, l1_offset, l1_size)?;
             for (i, &entry) in l1.iter().enumerate() {
-                let Some(l2_offset) = self
+                if let Some(l2_offset) = self
                     .geometry
                     .l1_entry(i as u64, entry)
                     .map_err(|e| Error::format(&self.name, e))?
-                else {
+                {
+                    add(&mut counts, l2_offset, cs, 1)?;
+                    *l2_tables.entry(l2_offset).or_insert(0) += 1;
+                }
+            }
+        }
+        let words = self.geometry.l2_entry_words();
+        for (&l2_offset, &times) in &l2_tables {
+            let table = self.read_l2_words(l2_offset)?;
+            for (index, entry) in table.chunks(words).enumerate() {
+                let bitmap = entry.get(1).copied().unwrap_or(0);
+                // Decoding validates the entry.
+                self.geometry
+                    .l2_mapping(index as u64, entry[0], bitmap, 0)
+                    .map_err(|e| Error::format(&self.name, e))?;
+                // Clusters of an external data file are not refcounted.
+                if self.header.has_data_file() {
                     continue;
-                };
-                add(&mut counts, l2_offset, cs);
-                let table = self.read_l2_words(l2_offset)?;
-                let words = self.geometry.l2_entry_words();
-                for (index, entry) in table.chunks(words).enumerate() {
-                    let bitmap = entry.get(1).copied().unwrap_or(0);
-                    // Decoding validates the entry.
-                    self.geometry
-                        .l2_mapping(index as u64, entry[0], bitmap, 0)
-                        .map_err(|e| Error::format(&self.name, e))?;
-                    // Clusters of an external data file are not refcounted.
-                    if self.header.has_data_file() {
-                        continue;
-                    }
-                    if let Some((host, len)) = self.geometry.l2_host_range(entry[0]) {
-                        add(&mut counts, host, len);
-                    }
+                }
+                if let Some((host, len)) = self.geometry.l2_host_range(entry[0]) {
+                    add(&mut counts, host, len, times)?;
                 }
             }
         }

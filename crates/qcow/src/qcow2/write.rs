@@ -327,7 +327,7 @@ impl Qcow2Image {
             self.write_range(&data[..n], guest)?;
             return Ok(n);
         }
-        let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+        let (_, table) = self.writable_l2(&mut meta, guest)?;
         // The first free run may be shorter: the rest goes in the next call.
         let (host, count) = if self.header.has_data_file() {
             (self.alloc_data(&mut meta, guest, count)?, count)
@@ -335,7 +335,15 @@ impl Qcow2Image {
             self.alloc_run(&mut meta, count)?
         };
         let len = (count * cluster_size) as usize;
+        // Whole clusters need no copy-on-write, so the data is written
+        // outside the lock (other writers allocate meanwhile); the L2
+        // table is looked up again afterwards, as it may have been evicted
+        // and reloaded by then.
+        drop(meta);
+        drop(table);
         self.write_data(&data[..len], host)?;
+        let mut meta = self.lock_meta()?;
+        let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
         // With extended L2 every subcluster of a whole cluster is written.
         let bitmap = if self.geometry.extended_l2 {
             ALL_ALLOCATED
