@@ -273,7 +273,13 @@ impl Qcow2Image {
                 if host == 0 || compressed {
                     continue;
                 }
-                let want = if copied(host) { OFLAG_COPIED } else { 0 };
+                // Clusters of an external data file count as referenced once.
+                let data_file = self.header.has_data_file();
+                let want = if data_file || copied(host) {
+                    OFLAG_COPIED
+                } else {
+                    0
+                };
                 if *word & OFLAG_COPIED != want {
                     *word = (*word & !OFLAG_COPIED) | want;
                     changed = true;
