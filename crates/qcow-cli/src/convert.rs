@@ -181,26 +181,8 @@ fn to_raw(
         dest.set_len(size)
             .with_context(|| format!("could not size '{}'", args.dest.display()))?;
     }
-    let done = AtomicU64::new(0);
-    for_each_chunk(size, workers, |start, end, buf| {
-        let mut pos = start;
-        while pos < end {
-            let extent = source.block_status(pos, end - pos)?;
-            let len = extent.len.max(1).min(end - pos);
-            if let Allocation::Data { zero: false, .. } = extent.allocation {
-                // len <= CHUNK == buf.len().
-                let data = &mut buf[..len as usize];
-                source.read_at(data, pos)?;
-                for (at, run) in nonzero_runs(data, sparse) {
-                    dest.write_at(run, pos + at as u64)?;
-                }
-            }
-            pos += len;
-        }
-        if let Some(bar) = progress {
-            bar.set_position(done.fetch_add(end - start, Ordering::Relaxed) + end - start);
-        }
-        Ok(())
+    copy_unordered(source, size, workers, sparse, progress, |run, at| {
+        Ok(dest.write_at(run, at)?)
     })
     .with_context(|| format!("converting '{}'", args.source.display()))?;
     if regular {
@@ -261,26 +243,9 @@ fn to_qcow2(
     if !compress && !top_only {
         // Like qemu-img -W: every worker writes its own chunks; the engine
         // allocates under its lock and writes the data outside it.
-        let done = AtomicU64::new(0);
-        for_each_chunk(size, workers, |start, end, buf| {
-            let mut pos = start;
-            while pos < end {
-                let extent = source.block_status(pos, end - pos)?;
-                let len = extent.len.max(1).min(end - pos);
-                if let Allocation::Data { zero: false, .. } = extent.allocation {
-                    let data = &mut buf[..len as usize];
-                    source.read_at(data, pos)?;
-                    let granularity = if sparse == 0 { 0 } else { cluster_size };
-                    for (at, run) in nonzero_runs(data, granularity) {
-                        dest.write_at(run, pos + at as u64)?;
-                    }
-                }
-                pos += len;
-            }
-            if let Some(bar) = progress {
-                bar.set_position(done.fetch_add(end - start, Ordering::Relaxed) + end - start);
-            }
-            Ok(())
+        let granularity = if sparse == 0 { 0 } else { cluster_size };
+        copy_unordered(source, size, workers, granularity, progress, |run, at| {
+            Ok(dest.write_at(run, at)?)
         })
         .with_context(|| format!("converting '{}'", args.source.display()))?;
         dest.close()
@@ -545,6 +510,40 @@ fn read_chunk(
         }
     }
     Ok(Chunk { buf, pieces })
+}
+
+/// Copies every run of `source` that may hold non-zero data with
+/// `write(bytes, offset)`, chunks on `workers` threads in any order, leaving
+/// out blocks of `granularity` bytes that are all zeros (0: none).
+fn copy_unordered(
+    source: &dyn BlockDevice,
+    size: u64,
+    workers: usize,
+    granularity: usize,
+    progress: Option<&indicatif::ProgressBar>,
+    write: impl Fn(&[u8], u64) -> Result<()> + Sync,
+) -> Result<()> {
+    let done = AtomicU64::new(0);
+    for_each_chunk(size, workers, |start, end, buf| {
+        let mut pos = start;
+        while pos < end {
+            let extent = source.block_status(pos, end - pos)?;
+            let len = extent.len.max(1).min(end - pos);
+            if let Allocation::Data { zero: false, .. } = extent.allocation {
+                // len <= CHUNK == buf.len().
+                let data = &mut buf[..len as usize];
+                source.read_at(data, pos)?;
+                for (at, run) in nonzero_runs(data, granularity) {
+                    write(run, pos + at as u64)?;
+                }
+            }
+            pos += len;
+        }
+        if let Some(bar) = progress {
+            bar.set_position(done.fetch_add(end - start, Ordering::Relaxed) + end - start);
+        }
+        Ok(())
+    })
 }
 
 /// Runs `work(start, end, buffer)` over every chunk of a disk of `size`
