@@ -15,11 +15,18 @@
 //! tables that use the clusters they count): [`TableCache::set_dependency`]
 //! names a cache that is flushed before any table of this one is written.
 //!
+//! Loading is lock-free: a miss hands out a [`Load`] ticket, the caller
+//! reads the table from disk with no lock held, and the ticket's
+//! [`Load::insert`] refuses the table when its offset left the cache or was
+//! dropped in the meantime (its bytes on disk may then have changed since
+//! they were read), so that a stale copy never replaces a newer one.
+//!
 //! The map is split into shards by offset so that threads looking up
 //! different tables rarely wait for each other.
 
 #![deny(missing_docs)]
 
+use std::collections::HashMap;
 use std::io;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,10 +37,16 @@ use lru::LruCache;
 /// Most shards a cache is split into.
 const MAX_SHARDS: usize = 16;
 
-/// Writes one table back to its place in the image.
+/// Writes one table back to its place in the image, in two steps so that
+/// the bytes are taken before the cache's dependency is flushed: whatever
+/// they contain is then covered by that flush, even if the table changes
+/// meanwhile.
 pub trait WriteBack<T>: Send + Sync {
-    /// Writes `table`, which lives at `offset` in the image file.
-    fn write_back(&self, offset: u64, table: &T) -> io::Result<()>;
+    /// The on-disk bytes of `table` as it is now.
+    fn encode(&self, table: &T) -> Vec<u8>;
+
+    /// Writes bytes from [`WriteBack::encode`] to `offset` in the image file.
+    fn write(&self, offset: u64, bytes: &[u8]) -> io::Result<()>;
 }
 
 /// Something that can write all its dirty state back.
@@ -47,7 +60,89 @@ struct Entry<T> {
     dirty: bool,
 }
 
-type Shard<T> = LruCache<u64, Entry<T>>;
+/// The tables of one shard, and the offsets being loaded into it.
+struct Shard<T> {
+    tables: LruCache<u64, Entry<T>>,
+    /// Offsets with outstanding [`Load`] tickets.
+    loads: HashMap<u64, LoadWatch>,
+}
+
+/// Threads loading one offset, and how often the offset left the cache
+/// (or was dropped) while they were.
+struct LoadWatch {
+    loaders: usize,
+    departures: u64,
+}
+
+impl<T> Shard<T> {
+    /// Records that the table at `offset` left the cache or is stale on
+    /// disk: loads of it that started before are refused.
+    fn departed(&mut self, offset: u64) {
+        if let Some(watch) = self.loads.get_mut(&offset) {
+            watch.departures += 1;
+        }
+    }
+}
+
+/// The result of [`TableCache::lookup`].
+pub enum Lookup<'a, T> {
+    /// The table was cached.
+    Hit(Arc<T>),
+    /// It was not: read it from disk and hand it to the ticket.
+    Miss(Load<'a, T>),
+}
+
+/// The right to cache a table read from disk after a miss. Dropping it
+/// unused is fine.
+pub struct Load<'a, T> {
+    cache: &'a TableCache<T>,
+    offset: u64,
+    departures: u64,
+}
+
+impl<T> Load<'_, T> {
+    /// Caches `table`, read from disk after the miss, unless the offset
+    /// left the cache or was dropped since the miss: then `Ok(None)`, and
+    /// the caller reads it again. If another thread cached the offset
+    /// meanwhile, that table wins and is returned instead. Fails only when
+    /// a dirty table had to be written back to make room and could not be.
+    pub fn insert(self, table: Arc<T>) -> io::Result<Option<Arc<T>>> {
+        let cache = self.cache;
+        let mut shard = lock(cache.shard(self.offset));
+        let fresh = shard
+            .loads
+            .get(&self.offset)
+            .is_some_and(|w| w.departures == self.departures);
+        // The ticket's drop (after the shard lock is released) ends the watch.
+        if let Some(existing) = shard.tables.get(&self.offset) {
+            return Ok(Some(existing.table.clone()));
+        }
+        if !fresh {
+            return Ok(None);
+        }
+        cache.make_room(&mut shard)?;
+        shard.tables.push(
+            self.offset,
+            Entry {
+                table: table.clone(),
+                dirty: false,
+            },
+        );
+        Ok(Some(table))
+    }
+}
+
+impl<T> Drop for Load<'_, T> {
+    fn drop(&mut self) {
+        let mut shard = lock(self.cache.shard(self.offset));
+        if let Some(watch) = shard.loads.get_mut(&self.offset) {
+            watch.loaders -= 1;
+            if watch.loaders == 0 {
+                shard.loads.remove(&self.offset);
+            }
+        }
+    }
+}
 
 /// Counters describing how a cache has been used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,7 +215,12 @@ impl<T> TableCache<T> {
         let per_shard = NonZeroUsize::new(capacity / shards).unwrap_or(NonZeroUsize::MIN);
         TableCache {
             shards: (0..shards)
-                .map(|_| Mutex::new(LruCache::new(per_shard)))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        tables: LruCache::new(per_shard),
+                        loads: HashMap::new(),
+                    })
+                })
                 .collect(),
             shard_shift: shards.trailing_zeros(),
             table_bytes,
@@ -171,13 +271,13 @@ impl<T> TableCache<T> {
 
     /// How many tables the cache holds at most.
     pub fn capacity(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).cap().get()).sum()
+        self.shards.iter().map(|s| lock(s).tables.cap().get()).sum()
     }
 
     /// The table at `offset`, if cached; marks it most recently used.
     pub fn get(&self, offset: u64) -> Option<Arc<T>> {
         let mut shard = lock(self.shard(offset));
-        match shard.get(&offset) {
+        match shard.tables.get(&offset) {
             Some(entry) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 Some(entry.table.clone())
@@ -189,17 +289,39 @@ impl<T> TableCache<T> {
         }
     }
 
-    /// Caches a table read from disk (clean). If another thread cached the
-    /// same offset meanwhile, that table wins and is returned instead.
-    /// Fails only when a dirty table had to be written back to make room
-    /// and could not be.
+    /// The table at `offset` if cached (marked most recently used), else a
+    /// ticket to cache it once read from disk.
+    pub fn lookup(&self, offset: u64) -> Lookup<'_, T> {
+        let mut shard = lock(self.shard(offset));
+        if let Some(entry) = shard.tables.get(&offset) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Hit(entry.table.clone());
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let watch = shard.loads.entry(offset).or_insert(LoadWatch {
+            loaders: 0,
+            departures: 0,
+        });
+        watch.loaders += 1;
+        Lookup::Miss(Load {
+            cache: self,
+            offset,
+            departures: watch.departures,
+        })
+    }
+
+    /// Caches a table known to be current (clean): one just written, or
+    /// one read while nothing could change it (under the caller's own
+    /// lock). If another thread cached the same offset meanwhile, that
+    /// table wins and is returned instead. Fails only when a dirty table
+    /// had to be written back to make room and could not be.
     pub fn insert_clean(&self, offset: u64, table: Arc<T>) -> io::Result<Arc<T>> {
         let mut shard = lock(self.shard(offset));
-        if let Some(existing) = shard.get(&offset) {
+        if let Some(existing) = shard.tables.get(&offset) {
             return Ok(existing.table.clone());
         }
         self.make_room(&mut shard)?;
-        shard.push(
+        shard.tables.push(
             offset,
             Entry {
                 table: table.clone(),
@@ -217,12 +339,12 @@ impl<T> TableCache<T> {
             return Err(io::Error::other("the table cache is read-only"));
         }
         let mut shard = lock(self.shard(offset));
-        match shard.peek(&offset) {
+        match shard.tables.peek(&offset) {
             None => self.make_room(&mut shard)?,
             Some(existing) if !Arc::ptr_eq(&existing.table, &table) => self.bump(),
             Some(_) => {}
         }
-        shard.push(offset, Entry { table, dirty: true });
+        shard.tables.push(offset, Entry { table, dirty: true });
         Ok(())
     }
 
@@ -230,22 +352,32 @@ impl<T> TableCache<T> {
     /// back first when it is dirty. The shard stays locked meanwhile, so
     /// nobody reads a stale copy from disk before the write lands.
     fn make_room(&self, shard: &mut Shard<T>) -> io::Result<()> {
-        if shard.len() < shard.cap().get() {
+        if shard.tables.len() < shard.tables.cap().get() {
             return Ok(());
         }
-        if let Some((&offset, entry)) = shard.peek_lru() {
+        if let Some((&offset, entry)) = shard.tables.peek_lru() {
             if entry.dirty {
                 let table = entry.table.clone();
                 self.write_one(offset, &table)?;
             }
         }
-        shard.pop_lru();
+        if let Some((offset, _)) = shard.tables.pop_lru() {
+            shard.departed(offset);
+        }
         self.bump();
         self.evictions.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
+    /// Writes one table back: its bytes are taken first, then the
+    /// dependency is flushed (covering everything those bytes refer to),
+    /// then the bytes are written.
     fn write_one(&self, offset: u64, table: &T) -> io::Result<()> {
+        let writer = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the table cache is read-only"))?;
+        let bytes = writer.encode(table);
         let dependency = self
             .dependency
             .read()
@@ -254,19 +386,19 @@ impl<T> TableCache<T> {
         if let Some(dependency) = dependency {
             dependency.flush()?;
         }
-        let writer = self
-            .writer
-            .as_ref()
-            .ok_or_else(|| io::Error::other("the table cache is read-only"))?;
-        writer.write_back(offset, table)?;
+        writer.write(offset, &bytes)?;
         self.write_backs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Drops the table at `offset` (for example when its cluster is freed),
-    /// dirty or not.
+    /// Drops the table at `offset`, dirty or not: when its cluster is
+    /// freed, or after the caller changed it on disk directly. Loads of it
+    /// in progress are refused either way, as they may have read it before
+    /// the change.
     pub fn remove(&self, offset: u64) -> Option<Arc<T>> {
-        let removed = lock(self.shard(offset)).pop(&offset).map(|e| e.table);
+        let mut shard = lock(self.shard(offset));
+        shard.departed(offset);
+        let removed = shard.tables.pop(&offset).map(|e| e.table);
         if removed.is_some() {
             self.bump();
         }
@@ -277,7 +409,7 @@ impl<T> TableCache<T> {
     pub fn dirty_count(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| lock(s).iter().filter(|(_, e)| e.dirty).count())
+            .map(|s| lock(s).tables.iter().filter(|(_, e)| e.dirty).count())
             .sum()
     }
 
@@ -286,12 +418,14 @@ impl<T> TableCache<T> {
         for shard in &self.shards {
             let mut shard = lock(shard);
             let clean: Vec<u64> = shard
+                .tables
                 .iter()
                 .filter(|(_, e)| !e.dirty)
                 .map(|(k, _)| *k)
                 .collect();
             for k in clean {
-                shard.pop(&k);
+                shard.tables.pop(&k);
+                shard.departed(k);
             }
         }
         self.bump();
@@ -318,6 +452,7 @@ impl<T: Send + Sync> Flush for TableCache<T> {
         for shard in &self.shards {
             let mut shard = lock(shard);
             let mut dirty: Vec<(u64, Arc<T>)> = shard
+                .tables
                 .iter()
                 .filter(|(_, e)| e.dirty)
                 .map(|(k, e)| (*k, e.table.clone()))
@@ -325,7 +460,7 @@ impl<T: Send + Sync> Flush for TableCache<T> {
             dirty.sort_by_key(|(k, _)| *k);
             for (offset, table) in dirty {
                 self.write_one(offset, &table)?;
-                if let Some(entry) = shard.peek_mut(&offset) {
+                if let Some(entry) = shard.tables.peek_mut(&offset) {
                     entry.dirty = false;
                 }
             }
@@ -349,11 +484,16 @@ mod tests {
     }
 
     impl WriteBack<u32> for Writer {
-        fn write_back(&self, offset: u64, table: &u32) -> io::Result<()> {
+        fn encode(&self, table: &u32) -> Vec<u8> {
+            table.to_be_bytes().to_vec()
+        }
+
+        fn write(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
             if self.fail {
                 return Err(io::Error::other("injected"));
             }
-            lock(&self.log.0).push((self.name, offset, *table));
+            let value = u32::from_be_bytes(bytes.try_into().map_err(io::Error::other)?);
+            lock(&self.log.0).push((self.name, offset, value));
             Ok(())
         }
     }
@@ -477,6 +617,112 @@ mod tests {
         let t = cache.insert_clean(0, Arc::new(2))?;
         assert_eq!(*t, 1);
         assert_eq!(cache.dirty_count(), 1);
+        Ok(())
+    }
+
+    fn load<T>(cache: &TableCache<T>, offset: u64) -> Load<'_, T> {
+        match cache.lookup(offset) {
+            Lookup::Miss(load) => load,
+            Lookup::Hit(_) => panic!("offset {offset} should not be cached"),
+        }
+    }
+
+    #[test]
+    fn a_load_with_nothing_in_between_is_cached() -> io::Result<()> {
+        let cache: TableCache<u32> = TableCache::new(4 * 512, 512);
+        let ticket = load(&cache, 0);
+        assert_eq!(ticket.insert(Arc::new(5))?.as_deref(), Some(&5));
+        assert!(matches!(cache.lookup(0), Lookup::Hit(t) if *t == 5));
+        Ok(())
+    }
+
+    #[test]
+    fn a_load_is_refused_when_its_table_was_dropped_meanwhile() -> io::Result<()> {
+        let cache: TableCache<u32> = TableCache::new(4 * 512, 512);
+        let ticket = load(&cache, 0);
+        // Changed on disk by someone else, who drops any cached copy.
+        cache.remove(0);
+        assert!(
+            ticket.insert(Arc::new(5))?.is_none(),
+            "read before the change"
+        );
+        assert!(cache.get(0).is_none());
+        // A new miss, after the change, is fine.
+        assert!(load(&cache, 0).insert(Arc::new(6))?.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn a_load_is_refused_when_its_table_came_and_went_meanwhile() -> io::Result<()> {
+        let log = Arc::new(Log::default());
+        let cache = writable("l2", 1, &log);
+        let stale = load(&cache, 0);
+        // Another thread loads it, changes it, and it is evicted (written
+        // back) before the first load finishes.
+        let other = load(&cache, 0);
+        let table = other
+            .insert(Arc::new(1))?
+            .ok_or_else(|| io::Error::other("refused"))?;
+        cache.insert_dirty(0, Arc::new(*table + 1))?;
+        cache.insert_clean(512, Arc::new(9))?;
+        assert_eq!(*lock(&log.0), [("l2", 0, 2)]);
+        assert!(
+            stale.insert(Arc::new(1))?.is_none(),
+            "the stale copy must lose"
+        );
+        assert!(cache.get(0).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn a_load_returns_the_table_another_thread_cached() -> io::Result<()> {
+        let cache: TableCache<u32> = TableCache::new(4 * 512, 512);
+        let first = load(&cache, 0);
+        let second = load(&cache, 0);
+        assert_eq!(second.insert(Arc::new(2))?.as_deref(), Some(&2));
+        assert_eq!(first.insert(Arc::new(1))?.as_deref(), Some(&2));
+        Ok(())
+    }
+
+    /// A table whose value a dependency's flush changes, as a concurrent
+    /// writer would.
+    struct Racing(std::sync::atomic::AtomicU32);
+
+    struct RacingWriter(Arc<Log>);
+
+    impl WriteBack<Racing> for RacingWriter {
+        fn encode(&self, table: &Racing) -> Vec<u8> {
+            table.0.load(Ordering::SeqCst).to_be_bytes().to_vec()
+        }
+
+        fn write(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+            let value = u32::from_be_bytes(bytes.try_into().map_err(io::Error::other)?);
+            lock(&self.0.0).push(("l2", offset, value));
+            Ok(())
+        }
+    }
+
+    struct ChangesTable(Arc<Racing>);
+
+    impl Flush for ChangesTable {
+        fn flush(&self) -> io::Result<()> {
+            self.0.0.store(99, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_back_takes_the_bytes_before_flushing_the_dependency() -> io::Result<()> {
+        let log = Arc::new(Log::default());
+        let cache: TableCache<Racing> =
+            TableCache::with_write_back(512, 512, Arc::new(RacingWriter(log.clone())));
+        let table = Arc::new(Racing(std::sync::atomic::AtomicU32::new(1)));
+        cache.set_dependency(Arc::new(ChangesTable(table.clone())));
+        cache.insert_dirty(0, table)?;
+        cache.flush()?;
+        // What changed during the dependency's flush may rely on something
+        // that flush did not cover: it must wait for the next write-back.
+        assert_eq!(*lock(&log.0), [("l2", 0, 1)]);
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use qcow_cache::Lookup;
 use qcow_format::table::L2Mapping;
 
 use super::{L2Table, Qcow2Image, decode_be_words};
@@ -39,10 +40,29 @@ struct Run {
 
 impl Qcow2Image {
     /// The L2 table at `offset`, from the cache or the file.
+    ///
+    /// A table read from the file is cached only if it did not leave the
+    /// cache meanwhile (a writer may have changed it and written it back
+    /// after this read); otherwise it is read again.
     pub(super) fn l2_table(&self, l1_index: u64, offset: u64) -> Result<Arc<L2Table>> {
-        if let Some(table) = self.l2_cache.get(offset) {
-            return Ok(table);
+        loop {
+            let load = match self.l2_cache.lookup(offset) {
+                Lookup::Hit(table) => return Ok(table),
+                Lookup::Miss(load) => load,
+            };
+            let table = Arc::new(self.read_l2_table(l1_index, offset)?);
+            // The read path never dirties tables, so nothing evicted needs writing.
+            let cached = load
+                .insert(table)
+                .map_err(|e| Error::io(&self.name, "writing back an evicted table", offset, e))?;
+            if let Some(table) = cached {
+                return Ok(table);
+            }
         }
+    }
+
+    /// Reads and decodes the L2 table at `offset` from the file.
+    fn read_l2_table(&self, l1_index: u64, offset: u64) -> Result<L2Table> {
         let cluster_size = self.header.cluster_size();
         if offset.saturating_add(cluster_size) > self.file_len() {
             return Err(Error::Corrupt {
@@ -60,16 +80,10 @@ impl Qcow2Image {
         self.file
             .read_at(&mut bytes, offset)
             .map_err(|e| Error::io(&self.name, "reading an L2 table", offset, e))?;
-        let table: Arc<L2Table> = Arc::new(
-            decode_be_words(&bytes)
-                .into_iter()
-                .map(AtomicU64::new)
-                .collect(),
-        );
-        // The read path never dirties tables, so nothing evicted needs writing.
-        self.l2_cache
-            .insert_clean(offset, table)
-            .map_err(|e| Error::io(&self.name, "writing back an evicted table", offset, e))
+        Ok(decode_be_words(&bytes)
+            .into_iter()
+            .map(AtomicU64::new)
+            .collect())
     }
 
     /// Calls `f` with the L2 table at `offset`, from this thread's memo when

@@ -55,13 +55,16 @@ impl RefBlock {
 pub(super) struct RefBlockWriter(pub(super) Arc<dyn Storage>);
 
 impl WriteBack<RefBlock> for RefBlockWriter {
-    fn write_back(&self, offset: u64, table: &RefBlock) -> std::io::Result<()> {
-        let bytes = table
+    fn encode(&self, table: &RefBlock) -> Vec<u8> {
+        table
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        self.0.write_at(&bytes, offset)
+            .to_vec()
+    }
+
+    fn write(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(bytes, offset)
     }
 }
 

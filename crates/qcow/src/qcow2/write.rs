@@ -49,12 +49,15 @@ pub(crate) struct WriteState {
 struct L2Writer(Arc<dyn Storage>);
 
 impl WriteBack<L2Table> for L2Writer {
-    fn write_back(&self, offset: u64, table: &L2Table) -> std::io::Result<()> {
-        let bytes: Vec<u8> = table
+    fn encode(&self, table: &L2Table) -> Vec<u8> {
+        table
             .iter()
             .flat_map(|e| e.load(Ordering::Acquire).to_be_bytes())
-            .collect();
-        self.0.write_at(&bytes, offset)
+            .collect()
+    }
+
+    fn write(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(bytes, offset)
     }
 }
 
@@ -573,8 +576,9 @@ impl Qcow2Image {
         };
         let new_offset = self.alloc_clusters(meta, 1)?;
         // The table and its refcount reach the disk before the L1 entry.
-        L2Writer(self.file.clone())
-            .write_back(new_offset, &new_table)
+        let writer = L2Writer(self.file.clone());
+        writer
+            .write(new_offset, &writer.encode(&new_table))
             .map_err(|e| Error::io(&self.name, "writing an L2 table", new_offset, e))?;
         self.flush_refcounts()?;
         let new_entry = new_offset | OFLAG_COPIED;

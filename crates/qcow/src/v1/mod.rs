@@ -10,7 +10,7 @@ mod write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use qcow_cache::TableCache;
+use qcow_cache::{Lookup, TableCache};
 use qcow_format::header::Encryption;
 use qcow_format::v1::{HeaderV1, V1_HEADER_LEN, V1Mapping};
 use qcow_io::Storage;
@@ -111,32 +111,44 @@ impl QcowImage {
         if l2_offset == 0 {
             return Ok(V1Mapping::Unallocated);
         }
-        let table = match self.l2_cache.get(l2_offset) {
-            Some(t) => t,
-            None => {
-                let table_bytes = 8u64 << l2_bits;
-                if l2_offset.saturating_add(table_bytes) > self.file_len() {
-                    return Err(Error::Corrupt {
-                        image: self.name.clone(),
-                        table: "L2 table",
-                        offset: l2_offset,
-                        reason: format!("L1 entry {l1_index} points past the end of the file"),
-                    });
-                }
-                // At most 64 KiB (l2_bits <= 13).
-                let mut bytes = vec![0u8; table_bytes as usize];
-                self.file
-                    .read_at(&mut bytes, l2_offset)
-                    .map_err(|e| Error::io(&self.name, "reading an L2 table", l2_offset, e))?;
-                let table = Arc::new(decode_be_words(&bytes).into_boxed_slice());
-                self.l2_cache.insert_clean(l2_offset, table).map_err(|e| {
-                    Error::io(&self.name, "writing back an evicted table", l2_offset, e)
-                })?
-            }
-        };
+        let table = self.l2_table(l1_index, l2_offset)?;
         let index = ((guest >> cluster_bits) & ((1 << l2_bits) - 1)) as usize;
         let entry = table.get(index).copied().unwrap_or(0);
         Ok(self.header.l2_mapping(entry))
+    }
+
+    /// The L2 table at `l2_offset`, from the cache or the file. A table
+    /// read from the file is cached only if no writer changed it on disk
+    /// meanwhile (writers drop it from the cache); otherwise it is read
+    /// again.
+    fn l2_table(&self, l1_index: u64, l2_offset: u64) -> Result<Arc<Box<[u64]>>> {
+        let table_bytes = 8u64 << self.header.l2_bits;
+        loop {
+            let load = match self.l2_cache.lookup(l2_offset) {
+                Lookup::Hit(table) => return Ok(table),
+                Lookup::Miss(load) => load,
+            };
+            if l2_offset.saturating_add(table_bytes) > self.file_len() {
+                return Err(Error::Corrupt {
+                    image: self.name.clone(),
+                    table: "L2 table",
+                    offset: l2_offset,
+                    reason: format!("L1 entry {l1_index} points past the end of the file"),
+                });
+            }
+            // At most 64 KiB (l2_bits <= 13).
+            let mut bytes = vec![0u8; table_bytes as usize];
+            self.file
+                .read_at(&mut bytes, l2_offset)
+                .map_err(|e| Error::io(&self.name, "reading an L2 table", l2_offset, e))?;
+            let table = Arc::new(decode_be_words(&bytes).into_boxed_slice());
+            let cached = load.insert(table).map_err(|e| {
+                Error::io(&self.name, "writing back an evicted table", l2_offset, e)
+            })?;
+            if let Some(table) = cached {
+                return Ok(table);
+            }
+        }
     }
 
     fn read_cluster_part(&self, guest: u64, out: &mut [u8]) -> Result<()> {
