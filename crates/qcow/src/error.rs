@@ -171,6 +171,17 @@ pub enum Error {
         /// The largest refcount the image can hold.
         max: u64,
     },
+    /// The image cannot grow any further: a format limit (the largest
+    /// refcount table, the largest host offset an entry can hold) was hit.
+    #[error("{image}: no room left: {what} would exceed {limit:#x}")]
+    NoSpace {
+        /// The image.
+        image: String,
+        /// What would have grown past its limit.
+        what: &'static str,
+        /// The limit, in bytes.
+        limit: u64,
+    },
     /// Invalid creation options.
     #[error("{0}")]
     InvalidOptions(String),

@@ -6,6 +6,7 @@
 
 mod bitmaps;
 mod create;
+mod entry_seq;
 mod read;
 mod rebuild;
 mod refcount;
@@ -51,6 +52,8 @@ pub struct Qcow2Image {
     virtual_size: u64,
     l1: Vec<AtomicU64>,
     l2_cache: TableCache<L2Table>,
+    /// Makes lock-free lookups of two-word (extended) L2 entries consistent.
+    entry_seq: entry_seq::EntrySeq,
     /// Allocation state; `None` for a read-only image.
     writer: Option<write::WriteState>,
     backing: Option<Box<dyn BlockDevice>>,
@@ -104,6 +107,7 @@ impl Qcow2Image {
             name: name.to_owned(),
             virtual_size: header.virtual_size,
             l2_cache: TableCache::new(budget, header.cluster_size()),
+            entry_seq: entry_seq::EntrySeq::default(),
             file,
             data,
             data_name: None,
@@ -220,6 +224,17 @@ impl Qcow2Image {
             .ok()
             .and_then(|i| self.l1.get(i))
             .map_or(0, |e| e.load(Ordering::Acquire))
+    }
+
+    /// Runs a lock-free lookup of L2 entries so that it sees each
+    /// two-word (extended) entry whole, never half changed by a writer.
+    pub(crate) fn consistent<R>(&self, lookup: impl FnMut() -> R) -> R {
+        let mut lookup = lookup;
+        if self.geometry.extended_l2 {
+            self.entry_seq.read(lookup)
+        } else {
+            lookup()
+        }
     }
 
     /// L2 cache counters.

@@ -189,9 +189,11 @@ impl Qcow2Image {
                 len: max.min(to_table_end),
             });
         };
-        self.with_l2(l1_index, l2_offset, |table| {
-            self.run_in_table(table, guest, max)
-        })?
+        self.consistent(|| {
+            self.with_l2(l1_index, l2_offset, |table| {
+                self.run_in_table(table, guest, max)
+            })?
+        })
     }
 
     /// The run at `guest` within one L2 table.

@@ -199,9 +199,9 @@ impl Qcow2Image {
         let shift = self.refblock_shift();
         let cluster_size = self.header.cluster_size();
         let cluster = meta.end;
-        meta.end += 1;
+        self.check_clusters_end(cluster + 1)?;
         let offset = cluster << self.header.cluster_bits;
-        self.check_host_offset(offset)?;
+        meta.end += 1;
         let block = Arc::new(RefBlock::new(
             vec![0u8; cluster_size as usize].into_boxed_slice(),
         ));
@@ -249,14 +249,11 @@ impl Qcow2Image {
         }
         let bytes = entries * 8;
         if bytes > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::format(
-                &self.name,
-                qcow_format::FormatError::TooLarge {
-                    structure: "refcount table",
-                    size: bytes,
-                    limit: MAX_REFCOUNT_TABLE_BYTES,
-                },
-            ));
+            return Err(Error::NoSpace {
+                image: self.name.clone(),
+                what: "the refcount table",
+                limit: MAX_REFCOUNT_TABLE_BYTES,
+            });
         }
         let table_clusters = entries / per_cluster;
         let table_start = meta.end;
@@ -293,7 +290,7 @@ impl Qcow2Image {
                 .map_err(|e| Error::io(&self.name, "caching a refcount block", table[slot], e))?;
             cluster += 1;
         }
-        self.check_host_offset(next << cluster_bits)?;
+        self.check_clusters_end(next)?;
         meta.end = next;
         self.grow_file_len(meta);
         // Blocks first, then the table, then the header that points at it.
@@ -356,11 +353,11 @@ impl Qcow2Image {
 
     /// Counts `n` clusters from `start` as used (refcount 1).
     fn take_clusters(&self, meta: &mut Meta, start: u64, n: u64) -> Result<u64> {
+        self.check_clusters_end(start.saturating_add(n))?;
         if n == 1 || start == meta.free_hint {
             meta.free_hint = start + n;
         }
         meta.end = meta.end.max(start + n);
-        self.check_host_offset((start + n) << self.header.cluster_bits)?;
         for cluster in start..start + n {
             self.change_refcount(meta, cluster, 1)?;
         }
@@ -413,6 +410,10 @@ impl Qcow2Image {
     /// Applies the refcount decrements deferred until the metadata that
     /// dropped the references reached the disk.
     pub(super) fn release_pending(&self, meta: &mut Meta) -> Result<()> {
+        // Wait for in-place writes that may have found these clusters
+        // mapped before their L2 entries changed (new ones cannot: the
+        // entries no longer name them).
+        drop(self.wait_for_in_place_writes()?);
         let pending = std::mem::take(&mut meta.pending_frees);
         for host in pending {
             self.change_refcount(meta, host >> self.header.cluster_bits, -1)?;
@@ -428,13 +429,15 @@ impl Qcow2Image {
             .map_err(|e| Error::io(&self.name, "writing refcount blocks", 0, e))
     }
 
-    fn check_host_offset(&self, offset: u64) -> Result<()> {
-        if offset > MAX_HOST_OFFSET {
-            return Err(self.corrupt(
-                "image file",
-                offset,
-                "allocation beyond the largest host offset".into(),
-            ));
+    /// Refuses to use clusters up to cluster number `end` when they would
+    /// reach past the largest host offset an L2 entry can hold.
+    fn check_clusters_end(&self, end: u64) -> Result<()> {
+        if end > (MAX_HOST_OFFSET >> self.header.cluster_bits) + 1 {
+            return Err(Error::NoSpace {
+                image: self.name.clone(),
+                what: "the image file",
+                limit: MAX_HOST_OFFSET,
+            });
         }
         Ok(())
     }

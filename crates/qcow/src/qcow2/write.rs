@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use qcow_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockWriteGuard};
 
 use qcow_cache::{Flush, TableCache, WriteBack};
 use qcow_format::table::{L2Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
@@ -42,6 +42,13 @@ pub(crate) struct WriteState {
     pub(super) refcounts: Arc<TableCache<RefBlock>>,
     /// The incompatible feature bits as on disk (dirty and corrupt change).
     incompatible: AtomicU64,
+    /// Serialises changes of the feature bits (readers use the atomic).
+    header_lock: Mutex<()>,
+    /// Held shared by every lock-free in-place data write, from looking up
+    /// its cluster to the end of the write; held exclusively while freed
+    /// clusters are released, so that a cluster is never handed out again
+    /// while a write that found it mapped is still landing in it.
+    in_place_writes: RwLock<()>,
 }
 
 /// Writes L2 tables back to the image file.
@@ -138,14 +145,27 @@ impl Qcow2Image {
             }),
             refcounts,
             incompatible: AtomicU64::new(self.header.incompatible_features),
+            header_lock: Mutex::new(()),
+            in_place_writes: RwLock::new(()),
         });
         Ok(())
     }
 
-    /// Rewrites the incompatible feature bits in the header (version 3).
-    fn set_incompatible(&self, bits: u64) -> Result<()> {
+    /// Rewrites the incompatible feature bits in the header (version 3) as
+    /// `change` makes them from the current ones. Changes are serialised,
+    /// and the new bits are visible to other threads only once on disk.
+    fn update_incompatible(&self, change: impl FnOnce(u64) -> u64) -> Result<()> {
         let ws = self.write_state()?;
-        if self.header.version < 3 || ws.incompatible.swap(bits, Ordering::AcqRel) == bits {
+        if self.header.version < 3 {
+            return Ok(());
+        }
+        let _header = ws
+            .header_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let old = ws.incompatible.load(Ordering::Acquire);
+        let bits = change(old);
+        if bits == old {
             return Ok(());
         }
         let at = INCOMPATIBLE_FEATURES_AT;
@@ -154,7 +174,9 @@ impl Qcow2Image {
             .map_err(|e| Error::io(&self.name, "writing the header", at, e))?;
         self.file
             .flush()
-            .map_err(|e| Error::io(&self.name, "flushing", 0, e))
+            .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
+        ws.incompatible.store(bits, Ordering::Release);
+        Ok(())
     }
 
     /// With lazy refcounts, sets the dirty bit before the first metadata
@@ -164,9 +186,8 @@ impl Qcow2Image {
             return Ok(());
         }
         let ws = self.write_state()?;
-        let bits = ws.incompatible.load(Ordering::Acquire);
-        if bits & INCOMPAT_DIRTY == 0 {
-            self.set_incompatible(bits | INCOMPAT_DIRTY)?;
+        if ws.incompatible.load(Ordering::Acquire) & INCOMPAT_DIRTY == 0 {
+            self.update_incompatible(|bits| bits | INCOMPAT_DIRTY)?;
         }
         Ok(())
     }
@@ -175,13 +196,22 @@ impl Qcow2Image {
     /// does) so that nothing writes the image again before it is repaired.
     fn guard<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(Error::Corrupt { .. } | Error::Format { .. }) = &result {
-            if let Some(ws) = &self.writer {
-                let bits = ws.incompatible.load(Ordering::Acquire);
+            if self.writer.is_some() {
                 // Best effort: the original error is what the caller needs.
-                let _ = self.set_incompatible(bits | INCOMPAT_CORRUPT);
+                let _ = self.update_incompatible(|bits| bits | INCOMPAT_CORRUPT);
             }
         }
         result
+    }
+
+    /// Waits until no lock-free in-place write is in progress; none starts
+    /// while the returned guard lives.
+    pub(super) fn wait_for_in_place_writes(&self) -> Result<RwLockWriteGuard<'_, ()>> {
+        Ok(self
+            .write_state()?
+            .in_place_writes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Refuses writes once the image was found corrupt.
@@ -226,10 +256,12 @@ impl Qcow2Image {
         };
         let index = geo.l2_index(guest);
         let words = geo.l2_entry_words();
-        let (entry, bitmap) = self.with_l2(l1_index, l2_offset, |table| {
-            let word = |i: usize| table.get(i).map_or(0, |e| e.load(Ordering::Acquire));
-            let bitmap = if words == 2 { word(index * 2 + 1) } else { 0 };
-            (word(index * words), bitmap)
+        let (entry, bitmap) = self.consistent(|| {
+            self.with_l2(l1_index, l2_offset, |table| {
+                let word = |i: usize| table.get(i).map_or(0, |e| e.load(Ordering::Acquire));
+                let bitmap = if words == 2 { word(index * 2 + 1) } else { 0 };
+                (word(index * words), bitmap)
+            })
         })?;
         // Decoding validates the entry (alignment, reserved combinations).
         let mapping = geo
@@ -290,20 +322,39 @@ impl Qcow2Image {
                 done += n;
                 continue;
             }
-            match self.in_place_host(guest)? {
-                Some(host) => self.write_data(piece, host + in_cluster)?,
-                None if in_cluster == 0 && n as u64 == cluster_size => {
+            match self.write_in_place(piece, guest)? {
+                true => {}
+                false if in_cluster == 0 && n as u64 == cluster_size => {
                     // Whole clusters need no copy-on-write: allocate the run
                     // of them together and write it with one call.
                     let written = self.write_new_clusters(&buf[done..], guest)?;
                     done += written;
                     continue;
                 }
-                None => self.write_allocating(piece, guest)?,
+                false => self.write_allocating(piece, guest)?,
             }
             done += n;
         }
         Ok(())
+    }
+
+    /// Writes `piece` (within one cluster) in place if the image owns the
+    /// cluster alone, with no lock but the shared in-place gate, which keeps
+    /// the cluster from being released and handed out again until the
+    /// write is done. Returns whether it did.
+    fn write_in_place(&self, piece: &[u8], guest: u64) -> Result<bool> {
+        let ws = self.write_state()?;
+        let _gate = ws
+            .in_place_writes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match self.in_place_host(guest)? {
+            Some(host) => {
+                self.write_data(piece, host + self.geometry.in_cluster(guest))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Writes the whole clusters at the start of `data` (at least one, all
@@ -389,12 +440,14 @@ impl Qcow2Image {
         let owned = entry & OFLAG_COPIED != 0 && entry & OFLAG_COMPRESSED == 0 && host != 0;
         let fresh = entry & OFLAG_COMPRESSED == 0 && host == 0;
         if owned || fresh {
-            // Only the touched subclusters are written.
+            // Only the touched subclusters are written, whole: past the end
+            // of the disk with zeros, which a later grow shows.
             let span_start = first << sc_bits;
-            let span_end = ((last + 1) << sc_bits).min(visible);
+            let span_end = (last + 1) << sc_bits;
             // At most one cluster: 2 MiB.
             let mut span = vec![0u8; (span_end - span_start) as usize];
-            self.read_at(&mut span, cluster_start + span_start)?;
+            let readable = (span_end.min(visible) - span_start) as usize;
+            self.read_at(&mut span[..readable], cluster_start + span_start)?;
             let at = (in_cluster - span_start) as usize;
             span[at..at + piece.len()].copy_from_slice(piece);
             let target = if owned {
@@ -513,13 +566,15 @@ impl Qcow2Image {
             reason: format!("index {index} out of range"),
         };
         let slot = table.get(index).ok_or_else(out_of_range)?;
-        if words == 2 {
-            table
-                .get(index + 1)
-                .ok_or_else(out_of_range)?
-                .store(bitmap, Ordering::Release);
-        }
-        let old = slot.swap(entry, Ordering::AcqRel);
+        let old = if words == 2 {
+            let bitmap_slot = table.get(index + 1).ok_or_else(out_of_range)?;
+            self.entry_seq.write(|| {
+                bitmap_slot.store(bitmap, Ordering::Release);
+                slot.swap(entry, Ordering::AcqRel)
+            })
+        } else {
+            slot.swap(entry, Ordering::AcqRel)
+        };
         self.l2_cache
             .insert_dirty(l2_offset, table.clone())
             .map_err(|e| Error::io(&self.name, "writing back an L2 table", l2_offset, e))?;
@@ -678,6 +733,21 @@ impl Qcow2Image {
             }
         }
         let mut meta = self.lock_meta()?;
+        // A compressed entry holds offsets below 2^(70 - cluster_bits);
+        // whatever is allocated lands below the end of the file plus what
+        // the data needs.
+        let offset_bits = 70 - self.header.cluster_bits;
+        let needed: u64 = items
+            .iter()
+            .map(|(_, p)| (p.len() as u64).div_ceil(cluster_size) + 1)
+            .sum();
+        if meta.end.saturating_add(needed) > (1 << offset_bits) >> self.header.cluster_bits {
+            return Err(Error::NoSpace {
+                image: self.name.clone(),
+                what: "compressed data",
+                limit: 1 << offset_bits,
+            });
+        }
         self.mark_dirty()?;
         // Place every cluster, then write the data (runs that follow each
         // other in one call), then point the L2 entries at it.
@@ -967,9 +1037,14 @@ impl Qcow2Image {
             return Ok(());
         };
         self.flush()?;
-        let bits = ws.incompatible.load(Ordering::Acquire);
-        if bits & INCOMPAT_DIRTY != 0 && bits & INCOMPAT_CORRUPT == 0 {
-            self.set_incompatible(bits & !INCOMPAT_DIRTY)?;
+        if ws.incompatible.load(Ordering::Acquire) & INCOMPAT_DIRTY != 0 {
+            self.update_incompatible(|bits| {
+                if bits & INCOMPAT_CORRUPT == 0 {
+                    bits & !INCOMPAT_DIRTY
+                } else {
+                    bits
+                }
+            })?;
         }
         Ok(())
     }

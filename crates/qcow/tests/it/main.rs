@@ -2,6 +2,7 @@
 //! qemu-img at test time, and malformed images.
 
 mod common;
+mod concurrency;
 mod crash;
 mod fixtures;
 mod fuzz_seeds;

@@ -443,7 +443,7 @@ fn interop_with_qemu_io_in_both_orders() {
     }
 }
 
-fn incompatible_bits(path: &Path) -> u64 {
+pub(crate) fn incompatible_bits(path: &Path) -> u64 {
     let bytes = std::fs::read(path).expect("read");
     u64::from_be_bytes(bytes[72..80].try_into().expect("8 bytes"))
 }
