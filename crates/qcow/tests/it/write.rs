@@ -788,3 +788,42 @@ fn freed_clusters_are_reused_before_the_file_grows() {
     );
     assert_check_clean(&path);
 }
+
+/// A write into the partial last subcluster of a disk whose size is not a
+/// subcluster multiple fills the rest of the subcluster with zeros, even
+/// when its cluster is reused from freed data: growing the disk later
+/// shows zeros there, as qemu-img reads them too.
+#[test]
+fn the_tail_of_a_partial_last_subcluster_reads_as_zeros_after_a_grow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tail.qcow2");
+    let cluster = 65536u64;
+    let sub = cluster / 32;
+    // Two clusters, the second ending 1000 bytes into a subcluster.
+    let size = cluster + 3 * sub + 1000;
+    let mut options = CreateOptions::new(size);
+    options.cluster_size = cluster;
+    options.extended_l2 = true;
+    let mut image = create(&path, &options);
+    // Fill the first cluster with non-zero bytes, then free it.
+    image.write_at(&vec![0x5a; cluster as usize], 0).expect("fill");
+    image.flush().expect("flush");
+    image.discard(0, cluster).expect("discard");
+    image.flush().expect("flush");
+    // The last cluster's first write reuses the freed one.
+    let at = cluster + 3 * sub;
+    image.write_at(&[0x11; 100], at).expect("write tail");
+    image.resize(2 * cluster).expect("grow");
+    let mut tail = vec![0u8; sub as usize];
+    image.read_at(&mut tail, at).expect("read");
+    assert!(tail[..100].iter().all(|&b| b == 0x11));
+    assert!(
+        tail[100..].iter().all(|&b| b == 0),
+        "stale bytes past the old end of the disk"
+    );
+    image.close().expect("close");
+    assert_check_clean(&path);
+    let raw = qemu_raw(&path, &[]);
+    let at = at as usize;
+    assert!(raw[at + 100..at + sub as usize].iter().all(|&b| b == 0));
+}
