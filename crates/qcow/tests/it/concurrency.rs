@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use qcow::{BlockDevice, CreateOptions, Qcow2Image};
+use qcow::{BlockDevice, CreateOptions, Qcow2Image, QcowImage};
 use qcow_io::{FileStorage, Storage};
 
 use crate::common::{Rng, qemu_raw};
@@ -108,69 +108,66 @@ fn create_slow(
     Qcow2Image::open_writable(s(path), file, Some(cache_bytes)).expect("open writable")
 }
 
-/// Two writers, each owning every other cluster, and two readers, over
-/// many more L2 tables than the cache holds: tables are evicted, written
-/// back and read again from disk all the time while others change them.
-/// No write may be lost and no reader may see a byte its cluster's owner
-/// did not write.
-#[test]
-fn readers_and_writers_under_cache_pressure_lose_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("pressure.qcow2");
-    const CLUSTER: u64 = 512;
-    const SIZE: u64 = 512 << 10;
-    let mut options = CreateOptions::new(SIZE);
-    options.cluster_size = CLUSTER;
-    // 512-byte clusters: an L2 table maps 32 KiB, so the disk has 16 of
-    // them and the cache holds 4.
-    // Table reads (one cluster) are slowed down.
-    let image = create_slow(
-        &path,
-        &options,
-        4 * CLUSTER,
-        CLUSTER as usize,
-        0,
-        Duration::from_millis(2),
-    );
-    let clusters = SIZE / CLUSTER;
+/// Two writers, each owning every other cluster, and two slowed-down
+/// readers on `image`; returns what the disk must hold afterwards. No
+/// reader may see a byte its cluster's owner did not write. Writers use
+/// the first 4 clusters of every `spread` (so that they come back to the
+/// same clusters often). With `discards`, every fourth operation discards
+/// a whole cluster, so that allocations (and L2 table changes) go on.
+fn owners_and_readers(
+    image: &dyn BlockDevice,
+    cluster: u64,
+    spread: u64,
+    rounds: u64,
+    discards: bool,
+) -> Vec<u8> {
+    let size = image.virtual_size();
+    let slots = size / cluster / spread * 4;
     let done = AtomicBool::new(false);
     let models: Vec<Vec<u8>> = std::thread::scope(|scope| {
         let writers: Vec<_> = (0..2u64)
             .map(|owner| {
-                let (image, done) = (&image, &done);
+                let done = &done;
                 scope.spawn(move || {
                     let _done = SetOnDrop(done);
-                    let mut model = vec![0u8; SIZE as usize];
+                    let mut model = vec![0u8; size as usize];
                     let mut rng = Rng::new(owner + 7);
-                    for round in 0..300_000u64 {
-                        let cluster = rng.below(clusters / 2) * 2 + owner;
-                        let in_cluster = rng.below(CLUSTER);
-                        let len = 1 + rng.below(CLUSTER - in_cluster);
-                        let at = cluster * CLUSTER + in_cluster;
+                    for round in 0..rounds {
+                        if round % 1000 == 999 {
+                            image.flush().expect("flush");
+                        }
+                        let slot = rng.below(slots / 2) * 2 + owner;
+                        let at_cluster = slot / 4 * spread + slot % 4;
+                        let in_cluster = rng.below(cluster);
+                        let len = 1 + rng.below(cluster - in_cluster);
+                        if discards && round % 4 == 3 {
+                            let at = at_cluster * cluster;
+                            image.discard(at, cluster).expect("discard");
+                            model[at as usize..(at + cluster) as usize].fill(0);
+                            continue;
+                        }
+                        let at = at_cluster * cluster + in_cluster;
                         // Low nibble: the owner; high nibble: the round.
                         let value = ((round % 15 + 1) << 4) as u8 | (owner as u8 + 1);
                         let data = vec![value; len as usize];
                         image.write_at(&data, at).expect("write");
                         model[at as usize..(at + len) as usize].fill(value);
-                        if round % 1000 == 999 {
-                            image.flush().expect("flush");
-                        }
                     }
                     model
                 })
             })
             .collect();
         for reader in 0..2u64 {
-            let (image, done) = (&image, &done);
+            let done = &done;
             scope.spawn(move || {
                 slow_down_this_thread();
                 let mut rng = Rng::new(reader + 70);
-                let mut buf = vec![0u8; 4 * CLUSTER as usize];
+                let mut buf = vec![0u8; 4 * cluster as usize];
                 while !done.load(Ordering::Acquire) {
-                    let at = rng.below(SIZE - buf.len() as u64);
+                    let at = rng.below(size - buf.len() as u64);
                     image.read_at(&mut buf, at).expect("read");
                     for (i, &b) in buf.iter().enumerate() {
-                        let owner = (at + i as u64) / CLUSTER % 2;
+                        let owner = (at + i as u64) / cluster % 2;
                         assert!(
                             b == 0 || u64::from(b & 0x0f) == owner + 1,
                             "byte {} reads {b:#x}, which its owner never wrote",
@@ -185,15 +182,40 @@ fn readers_and_writers_under_cache_pressure_lose_nothing() {
             .map(|w| w.join().expect("writer"))
             .collect()
     });
-    // Merge the two models: each byte belongs to one owner.
-    let mut expected = vec![0u8; SIZE as usize];
-    for (c, chunk) in expected.chunks_mut(CLUSTER as usize).enumerate() {
-        let owner = c % 2;
-        chunk.copy_from_slice(&models[owner][c * CLUSTER as usize..(c + 1) * CLUSTER as usize]);
+    // Merge the two models: each cluster belongs to one owner.
+    let mut expected = vec![0u8; size as usize];
+    for (c, chunk) in expected.chunks_mut(cluster as usize).enumerate() {
+        let range = c * cluster as usize..(c + 1) * cluster as usize;
+        chunk.copy_from_slice(&models[c % 2][range]);
     }
-    let mut seen = vec![0u8; SIZE as usize];
+    let mut seen = vec![0u8; size as usize];
     image.read_at(&mut seen, 0).expect("read back");
     assert!(seen == expected, "a write was lost before closing");
+    expected
+}
+
+/// Readers and writers over many more L2 tables than the cache holds:
+/// tables are evicted, written back and read again from disk all the time
+/// while others change them. A table read before a change and cached
+/// after it would lose writes.
+#[test]
+fn readers_and_writers_under_cache_pressure_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pressure.qcow2");
+    const CLUSTER: u64 = 512;
+    let mut options = CreateOptions::new(512 << 10);
+    options.cluster_size = CLUSTER;
+    // 512-byte clusters: an L2 table maps 32 KiB, so the disk has 16 of
+    // them and the cache holds 4. Table reads (one cluster) are slowed.
+    let image = create_slow(
+        &path,
+        &options,
+        4 * CLUSTER,
+        CLUSTER as usize,
+        0,
+        Duration::from_millis(2),
+    );
+    let expected = owners_and_readers(&image, CLUSTER, 4, 300_000, true);
     let stats = image.cache_stats();
     assert!(
         stats.evictions > 1000,
@@ -201,6 +223,32 @@ fn readers_and_writers_under_cache_pressure_lose_nothing() {
     );
     image.close().expect("close");
     assert_check_clean(&path);
+    assert!(
+        qemu_raw(&path, &[]) == expected,
+        "qemu-img reads other data"
+    );
+}
+
+/// The same on a qcow version 1 image, whose writers change L2 tables on
+/// disk and drop them from the cache.
+#[test]
+fn qcow_v1_readers_and_writers_under_cache_pressure_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pressure.qcow");
+    // 4 KiB clusters and 4 KiB L2 tables mapping 2 MiB each: 16 tables,
+    // 4 of them cached. Table reads are slowed.
+    qcow::create_qcow(&path, &CreateOptions::new(32 << 20)).expect("create");
+    let file = Arc::new(Slow {
+        file: FileStorage::open(&path, true).expect("open").without_sync(),
+        reads_of: 4096,
+        writes_of: 0,
+        delay: Duration::from_millis(2),
+    });
+    let image = QcowImage::open_writable(s(&path), file, Some(4 * 4096)).expect("open");
+    assert_eq!(image.header().cluster_size(), 4096);
+    let expected = owners_and_readers(&image, 4096, 512, 100_000, false);
+    image.flush().expect("flush");
+    drop(image);
     assert!(
         qemu_raw(&path, &[]) == expected,
         "qemu-img reads other data"

@@ -806,7 +806,9 @@ fn the_tail_of_a_partial_last_subcluster_reads_as_zeros_after_a_grow() {
     options.extended_l2 = true;
     let mut image = create(&path, &options);
     // Fill the first cluster with non-zero bytes, then free it.
-    image.write_at(&vec![0x5a; cluster as usize], 0).expect("fill");
+    image
+        .write_at(&vec![0x5a; cluster as usize], 0)
+        .expect("fill");
     image.flush().expect("flush");
     image.discard(0, cluster).expect("discard");
     image.flush().expect("flush");
