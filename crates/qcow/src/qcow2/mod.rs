@@ -53,7 +53,7 @@ pub struct Qcow2Image {
     l1: Vec<AtomicU64>,
     l2_cache: TableCache<L2Table>,
     /// Makes lock-free lookups of two-word (extended) L2 entries consistent.
-    entry_seq: entry_seq::EntrySeq,
+    entry_seq: Arc<entry_seq::EntrySeq>,
     /// Allocation state; `None` for a read-only image.
     writer: Option<write::WriteState>,
     backing: Option<Box<dyn BlockDevice>>,
@@ -107,7 +107,7 @@ impl Qcow2Image {
             name: name.to_owned(),
             virtual_size: header.virtual_size,
             l2_cache: TableCache::new(budget, header.cluster_size()),
-            entry_seq: entry_seq::EntrySeq::default(),
+            entry_seq: Arc::default(),
             file,
             data,
             data_name: None,

@@ -325,6 +325,9 @@ impl BlockDevice for Qcow2Image {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         crate::check_range(&self.name, offset, buf.len() as u64, self.virtual_size)?;
+        // In a writable image, no cluster found mapped below is released
+        // and handed out again before its data is read.
+        let _data_io = self.data_io_guard();
         let mut done = 0usize;
         while done < buf.len() {
             let guest = offset + done as u64;

@@ -256,6 +256,8 @@ impl Qcow2Image {
             });
         }
         let table_clusters = entries / per_cluster;
+        // Before anything changes: the table and its blocks end below this.
+        self.check_clusters_end(meta.end + 2 * table_clusters + 2)?;
         let table_start = meta.end;
         let mut next = table_start + table_clusters;
         // Bounded by MAX_REFCOUNT_TABLE_BYTES.
@@ -410,10 +412,10 @@ impl Qcow2Image {
     /// Applies the refcount decrements deferred until the metadata that
     /// dropped the references reached the disk.
     pub(super) fn release_pending(&self, meta: &mut Meta) -> Result<()> {
-        // Wait for in-place writes that may have found these clusters
-        // mapped before their L2 entries changed (new ones cannot: the
-        // entries no longer name them).
-        drop(self.wait_for_in_place_writes()?);
+        // Wait for lock-free I/O that may have found these clusters mapped
+        // before their L2 entries changed (new I/O cannot: the entries no
+        // longer name them).
+        drop(self.wait_for_data_io()?);
         let pending = std::mem::take(&mut meta.pending_frees);
         for host in pending {
             self.change_refcount(meta, host >> self.header.cluster_bits, -1)?;

@@ -14,12 +14,13 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use qcow_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use qcow_cache::{Flush, TableCache, WriteBack};
 use qcow_format::table::{L2Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use qcow_io::Storage;
 
+use super::entry_seq::EntrySeq;
 use super::refcount::{Meta, RefBlock, RefBlockWriter};
 use super::{L2Table, Qcow2Image, decode_be_words};
 use crate::device::BlockDevice;
@@ -44,27 +45,35 @@ pub(crate) struct WriteState {
     incompatible: AtomicU64,
     /// Serialises changes of the feature bits (readers use the atomic).
     header_lock: Mutex<()>,
-    /// Held shared by every lock-free in-place data write, from looking up
-    /// its cluster to the end of the write; held exclusively while freed
-    /// clusters are released, so that a cluster is never handed out again
-    /// while a write that found it mapped is still landing in it.
-    in_place_writes: RwLock<()>,
+    /// Held shared by lock-free data I/O (in-place writes, and reads of a
+    /// writable image) from looking up a cluster to the end of the I/O;
+    /// held exclusively while freed clusters are released, so that a
+    /// cluster is never handed out again while I/O that found it mapped is
+    /// still under way in it.
+    data_io: RwLock<()>,
 }
 
 /// Writes L2 tables back to the image file.
 #[derive(Debug)]
-struct L2Writer(Arc<dyn Storage>);
+struct L2Writer {
+    file: Arc<dyn Storage>,
+    /// Two-word entries are copied whole, never half changed: a table can
+    /// be written back (evicted) while a writer changes it.
+    entry_seq: Arc<EntrySeq>,
+}
 
 impl WriteBack<L2Table> for L2Writer {
     fn encode(&self, table: &L2Table) -> Vec<u8> {
-        table
-            .iter()
-            .flat_map(|e| e.load(Ordering::Acquire).to_be_bytes())
-            .collect()
+        self.entry_seq.read(|| {
+            table
+                .iter()
+                .flat_map(|e| e.load(Ordering::Acquire).to_be_bytes())
+                .collect()
+        })
     }
 
     fn write(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
-        self.0.write_at(bytes, offset)
+        self.file.write_at(bytes, offset)
     }
 }
 
@@ -112,7 +121,10 @@ impl Qcow2Image {
         let l2_cache = TableCache::with_write_back(
             budget.max(4 * cluster_size),
             cluster_size,
-            Arc::new(L2Writer(self.file.clone())),
+            Arc::new(L2Writer {
+                file: self.file.clone(),
+                entry_seq: self.entry_seq.clone(),
+            }),
         );
         l2_cache.set_dependency(refcounts.clone());
         self.l2_cache = l2_cache;
@@ -146,7 +158,7 @@ impl Qcow2Image {
             refcounts,
             incompatible: AtomicU64::new(self.header.incompatible_features),
             header_lock: Mutex::new(()),
-            in_place_writes: RwLock::new(()),
+            data_io: RwLock::new(()),
         });
         Ok(())
     }
@@ -204,14 +216,23 @@ impl Qcow2Image {
         result
     }
 
-    /// Waits until no lock-free in-place write is in progress; none starts
-    /// while the returned guard lives.
-    pub(super) fn wait_for_in_place_writes(&self) -> Result<RwLockWriteGuard<'_, ()>> {
+    /// Waits until no lock-free data I/O is in progress; none starts while
+    /// the returned guard lives.
+    pub(super) fn wait_for_data_io(&self) -> Result<RwLockWriteGuard<'_, ()>> {
         Ok(self
             .write_state()?
-            .in_place_writes
+            .data_io
             .write()
             .unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// For a writable image, a guard to hold over lock-free data I/O (see
+    /// `WriteState::data_io`); `None` for a read-only image, where nothing
+    /// is ever freed. Must not be taken twice by one thread.
+    pub(super) fn data_io_guard(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        self.writer
+            .as_ref()
+            .map(|ws| ws.data_io.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Refuses writes once the image was found corrupt.
@@ -343,11 +364,7 @@ impl Qcow2Image {
     /// the cluster from being released and handed out again until the
     /// write is done. Returns whether it did.
     fn write_in_place(&self, piece: &[u8], guest: u64) -> Result<bool> {
-        let ws = self.write_state()?;
-        let _gate = ws
-            .in_place_writes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _gate = self.data_io_guard();
         match self.in_place_host(guest)? {
             Some(host) => {
                 self.write_data(piece, host + self.geometry.in_cluster(guest))?;
@@ -631,7 +648,10 @@ impl Qcow2Image {
         };
         let new_offset = self.alloc_clusters(meta, 1)?;
         // The table and its refcount reach the disk before the L1 entry.
-        let writer = L2Writer(self.file.clone());
+        let writer = L2Writer {
+            file: self.file.clone(),
+            entry_seq: self.entry_seq.clone(),
+        };
         writer
             .write(new_offset, &writer.encode(&new_table))
             .map_err(|e| Error::io(&self.name, "writing an L2 table", new_offset, e))?;

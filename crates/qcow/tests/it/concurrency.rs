@@ -30,8 +30,8 @@ fn slow_down_this_thread() {
 
 /// A file on which some threads' reads or writes of one length take a
 /// while longer, widening the windows between looking something up and
-/// using it: a read returns late (with what the file held when it began),
-/// a write lands late.
+/// using it: a read starts late and returns late (with what the file held
+/// when it ran), a write lands late.
 #[derive(Debug)]
 struct Slow {
     file: FileStorage,
@@ -50,6 +50,7 @@ impl Slow {
 
 impl Storage for Slow {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.pause(buf.len(), self.reads_of);
         self.file.read_at(buf, offset)?;
         self.pause(buf.len(), self.reads_of);
         Ok(())
@@ -258,18 +259,26 @@ fn qcow_v1_readers_and_writers_under_cache_pressure_lose_nothing() {
 /// One thread overwrites a region in place while another discards it (its
 /// clusters are freed at each flush) and a third keeps allocating clusters
 /// elsewhere, which reuses the freed ones. An in-place write that found a
-/// cluster mapped must land before that cluster is handed out again:
-/// otherwise it overwrites the third thread's data.
+/// cluster mapped must land before that cluster is handed out again
+/// (otherwise it overwrites the third thread's data), and a read must be
+/// done before it (otherwise it returns the third thread's data).
 #[test]
-fn in_place_writes_racing_discards_never_hit_reused_clusters() {
+fn in_place_io_racing_discards_never_touches_reused_clusters() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("race.qcow2");
     const CLUSTER: u64 = 4096;
     const REGION: u64 = 32 * CLUSTER;
     let mut options = CreateOptions::new(2 * REGION);
     options.cluster_size = CLUSTER;
-    // Region A's in-place writes are slowed down.
-    let image = create_slow(&path, &options, 1 << 20, 0, 1024, Duration::from_millis(5));
+    // Region A's in-place writes and reads are slowed down.
+    let image = create_slow(
+        &path,
+        &options,
+        1 << 20,
+        1024,
+        1024,
+        Duration::from_millis(5),
+    );
     let done = AtomicBool::new(false);
     let expected = std::thread::scope(|scope| {
         let image = &image;
@@ -282,6 +291,21 @@ fn in_place_writes_racing_discards_never_hit_reused_clusters() {
             while !done.load(Ordering::Acquire) {
                 let at = rng.below(REGION / 1024) * 1024;
                 image.write_at(&data, at).expect("write A");
+            }
+        });
+        // Reads region A: only its bytes may show there, never region
+        // B's from a cluster freed and reused during the read.
+        scope.spawn(move || {
+            slow_down_this_thread();
+            let mut rng = Rng::new(4);
+            let mut seen = vec![0u8; 1024];
+            while !done.load(Ordering::Acquire) {
+                let at = rng.below(REGION / 1024) * 1024;
+                image.read_at(&mut seen, at).expect("read A");
+                assert!(
+                    seen.iter().all(|&b| b == 0 || b == 0xaa),
+                    "region A at {at} read another region's data"
+                );
             }
         });
         // Discards region A and flushes, freeing its clusters, now and
