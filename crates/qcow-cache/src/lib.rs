@@ -620,17 +620,17 @@ mod tests {
         Ok(())
     }
 
-    fn load<T>(cache: &TableCache<T>, offset: u64) -> Load<'_, T> {
+    fn load<T>(cache: &TableCache<T>, offset: u64) -> io::Result<Load<'_, T>> {
         match cache.lookup(offset) {
-            Lookup::Miss(load) => load,
-            Lookup::Hit(_) => panic!("offset {offset} should not be cached"),
+            Lookup::Miss(load) => Ok(load),
+            Lookup::Hit(_) => Err(io::Error::other(format!("{offset} should not be cached"))),
         }
     }
 
     #[test]
     fn a_load_with_nothing_in_between_is_cached() -> io::Result<()> {
         let cache: TableCache<u32> = TableCache::new(4 * 512, 512);
-        let ticket = load(&cache, 0);
+        let ticket = load(&cache, 0)?;
         assert_eq!(ticket.insert(Arc::new(5))?.as_deref(), Some(&5));
         assert!(matches!(cache.lookup(0), Lookup::Hit(t) if *t == 5));
         Ok(())
@@ -639,7 +639,7 @@ mod tests {
     #[test]
     fn a_load_is_refused_when_its_table_was_dropped_meanwhile() -> io::Result<()> {
         let cache: TableCache<u32> = TableCache::new(4 * 512, 512);
-        let ticket = load(&cache, 0);
+        let ticket = load(&cache, 0)?;
         // Changed on disk by someone else, who drops any cached copy.
         cache.remove(0);
         assert!(
@@ -648,7 +648,7 @@ mod tests {
         );
         assert!(cache.get(0).is_none());
         // A new miss, after the change, is fine.
-        assert!(load(&cache, 0).insert(Arc::new(6))?.is_some());
+        assert!(load(&cache, 0)?.insert(Arc::new(6))?.is_some());
         Ok(())
     }
 
@@ -656,10 +656,10 @@ mod tests {
     fn a_load_is_refused_when_its_table_came_and_went_meanwhile() -> io::Result<()> {
         let log = Arc::new(Log::default());
         let cache = writable("l2", 1, &log);
-        let stale = load(&cache, 0);
+        let stale = load(&cache, 0)?;
         // Another thread loads it, changes it, and it is evicted (written
         // back) before the first load finishes.
-        let other = load(&cache, 0);
+        let other = load(&cache, 0)?;
         let table = other
             .insert(Arc::new(1))?
             .ok_or_else(|| io::Error::other("refused"))?;
@@ -677,8 +677,8 @@ mod tests {
     #[test]
     fn a_load_returns_the_table_another_thread_cached() -> io::Result<()> {
         let cache: TableCache<u32> = TableCache::new(4 * 512, 512);
-        let first = load(&cache, 0);
-        let second = load(&cache, 0);
+        let first = load(&cache, 0)?;
+        let second = load(&cache, 0)?;
         assert_eq!(second.insert(Arc::new(2))?.as_deref(), Some(&2));
         assert_eq!(first.insert(Arc::new(1))?.as_deref(), Some(&2));
         Ok(())

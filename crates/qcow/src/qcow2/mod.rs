@@ -1,10 +1,14 @@
 //! QCOW2 images (versions 2 and 3): opening, and the state an open image
 //! keeps. Reading lives in [`read`](self::read), writing in
-//! [`write`](self::write) over the allocator in [`refcount`](self::refcount),
+//! [`write`](self::write) (compressed clusters in
+//! [`compressed_write`](self::compressed_write), zeroing in
+//! [`zeroes`](self::zeroes)) over the allocator in
+//! [`refcount`](self::refcount),
 //! creation in [`create`](self::create), snapshots and bitmaps in their own
 //! modules.
 
 mod bitmaps;
+mod compressed_write;
 mod create;
 mod entry_seq;
 mod read;
@@ -13,6 +17,7 @@ mod refcount;
 mod resize;
 mod snapshots;
 mod write;
+mod zeroes;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,6 +1,6 @@
 //! Writing a QCOW2 image: in-place overwrites of clusters the image owns
-//! alone, copy-on-write allocation for everything else, compressed
-//! clusters, and flushing metadata in dependency order.
+//! alone, copy-on-write allocation for everything else, preallocation, and
+//! flushing metadata in dependency order.
 //!
 //! Overwrites of a cluster whose L2 entry carries `OFLAG_COPIED` (refcount
 //! one) go straight to the data file with no lock. Everything that
@@ -29,7 +29,7 @@ use crate::{Error, Result};
 /// Extended L2 bitmap: every subcluster allocated.
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Extended L2 bitmap: every subcluster reads as zeros.
-const ALL_ZERO: u64 = 0xffff_ffff << 32;
+pub(super) const ALL_ZERO: u64 = 0xffff_ffff << 32;
 
 /// Offset of the header's refcount table offset and cluster count.
 pub(super) const REFCOUNT_TABLE_AT: u64 = 48;
@@ -193,7 +193,7 @@ impl Qcow2Image {
 
     /// With lazy refcounts, sets the dirty bit before the first metadata
     /// change (so a crash makes the next writer rebuild refcounts).
-    fn mark_dirty(&self) -> Result<()> {
+    pub(super) fn mark_dirty(&self) -> Result<()> {
         if !self.header.lazy_refcounts() {
             return Ok(());
         }
@@ -206,7 +206,7 @@ impl Qcow2Image {
 
     /// Stops writing after an inconsistency: sets the corrupt bit (as QEMU
     /// does) so that nothing writes the image again before it is repaired.
-    fn guard<T>(&self, result: Result<T>) -> Result<T> {
+    pub(super) fn guard<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(Error::Corrupt { .. } | Error::Format { .. }) = &result {
             if self.writer.is_some() {
                 // Best effort: the original error is what the caller needs.
@@ -262,7 +262,7 @@ impl Qcow2Image {
 
     /// Where the guest cluster at `guest` can be overwritten in place: its
     /// host offset when the image owns it alone (`OFLAG_COPIED`).
-    fn in_place_host(&self, guest: u64) -> Result<Option<u64>> {
+    pub(super) fn in_place_host(&self, guest: u64) -> Result<Option<u64>> {
         let geo = &self.geometry;
         let l1_index = geo.l1_index(guest);
         let l1_entry = self.l1_entry(l1_index);
@@ -485,11 +485,7 @@ impl Qcow2Image {
             );
         }
         // Compressed, or shared with a snapshot: copy the whole cluster.
-        // One cluster: at most 2 MiB.
-        let mut cluster = vec![0u8; cluster_size as usize];
-        self.read_at(&mut cluster[..visible as usize], cluster_start)?;
-        let at = in_cluster as usize;
-        cluster[at..at + piece.len()].copy_from_slice(piece);
+        let cluster = self.merged_cluster(piece, guest)?;
         let target = self.alloc_data(&mut meta, guest, 1)?;
         self.write_data(&cluster, target)?;
         self.set_l2_words(
@@ -502,7 +498,7 @@ impl Qcow2Image {
         )
     }
 
-    fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+    pub(super) fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
         self.data_storage()?
             .write_at(data, host)
             .map_err(|e| Error::io(&self.name, "writing data", host, e))
@@ -532,26 +528,35 @@ impl Qcow2Image {
             return self.write_data(piece, host + in_cluster);
         }
         let cluster_size = self.header.cluster_size();
-        let cluster_start = guest - in_cluster;
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
         let host = self.alloc_data(&mut meta, guest, 1)?;
         if piece.len() as u64 == cluster_size {
             self.write_data(piece, host)?;
         } else {
-            // One cluster: at most 2 MiB.
-            let mut cluster = vec![0u8; cluster_size as usize];
-            let visible = (self.virtual_size - cluster_start).min(cluster_size) as usize;
-            self.read_at(&mut cluster[..visible], cluster_start)?;
-            let at = in_cluster as usize;
-            cluster[at..at + piece.len()].copy_from_slice(piece);
-            self.write_data(&cluster, host)?;
+            self.write_data(&self.merged_cluster(piece, guest)?, host)?;
         }
         self.set_l2_entry(&mut meta, l2_offset, &table, guest, host | OFLAG_COPIED)
     }
 
+    /// The whole guest cluster holding `guest` as it reads now, with
+    /// `piece` written over it at `guest` (zeros past the end of the disk):
+    /// the contents of a copy-on-write.
+    fn merged_cluster(&self, piece: &[u8], guest: u64) -> Result<Vec<u8>> {
+        let cluster_size = self.header.cluster_size();
+        let in_cluster = self.geometry.in_cluster(guest);
+        let cluster_start = guest - in_cluster;
+        // One cluster: at most 2 MiB.
+        let mut cluster = vec![0u8; cluster_size as usize];
+        let visible = (self.virtual_size - cluster_start).min(cluster_size) as usize;
+        self.read_at(&mut cluster[..visible], cluster_start)?;
+        let at = in_cluster as usize;
+        cluster[at..at + piece.len()].copy_from_slice(piece);
+        Ok(cluster)
+    }
+
     /// Points the L2 entry of `guest` at `entry`, releasing (once the table
     /// is on disk) whatever the old entry held in this image.
-    fn set_l2_entry(
+    pub(super) fn set_l2_entry(
         &self,
         meta: &mut Meta,
         l2_offset: u64,
@@ -565,7 +570,7 @@ impl Qcow2Image {
     /// Sets the L2 entry of `guest` (and, with extended L2, its subcluster
     /// bitmap), releasing once the table is on disk whatever host space the
     /// old entry held that the new one does not.
-    fn set_l2_words(
+    pub(super) fn set_l2_words(
         &self,
         meta: &mut Meta,
         l2_offset: u64,
@@ -614,7 +619,7 @@ impl Qcow2Image {
 
     /// The L2 table for `guest`, allocated or copied so that this image
     /// owns it alone.
-    fn writable_l2(&self, meta: &mut Meta, guest: u64) -> Result<(u64, Arc<L2Table>)> {
+    pub(super) fn writable_l2(&self, meta: &mut Meta, guest: u64) -> Result<(u64, Arc<L2Table>)> {
         let geo = self.geometry;
         let l1_index = geo.l1_index(guest);
         let l1_entry = self.l1_entry(l1_index);
@@ -679,288 +684,6 @@ impl Qcow2Image {
             .insert_clean(new_offset, new_table)
             .map_err(|e| Error::io(&self.name, "caching an L2 table", new_offset, e))?;
         Ok((new_offset, table))
-    }
-
-    /// Writes one whole guest cluster compressed (as `qemu-img convert -c`
-    /// does). Clusters that do not shrink are written uncompressed. The
-    /// cluster must not be allocated yet.
-    pub fn write_compressed_cluster(&self, data: &[u8], guest: u64) -> Result<()> {
-        let cluster_size = self.header.cluster_size();
-        if data.len() as u64 != cluster_size
-            || self.geometry.in_cluster(guest) != 0
-            || guest >= self.virtual_size
-        {
-            return Err(Error::InvalidOptions(format!(
-                "compressed writes take one whole aligned cluster ({cluster_size} bytes)"
-            )));
-        }
-        match self.compress_cluster(data) {
-            Some(packed) => self.write_packed_cluster(&packed, guest),
-            None => {
-                let visible = (self.virtual_size - guest).min(cluster_size) as usize;
-                self.write_at(&data[..visible], guest)
-            }
-        }
-    }
-
-    /// Compresses one whole cluster with the image's compression type, as
-    /// [`Qcow2Image::write_compressed_cluster`] would; `None` when it does
-    /// not shrink. Lets callers compress on many threads and write in order
-    /// with [`Qcow2Image::write_packed_cluster`].
-    pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
-        if self.header.has_data_file() {
-            // Compressed clusters cannot live in an external data file.
-            return None;
-        }
-        crate::compress::compress(self.header.compression_type, data)
-            .filter(|p| (p.len() as u64) < self.header.cluster_size())
-    }
-
-    /// Stores bytes from [`Qcow2Image::compress_cluster`] as the guest
-    /// cluster at `guest`, packed back to back with the previous compressed
-    /// cluster.
-    pub fn write_packed_cluster(&self, packed: &[u8], guest: u64) -> Result<()> {
-        self.write_packed_clusters(&[(guest, packed)])
-    }
-
-    /// Stores several compressed clusters, as (guest offset, bytes from
-    /// [`Qcow2Image::compress_cluster`]), packed back to back in their
-    /// order and written with as few calls as their placement allows.
-    pub fn write_packed_clusters(&self, items: &[(u64, &[u8])]) -> Result<()> {
-        self.check_writable()?;
-        let result = self.store_packed(items);
-        self.guard(result)
-    }
-
-    fn store_packed(&self, items: &[(u64, &[u8])]) -> Result<()> {
-        if self.header.has_data_file() {
-            return Err(Error::Unsupported {
-                image: self.name.clone(),
-                what: "compressed clusters with an external data file".into(),
-            });
-        }
-        let cluster_size = self.header.cluster_size();
-        for &(guest, packed) in items {
-            if packed.is_empty()
-                || packed.len() as u64 >= cluster_size
-                || self.geometry.in_cluster(guest) != 0
-                || guest >= self.virtual_size
-            {
-                return Err(Error::InvalidOptions(format!(
-                    "a packed cluster must be 1 to {} bytes at an aligned offset inside the disk",
-                    cluster_size - 1
-                )));
-            }
-        }
-        let mut meta = self.lock_meta()?;
-        // A compressed entry holds offsets below 2^(70 - cluster_bits);
-        // whatever is allocated lands below the end of the file plus what
-        // the data needs.
-        let offset_bits = 70 - self.header.cluster_bits;
-        let needed: u64 = items
-            .iter()
-            .map(|(_, p)| (p.len() as u64).div_ceil(cluster_size) + 1)
-            .sum();
-        if meta.end.saturating_add(needed) > (1 << offset_bits) >> self.header.cluster_bits {
-            return Err(Error::NoSpace {
-                image: self.name.clone(),
-                what: "compressed data",
-                limit: 1 << offset_bits,
-            });
-        }
-        self.mark_dirty()?;
-        // Place every cluster, then write the data (runs that follow each
-        // other in one call), then point the L2 entries at it.
-        let mut hosts = Vec::with_capacity(items.len());
-        for &(_, packed) in items {
-            hosts.push(self.alloc_bytes(&mut meta, packed.len() as u64)?);
-        }
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_start = 0u64;
-        for (&(_, packed), &host) in items.iter().zip(&hosts) {
-            if !run.is_empty() && run_start + run.len() as u64 != host {
-                self.write_data(&run, run_start)?;
-                run.clear();
-            }
-            if run.is_empty() {
-                run_start = host;
-            }
-            run.extend_from_slice(packed);
-        }
-        if !run.is_empty() {
-            self.write_data(&run, run_start)?;
-        }
-        let shift = 62 - (self.header.cluster_bits - 8);
-        for (&(guest, packed), &host) in items.iter().zip(&hosts) {
-            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-            let len = packed.len() as u64;
-            let sectors = ((host + len - 1) >> 9) - (host >> 9);
-            let entry = OFLAG_COMPRESSED | (sectors << shift) | host;
-            self.set_l2_entry(&mut meta, l2_offset, &table, guest, entry)?;
-        }
-        Ok(())
-    }
-
-    /// Reserves `len` bytes for compressed data, continuing the cluster the
-    /// previous compressed cluster ended in when it fits (each cluster
-    /// touched gains one reference).
-    fn alloc_bytes(&self, meta: &mut Meta, len: u64) -> Result<u64> {
-        let bits = self.header.cluster_bits;
-        let cluster_size = self.header.cluster_size();
-        let cursor = meta.compressed_cursor;
-        let fits = cursor != 0 && cursor % cluster_size != 0 && {
-            let room = cluster_size - cursor % cluster_size;
-            // Spilling into the next cluster is fine when it is the end of
-            // the file (it is then allocated contiguously).
-            len <= room || ((cursor >> bits) + 1 == meta.end && meta.free_hint >= meta.end)
-        };
-        let start = if fits {
-            let first = cursor >> bits;
-            match self.change_refcount(meta, first, 1) {
-                Ok(_) => {}
-                // Narrow refcounts fill up: start a new cluster, as QEMU does.
-                Err(Error::RefcountOverflow { .. }) => return self.alloc_fresh_bytes(meta, len),
-                Err(e) => return Err(e),
-            }
-            let last = (cursor + len - 1) >> bits;
-            if last > first {
-                let next = self.alloc_clusters(meta, last - first)?;
-                if next >> bits != first + 1 {
-                    // Someone took the next cluster: undo and start afresh.
-                    for c in 0..(last - first) {
-                        meta.pending_frees.push(next + (c << bits));
-                    }
-                    meta.pending_frees.push(first << bits);
-                    return self.alloc_fresh_bytes(meta, len);
-                }
-            }
-            cursor
-        } else {
-            return self.alloc_fresh_bytes(meta, len);
-        };
-        meta.compressed_cursor = start + len;
-        Ok(start)
-    }
-
-    fn alloc_fresh_bytes(&self, meta: &mut Meta, len: u64) -> Result<u64> {
-        let clusters = len.div_ceil(self.header.cluster_size());
-        let start = self.alloc_clusters(meta, clusters)?;
-        meta.compressed_cursor = start + len;
-        Ok(start)
-    }
-
-    /// Makes `len` bytes at `offset` read as zeros. Whole clusters are
-    /// marked zero in their L2 entries (version 3, or unallocated when
-    /// nothing shows through from a backing file) and their space released;
-    /// with `unmap` false a cluster the image owns keeps its space.
-    /// Partial clusters are written with zeros.
-    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        self.check_writable()?;
-        let result = self.zero_range(offset, len, unmap);
-        self.guard(result)
-    }
-
-    fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        crate::check_range(&self.name, offset, len, self.virtual_size)?;
-        let has_backing = self.header.backing_file.is_some();
-        // A raw data file must hold the zeros itself.
-        if self.header.data_file_raw() {
-            return self.write_zero_bytes(offset, len);
-        }
-        if self.header.version < 3 && has_backing {
-            // Version 2 has no zero flag: zeros must be written.
-            return self.write_zero_bytes(offset, len);
-        }
-        self.for_cluster_spans(offset, len, |guest, n, whole| {
-            if !whole {
-                return self.write_zero_bytes(guest, n);
-            }
-            let mut meta = self.lock_meta()?;
-            self.mark_dirty()?;
-            if self.geometry.extended_l2 {
-                // Every subcluster reads as zeros; the space is released.
-                let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-                return self.set_l2_words(&mut meta, l2_offset, &table, guest, 0, ALL_ZERO);
-            }
-            let owned = self.in_place_host(guest)?;
-            let entry = match owned {
-                Some(host) if !unmap && self.header.version >= 3 => host | OFLAG_COPIED | 1,
-                _ if self.header.version >= 3 => 1,
-                _ => 0,
-            };
-            if entry & OFFSET_MASK != 0 {
-                // Keeps its cluster: only the flag changes.
-                let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-                let index = self.geometry.l2_index(guest);
-                if let Some(slot) = table.get(index) {
-                    slot.store(entry, Ordering::Release);
-                }
-                return self
-                    .l2_cache
-                    .insert_dirty(l2_offset, table)
-                    .map_err(|e| Error::io(&self.name, "writing back an L2 table", l2_offset, e));
-            }
-            if entry == 0 && self.l1_entry(self.geometry.l1_index(guest)) & OFFSET_MASK == 0 {
-                // No L2 table: already unallocated, and nothing shows through.
-                return Ok(());
-            }
-            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-            self.set_l2_entry(&mut meta, l2_offset, &table, guest, entry)
-        })
-    }
-
-    /// Says the range's contents are no longer needed: whole clusters are
-    /// released and read as zeros afterwards (a zero flag keeps a backing
-    /// file from showing through); partial clusters are left as they are,
-    /// as are clusters of a version 2 image with a backing file.
-    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_writable()?;
-        crate::check_range(&self.name, offset, len, self.virtual_size)?;
-        if self.header.version < 3 && self.header.backing_file.is_some() {
-            return Ok(());
-        }
-        self.for_cluster_spans(offset, len, |guest, _, whole| {
-            if whole {
-                self.write_zeroes(guest, self.header.cluster_size(), true)
-            } else {
-                Ok(())
-            }
-        })
-    }
-
-    /// Calls `f(guest, len, whole_cluster)` for each cluster-bounded span of
-    /// the range. The disk's last cluster counts as whole when the range
-    /// covers it to the end of the disk.
-    fn for_cluster_spans(
-        &self,
-        offset: u64,
-        len: u64,
-        mut f: impl FnMut(u64, u64, bool) -> Result<()>,
-    ) -> Result<()> {
-        let cluster_size = self.header.cluster_size();
-        let end = offset + len;
-        let mut guest = offset;
-        while guest < end {
-            let in_cluster = self.geometry.in_cluster(guest);
-            let n = (cluster_size - in_cluster).min(end - guest);
-            let cluster_end = (guest - in_cluster + cluster_size).min(self.virtual_size);
-            let whole = in_cluster == 0 && guest + n >= cluster_end;
-            f(guest, n, whole)?;
-            guest += n;
-        }
-        Ok(())
-    }
-
-    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
-        const STEP: u64 = 1 << 20;
-        let zeros = vec![0u8; STEP.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = STEP.min(len - done);
-            self.write_at(&zeros[..n as usize], offset + done)?;
-            done += n;
-        }
-        Ok(())
     }
 
     /// Allocates every cluster of the disk, as qemu-img's `preallocation`
