@@ -21,7 +21,7 @@ use qcow::{Allocation, BlockDevice, OpenOptions, Qcow2Image};
 use qcow_io::{FileStorage, Storage};
 
 use crate::create_opts::OptionList;
-use crate::open::{OpenFlags, open_image};
+use crate::open::{OpenFlags, open_image, refuse_overwriting_source};
 use crate::size::parse_size;
 
 /// Bytes each worker copies at a time (a multiple of every cluster size).
@@ -113,6 +113,7 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         snapshot,
         true,
     )?;
+    refuse_overwriting_source(&source, &args.dest)?;
     let size = source.virtual_size();
     let sparse = usize::try_from(parse_size(&args.sparse_size)?)?;
     let workers = args
@@ -170,8 +171,7 @@ fn to_raw(
     if !args.options.is_empty() {
         bail!("raw output takes no -o options");
     }
-    let mut dest = FileStorage::create(&args.dest)
-        .with_context(|| format!("could not create '{}'", args.dest.display()))?;
+    let mut dest = qcow::create_file(&args.dest)?;
     if !sync {
         dest = dest.without_sync();
     }
@@ -366,9 +366,7 @@ fn to_qcow(
 
 /// A new output file whose flushes do not sync (qemu-img's cache=unsafe).
 fn unsynced_output(path: &std::path::Path) -> Result<FileStorage> {
-    Ok(FileStorage::create(path)
-        .with_context(|| format!("could not create '{}'", path.display()))?
-        .without_sync())
+    Ok(qcow::create_file(path)?.without_sync())
 }
 
 /// Receives chunks from the workers and writes them in guest order.

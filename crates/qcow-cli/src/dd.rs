@@ -7,9 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use qcow::{BlockDevice, OpenOptions};
-use qcow_io::{FileStorage, Storage};
+use qcow_io::Storage;
 
-use crate::open::{OpenFlags, open_image};
+use crate::open::{OpenFlags, open_image, refuse_overwriting_source};
 use crate::size::parse_size;
 
 /// Arguments of `qcow dd`.
@@ -85,10 +85,10 @@ pub(crate) fn run(args: &DdArgs) -> Result<ExitCode> {
             .saturating_sub(start),
         None => size - start,
     };
+    refuse_overwriting_source(&source, &ops.output)?;
     let dest: Box<dyn BlockDevice> = match args.output_format.as_str() {
         "raw" => {
-            let file = FileStorage::create(&ops.output)
-                .with_context(|| format!("could not create '{}'", ops.output.display()))?;
+            let file = qcow::create_file(&ops.output)?;
             file.set_len(len)?;
             drop(file);
             Box::new(qcow::open(

@@ -51,7 +51,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 1, as qemu-img's do (2 means "corruptions found"
+    // to scripts that run check).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+            // Printing help or a usage error can only fail on a closed stream.
+            let _ = e.print();
+            return code;
+        }
+    };
     let result = match cli.command {
         Command::Info(args) => info::run(&args),
         Command::Create(args) => create::run(&args),

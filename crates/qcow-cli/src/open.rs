@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use anyhow::Result;
-use qcow::{Image, ImageFormat, OpenOptions};
+use anyhow::{Result, bail};
+use qcow::{BlockDevice, Image, ImageFormat, OpenOptions};
 
 /// Options shared by the subcommands that open images.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -15,6 +15,35 @@ pub(crate) struct OpenFlags {
     /// the image (never probed).
     #[arg(long, value_name = "FMT")]
     pub(crate) assume_backing_format: Option<String>,
+    /// Open read-only images even while another process writes them
+    /// (qemu-img's force-share): what is read may be inconsistent.
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
+}
+
+/// Refuses an output that is one of the files `source` reads (its image
+/// file, a backing file or a data file, by any name: the same path, a
+/// symbolic or a hard link), before the output is touched.
+pub(crate) fn refuse_overwriting_source(source: &dyn BlockDevice, output: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(out) = std::fs::metadata(output) else {
+        return Ok(());
+    };
+    let mut layer = Some(source);
+    while let Some(image) = layer {
+        for name in [image.name(), image.data_name()] {
+            if let Ok(m) = std::fs::metadata(name) {
+                if m.dev() == out.dev() && m.ino() == out.ino() {
+                    bail!(
+                        "{}: is the same file as '{name}', which the source reads; refusing to overwrite it",
+                        output.display()
+                    );
+                }
+            }
+        }
+        layer = image.backing();
+    }
+    Ok(())
 }
 
 /// Opens `path` with an optional format name, following backing files and
@@ -38,5 +67,6 @@ pub(crate) fn open_image(
         .map(ImageFormat::from_name)
         .transpose()?;
     options.snapshot = snapshot.map(str::to_owned);
+    options.force_share = flags.force_share;
     Ok(qcow::open(path, &options)?)
 }

@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::lock::{LockError, Perms, lock_file};
 use crate::{Storage, StorageExtent};
 
 /// A file used as storage. Positional I/O keeps no cursor, so one
@@ -29,25 +30,51 @@ impl FileStorage {
         })
     }
 
-    /// Creates (or truncates) a file for reading and writing.
+    /// Creates (or truncates) a file for reading and writing, locked as
+    /// QEMU locks a file it creates ([`Perms::creator`]): a file another
+    /// QEMU or qcow process uses is refused before it is truncated.
     ///
     /// The file is truncated through one handle and written through a
     /// second: file systems such as ext4 flush a file that was truncated to
     /// zero and rewritten when the truncating handle closes (to protect
     /// replace-by-truncate patterns), which would stall the close of a
     /// freshly written multi-GiB output.
-    pub fn create(path: &Path) -> io::Result<Self> {
-        OpenOptions::new()
+    pub fn create(path: &Path) -> Result<Self, CreateError> {
+        Self::create_with(path, true)
+    }
+
+    /// [`FileStorage::create`], with QEMU's locking (`lock`) or without.
+    pub fn create_with(path: &Path, lock: bool) -> Result<Self, CreateError> {
+        let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
-            .open(path)?;
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
+            .truncate(false)
+            .open(path)
+            .map_err(CreateError::Io)?;
+        if lock {
+            let (perm, shared) = Perms::creator();
+            lock_file(&file, perm, shared).map_err(CreateError::Lock)?;
+        }
+        // Devices (and /dev/null) cannot be truncated and keep their size.
+        if file.metadata().map_err(CreateError::Io)?.is_file() {
+            OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(0))
+                .map_err(CreateError::Io)?;
+        }
         Ok(FileStorage {
             file,
             writable: true,
             durable: true,
         })
+    }
+
+    /// Takes QEMU's locks on the file for a user holding `perm` that lets
+    /// others hold `shared` (see [`lock_file`]), replacing any it held.
+    pub fn lock(&self, perm: Perms, shared: Perms) -> Result<(), LockError> {
+        lock_file(&self.file, perm, shared)
     }
 
     /// Wraps an open file.
@@ -158,6 +185,42 @@ impl Storage for FileStorage {
             data: true,
             len: hole_start.saturating_sub(offset).clamp(1, len),
         })
+    }
+}
+
+/// Why [`FileStorage::create`] failed.
+#[derive(Debug)]
+pub enum CreateError {
+    /// The file could not be opened or truncated.
+    Io(io::Error),
+    /// Another user holds the file (nothing was changed).
+    Lock(LockError),
+}
+
+impl std::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CreateError::Io(e) => e.fmt(f),
+            CreateError::Lock(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for CreateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CreateError::Io(e) => Some(e),
+            CreateError::Lock(e) => Some(e),
+        }
+    }
+}
+
+impl From<CreateError> for io::Error {
+    fn from(e: CreateError) -> io::Error {
+        match e {
+            CreateError::Io(e) => e,
+            CreateError::Lock(e) => io::Error::new(io::ErrorKind::WouldBlock, e),
+        }
     }
 }
 

@@ -11,12 +11,14 @@
 
 mod fault;
 mod file;
+mod lock;
 mod memory;
 
 use std::io;
 
 pub use fault::{FaultyStorage, LoggedOp};
-pub use file::FileStorage;
+pub use file::{CreateError, FileStorage};
+pub use lock::{LockError, PERM_BASE, Perms, SHARED_BASE, lock_file, unlock_file};
 pub use memory::MemStorage;
 
 /// Positional, thread-safe storage for an image file.

@@ -22,6 +22,21 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Another process (QEMU or qcow) uses the file in a way that excludes
+    /// this use, as QEMU's locks say.
+    #[error(
+        "{}{conflict}\nIs another process using the image [{}]?",
+        if *creating { format!("{}: ", path.display()) } else { format!("Could not open '{}': ", path.display()) },
+        path.display()
+    )]
+    Locked {
+        /// The file.
+        path: PathBuf,
+        /// Which permission is in conflict.
+        conflict: qcow_io::LockError,
+        /// Whether the file was being created (nothing was changed).
+        creating: bool,
+    },
     /// An I/O operation on an image failed.
     #[error("{image}: {op} at offset {offset:#x} failed")]
     Io {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qcow_format::Probe;
-use qcow_io::{FileStorage, Storage};
+use qcow_io::{CreateError, FileStorage, LockError, Perms, Storage};
 
 use crate::device::{BlockDevice, Extent, ImageFormat};
 use crate::options::OpenOptions;
@@ -96,15 +96,90 @@ fn probe_storage(name: &str, storage: &dyn Storage) -> Result<ImageFormat> {
 }
 
 fn open_storage(path: &Path) -> Result<Arc<dyn Storage>> {
-    open_storage_mode(path, false)
-}
-
-fn open_storage_mode(path: &Path, writable: bool) -> Result<Arc<dyn Storage>> {
-    let file = FileStorage::open(path, writable).map_err(|source| Error::Open {
+    let file = FileStorage::open(path, false).map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
     })?;
     Ok(Arc::new(file))
+}
+
+/// What a file is to the image being opened, which decides the locks
+/// QEMU takes on it (and so the ones taken here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The image file itself, of this format.
+    Image(ImageFormat),
+    /// An external data file.
+    DataFile,
+}
+
+/// The permissions held and shared on a file of `role`.
+fn perms(role: Role, writable: bool, options: &OpenOptions) -> (Perms, Perms) {
+    if options.force_share && !writable {
+        return Perms::shared_reader();
+    }
+    match (role, writable) {
+        (Role::DataFile, w) => Perms::data_file(w),
+        (Role::Image(ImageFormat::Raw), true) => Perms::raw_writer(),
+        (Role::Image(_), true) => Perms::writer(),
+        (Role::Image(_), false) => Perms::reader(),
+    }
+}
+
+/// Opens a file of an image (the image, a backing file or a data file).
+/// Directories are refused, as QEMU refuses them.
+fn open_file(path: &Path, writable: bool, options: &OpenOptions) -> Result<FileStorage> {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(Error::Open {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::IsADirectory, "Is a directory"),
+        });
+    }
+    let file = FileStorage::open(path, writable).map_err(|source| Error::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(if writable && !options.sync {
+        file.without_sync()
+    } else {
+        file
+    })
+}
+
+/// Takes QEMU's locks for `perms` on `file`, or says who is in the way.
+pub(crate) fn lock_storage(file: &FileStorage, path: &Path, perms: (Perms, Perms)) -> Result<()> {
+    file.lock(perms.0, perms.1).map_err(|e| match e {
+        LockError::Io(source) => Error::Open {
+            path: path.to_owned(),
+            source,
+        },
+        conflict => Error::Locked {
+            path: path.to_owned(),
+            conflict,
+            creating: false,
+        },
+    })
+}
+
+/// Creates (or truncates) a file at `path` for writing an image into,
+/// locked as QEMU locks the files it creates: a file another process uses
+/// is refused before anything in it changes.
+pub fn create_file(path: &Path) -> Result<FileStorage> {
+    FileStorage::create(path).map_err(|e| match e {
+        CreateError::Io(source) => Error::Open {
+            path: path.to_owned(),
+            source,
+        },
+        CreateError::Lock(LockError::Io(source)) => Error::Open {
+            path: path.to_owned(),
+            source,
+        },
+        CreateError::Lock(conflict) => Error::Locked {
+            path: path.to_owned(),
+            conflict,
+            creating: true,
+        },
+    })
 }
 
 /// Opens the image at `path` under `options`.
@@ -130,22 +205,23 @@ fn open_layer(
     }
     // Only the named image is ever opened for writing.
     let writable = top && options.writable;
-    let storage = if writable && !options.sync {
-        let file = FileStorage::open(path, true).map_err(|source| Error::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        Arc::new(file.without_sync()) as Arc<dyn Storage>
-    } else {
-        open_storage_mode(path, writable)?
-    };
+    if writable && options.force_share {
+        return Err(Error::InvalidOptions(format!(
+            "{name}: force-share (-U) can only be used with read-only images"
+        )));
+    }
+    let file = open_file(path, writable, options)?;
     if let Ok(canonical) = path.canonicalize() {
         seen.insert(canonical);
     }
     let format = match format {
         Some(f) => f,
-        None => probe_storage(&name, &*storage)?,
+        None => probe_storage(&name, &file)?,
     };
+    if options.lock {
+        lock_storage(&file, path, perms(Role::Image(format), writable, options))?;
+    }
+    let storage: Arc<dyn Storage> = Arc::new(file);
     let cache = options.cache_bytes;
     let image = match format {
         ImageFormat::Raw => Image::Raw(RawImage::open(&name, storage)?),
@@ -168,10 +244,11 @@ fn open_layer(
                     name: "(no name recorded)".into(),
                 })?;
                 let data_path = relative_to(path, &data_name);
-                image.attach_data_file(
-                    open_storage_mode(&data_path, writable)?,
-                    data_path.display().to_string(),
-                );
+                let data = open_file(&data_path, writable, options)?;
+                if options.lock {
+                    lock_storage(&data, &data_path, perms(Role::DataFile, writable, options))?;
+                }
+                image.attach_data_file(Arc::new(data), data_path.display().to_string());
             }
             if let Some(backing) = image.header().backing_file.clone() {
                 if options.follow_backing {
@@ -240,10 +317,7 @@ fn open_backing(
 /// Creates a new QCOW2 image at `path` (replacing any file there), with
 /// its preallocation mode applied (an external data file must exist).
 pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
-    let file = FileStorage::create(path).map_err(|source| Error::Open {
-        path: path.to_owned(),
-        source,
-    })?;
+    let file = create_file(path)?;
     Qcow2Image::create(&file, options)?;
     drop(file);
     if options.preallocation != crate::Preallocation::Off {
@@ -267,10 +341,7 @@ pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
 /// Creates a new QCOW version 1 image at `path` (replacing any file
 /// there) of `options.size` bytes, with `options.backing_file` if set.
 pub fn create_qcow(path: &Path, options: &crate::CreateOptions) -> Result<()> {
-    let file = FileStorage::create(path).map_err(|source| Error::Open {
-        path: path.to_owned(),
-        source,
-    })?;
+    let file = create_file(path)?;
     QcowImage::create(&file, options)
 }
 

@@ -39,6 +39,14 @@ pub struct OpenOptions {
     /// `cache=unsafe` (the default of its `convert`), for outputs a crash
     /// may lose.
     pub sync: bool,
+    /// Take QEMU's file locks on every file opened (see
+    /// [`qcow_io::lock_file`]), so that QEMU processes and other users of
+    /// this engine exclude each other as QEMU processes do. On by default.
+    pub lock: bool,
+    /// Let other processes write to and resize the files while they are
+    /// open here (qemu-img's `-U`, `--force-share`). Only for read-only
+    /// opens: what is read may be inconsistent.
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -53,6 +61,8 @@ impl Default for OpenOptions {
             snapshot: None,
             writable: false,
             sync: true,
+            lock: true,
+            force_share: false,
         }
     }
 }

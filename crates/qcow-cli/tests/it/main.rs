@@ -5,6 +5,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod locking;
+
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
 }
@@ -313,6 +315,14 @@ fn map_of_a_sparse_raw_file_reports_holes_like_qemu_img() {
         assert!(ours.status.success());
         assert_eq!(stdout(&ours), stdout(&theirs), "map --output {output}");
     }
+}
+
+/// The virtual size qemu-img reports for the image.
+fn virtual_size(path: &Path) -> u64 {
+    let out = qemu_img(&["info", "--output", "json", path.to_str().expect("path")]);
+    assert!(out.status.success(), "qemu-img info {}", path.display());
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    info["virtual-size"].as_u64().expect("virtual-size")
 }
 
 /// `qemu-img check` exits 0 (no corruption, no leaks).

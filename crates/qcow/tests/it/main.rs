@@ -6,6 +6,7 @@ mod concurrency;
 mod crash;
 mod fixtures;
 mod fuzz_seeds;
+mod locking;
 mod malformed;
 mod model;
 mod oracle;

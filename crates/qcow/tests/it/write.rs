@@ -760,7 +760,7 @@ fn growing_an_image_grows_its_l1_table() {
         assert!(tail.iter().all(|&b| b == 0xab));
         // qemu-io reads the same bytes there (it fails on a mismatch).
         let cmd = format!("read -P 171 {far} 5000");
-        let out = qemu("qemu-io", &["-f", "qcow2", "-c", &cmd, s(&path)]);
+        let out = qemu("qemu-io", &["-r", "-f", "qcow2", "-c", &cmd, s(&path)]);
         assert!(!out.contains("Pattern verification failed"), "{out}");
     }
 }
