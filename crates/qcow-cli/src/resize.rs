@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use qcow::{BlockDevice, Image, ImageFormat, OpenOptions};
 
+use crate::open::OpenFlags;
 use crate::size::parse_size;
 
 /// Arguments of `qcow resize`.
@@ -17,6 +18,8 @@ pub(crate) struct ResizeArgs {
     /// Image format (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
+    #[command(flatten)]
+    open: OpenFlags,
     /// The image.
     file: PathBuf,
     /// New size: `SIZE`, `+SIZE` or `-SIZE`.
@@ -26,15 +29,26 @@ pub(crate) struct ResizeArgs {
 
 /// Runs `qcow resize`.
 pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
-    let options = OpenOptions {
-        writable: true,
-        format: args
-            .format
-            .as_deref()
-            .map(ImageFormat::from_name)
-            .transpose()?,
-        ..OpenOptions::default()
+    if args.open.force_share {
+        bail!("force-share (-U) can only be used with read-only images");
+    }
+    let mut options = if args.open.untrusted {
+        OpenOptions::default()
+    } else {
+        OpenOptions::trusted()
     };
+    options.writable = true;
+    options.format = args
+        .format
+        .as_deref()
+        .map(ImageFormat::from_name)
+        .transpose()?;
+    options.assume_backing_format = args
+        .open
+        .assume_backing_format
+        .as_deref()
+        .map(ImageFormat::from_name)
+        .transpose()?;
     let image = qcow::open(&args.file, &options)?;
     let current = image.virtual_size();
     let new_size = if let Some(delta) = args.size.strip_prefix('+') {
@@ -46,7 +60,10 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
     };
     if new_size < current {
         if !args.shrink {
-            bail!("use the --shrink option to shrink an image");
+            eprintln!(
+                "qcow: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
+            );
+            bail!("Use the --shrink option to perform a shrink operation.");
         }
         bail!("shrinking images is not supported yet");
     }

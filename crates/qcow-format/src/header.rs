@@ -95,6 +95,44 @@ pub struct RawHeaderV3 {
     pub header_length: U32,
 }
 
+/// Byte offsets of the header fields an engine rewrites in place, derived
+/// from the layout structs above (never typed twice).
+pub mod field {
+    use core::mem::offset_of;
+
+    use super::{RawHeaderV2, RawHeaderV3, V2_HEADER_LEN};
+
+    /// The virtual disk size (`size`, 8 bytes).
+    pub const SIZE: u64 = offset_of!(RawHeaderV2, size) as u64;
+    /// `l1_size` (4 bytes), directly followed by `l1_table_offset`.
+    pub const L1_SIZE: u64 = offset_of!(RawHeaderV2, l1_size) as u64;
+    /// `l1_table_offset` (8 bytes).
+    pub const L1_TABLE_OFFSET: u64 = offset_of!(RawHeaderV2, l1_table_offset) as u64;
+    /// `refcount_table_offset` (8 bytes), directly followed by
+    /// `refcount_table_clusters`.
+    pub const REFCOUNT_TABLE_OFFSET: u64 = offset_of!(RawHeaderV2, refcount_table_offset) as u64;
+    /// `refcount_table_clusters` (4 bytes).
+    pub const REFCOUNT_TABLE_CLUSTERS: u64 =
+        offset_of!(RawHeaderV2, refcount_table_clusters) as u64;
+    /// `nb_snapshots` (4 bytes), directly followed by `snapshots_offset`.
+    pub const NB_SNAPSHOTS: u64 = offset_of!(RawHeaderV2, nb_snapshots) as u64;
+    /// `snapshots_offset` (8 bytes).
+    pub const SNAPSHOTS_OFFSET: u64 = offset_of!(RawHeaderV2, snapshots_offset) as u64;
+    /// The version 3 incompatible feature bits (8 bytes).
+    pub const INCOMPATIBLE_FEATURES: u64 =
+        V2_HEADER_LEN as u64 + offset_of!(RawHeaderV3, incompatible_features) as u64;
+    /// The version 3 compatible feature bits (8 bytes).
+    pub const COMPATIBLE_FEATURES: u64 =
+        V2_HEADER_LEN as u64 + offset_of!(RawHeaderV3, compatible_features) as u64;
+    /// The version 3 autoclear feature bits (8 bytes).
+    pub const AUTOCLEAR_FEATURES: u64 =
+        V2_HEADER_LEN as u64 + offset_of!(RawHeaderV3, autoclear_features) as u64;
+
+    const _: () = assert!(L1_TABLE_OFFSET == L1_SIZE + 4);
+    const _: () = assert!(REFCOUNT_TABLE_CLUSTERS == REFCOUNT_TABLE_OFFSET + 8);
+    const _: () = assert!(SNAPSHOTS_OFFSET == NB_SNAPSHOTS + 4);
+}
+
 const _: () = assert!(size_of::<RawHeaderV2>() == V2_HEADER_LEN as usize);
 const _: () = assert!(size_of::<RawHeaderV3>() == (V3_MIN_HEADER_LEN - V2_HEADER_LEN) as usize);
 

@@ -87,6 +87,23 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// Clusters about to be written hold live metadata: the image's
+    /// refcounts are wrong. Nothing was written; the corrupt bit is set.
+    #[error(
+        "{image}: refusing to write {what} at {at:#x}: it would overwrite the {structure} at {offset:#x} (the refcounts are corrupt; the image is marked corrupt)"
+    )]
+    MetadataOverlap {
+        /// The image.
+        image: String,
+        /// What was about to be written.
+        what: &'static str,
+        /// Where.
+        at: u64,
+        /// The metadata structure found there.
+        structure: &'static str,
+        /// Where that structure starts.
+        offset: u64,
+    },
     /// A compressed cluster could not be decompressed.
     #[error(
         "{image}: compressed cluster at host offset {host:#x} ({len} bytes) is corrupt: {reason}"

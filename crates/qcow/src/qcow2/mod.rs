@@ -11,6 +11,7 @@ mod bitmaps;
 mod compressed_write;
 mod create;
 mod entry_seq;
+mod overlap;
 mod read;
 mod rebuild;
 mod refcount;

@@ -129,7 +129,7 @@ impl Qcow2Image {
         // The refcounts are consistent again: clear the dirty bit.
         self.header.incompatible_features &= !INCOMPAT_DIRTY;
         if self.header.version >= 3 {
-            let at = super::write::INCOMPATIBLE_FEATURES_AT;
+            let at = qcow_format::header::field::INCOMPATIBLE_FEATURES;
             self.file
                 .write_at(&self.header.incompatible_features.to_be_bytes(), at)
                 .map_err(|e| Error::io(&self.name, "clearing the dirty bit", at, e))?;
@@ -232,12 +232,12 @@ impl Qcow2Image {
         // Bounded by MAX_REFCOUNT_TABLE_BYTES above.
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         self.file
-            .write_at(&fields, super::write::REFCOUNT_TABLE_AT)
+            .write_at(&fields, qcow_format::header::field::REFCOUNT_TABLE_OFFSET)
             .map_err(|e| {
                 Error::io(
                     &self.name,
                     "writing the header",
-                    super::write::REFCOUNT_TABLE_AT,
+                    qcow_format::header::field::REFCOUNT_TABLE_OFFSET,
                     e,
                 )
             })?;

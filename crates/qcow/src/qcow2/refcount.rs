@@ -200,6 +200,7 @@ impl Qcow2Image {
         let cluster_size = self.header.cluster_size();
         let cluster = meta.end;
         self.check_clusters_end(cluster + 1)?;
+        self.check_overlap(meta, cluster, 1, "a new refcount block")?;
         let offset = cluster << self.header.cluster_bits;
         meta.end += 1;
         let block = Arc::new(RefBlock::new(
@@ -259,6 +260,12 @@ impl Qcow2Image {
         // Before anything changes: the table and its blocks end below this.
         self.check_clusters_end(meta.end + 2 * table_clusters + 2)?;
         let table_start = meta.end;
+        self.check_overlap(
+            meta,
+            table_start,
+            2 * table_clusters + 2,
+            "a new refcount table",
+        )?;
         let mut next = table_start + table_clusters;
         // Bounded by MAX_REFCOUNT_TABLE_BYTES.
         let mut table = meta.reftable.clone();
@@ -306,7 +313,7 @@ impl Qcow2Image {
         fields[..8].copy_from_slice(&table_offset.to_be_bytes());
         // At most MAX_REFCOUNT_TABLE_BYTES / 512 clusters.
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        let at = super::write::REFCOUNT_TABLE_AT;
+        let at = qcow_format::header::field::REFCOUNT_TABLE_OFFSET;
         self.file
             .write_at(&fields, at)
             .map_err(|e| Error::io(&self.name, "writing the header", at, e))?;
@@ -356,6 +363,7 @@ impl Qcow2Image {
     /// Counts `n` clusters from `start` as used (refcount 1).
     fn take_clusters(&self, meta: &mut Meta, start: u64, n: u64) -> Result<u64> {
         self.check_clusters_end(start.saturating_add(n))?;
+        self.check_overlap(meta, start, n, "new clusters")?;
         if n == 1 || start == meta.free_hint {
             meta.free_hint = start + n;
         }

@@ -4,48 +4,93 @@
 //! larger table is written to new clusters (counted before anything points
 //! at them), then the header is switched to it and to the new size in one
 //! write of its contiguous fields, and the old table's clusters are released
-//! once that is on disk. Shrinking is not supported yet.
+//! once that is on disk. Where a longer backing file lies beneath the new
+//! part, it is given the zero flag before the size changes. Shrinking is
+//! not supported yet.
 
 use std::sync::atomic::AtomicU64;
 
+use qcow_format::header::field;
 use qcow_format::limits::{MAX_L1_BYTES, MAX_VIRTUAL_SIZE};
 
 use super::Qcow2Image;
 use crate::{Error, Result};
 
-/// Offset of the header's virtual size.
-const SIZE_AT: u64 = 24;
-/// Offset of the header's L1 size, followed by the L1 table offset.
-const L1_AT: u64 = 36;
-
 impl Qcow2Image {
-    /// Grows the virtual disk to `new_size` bytes (the new part reads as
-    /// zeros, or from the backing file where it is larger), growing the L1
-    /// table when the new size needs more entries.
+    /// Grows the virtual disk to `new_size` bytes, growing the L1 table
+    /// when the new size needs more entries. The new part reads as zeros,
+    /// also where a longer backing file lies beneath it (those clusters get
+    /// the zero flag, as QEMU gives them).
+    ///
+    /// Every limit is checked before anything changes; the size in the
+    /// header changes last, so a failure leaves the old disk as it was.
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        let result = self.grow(new_size);
+        self.guard(result)
+    }
+
+    fn grow(&mut self, new_size: u64) -> Result<()> {
         let unsupported = |what: &str| Error::Unsupported {
             image: self.name.clone(),
             what: what.to_owned(),
         };
-        if new_size < self.virtual_size {
+        let invalid = |what: String| Error::InvalidOptions(format!("{}: {what}", self.name));
+        let old_size = self.virtual_size;
+        if new_size < old_size {
             return Err(unsupported("shrinking an image"));
         }
         if !self.snapshots.is_empty() {
             return Err(unsupported("resizing an image with internal snapshots"));
         }
-        if new_size > MAX_VIRTUAL_SIZE {
-            return Err(Error::InvalidOptions(format!(
-                "size {new_size} is too large"
-            )));
+        if new_size % 512 != 0 {
+            return Err(invalid("The new size must be a multiple of 512".into()));
+        }
+        let needed = new_size.div_ceil(self.header.bytes_per_l2_table());
+        if new_size > MAX_VIRTUAL_SIZE || needed > MAX_L1_BYTES / 8 {
+            return Err(invalid(
+                "Failed to grow the L1 table: File too large (the size needs more L1 entries than an image may have; try a larger cluster size)".into(),
+            ));
         }
         self.check_writable()?;
-        let needed = new_size.div_ceil(self.header.bytes_per_l2_table());
+        // What a longer backing file would show in the new part must be
+        // zeroed; version 2 has no zero flag to do it with (QEMU refuses too).
+        // As QEMU, the whole new part is zeroed once the backing file
+        // reaches into it, so the layout matches qemu-img's.
+        let backing_len = self.backing.as_ref().map_or(0, |b| b.virtual_size());
+        let zero_end = if backing_len > old_size {
+            new_size
+        } else {
+            old_size
+        };
+        if zero_end > old_size && self.header.version < 3 {
+            return Err(invalid(
+                "Failed to zero out new clusters: Operation not supported (compat=0.10 images cannot hide a longer backing file)".into(),
+            ));
+        }
         if needed > self.l1.len() as u64 {
             self.grow_l1(needed)?;
         }
-        self.file
-            .write_at(&new_size.to_be_bytes(), SIZE_AT)
-            .map_err(|e| Error::io(&self.name, "writing the header", SIZE_AT, e))?;
+        if zero_end > old_size {
+            // Zero entries past the on-disk size are harmless if the size
+            // change never lands.
+            self.virtual_size = new_size;
+            let zeroed = self
+                .write_zeroes(old_size, zero_end - old_size, false)
+                .and_then(|()| self.flush());
+            if let Err(e) = zeroed {
+                self.virtual_size = old_size;
+                return Err(e);
+            }
+        }
+        let at = field::SIZE;
+        let written = self
+            .file
+            .write_at(&new_size.to_be_bytes(), at)
+            .map_err(|e| Error::io(&self.name, "writing the header", at, e));
+        if let Err(e) = written {
+            self.virtual_size = old_size;
+            return Err(e);
+        }
         self.header.virtual_size = new_size;
         self.virtual_size = new_size;
         self.flush()
@@ -81,8 +126,8 @@ impl Qcow2Image {
             fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
             fields[4..].copy_from_slice(&offset.to_be_bytes());
             self.file
-                .write_at(&fields, L1_AT)
-                .map_err(|e| Error::io(&self.name, "writing the header", L1_AT, e))?;
+                .write_at(&fields, field::L1_SIZE)
+                .map_err(|e| Error::io(&self.name, "writing the header", field::L1_SIZE, e))?;
             for i in 0..old_clusters {
                 meta.pending_frees.push(old_offset + i * cluster_size);
             }

@@ -31,11 +31,6 @@ const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Extended L2 bitmap: every subcluster reads as zeros.
 pub(super) const ALL_ZERO: u64 = 0xffff_ffff << 32;
 
-/// Offset of the header's refcount table offset and cluster count.
-pub(super) const REFCOUNT_TABLE_AT: u64 = 48;
-/// Offset of the version 3 header's incompatible feature bits.
-pub(super) const INCOMPATIBLE_FEATURES_AT: u64 = 72;
-
 /// The state a writable image adds.
 #[derive(Debug)]
 pub(crate) struct WriteState {
@@ -160,7 +155,14 @@ impl Qcow2Image {
             header_lock: Mutex::new(()),
             data_io: RwLock::new(()),
         });
-        Ok(())
+        // Metadata sharing bytes with other metadata would be overwritten by
+        // the first update: refuse to write, and mark the image corrupt as
+        // QEMU does when it meets such a write.
+        let apart = {
+            let meta = self.lock_meta()?;
+            self.check_structures_apart(&meta)
+        };
+        self.guard(apart)
     }
 
     /// Rewrites the incompatible feature bits in the header (version 3) as
@@ -180,7 +182,7 @@ impl Qcow2Image {
         if bits == old {
             return Ok(());
         }
-        let at = INCOMPATIBLE_FEATURES_AT;
+        let at = qcow_format::header::field::INCOMPATIBLE_FEATURES;
         self.file
             .write_at(&bits.to_be_bytes(), at)
             .map_err(|e| Error::io(&self.name, "writing the header", at, e))?;
@@ -207,7 +209,9 @@ impl Qcow2Image {
     /// Stops writing after an inconsistency: sets the corrupt bit (as QEMU
     /// does) so that nothing writes the image again before it is repaired.
     pub(super) fn guard<T>(&self, result: Result<T>) -> Result<T> {
-        if let Err(Error::Corrupt { .. } | Error::Format { .. }) = &result {
+        if let Err(Error::Corrupt { .. } | Error::Format { .. } | Error::MetadataOverlap { .. }) =
+            &result
+        {
             if self.writer.is_some() {
                 // Best effort: the original error is what the caller needs.
                 let _ = self.update_incompatible(|bits| bits | INCOMPAT_CORRUPT);

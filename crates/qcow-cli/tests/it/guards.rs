@@ -1,0 +1,242 @@
+//! Reproducers from "never harm an image": limits refused before anything
+//! changes, metadata never overwritten, and the grown part of an image over
+//! a longer backing file reading as zeros — each against qemu-img on the
+//! same input.
+
+use std::path::{Path, PathBuf};
+
+use qcow::format::header::field;
+
+use super::{assert_check_clean, qcow, qemu_img, stdout};
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A 1 GiB qcow2 image (64 KiB clusters, 16-bit refcounts) with data in
+/// its first cluster, so that it has one L2 table.
+fn image_with_data(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&path), "1G"])
+            .status
+            .success()
+    );
+    let io = std::process::Command::new("qemu-io")
+        .args(["-c", "write -P 0x5a 0 128k"])
+        .arg(&path)
+        .output()
+        .expect("qemu-io is required");
+    assert!(io.status.success());
+    path
+}
+
+fn be64(bytes: &[u8], at: u64) -> u64 {
+    let at = at as usize;
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn guest_data(path: &Path) -> Vec<u8> {
+    let raw = path.with_extension("check.raw");
+    let out = qemu_img(&["convert", "-U", "-O", "raw", p(path), p(&raw)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&raw).expect("raw");
+    let _ = std::fs::remove_file(&raw);
+    bytes
+}
+
+fn corrupt_bit(path: &Path) -> bool {
+    let out = qemu_img(&["info", "-U", "--output", "json", p(path)]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    info["format-specific"]["data"]["corrupt"] == serde_json::Value::Bool(true)
+}
+
+#[test]
+fn an_allocation_over_a_live_l2_table_is_refused_and_marks_the_image_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = image_with_data(dir.path(), "l2.qcow2");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let l1 = be64(&bytes, field::L1_TABLE_OFFSET);
+    let l2 = be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00;
+    let reftable = be64(&bytes, field::REFCOUNT_TABLE_OFFSET);
+    let block = be64(&bytes, reftable) as usize;
+    let index = (l2 >> 16) as usize;
+    // The L2 table's refcount (16 bits) drops to 0: it looks free.
+    bytes[block + index * 2..block + index * 2 + 2].fill(0);
+    std::fs::write(&path, &bytes).expect("write");
+    let before = guest_data(&path);
+
+    let out = qcow(&["resize", p(&path), "100G"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("active L2 table"),
+        "the error names the structure: {}",
+        stderr(&out)
+    );
+    assert!(corrupt_bit(&path), "the corrupt bit is set");
+    assert_eq!(super::virtual_size(&path), 1 << 30, "size unchanged");
+    assert!(guest_data(&path) == before, "guest data unchanged");
+    // qemu-img refuses to write it too, now.
+    assert_eq!(
+        qemu_img(&["resize", p(&path), "100G"]).status.code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn a_refcount_block_on_the_l1_table_is_refused_before_anything_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = image_with_data(dir.path(), "reft.qcow2");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let l1 = be64(&bytes, field::L1_TABLE_OFFSET);
+    let reftable = be64(&bytes, field::REFCOUNT_TABLE_OFFSET) as usize;
+    bytes[reftable..reftable + 8].copy_from_slice(&l1.to_be_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+    let before = guest_data(&path);
+
+    let out = qcow(&["resize", p(&path), "64T"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("active L1 table"), "{}", stderr(&out));
+    assert_eq!(super::virtual_size(&path), 1 << 30, "size unchanged");
+    assert!(guest_data(&path) == before, "guest data unchanged");
+    assert!(corrupt_bit(&path));
+}
+
+#[test]
+fn growing_past_the_l1_limit_is_refused_like_qemu_img_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (cluster, size) in [("65536", "3P"), ("512", "16T"), ("65536", "+7E")] {
+        let ours = dir.path().join(format!("o-{cluster}-{size}.qcow2"));
+        let theirs = dir.path().join(format!("t-{cluster}-{size}.qcow2"));
+        for path in [&ours, &theirs] {
+            let o = format!("cluster_size={cluster}");
+            let made = qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, p(path), "1G"]);
+            assert!(made.status.success());
+        }
+        let before = std::fs::read(&ours).expect("read");
+        let a = qcow(&["resize", p(&ours), size]);
+        let b = qemu_img(&["resize", p(&theirs), size]);
+        assert_eq!(b.status.code(), Some(1));
+        assert_eq!(a.status.code(), Some(1), "{size}: {}", stderr(&a));
+        assert!(
+            stderr(&a).contains("Failed to grow the L1 table"),
+            "{}",
+            stderr(&a)
+        );
+        assert!(std::fs::read(&ours).expect("read") == before, "{size}");
+        let info = qcow(&["info", p(&ours)]);
+        assert!(info.status.success(), "the image still opens");
+    }
+}
+
+#[test]
+fn resize_rounding_and_refusals_follow_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for size in ["+1", "1073742000", "100000000", "+0", "2147484160"] {
+        let ours = dir.path().join("o.qcow2");
+        let theirs = dir.path().join("t.qcow2");
+        for path in [&ours, &theirs] {
+            let _ = std::fs::remove_file(path);
+            assert!(
+                qemu_img(&["create", "-q", "-f", "qcow2", p(path), "1G"])
+                    .status
+                    .success()
+            );
+        }
+        let a = qcow(&["resize", p(&ours), size]);
+        let b = qemu_img(&["resize", p(&theirs), size]);
+        assert_eq!(a.status.code(), b.status.code(), "resize {size}");
+        assert_eq!(stdout(&a), stdout(&b), "resize {size}");
+        assert_eq!(
+            super::virtual_size(&ours),
+            super::virtual_size(&theirs),
+            "resize {size}"
+        );
+        assert_check_clean(&ours);
+    }
+}
+
+#[test]
+fn the_grown_part_over_a_longer_backing_file_reads_as_zeros() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "raw", p(&base), "4M"])
+            .status
+            .success()
+    );
+    let io = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0xab 0 4M"])
+        .arg(&base)
+        .output()
+        .expect("qemu-io");
+    assert!(io.status.success());
+    // Aligned and unaligned old sizes, version 3; version 2 is refused.
+    for (compat, old, new) in [
+        ("1.1", "1M", "3M"),
+        ("1.1", "1049088", "3M"),
+        ("1.1", "1M", "8M"),
+        ("0.10", "1M", "3M"),
+        ("0.10", "4M", "5M"),
+    ] {
+        let ours = dir.path().join("o.qcow2");
+        let theirs = dir.path().join("t.qcow2");
+        for path in [&ours, &theirs] {
+            let _ = std::fs::remove_file(path);
+            let o = format!("compat={compat}");
+            let made = qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &o,
+                "-b",
+                p(&base),
+                "-F",
+                "raw",
+                p(path),
+                old,
+            ]);
+            assert!(made.status.success(), "{}", stderr(&made));
+        }
+        let before = std::fs::read(&ours).expect("read");
+        let a = qcow(&["resize", p(&ours), new]);
+        let b = qemu_img(&["resize", p(&theirs), new]);
+        let case = format!("compat={compat} {old} -> {new}");
+        assert_eq!(a.status.code(), b.status.code(), "{case}: {}", stderr(&a));
+        if !b.status.success() {
+            assert!(
+                std::fs::read(&ours).expect("read") == before,
+                "{case}: refused, unchanged"
+            );
+            continue;
+        }
+        assert_check_clean(&ours);
+        let cmp = qemu_img(&["compare", p(&ours), p(&theirs)]);
+        assert!(cmp.status.success(), "{case}: {}", stdout(&cmp));
+        let map = |path: &Path| {
+            let out = qemu_img(&["map", "--output", "json", p(path)]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            // Host offsets differ between the two writers; the layout must not.
+            v.as_array()
+                .expect("array")
+                .iter()
+                .map(|e| {
+                    (
+                        e["start"].as_u64(),
+                        e["length"].as_u64(),
+                        e["depth"].as_u64(),
+                        e["zero"].as_bool(),
+                        e["data"].as_bool(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(map(&ours), map(&theirs), "{case}");
+    }
+}

@@ -1,0 +1,184 @@
+//! The metadata overlap guard: before clusters are handed out for writing,
+//! they are checked against every structure the image's metadata uses, as
+//! QEMU's `qcow2_check_metadata_overlap` does.
+//!
+//! Refcounts say which clusters are free. When they lie (a damaged or
+//! hostile image counts an L2 table's cluster as free), an allocation would
+//! write data or new metadata over live metadata and destroy guest data.
+//! The guard catches that: it refuses the allocation, sets the corrupt bit
+//! and names both structures. It checks the header cluster, the active L1
+//! table and every L2 table it points at, the refcount table and its
+//! blocks, the snapshot table and each snapshot's L1 table, and the bitmap
+//! directory (QEMU's default "cached" set: snapshot L2 tables and bitmap
+//! tables are not walked).
+
+use std::mem::size_of;
+use std::sync::atomic::Ordering;
+
+use qcow_format::snapshot::RawSnapshotHeader;
+use qcow_format::table::OFFSET_MASK;
+
+use super::Qcow2Image;
+use super::refcount::Meta;
+use crate::{Error, Result};
+
+/// Bytes a snapshot table of `snapshots` takes (each entry padded to 8).
+fn snapshot_table_len(snapshots: &[qcow_format::snapshot::Snapshot]) -> u64 {
+    snapshots
+        .iter()
+        .map(|s| {
+            (size_of::<RawSnapshotHeader>() + s.extra_data.len() + s.id.len() + s.name.len())
+                .next_multiple_of(8) as u64
+        })
+        .sum()
+}
+
+/// One metadata structure: what it is, where it starts, how many bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Structure {
+    start: u64,
+    len: u64,
+    kind: &'static str,
+}
+
+impl Qcow2Image {
+    /// The first metadata structure of the image for which `found` says
+    /// yes (in no particular order), visiting each without allocating.
+    fn find_structure(
+        &self,
+        meta: &Meta,
+        mut found: impl FnMut(&Structure) -> bool,
+    ) -> Option<Structure> {
+        let cluster_size = self.header.cluster_size();
+        let mut test = |start: u64, len: u64, kind: &'static str| {
+            let s = Structure { start, len, kind };
+            (len > 0 && found(&s)).then_some(s)
+        };
+        let fixed = [
+            (0, cluster_size, "header"),
+            (
+                self.header.l1_table_offset,
+                self.l1.len() as u64 * 8,
+                "active L1 table",
+            ),
+            (
+                meta.reftable_offset,
+                meta.reftable.len() as u64 * 8,
+                "refcount table",
+            ),
+            (
+                self.header.snapshots_offset,
+                snapshot_table_len(&self.snapshots),
+                "snapshot table",
+            ),
+        ];
+        for (start, len, kind) in fixed {
+            if let Some(s) = test(start, len, kind) {
+                return Some(s);
+            }
+        }
+        for &block in meta.reftable.iter().filter(|&&b| b != 0) {
+            if let Some(s) = test(block, cluster_size, "refcount block") {
+                return Some(s);
+            }
+        }
+        for entry in &self.l1 {
+            let l2 = entry.load(Ordering::Acquire) & OFFSET_MASK;
+            if l2 != 0 {
+                if let Some(s) = test(l2, cluster_size, "active L2 table") {
+                    return Some(s);
+                }
+            }
+        }
+        for snapshot in &self.snapshots {
+            let len = u64::from(snapshot.l1_size) * 8;
+            if let Some(s) = test(snapshot.l1_table_offset, len, "inactive L1 table") {
+                return Some(s);
+            }
+        }
+        let ext = self.header.bitmaps()?;
+        test(ext.directory_offset, ext.directory_size, "bitmap directory")
+    }
+
+    /// Every metadata structure of the image.
+    fn structures(&self, meta: &Meta) -> Vec<Structure> {
+        let mut all = Vec::new();
+        self.find_structure(meta, |s| {
+            all.push(*s);
+            false
+        });
+        all
+    }
+
+    /// The first metadata structure that overlaps host bytes
+    /// `start..start + len`, with its offset: `None` when the range is free
+    /// of metadata.
+    pub(super) fn metadata_overlap(
+        &self,
+        meta: &Meta,
+        start: u64,
+        len: u64,
+    ) -> Option<(&'static str, u64)> {
+        let end = start.saturating_add(len);
+        self.find_structure(meta, |s| {
+            s.start < end && start < s.start.saturating_add(s.len)
+        })
+        .map(|s| (s.kind, s.start))
+    }
+
+    /// Refuses to hand out clusters `first..first + count` (cluster
+    /// numbers) for `what` when metadata still lives there: the image's
+    /// refcounts are wrong, so the corrupt bit is set (by the caller's
+    /// guard) and nothing is written.
+    pub(super) fn check_overlap(
+        &self,
+        meta: &Meta,
+        first: u64,
+        count: u64,
+        what: &'static str,
+    ) -> Result<()> {
+        let bits = self.header.cluster_bits;
+        let start = first << bits;
+        match self.metadata_overlap(meta, start, count << bits) {
+            None => Ok(()),
+            Some((structure, offset)) => Err(Error::MetadataOverlap {
+                image: self.name.clone(),
+                what,
+                at: start,
+                structure,
+                offset,
+            }),
+        }
+    }
+
+    /// Checks that no two metadata structures share bytes (a refcount
+    /// block that is really the L1 table would have every refcount update
+    /// overwrite guest mappings). Sorts once, so it costs O(n log n) in the
+    /// number of tables. The same table named twice (two L1 entries naming
+    /// one L2 table) is left to `check`.
+    pub(super) fn check_structures_apart(&self, meta: &Meta) -> Result<()> {
+        let mut all = self.structures(meta);
+        all.sort_unstable();
+        all.dedup();
+        let mut reach: Option<Structure> = None;
+        for s in all {
+            if let Some(prev) = reach {
+                let prev_end = prev.start.saturating_add(prev.len);
+                if s.start < prev_end && !(s.start == prev.start && s.kind == prev.kind) {
+                    return Err(Error::MetadataOverlap {
+                        image: self.name.clone(),
+                        what: s.kind,
+                        at: s.start,
+                        structure: prev.kind,
+                        offset: prev.start,
+                    });
+                }
+                if s.start.saturating_add(s.len) <= prev_end {
+                    continue;
+                }
+            }
+            reach = Some(s);
+        }
+        Ok(())
+    }
+}
