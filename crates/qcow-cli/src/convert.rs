@@ -218,6 +218,7 @@ fn to_qcow2(
         }
     }
     let top_only = options.backing_file.is_some();
+    options.validate()?;
     if sync || options.preallocation != qcow::Preallocation::Off {
         qcow::create(&args.dest, &options)?;
     } else {
@@ -317,6 +318,7 @@ fn to_qcow(
     if options.backing_file.is_some() {
         bail!("converting onto a backing file is not supported yet");
     }
+    qcow::QcowImage::validate_create(&options)?;
     if sync {
         qcow::create_qcow(&args.dest, &options)?;
     } else {

@@ -8,7 +8,7 @@ use qcow::BlockDevice;
 
 use crate::create_opts::OptionList;
 use crate::open::{OpenFlags, open_image};
-use crate::size::parse_size;
+use crate::size::{image_size, option_size};
 
 /// Arguments of `qcow create`.
 #[derive(Debug, clap::Args)]
@@ -52,8 +52,14 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
         list.set("backing_fmt", f);
     }
     let size = match (&args.size, list.get("size")) {
-        (Some(s), _) => Some(parse_size(s)?),
-        (None, Some(s)) => Some(parse_size(s)?),
+        (Some(_), Some(_)) => bail!(
+            "{}: The image size must be specified only once",
+            args.file.display()
+        ),
+        (Some(s), None) => Some(image_size(s)?),
+        (None, Some(s)) => Some(
+            option_size("size", s).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?,
+        ),
         (None, None) => None,
     };
     let mut options = if args.format == "qcow" {
@@ -80,6 +86,13 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     } else if size.is_none() {
         bail!("size must be given for an image without a backing file");
     }
+    // Everything is checked before any file is touched.
+    if args.format == "qcow" {
+        qcow::QcowImage::validate_create(&options)
+    } else {
+        options.validate()
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     let name = args.file.display().to_string();
     if args.format == "qcow" {
         if !args.quiet {
@@ -100,9 +113,9 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     }
     if let Some(data_file) = &options.data_file {
         let path = qcow::relative_to(&args.file, data_file);
-        let file = std::fs::File::create(&path)
-            .with_context(|| format!("could not create '{}'", path.display()))?;
-        file.set_len(options.size)?;
+        let file = qcow::create_file(&path)?;
+        qcow_io::Storage::set_len(&file, options.rounded_size())
+            .with_context(|| format!("could not size '{}'", path.display()))?;
     }
     qcow::create(&args.file, &options)?;
     Ok(ExitCode::SUCCESS)

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use qcow::format::header::CompressionType;
 use qcow::{CreateOptions, Preallocation};
 
-use crate::size::parse_size;
+use crate::size::option_size;
 
 /// The `-o` options as given, kept to print qemu-img's "Formatting" line.
 #[derive(Debug, Default, Clone)]
@@ -53,8 +53,8 @@ impl OptionList {
         let mut o = CreateOptions::new(size);
         for (key, value) in &self.pairs {
             match key.as_str() {
-                "size" => o.size = parse_size(value)?,
-                "cluster_size" => o.cluster_size = parse_size(value)?,
+                "size" => o.size = option_size("size", value)?,
+                "cluster_size" => o.cluster_size = option_size("cluster_size", value)?,
                 "compat" => {
                     o.version = match value.as_str() {
                         "0.10" | "v2" => 2,
@@ -93,7 +93,7 @@ impl OptionList {
         let mut o = CreateOptions::new(size);
         for (key, value) in &self.pairs {
             match key.as_str() {
-                "size" => o.size = parse_size(value)?,
+                "size" => o.size = option_size("size", value)?,
                 "backing_file" => o.backing_file = Some(value.clone()),
                 "backing_fmt" => o.backing_format = Some(value.clone()),
                 other => bail!("invalid option {other:?} for qcow"),

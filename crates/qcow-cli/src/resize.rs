@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use qcow::{BlockDevice, Image, ImageFormat, OpenOptions};
 
 use crate::open::OpenFlags;
-use crate::size::parse_size;
+use crate::size::option_size;
 
 /// Arguments of `qcow resize`.
 #[derive(Debug, clap::Args)]
@@ -49,21 +49,32 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
         .as_deref()
         .map(ImageFormat::from_name)
         .transpose()?;
+    // As qemu-img: one leading sign is relative, the rest is an option
+    // value (checked before the image is opened), and the result must be
+    // a positive 64-bit signed size.
+    let (sign, value) = match args.size.as_bytes().first() {
+        Some(b'+') => (1i128, &args.size[1..]),
+        Some(b'-') => (-1, &args.size[1..]),
+        _ => (0, args.size.as_str()),
+    };
+    let n = i128::from(option_size("size", value)?);
     let image = qcow::open(&args.file, &options)?;
     let current = image.virtual_size();
-    let new_size = if let Some(delta) = args.size.strip_prefix('+') {
-        current.saturating_add(parse_size(delta)?)
-    } else if let Some(delta) = args.size.strip_prefix('-') {
-        current.saturating_sub(parse_size(delta)?)
-    } else {
-        parse_size(&args.size)?
+    let total = match sign {
+        0 => n,
+        s => i128::from(current) + s * n,
+    };
+    let new_size = match u64::try_from(total) {
+        Ok(size) if size > 0 && i64::try_from(size).is_ok() => size,
+        _ => bail!("New image size must be positive"),
     };
     if new_size < current {
         if !args.shrink {
+            eprintln!("qcow: Use the --shrink option to perform a shrink operation.");
             eprintln!(
                 "qcow: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
             );
-            bail!("Use the --shrink option to perform a shrink operation.");
+            return Ok(ExitCode::FAILURE);
         }
         bail!("shrinking images is not supported yet");
     }
@@ -72,7 +83,8 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
             image.resize(new_size)?;
             image.close()?;
         }
-        _ => bail!("resizing is supported for qcow2 images only"),
+        Image::Qcow(_) => bail!("Image format driver does not support resize"),
+        Image::Raw(_) => bail!("resizing raw images is not supported yet"),
     }
     println!("Image resized.");
     Ok(ExitCode::SUCCESS)

@@ -316,11 +316,19 @@ fn open_backing(
 
 /// Creates a new QCOW2 image at `path` (replacing any file there), with
 /// its preallocation mode applied (an external data file must exist).
+///
+/// The options are checked first: a refused image leaves an existing file
+/// as it was. A file in use by another process is refused before it is
+/// truncated; a creation that fails after that removes the file, as
+/// qemu-img does.
 pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
+    options.validate()?;
     let file = create_file(path)?;
-    Qcow2Image::create(&file, options)?;
-    drop(file);
-    if options.preallocation != crate::Preallocation::Off {
+    let made = Qcow2Image::create(&file, options).and_then(|()| {
+        drop(file);
+        if options.preallocation == crate::Preallocation::Off {
+            return Ok(());
+        }
         let image = open(
             path,
             &OpenOptions {
@@ -334,15 +342,28 @@ pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
             image.preallocate(options.preallocation)?;
             image.close()?;
         }
-    }
-    Ok(())
+        Ok(())
+    });
+    remove_on_error(path, made)
 }
 
 /// Creates a new QCOW version 1 image at `path` (replacing any file
-/// there) of `options.size` bytes, with `options.backing_file` if set.
+/// there) of `options.size` bytes, with `options.backing_file` if set;
+/// checked, locked and cleaned up as [`create`] does.
 pub fn create_qcow(path: &Path, options: &crate::CreateOptions) -> Result<()> {
+    QcowImage::validate_create(options)?;
     let file = create_file(path)?;
-    QcowImage::create(&file, options)
+    let made = QcowImage::create(&file, options);
+    remove_on_error(path, made)
+}
+
+/// Removes the half-made file at `path` when its creation failed.
+fn remove_on_error(path: &Path, result: Result<()>) -> Result<()> {
+    if result.is_err() && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        // The creation error is the one to report.
+        let _ = std::fs::remove_file(path);
+    }
+    result
 }
 
 /// Resolves a file name stored in the image at `image`: absolute names stay,

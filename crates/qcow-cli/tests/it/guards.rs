@@ -240,3 +240,88 @@ fn the_grown_part_over_a_longer_backing_file_reads_as_zeros() {
         assert_eq!(map(&ours), map(&theirs), "{case}");
     }
 }
+
+#[test]
+fn refused_creates_leave_an_existing_file_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&good), "1M"])
+            .status
+            .success()
+    );
+    let original = std::fs::read(&good).expect("read");
+    let ours = dir.path().join("k.qcow2");
+    let theirs = dir.path().join("t.qcow2");
+    for extra in [
+        &["8E"][..],
+        &["-o", "cluster_size=3000", "1M"][..],
+        &["3P"][..],
+        &["-o", "cluster_size=512", "1T"][..],
+        &["1.5"][..],
+        &["1x"][..],
+        &["-o", "size=1.5"][..],
+        &["99999999999999999999"][..],
+    ] {
+        std::fs::write(&ours, &original).expect("copy");
+        std::fs::write(&theirs, &original).expect("copy");
+        fn args<'a>(file: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+            let mut args = vec!["create", "-q", "-f", "qcow2", p(file)];
+            // Options before the file name, sizes after it.
+            let mut at = 4;
+            for &a in extra {
+                if a.starts_with('-') && a != "--" || a.contains('=') {
+                    args.insert(at, a);
+                    at += 1;
+                } else {
+                    args.push(a);
+                }
+            }
+            args
+        }
+        let ours_args = args(&ours, extra);
+        let a = qcow(&ours_args);
+        let b = qemu_img(&args(&theirs, extra));
+        assert_eq!(a.status.code(), Some(1), "{ours_args:?}: {}", stderr(&a));
+        assert_eq!(b.status.code(), Some(1), "qemu-img {extra:?}");
+        let theirs_msg = stderr(&b).replace(p(&theirs), p(&ours));
+        assert_eq!(
+            stderr(&a),
+            theirs_msg.replace("qemu-img: ", "qcow: "),
+            "{extra:?}"
+        );
+        // qemu-img deletes or keeps the file depending on where it failed;
+        // qcow refuses before touching it.
+        assert!(
+            std::fs::read(&ours).expect("still there") == original,
+            "{extra:?}: the existing file changed"
+        );
+    }
+}
+
+#[test]
+fn create_sizes_round_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for format in ["qcow2", "qcow"] {
+        for size in ["1000", "1", "1.5k", "1.1M", "513", "0", "0x1000"] {
+            let ours = dir.path().join(format!("o.{format}"));
+            let theirs = dir.path().join(format!("t.{format}"));
+            for path in [&ours, &theirs] {
+                let _ = std::fs::remove_file(path);
+            }
+            let a = qcow(&["create", "-q", "-f", format, p(&ours), size]);
+            let b = qemu_img(&["create", "-q", "-f", format, p(&theirs), size]);
+            assert_eq!(a.status.code(), b.status.code(), "{format} {size}");
+            if b.status.success() {
+                assert_eq!(
+                    super::virtual_size(&ours),
+                    super::virtual_size(&theirs),
+                    "{format} {size}"
+                );
+            } else {
+                let expected = stderr(&b).replace(p(&theirs), p(&ours));
+                assert_eq!(stderr(&a), expected.replace("qemu-img: ", "qcow: "));
+            }
+        }
+    }
+}

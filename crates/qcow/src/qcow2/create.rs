@@ -9,7 +9,9 @@ use qcow_format::header::{
     AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, CompressionType, Encryption, Header,
     INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use qcow_format::limits::{MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS};
+use qcow_format::limits::{
+    MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
+};
 use qcow_format::table::refcount_set;
 use qcow_io::Storage;
 
@@ -94,16 +96,27 @@ impl CreateOptions {
         }
     }
 
-    fn validate(&self) -> Result<(u32, u32)> {
+    /// The virtual size the image gets: the size asked for, rounded up to
+    /// whole 512-byte sectors as qemu-img rounds it.
+    pub fn rounded_size(&self) -> u64 {
+        self.size.div_ceil(512).saturating_mul(512)
+    }
+
+    /// Checks every option and the size against the format's limits, so
+    /// that a refused image is refused before any file is touched.
+    pub fn validate(&self) -> Result<()> {
+        self.check().map(|_| ())
+    }
+
+    /// [`CreateOptions::validate`], returning the cluster and refcount
+    /// orders.
+    fn check(&self) -> Result<(u32, u32)> {
         let bad = |msg: String| Err(Error::InvalidOptions(msg));
         let cluster_bits = self.cluster_size.trailing_zeros();
         if !self.cluster_size.is_power_of_two()
             || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits)
         {
-            return bad(format!(
-                "cluster size {} must be a power of two between 512 and 2M",
-                self.cluster_size
-            ));
+            return bad("Cluster size must be a power of two between 512 and 2048k".into());
         }
         if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
             return bad(format!(
@@ -139,8 +152,23 @@ impl CreateOptions {
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return bad("backing_fmt requires backing_file".into());
         }
-        if self.size > MAX_VIRTUAL_SIZE {
-            return bad(format!("size {} is too large", self.size));
+        let too_large = || {
+            bad("The image size is too large for file format 'qcow2' (try using a larger cluster size)".into())
+        };
+        let size = self.rounded_size();
+        if size > MAX_VIRTUAL_SIZE {
+            return too_large();
+        }
+        let l2_entries = self.cluster_size / if self.extended_l2 { 16 } else { 8 };
+        if size.div_ceil(l2_entries << cluster_bits) * 8 > MAX_L1_BYTES {
+            return too_large();
+        }
+        if let Some(name) = &self.backing_file {
+            if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
+                return bad(format!(
+                    "backing file name must be 1 to {MAX_BACKING_NAME} bytes long"
+                ));
+            }
         }
         Ok((cluster_bits, refcount_order))
     }
@@ -151,16 +179,12 @@ impl Qcow2Image {
     /// Only the metadata is written: preallocation is applied by
     /// [`Qcow2Image::create_writable`] and [`crate::create`].
     pub fn create(file: &dyn Storage, options: &CreateOptions) -> Result<()> {
-        let (cluster_bits, refcount_order) = options.validate()?;
+        let (cluster_bits, refcount_order) = options.check()?;
+        let size = options.rounded_size();
         let cs = options.cluster_size;
         let l2_entries = cs / if options.extended_l2 { 16 } else { 8 };
-        let l1_size = options.size.div_ceil(l2_entries << cluster_bits);
-        if l1_size * 8 > MAX_L1_BYTES {
-            return Err(Error::InvalidOptions(format!(
-                "size {} needs an L1 table larger than {MAX_L1_BYTES} bytes",
-                options.size
-            )));
-        }
+        // Bounded by MAX_L1_BYTES (checked above).
+        let l1_size = size.div_ceil(l2_entries << cluster_bits);
         let l1_clusters = (l1_size * 8).div_ceil(cs);
         let per_block = cs * 8 / u64::from(options.refcount_bits);
         let (mut table_clusters, mut blocks) = (1u64, 1u64);
@@ -199,7 +223,7 @@ impl Qcow2Image {
         let header = Header {
             version: options.version,
             cluster_bits,
-            virtual_size: options.size,
+            virtual_size: size,
             encryption: Encryption::None,
             // Bounded by MAX_L1_BYTES above.
             l1_size: l1_size as u32,

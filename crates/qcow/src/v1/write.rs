@@ -21,16 +21,24 @@ use crate::device::BlockDevice;
 use crate::{CreateOptions, Error, Result};
 
 impl QcowImage {
-    /// Writes a new, empty version 1 image of `options.size` bytes into
-    /// `file`, with `options.backing_file` if set. Like qemu-img, images with
-    /// a backing file get 512-byte clusters (copy-on-write stays fine
-    /// grained) and 4096-entry L2 tables; others 4 KiB clusters and
-    /// 512-entry L2 tables.
-    pub fn create(file: &dyn Storage, options: &CreateOptions) -> Result<()> {
+    /// Checks the options of a new version 1 image before any file is
+    /// touched. Returns the cluster and L2 orders and the virtual size
+    /// (rounded up to whole sectors, as qemu-img rounds it).
+    pub fn validate_create(options: &CreateOptions) -> Result<()> {
+        Self::check_create(options).map(|_| ())
+    }
+
+    fn check_create(options: &CreateOptions) -> Result<(u8, u8, u64)> {
         let backing = options.backing_file.as_deref().unwrap_or("");
         if backing.len() > 1023 {
             return Err(Error::InvalidOptions(
                 "backing file name longer than 1023 bytes".into(),
+            ));
+        }
+        let size = options.rounded_size();
+        if size == 0 {
+            return Err(Error::InvalidOptions(
+                "Image size is too small, cannot be zero length".into(),
             ));
         }
         let (cluster_bits, l2_bits) = if backing.is_empty() {
@@ -39,13 +47,26 @@ impl QcowImage {
             (9, 12)
         };
         let shift = u32::from(cluster_bits) + u32::from(l2_bits);
-        let l1_size = options.size.div_ceil(1 << shift);
+        // QEMU's qcow driver keeps the L1 size in an int: past that the
+        // image it writes cannot be opened. Refuse it instead.
+        let l1_size = size.div_ceil(1 << shift);
         if l1_size * 8 > qcow_format::limits::MAX_L1_BYTES {
-            return Err(Error::InvalidOptions(format!(
-                "size {} is too large for a qcow image",
-                options.size
-            )));
+            return Err(Error::InvalidOptions(
+                "The image size is too large for file format 'qcow'".into(),
+            ));
         }
+        Ok((cluster_bits, l2_bits, size))
+    }
+
+    /// Writes a new, empty version 1 image of `options.size` bytes into
+    /// `file`, with `options.backing_file` if set. Like qemu-img, images with
+    /// a backing file get 512-byte clusters (copy-on-write stays fine
+    /// grained) and 4096-entry L2 tables; others 4 KiB clusters and
+    /// 512-entry L2 tables.
+    pub fn create(file: &dyn Storage, options: &CreateOptions) -> Result<()> {
+        let (cluster_bits, l2_bits, size) = Self::check_create(options)?;
+        let backing = options.backing_file.as_deref().unwrap_or("");
+        let l1_size = size.div_ceil(1 << (u32::from(cluster_bits) + u32::from(l2_bits)));
         let header_size = (V1_HEADER_LEN as u64 + backing.len() as u64).next_multiple_of(8);
         let header = RawHeaderV1 {
             magic: QCOW_MAGIC.into(),
@@ -58,7 +79,7 @@ impl QcowImage {
             .into(),
             backing_file_size: (backing.len() as u32).into(),
             mtime: 0.into(),
-            size: options.size.into(),
+            size: size.into(),
             cluster_bits,
             l2_bits,
             padding: 0.into(),
