@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod check;
 mod compare;
 mod convert;
 mod create;
@@ -36,6 +37,8 @@ struct Cli {
 enum Command {
     /// Show information about an image.
     Info(info::InfoArgs),
+    /// Check an image's metadata for consistency, and repair it.
+    Check(check::CheckArgs),
     /// Create a new image.
     Create(create::CreateArgs),
     /// Convert an image to another format.
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Info(args) => info::run(&args),
+        Command::Check(args) => check::run(&args),
         Command::Create(args) => create::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Map(args) => map::run(&args),

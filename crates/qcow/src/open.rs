@@ -205,12 +205,15 @@ fn open_layer(
     }
     // Only the named image is ever opened for writing.
     let writable = top && options.writable;
-    if writable && options.force_share {
+    // The file of an image opened for check's repairs is written, and
+    // locked as written, without the engine's write state.
+    let file_writable = writable || (top && options.repair);
+    if file_writable && options.force_share {
         return Err(Error::InvalidOptions(format!(
             "{name}: force-share (-U) can only be used with read-only images"
         )));
     }
-    let file = open_file(path, writable, options)?;
+    let file = open_file(path, file_writable, options)?;
     if let Ok(canonical) = path.canonicalize() {
         seen.insert(canonical);
     }
@@ -219,7 +222,8 @@ fn open_layer(
         None => probe_storage(&name, &file)?,
     };
     if options.lock {
-        lock_storage(&file, path, perms(Role::Image(format), writable, options))?;
+        let perms = perms(Role::Image(format), file_writable, options);
+        lock_storage(&file, path, perms)?;
     }
     let storage: Arc<dyn Storage> = Arc::new(file);
     let cache = options.cache_bytes;

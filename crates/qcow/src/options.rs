@@ -47,6 +47,10 @@ pub struct OpenOptions {
     /// open here (qemu-img's `-U`, `--force-share`). Only for read-only
     /// opens: what is read may be inconsistent.
     pub force_share: bool,
+    /// Open the named image's file for writing without making the image
+    /// writable through the engine, for [`crate::Qcow2Image::check`]'s
+    /// repairs: dirty and corrupt images open as they are.
+    pub repair: bool,
 }
 
 impl Default for OpenOptions {
@@ -63,6 +67,7 @@ impl Default for OpenOptions {
             sync: true,
             lock: true,
             force_share: false,
+            repair: false,
         }
     }
 }

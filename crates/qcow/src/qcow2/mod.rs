@@ -8,6 +8,7 @@
 //! modules.
 
 mod bitmaps;
+mod check;
 mod compressed_write;
 mod create;
 mod entry_seq;
@@ -15,6 +16,7 @@ mod overlap;
 mod read;
 mod rebuild;
 mod refcount;
+mod references;
 mod resize;
 mod snapshots;
 mod write;
@@ -23,6 +25,7 @@ mod zeroes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use check::{CheckReport, Repair};
 pub use create::{CreateOptions, Preallocation};
 
 use qcow_cache::TableCache;

@@ -12,26 +12,14 @@
 //! directory (QEMU's default "cached" set: snapshot L2 tables and bitmap
 //! tables are not walked).
 
-use std::mem::size_of;
 use std::sync::atomic::Ordering;
 
-use qcow_format::snapshot::RawSnapshotHeader;
 use qcow_format::table::OFFSET_MASK;
 
 use super::Qcow2Image;
 use super::refcount::Meta;
+use super::references::snapshot_table_len;
 use crate::{Error, Result};
-
-/// Bytes a snapshot table of `snapshots` takes (each entry padded to 8).
-fn snapshot_table_len(snapshots: &[qcow_format::snapshot::Snapshot]) -> u64 {
-    snapshots
-        .iter()
-        .map(|s| {
-            (size_of::<RawSnapshotHeader>() + s.extra_data.len() + s.id.len() + s.name.len())
-                .next_multiple_of(8) as u64
-        })
-        .sum()
-}
 
 /// One metadata structure: what it is, where it starts, how many bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -47,6 +35,16 @@ impl Qcow2Image {
     fn find_structure(
         &self,
         meta: &Meta,
+        found: impl FnMut(&Structure) -> bool,
+    ) -> Option<Structure> {
+        self.find_structure_in(meta.reftable_offset, &meta.reftable, found)
+    }
+
+    /// [`Qcow2Image::find_structure`] with the refcount table given.
+    fn find_structure_in(
+        &self,
+        reftable_offset: u64,
+        reftable: &[u64],
         mut found: impl FnMut(&Structure) -> bool,
     ) -> Option<Structure> {
         let cluster_size = self.header.cluster_size();
@@ -61,11 +59,7 @@ impl Qcow2Image {
                 self.l1.len() as u64 * 8,
                 "active L1 table",
             ),
-            (
-                meta.reftable_offset,
-                meta.reftable.len() as u64 * 8,
-                "refcount table",
-            ),
+            (reftable_offset, reftable.len() as u64 * 8, "refcount table"),
             (
                 self.header.snapshots_offset,
                 snapshot_table_len(&self.snapshots),
@@ -77,7 +71,7 @@ impl Qcow2Image {
                 return Some(s);
             }
         }
-        for &block in meta.reftable.iter().filter(|&&b| b != 0) {
+        for &block in reftable.iter().filter(|&&b| b != 0) {
             if let Some(s) = test(block, cluster_size, "refcount block") {
                 return Some(s);
             }
@@ -122,6 +116,33 @@ impl Qcow2Image {
         let end = start.saturating_add(len);
         self.find_structure(meta, |s| {
             s.start < end && start < s.start.saturating_add(s.len)
+        })
+        .map(|s| (s.kind, s.start))
+    }
+
+    /// The metadata structure other than an active L2 table that overlaps
+    /// `start..start + len`, for rewriting an active L2 table in place
+    /// without the allocation state (check's repairs): the refcount table
+    /// is read from disk.
+    pub(super) fn l2_rewrite_overlap(&self, start: u64, len: u64) -> Option<(&'static str, u64)> {
+        let cluster_size = self.header.cluster_size();
+        let reftable_bytes = u64::from(self.header.refcount_table_clusters) * cluster_size;
+        // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
+        let mut raw = vec![0u8; reftable_bytes as usize];
+        if self
+            .file
+            .read_at(&mut raw, self.header.refcount_table_offset)
+            .is_err()
+        {
+            return Some(("refcount table", self.header.refcount_table_offset));
+        }
+        let reftable: Vec<u64> = super::decode_be_words(&raw)
+            .into_iter()
+            .map(|e| e & OFFSET_MASK)
+            .collect();
+        let end = start.saturating_add(len);
+        self.find_structure_in(self.header.refcount_table_offset, &reftable, |s| {
+            s.kind != "active L2 table" && s.start < end && start < s.start.saturating_add(s.len)
         })
         .map(|s| (s.kind, s.start))
     }

@@ -17,114 +17,68 @@ use qcow_format::limits::MAX_REFCOUNT_TABLE_BYTES;
 use qcow_format::table::{OFFSET_MASK, OFLAG_COPIED, refcount_set};
 use qcow_io::Storage;
 
+use super::references::{Use, Visitor};
 use super::{Qcow2Image, decode_be_words};
 use crate::{Error, Result};
 
 /// Reference counts by cluster number.
 type Counts = HashMap<u64, u64>;
 
-/// Most bytes of L1 tables (active and snapshots) a rebuild reads: far more
-/// than any real image's, and a bound for crafted ones that name the same
-/// huge table from thousands of snapshots.
-const MAX_L1_BYTES_READ: u64 = 1 << 30;
+/// Counts the references of the walk; any problem stops the rebuild (a
+/// damaged image is left for `check -r all`).
+struct RebuildCounter<'a> {
+    image: &'a str,
+    cluster_bits: u32,
+    file_end: u64,
+    counts: Counts,
+}
+
+impl Visitor for RebuildCounter<'_> {
+    fn used(&mut self, offset: u64, len: u64, times: u64, what: Use) -> Result<()> {
+        let counted = !matches!(what, Use::Data { counted: false, .. } | Use::L2Table { .. });
+        if !counted || len == 0 {
+            return Ok(());
+        }
+        // Every reference must lie inside the file: a damaged entry must
+        // not make the rebuild place refcount blocks at its offset.
+        if offset.saturating_add(len) > self.file_end {
+            return Err(Error::Corrupt {
+                image: self.image.to_owned(),
+                table: "metadata",
+                offset,
+                reason: format!("a reference of {len} bytes lies past the end of the file"),
+            });
+        }
+        for c in (offset >> self.cluster_bits)..=((offset + len - 1) >> self.cluster_bits) {
+            *self.counts.entry(c).or_insert(0) += times;
+        }
+        Ok(())
+    }
+
+    fn problem(&mut self, _times: u64, message: String) -> Result<()> {
+        Err(Error::Corrupt {
+            image: self.image.to_owned(),
+            table: "metadata",
+            offset: 0,
+            reason: message,
+        })
+    }
+}
 
 impl Qcow2Image {
     /// Recomputes every refcount of a dirty image and clears its dirty bit.
     pub(super) fn rebuild_refcounts(&mut self) -> Result<()> {
-        if self.header.bitmaps().is_some() {
-            return Err(Error::Unsupported {
-                image: self.name.clone(),
-                what: "rebuilding refcounts of an image with persistent bitmaps".into(),
-            });
-        }
-        let bits = self.header.cluster_bits;
         let cs = self.header.cluster_size();
-        let file_end = self.file_len().next_multiple_of(cs);
-        let mut counts = Counts::new();
-        // Every reference must lie inside the file: a damaged entry must not
-        // make the rebuild place refcount blocks at its offset.
-        let add = |counts: &mut Counts, offset: u64, len: u64, times: u64| -> Result<()> {
-            if len == 0 {
-                return Ok(());
-            }
-            if offset.saturating_add(len) > file_end {
-                return Err(Error::Corrupt {
-                    image: self.name.clone(),
-                    table: "metadata",
-                    offset,
-                    reason: format!("a reference of {len} bytes lies past the end of the file"),
-                });
-            }
-            for c in (offset >> bits)..=((offset + len - 1) >> bits) {
-                *counts.entry(c).or_insert(0) += times;
-            }
-            Ok(())
+        let mut counter = RebuildCounter {
+            image: &self.name,
+            cluster_bits: self.header.cluster_bits,
+            file_end: self.file_len().next_multiple_of(cs),
+            counts: Counts::new(),
         };
-        add(&mut counts, 0, cs, 1)?;
-        let mut tables = vec![(self.header.l1_table_offset, self.header.l1_size)];
-        if self.header.nb_snapshots > 0 {
-            let table_len: u64 = self
-                .snapshots
-                .iter()
-                .map(|s| {
-                    (40 + s.extra_data.len() + s.id.len() + s.name.len()).next_multiple_of(8) as u64
-                })
-                .sum();
-            add(&mut counts, self.header.snapshots_offset, table_len, 1)?;
-            tables.extend(
-                self.snapshots
-                    .iter()
-                    .map(|s| (s.l1_table_offset, s.l1_size)),
-            );
-        }
-        // How many L1 entries name each L2 table: a table is read once and
-        // its clusters counted that many times, so the work is bounded by
-        // the file's size however often tables are shared.
-        let mut l2_tables: HashMap<u64, u64> = HashMap::new();
-        let mut l1_bytes_read = 0u64;
-        for (l1_offset, l1_size) in tables {
-            let len = u64::from(l1_size) * 8;
-            add(&mut counts, l1_offset, len, 1)?;
-            l1_bytes_read += len;
-            if l1_bytes_read > MAX_L1_BYTES_READ {
-                return Err(Error::Unsupported {
-                    image: self.name.clone(),
-                    what: format!(
-                        "rebuilding refcounts over more than {MAX_L1_BYTES_READ} bytes of L1 tables"
-                    ),
-                });
-            }
-            let l1 = super::read_l1(&self.name, &*self.file, l1_offset, l1_size)?;
-            for (i, &entry) in l1.iter().enumerate() {
-                if let Some(l2_offset) = self
-                    .geometry
-                    .l1_entry(i as u64, entry)
-                    .map_err(|e| Error::format(&self.name, e))?
-                {
-                    add(&mut counts, l2_offset, cs, 1)?;
-                    *l2_tables.entry(l2_offset).or_insert(0) += 1;
-                }
-            }
-        }
-        let words = self.geometry.l2_entry_words();
-        for (&l2_offset, &times) in &l2_tables {
-            let table = self.read_l2_words(l2_offset)?;
-            for (index, entry) in table.chunks(words).enumerate() {
-                let bitmap = entry.get(1).copied().unwrap_or(0);
-                // Decoding validates the entry.
-                self.geometry
-                    .l2_mapping(index as u64, entry[0], bitmap, 0)
-                    .map_err(|e| Error::format(&self.name, e))?;
-                // Clusters of an external data file are not refcounted.
-                if self.header.has_data_file() {
-                    continue;
-                }
-                if let Some((host, len)) = self.geometry.l2_host_range(entry[0]) {
-                    add(&mut counts, host, len, times)?;
-                }
-            }
-        }
-        self.write_rebuilt_refcounts(&counts)?;
+        self.walk_references(&mut counter)?;
+        let counts = counter.counts;
+        let used_end = counts.keys().max().map_or(1, |m| m + 1);
+        self.write_rebuilt_refcounts(used_end, &|c| counts.get(&c).copied().unwrap_or(0))?;
         self.fix_copied_flags(&counts)?;
         // The refcounts are consistent again: clear the dirty bit.
         self.header.incompatible_features &= !INCOMPAT_DIRTY;
@@ -157,16 +111,19 @@ impl Qcow2Image {
         Ok(decode_be_words(&bytes))
     }
 
-    /// Writes refcount blocks and a table holding `counts` (plus their own
-    /// clusters) past the last referenced cluster, then points the header
-    /// at them.
-    fn write_rebuilt_refcounts(&mut self, counts: &Counts) -> Result<()> {
+    /// Writes refcount blocks and a table holding `count(cluster)` for
+    /// every cluster below `used_end` (plus their own clusters) past the
+    /// last referenced cluster, then points the header at them.
+    pub(super) fn write_rebuilt_refcounts(
+        &mut self,
+        used_end: u64,
+        count: &dyn Fn(u64) -> u64,
+    ) -> Result<()> {
         let bits = self.header.cluster_bits;
         let cs = self.header.cluster_size();
         let order = self.header.refcount_order;
         let per_block = cs * 8 / (1u64 << order);
-        let used_end = counts.keys().max().map_or(1, |m| m + 1);
-        let start = used_end.max(self.file_len().div_ceil(cs));
+        let start = used_end.max(1).max(self.file_len().div_ceil(cs));
         let (mut table_clusters, mut blocks) = (1u64, 1u64);
         loop {
             let end = start + table_clusters + blocks;
@@ -200,7 +157,7 @@ impl Qcow2Image {
             for i in 0..per_block {
                 let c = block * per_block + i;
                 let own = u64::from(c >= table_start && c < blocks_start + blocks);
-                let n = counts.get(&c).copied().unwrap_or(0) + own;
+                let n = if c < used_end { count(c) } else { 0 } + own;
                 if n > max {
                     return Err(Error::RefcountOverflow {
                         image: self.name.clone(),

@@ -1,0 +1,189 @@
+//! `qcow check`: checks an image's metadata and repairs it, with
+//! qemu-img's output and exit codes (0 consistent, 1 check not completed,
+//! 2 corruptions, 3 leaks only, 63 no checks for this format).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use qcow::{CheckReport, Image, ImageFormat, OpenOptions, Repair};
+use serde_json::{Value, json};
+
+use crate::info::to_qemu_json;
+use crate::open::OpenFlags;
+
+/// Arguments of `qcow check`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CheckArgs {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Repair: `leaks` (leaked clusters) or `all` (everything possible).
+    #[arg(short = 'r', value_name = "leaks|all")]
+    repair: Option<String>,
+    /// Output format: human or json.
+    #[arg(long, value_name = "FMT", default_value = "human")]
+    output: String,
+    /// Quiet: print nothing on standard output.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode (accepted for compatibility with qemu-img).
+    #[arg(short = 'T', value_name = "CACHE")]
+    cache: Option<String>,
+    #[command(flatten)]
+    open: OpenFlags,
+    /// The image.
+    file: PathBuf,
+}
+
+/// Runs `qcow check`.
+pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
+    let repair = match args.repair.as_deref() {
+        None => Repair::None,
+        Some("leaks") => Repair::Leaks,
+        Some("all") => Repair::All,
+        Some(other) => {
+            bail!("Unknown option value for -r (expecting 'leaks' or 'all'): {other}")
+        }
+    };
+    let json = match args.output.as_str() {
+        "human" => false,
+        "json" => true,
+        _ => bail!("--output must be used with human or json as argument."),
+    };
+    let mut options = if args.open.untrusted {
+        OpenOptions::default()
+    } else {
+        OpenOptions::trusted()
+    };
+    options.format = args
+        .format
+        .as_deref()
+        .map(ImageFormat::from_name)
+        .transpose()?;
+    options.force_share = args.open.force_share;
+    options.repair = repair != Repair::None;
+    let image = qcow::open(&args.file, &options).map_err(|e| match e {
+        qcow::Error::InvalidOptions(m) => anyhow::anyhow!(
+            "Could not open '{}': {}",
+            args.file.display(),
+            m.rsplit(": ").next().unwrap_or(&m)
+        ),
+        other => other.into(),
+    })?;
+    let Image::Qcow2(mut image) = image else {
+        eprintln!("qcow: This image format does not support checks");
+        return Ok(ExitCode::from(63));
+    };
+    let mut log = |line: &str| eprintln!("{line}");
+    let first = match image.check(repair, &mut log) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("qcow: Check failed: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut report = first.clone();
+    if first.corruptions_fixed > 0 || first.leaks_fixed > 0 {
+        if !json && !args.quiet {
+            print!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                first.leaks_fixed, first.corruptions_fixed
+            );
+        }
+        report = match image.check(Repair::None, &mut log) {
+            Ok(report) => report,
+            Err(e) => {
+                eprintln!("qcow: Check failed: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        report.leaks_fixed = first.leaks_fixed;
+        report.corruptions_fixed = first.corruptions_fixed;
+    }
+    if !args.quiet {
+        if json {
+            let filename = args.file.display().to_string();
+            println!("{}", to_qemu_json(&json_report(&report, &filename))?);
+        } else {
+            print!("{}", human_report(&report));
+        }
+    }
+    if report.check_errors > 0 {
+        eprintln!("qcow: Check failed");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::from(if report.corruptions > 0 {
+        2
+    } else if report.leaks > 0 {
+        3
+    } else {
+        0
+    }))
+}
+
+/// The human summary qemu-img prints.
+fn human_report(r: &CheckReport) -> String {
+    let mut out = String::new();
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        out.push_str("No errors were found on the image.\n");
+    } else {
+        if r.corruptions > 0 {
+            out.push_str(&format!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                r.corruptions
+            ));
+        }
+        if r.leaks > 0 {
+            out.push_str(&format!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                r.leaks
+            ));
+        }
+        if r.check_errors > 0 {
+            out.push_str(&format!(
+                "\n{} internal errors have occurred during the check.\n",
+                r.check_errors
+            ));
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        let allocated = r.allocated_clusters as f64;
+        out.push_str(&format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+            r.allocated_clusters,
+            r.total_clusters,
+            allocated * 100.0 / r.total_clusters as f64,
+            r.fragmented_clusters as f64 * 100.0 / allocated,
+            r.compressed_clusters as f64 * 100.0 / allocated,
+        ));
+    }
+    if r.image_end_offset != 0 {
+        out.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
+    }
+    out
+}
+
+/// The JSON object qemu-img prints: its keys in the order of QEMU's
+/// dictionary (by hash), optional counts only when not zero.
+fn json_report(r: &CheckReport, filename: &str) -> Value {
+    let mut map = serde_json::Map::new();
+    let optional = |map: &mut serde_json::Map<String, Value>, key: &str, value: u64| {
+        if value != 0 {
+            map.insert(key.into(), json!(value));
+        }
+    };
+    optional(&mut map, "image-end-offset", r.image_end_offset);
+    optional(&mut map, "compressed-clusters", r.compressed_clusters);
+    optional(&mut map, "total-clusters", r.total_clusters);
+    optional(&mut map, "corruptions", r.corruptions);
+    optional(&mut map, "corruptions-fixed", r.corruptions_fixed);
+    map.insert("check-errors".into(), json!(r.check_errors));
+    optional(&mut map, "leaks", r.leaks);
+    optional(&mut map, "leaks-fixed", r.leaks_fixed);
+    optional(&mut map, "allocated-clusters", r.allocated_clusters);
+    map.insert("filename".into(), json!(filename));
+    map.insert("format".into(), json!("qcow2"));
+    optional(&mut map, "fragmented-clusters", r.fragmented_clusters);
+    Value::Object(map)
+}
