@@ -1,9 +1,15 @@
 //! `qcow map`: how each guest range is stored, in qemu-img map's shapes.
+//!
+//! The map is streamed: each run is merged with the runs that continue it
+//! as they are found and printed as soon as the next one does not, so
+//! memory stays the same whatever the image holds (a crafted image can
+//! describe billions of runs).
 
+use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use qcow::{Allocation, BlockDevice};
 
 use crate::open::{OpenFlags, open_image};
@@ -24,7 +30,7 @@ pub(crate) struct MapArgs {
 }
 
 /// One merged run of the map.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct MapEntry {
     start: u64,
     length: u64,
@@ -60,9 +66,11 @@ impl MapEntry {
         }
     }
 
-    /// Whether `next` continues this entry (same flags, contiguous offsets).
+    /// Whether `next`, which starts where this entry ends, continues it
+    /// (same flags and layer, contiguous host offsets). An empty entry
+    /// (the start of the walk) continues nothing.
     fn extends_to(&self, next: &MapEntry) -> bool {
-        self.start + self.length == next.start
+        self.length > 0
             && (
                 self.depth,
                 self.present,
@@ -77,10 +85,85 @@ impl MapEntry {
                 next.compressed,
             )
             && match (self.offset, next.offset) {
-                (Some(a), Some(b)) => a + self.length == b,
+                (Some(a), Some(b)) => a.checked_add(self.length) == Some(b),
                 (None, None) => true,
                 _ => false,
             }
+    }
+}
+
+/// Where finished entries go, in one of qemu-img map's two shapes.
+struct Printer<W: Write> {
+    out: W,
+    json: bool,
+    /// File names of the chain's layers, by depth (human output).
+    names: Vec<String>,
+}
+
+impl<W: Write> Printer<W> {
+    fn start(&mut self) -> Result<()> {
+        if self.json {
+            write!(self.out, "[")?;
+        } else {
+            writeln!(
+                self.out,
+                "{:<16}{:<16}{:<16}File",
+                "Offset", "Length", "Mapped to"
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Prints `e`, followed by `next` when there is one (which human
+    /// output may then merge more freely).
+    fn entry(&mut self, e: &MapEntry, next: Option<&mut MapEntry>) -> Result<()> {
+        if self.json {
+            write!(
+                self.out,
+                "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+                e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+            )?;
+            if let Some(offset) = e.offset {
+                write!(self.out, ", \"offset\": {offset}")?;
+            }
+            write!(self.out, "}}")?;
+            if next.is_some() {
+                writeln!(self.out, ",")?;
+            }
+            return Ok(());
+        }
+        if e.data && e.offset.is_none() {
+            bail!("File contains external, encrypted or compressed clusters.");
+        }
+        // Like qemu-img, list data that does not read as zeros.
+        if e.data && !e.zero {
+            let file = self.names.get(e.depth as usize).map_or("", String::as_str);
+            writeln!(
+                self.out,
+                "{:<16}{:<16}{:<16}{}",
+                hex(e.start),
+                hex(e.length),
+                hex(e.offset.unwrap_or(0)),
+                file
+            )?;
+        }
+        // This listing does not tell unallocated, zero and zero data
+        // apart: make them one kind so that they merge.
+        if let Some(next) = next {
+            if !next.data || next.zero {
+                next.data = false;
+                next.zero = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.json {
+            writeln!(self.out, "]")?;
+        }
+        self.out.flush()?;
+        Ok(())
     }
 }
 
@@ -92,29 +175,42 @@ pub(crate) fn run(args: &MapArgs) -> Result<ExitCode> {
         other => bail!("--output must be human or json, not {other:?}"),
     };
     let image = open_image(&args.file, args.format.as_deref(), &args.open, None, true)?;
-    let entries = collect(&image)?;
-    if json {
-        let lines: Vec<String> = entries.iter().map(json_entry).collect();
-        println!("[{}]", lines.join(",\n"));
-        return Ok(ExitCode::SUCCESS);
-    }
-    let names = chain_names(&image);
-    println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
-    // Like qemu-img, list data that does not read as zeros.
-    for e in entries.iter().filter(|e| e.data && !e.zero) {
-        let Some(offset) = e.offset else {
-            bail!("File contains external, encrypted or compressed clusters.");
-        };
-        let file = names.get(e.depth as usize).map_or("", String::as_str);
-        println!(
-            "{:<16}{:<16}{:<16}{}",
-            hex(e.start),
-            hex(e.length),
-            hex(offset),
-            file
-        );
-    }
+    let mut printer = Printer {
+        out: BufWriter::new(std::io::stdout().lock()),
+        json,
+        names: chain_names(&image),
+    };
+    let result = walk(&image, &mut printer);
+    // What was printed before a failure stays printed, as with qemu-img.
+    let flushed = printer.out.flush().context("writing the map");
+    result?;
+    flushed?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Walks the image from start to end, printing each merged entry as soon
+/// as it is complete: memory does not grow with the number of entries.
+fn walk<W: Write>(image: &dyn BlockDevice, printer: &mut Printer<W>) -> Result<()> {
+    let size = image.virtual_size();
+    printer.start()?;
+    let mut curr = MapEntry::default();
+    while curr.start + curr.length < size {
+        let pos = curr.start + curr.length;
+        let extent = image.block_status(pos, size - pos)?;
+        let len = extent.len.clamp(1, size - pos);
+        let mut next = MapEntry::from_extent(pos, len, extent.allocation);
+        if curr.extends_to(&next) {
+            curr.length += len;
+            continue;
+        }
+        if curr.length > 0 {
+            printer.entry(&curr, Some(&mut next))?;
+        }
+        curr = next;
+    }
+    // As qemu-img, an empty image still prints its one empty entry.
+    printer.entry(&curr, None)?;
+    printer.finish()
 }
 
 /// C's `%#x`: zero prints as "0".
@@ -136,31 +232,56 @@ fn chain_names(image: &dyn BlockDevice) -> Vec<String> {
     names
 }
 
-fn collect(image: &dyn BlockDevice) -> Result<Vec<MapEntry>> {
-    let size = image.virtual_size();
-    let mut entries: Vec<MapEntry> = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let extent = image.block_status(pos, size - pos)?;
-        let len = extent.len.max(1);
-        let entry = MapEntry::from_extent(pos, len, extent.allocation);
-        match entries.last_mut() {
-            Some(last) if last.extends_to(&entry) => last.length += len,
-            _ => entries.push(entry),
-        }
-        pos += len;
-    }
-    Ok(entries)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn json_entry(e: &MapEntry) -> String {
-    let mut s = format!(
-        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
-    );
-    if let Some(offset) = e.offset {
-        s.push_str(&format!(", \"offset\": {offset}"));
+    fn entry(start: u64, length: u64, allocation: Allocation) -> MapEntry {
+        MapEntry::from_extent(start, length, allocation)
     }
-    s.push('}');
-    s
+
+    fn data(offset: u64) -> Allocation {
+        Allocation::Data {
+            depth: 0,
+            offset: Some(offset),
+            compressed: false,
+            zero: false,
+        }
+    }
+
+    #[test]
+    fn contiguous_data_merges_and_a_jump_does_not() {
+        let a = entry(0, 512, data(4096));
+        assert!(a.extends_to(&entry(512, 512, data(4608))));
+        assert!(!a.extends_to(&entry(512, 512, data(8192))));
+        assert!(!MapEntry::default().extends_to(&a));
+    }
+
+    #[test]
+    fn json_entries_are_separated_by_a_comma_and_newline() {
+        let mut out = Vec::new();
+        let mut p = Printer {
+            out: &mut out,
+            json: true,
+            names: vec![],
+        };
+        p.start().unwrap();
+        let mut second = entry(
+            512,
+            512,
+            Allocation::Zero {
+                depth: 0,
+                offset: None,
+            },
+        );
+        p.entry(&entry(0, 512, data(4096)), Some(&mut second))
+            .unwrap();
+        p.entry(&second, None).unwrap();
+        p.finish().unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[{ \"start\": 0, \"length\": 512, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true, \"compressed\": false, \"offset\": 4096},\n\
+             { \"start\": 512, \"length\": 512, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false, \"compressed\": false}]\n"
+        );
+    }
 }

@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 mod check;
 mod guards;
 mod locking;
+mod map;
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
