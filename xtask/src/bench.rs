@@ -172,6 +172,10 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     }
     print_table(&results);
     let writes = run_write_jobs(&work, &qcow, size, opts.runs)?;
+    let checks = crate::bench_check::run(&work, &qcow, opts.runs)?;
+    if checks.iter().any(|c| !c.same()) {
+        bail!("some `qcow check` reports differ from qemu-img's (see the table)");
+    }
     if results.iter().any(|r| !r.same) || writes.iter().any(|r| !r.same) {
         bail!("some `qcow convert` outputs differ from their source (see the tables)");
     }
@@ -401,7 +405,7 @@ fn time_once(cmd: &mut Command) -> Result<f64> {
 }
 
 /// The median of a non-empty sample (mean of the middle two if even).
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let mid = xs.len() / 2;
     match xs.len() {

@@ -6,9 +6,11 @@
 //! * `fixtures [--check]`: regenerate `testdata/` with qemu-img and qemu-io,
 //!   or check that the committed fixtures still match their manifest;
 //! * `bench [--size-gib N] [--runs N] [--qcow PATH]`: time `qcow convert`
-//!   against `qemu-img convert` on large images.
+//!   against `qemu-img convert` on large images, then `qcow check` against
+//!   `qemu-img check`.
 
 mod bench;
+mod bench_check;
 mod fixtures;
 mod util;
 
@@ -26,7 +28,8 @@ commands:
                                    time `qcow convert -O raw` against `qemu-img convert
                                    -O raw` on N GiB images (default 1) in bench-work/,
                                    N timed runs each (default 5); builds the release
-                                   qcow-cli first unless --qcow names a binary to use
+                                   qcow-cli first unless --qcow names a binary to use;
+                                   then the write jobs and `check` beside qemu-img check
   help                             print this message";
 
 fn main() -> ExitCode {
