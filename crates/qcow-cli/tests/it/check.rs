@@ -436,3 +436,35 @@ fn formats_without_checks_exit_63() {
         );
     }
 }
+
+#[test]
+fn clean_images_of_every_kind_report_what_qemu_img_reports() {
+    // Every committed fixture (cluster sizes, compat levels, refcount
+    // widths, zstd, extended L2, data files, snapshots, bitmaps, dirty
+    // images, qcow version 1 and raw).
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for name in super::fixtures() {
+        if name == "luks.qcow2" || name == "aes.qcow2" {
+            continue;
+        }
+        for output in ["human", "json"] {
+            let a = qcow(&["check", "--output", output, &name]);
+            let b = qemu_img(&["check", "--output", output, &name]);
+            checked += 1;
+            if a.status.code() != b.status.code() || stdout(&a) != stdout(&b) {
+                failures.push(format!(
+                    "{name} ({output}): qcow exit {:?}, qemu-img exit {:?}\n--- qcow:\n{}{}--- qemu-img:\n{}{}",
+                    a.status.code(),
+                    b.status.code(),
+                    stdout(&a),
+                    stderr(&a),
+                    stdout(&b),
+                    stderr(&b)
+                ));
+            }
+        }
+    }
+    assert!(checked >= 40, "fixtures are missing");
+    assert!(failures.is_empty(), "{} differences:\n{}", failures.len(), failures.join("\n"));
+}
