@@ -334,6 +334,19 @@ impl Qcow2Image {
         self.take_clusters(meta, start, n)
     }
 
+    /// Gives back `count` clusters from host offset `host` that were just
+    /// allocated and are referenced by nothing (the write they were for
+    /// failed), so that a failure leaks nothing. Best effort: the error that
+    /// made the caller give them back is the one to report.
+    pub(super) fn give_back(&self, meta: &mut Meta, host: u64, count: u64) {
+        for i in 0..count {
+            let cluster = (host >> self.header.cluster_bits) + i;
+            if self.change_refcount(meta, cluster, -1).is_err() {
+                return;
+            }
+        }
+    }
+
     /// Allocates the first free run of clusters at or after the hint, at
     /// most `max` long (and at least one): fragmented free space is used
     /// before the file grows. Returns its host offset and length.
@@ -369,7 +382,11 @@ impl Qcow2Image {
         }
         meta.end = meta.end.max(start + n);
         for cluster in start..start + n {
-            self.change_refcount(meta, cluster, 1)?;
+            if let Err(e) = self.change_refcount(meta, cluster, 1) {
+                // A refcount block could not be made: leave nothing counted.
+                self.give_back(meta, start << self.header.cluster_bits, cluster - start);
+                return Err(e);
+            }
         }
         self.grow_file_len(meta);
         Ok(start << self.header.cluster_bits)

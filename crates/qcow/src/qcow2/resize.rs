@@ -108,26 +108,37 @@ impl Qcow2Image {
         let old_clusters = (u64::from(self.header.l1_size) * 8).div_ceil(cluster_size);
         let new_offset = {
             let mut meta = self.lock_meta()?;
-            let offset = self.alloc_clusters(&mut meta, bytes / cluster_size)?;
+            let clusters = bytes / cluster_size;
+            let offset = self.alloc_clusters(&mut meta, clusters)?;
             let table: Vec<u8> = (0..entries)
                 .flat_map(|i| self.l1_entry(i).to_be_bytes())
                 .collect();
-            self.file
-                .write_at(&table, offset)
-                .map_err(|e| Error::io(&self.name, "writing the L1 table", offset, e))?;
-            // The new table and its refcounts are on disk before the header
-            // points at them.
-            self.flush_refcounts()?;
-            self.file
-                .flush()
-                .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
             let mut fields = [0u8; 12];
             // Bounded by MAX_L1_BYTES / 8 above.
             fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
             fields[4..].copy_from_slice(&offset.to_be_bytes());
-            self.file
-                .write_at(&fields, field::L1_SIZE)
-                .map_err(|e| Error::io(&self.name, "writing the header", field::L1_SIZE, e))?;
+            // The new table and its refcounts are on disk before the header
+            // points at them.
+            let switched = self
+                .file
+                .write_at(&table, offset)
+                .map_err(|e| Error::io(&self.name, "writing the L1 table", offset, e))
+                .and_then(|()| self.flush_refcounts())
+                .and_then(|()| {
+                    self.file
+                        .flush()
+                        .map_err(|e| Error::io(&self.name, "flushing", 0, e))
+                })
+                .and_then(|()| {
+                    self.file
+                        .write_at(&fields, field::L1_SIZE)
+                        .map_err(|e| Error::io(&self.name, "writing the header", field::L1_SIZE, e))
+                });
+            if let Err(e) = switched {
+                // The header still names the old table.
+                self.give_back(&mut meta, offset, clusters);
+                return Err(e);
+            }
             for i in 0..old_clusters {
                 meta.pending_frees.push(old_offset + i * cluster_size);
             }

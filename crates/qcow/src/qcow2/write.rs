@@ -416,8 +416,12 @@ impl Qcow2Image {
         // and reloaded by then.
         drop(meta);
         drop(table);
-        self.write_data(&data[..len], host)?;
+        let written = self.write_data(&data[..len], host);
         let mut meta = self.lock_meta()?;
+        if let Err(e) = written {
+            self.give_back_data(&mut meta, host, count);
+            return Err(e);
+        }
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
         // With extended L2 every subcluster of a whole cluster is written.
         let bitmap = if self.geometry.extended_l2 {
@@ -477,7 +481,12 @@ impl Qcow2Image {
             } else {
                 self.alloc_data(&mut meta, guest, 1)?
             };
-            self.write_data(&span, target + span_start)?;
+            if let Err(e) = self.write_data(&span, target + span_start) {
+                if !owned {
+                    self.give_back_data(&mut meta, target, 1);
+                }
+                return Err(e);
+            }
             let new_bitmap = (bitmap | touched) & !(touched << 32);
             return self.set_l2_words(
                 &mut meta,
@@ -491,7 +500,10 @@ impl Qcow2Image {
         // Compressed, or shared with a snapshot: copy the whole cluster.
         let cluster = self.merged_cluster(piece, guest)?;
         let target = self.alloc_data(&mut meta, guest, 1)?;
-        self.write_data(&cluster, target)?;
+        if let Err(e) = self.write_data(&cluster, target) {
+            self.give_back_data(&mut meta, target, 1);
+            return Err(e);
+        }
         self.set_l2_words(
             &mut meta,
             l2_offset,
@@ -506,6 +518,14 @@ impl Qcow2Image {
         self.data_storage()?
             .write_at(data, host)
             .map_err(|e| Error::io(&self.name, "writing data", host, e))
+    }
+
+    /// Gives back data clusters [`Qcow2Image::alloc_data`] handed out for a
+    /// write that failed (nothing to give back in an external data file).
+    fn give_back_data(&self, meta: &mut Meta, host: u64, count: u64) {
+        if !self.header.has_data_file() {
+            self.give_back(meta, host, count);
+        }
     }
 
     /// Host space for `count` data clusters starting at guest offset
@@ -533,11 +553,17 @@ impl Qcow2Image {
         }
         let cluster_size = self.header.cluster_size();
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-        let host = self.alloc_data(&mut meta, guest, 1)?;
-        if piece.len() as u64 == cluster_size {
-            self.write_data(piece, host)?;
+        let merged;
+        let contents = if piece.len() as u64 == cluster_size {
+            piece
         } else {
-            self.write_data(&self.merged_cluster(piece, guest)?, host)?;
+            merged = self.merged_cluster(piece, guest)?;
+            &merged
+        };
+        let host = self.alloc_data(&mut meta, guest, 1)?;
+        if let Err(e) = self.write_data(contents, host) {
+            self.give_back_data(&mut meta, host, 1);
+            return Err(e);
         }
         self.set_l2_entry(&mut meta, l2_offset, &table, guest, host | OFLAG_COPIED)
     }
@@ -661,15 +687,22 @@ impl Qcow2Image {
             file: self.file.clone(),
             entry_seq: self.entry_seq.clone(),
         };
-        writer
-            .write(new_offset, &writer.encode(&new_table))
-            .map_err(|e| Error::io(&self.name, "writing an L2 table", new_offset, e))?;
-        self.flush_refcounts()?;
         let new_entry = new_offset | OFLAG_COPIED;
         let at = self.header.l1_table_offset + l1_index * 8;
-        self.file
-            .write_at(&new_entry.to_be_bytes(), at)
-            .map_err(|e| Error::io(&self.name, "writing the L1 table", at, e))?;
+        let linked = writer
+            .write(new_offset, &writer.encode(&new_table))
+            .map_err(|e| Error::io(&self.name, "writing an L2 table", new_offset, e))
+            .and_then(|()| self.flush_refcounts())
+            .and_then(|()| {
+                self.file
+                    .write_at(&new_entry.to_be_bytes(), at)
+                    .map_err(|e| Error::io(&self.name, "writing the L1 table", at, e))
+            });
+        if let Err(e) = linked {
+            // The L1 entry on disk still names the old table (or none).
+            self.give_back(meta, new_offset, 1);
+            return Err(e);
+        }
         let slot = usize::try_from(l1_index)
             .ok()
             .and_then(|i| self.l1.get(i))
