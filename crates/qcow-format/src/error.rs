@@ -169,6 +169,14 @@ pub enum FormatError {
         end: u64,
     },
     /// A known header extension has a length its type does not allow.
+    #[error("{extension} header extension: {reason}")]
+    Extension {
+        /// Which extension.
+        extension: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A header extension's length does not fit its type.
     #[error("header extension {kind:#010x} has invalid length {length}")]
     ExtensionLength {
         /// The extension type.

@@ -109,6 +109,8 @@ pub struct BitmapsExtension {
     pub directory_size: u64,
     /// Offset of the bitmap directory.
     pub directory_offset: u64,
+    /// The reserved field, which must be zero.
+    pub reserved: u32,
 }
 
 /// A decoded header extension.
@@ -324,6 +326,7 @@ fn decode(kind: u32, len: u32, data: Vec<u8>) -> Result<HeaderExtension, FormatE
                 nb_bitmaps: raw.nb_bitmaps.get(),
                 directory_size: raw.bitmap_directory_size.get(),
                 directory_offset: raw.bitmap_directory_offset.get(),
+                reserved: raw.reserved.get(),
             })
         }
         EXT_FULL_DISK_ENCRYPTION => {

@@ -496,8 +496,69 @@ impl Header {
             )?);
         }
 
+        header.validate_extensions()?;
         header.validate_tables(file_len)?;
         Ok(header)
+    }
+
+    /// Refuses the extensions QEMU refuses an image for (its
+    /// `qcow2_read_extensions`): a bitmaps extension in use with a reserved
+    /// field set, no bitmaps, too many, a misaligned or oversized
+    /// directory; an encryption header extension without LUKS encryption,
+    /// or misaligned.
+    fn validate_extensions(&self) -> Result<(), FormatError> {
+        let cluster_size = self.cluster_size();
+        if let Some(b) = self.bitmaps() {
+            let bad = |reason: String| {
+                Err(FormatError::Extension {
+                    extension: "bitmaps",
+                    reason,
+                })
+            };
+            if b.reserved != 0 {
+                return bad("reserved field is not zero".into());
+            }
+            if b.nb_bitmaps > crate::limits::MAX_BITMAPS {
+                return bad(format!(
+                    "{} bitmaps exceed the maximum of {}",
+                    b.nb_bitmaps,
+                    crate::limits::MAX_BITMAPS
+                ));
+            }
+            if b.nb_bitmaps == 0 {
+                return bad("no bitmaps".into());
+            }
+            if b.directory_offset % cluster_size != 0 {
+                return bad(format!(
+                    "bitmap directory offset {:#x} is not cluster aligned",
+                    b.directory_offset
+                ));
+            }
+            if b.directory_size > crate::limits::MAX_BITMAP_DIRECTORY_BYTES {
+                return bad(format!(
+                    "bitmap directory size {} exceeds {}",
+                    b.directory_size,
+                    crate::limits::MAX_BITMAP_DIRECTORY_BYTES
+                ));
+            }
+        }
+        for e in &self.extensions {
+            if let HeaderExtension::FullDiskEncryption { offset, .. } = e {
+                let bad = |reason: String| {
+                    Err(FormatError::Extension {
+                        extension: "encryption header",
+                        reason,
+                    })
+                };
+                if self.encryption != Encryption::Luks {
+                    return bad("only expected with LUKS encryption".into());
+                }
+                if offset % cluster_size != 0 {
+                    return bad(format!("offset {offset:#x} is not cluster aligned"));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate_tables(&self, file_len: u64) -> Result<(), FormatError> {

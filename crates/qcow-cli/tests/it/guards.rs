@@ -325,3 +325,82 @@ fn create_sizes_round_like_qemu_img() {
         }
     }
 }
+
+/// Offset of the data of the first header extension of type `magic`.
+fn extension_data(bytes: &[u8], magic: u32) -> usize {
+    let header_len = u32::from_be_bytes(bytes[100..104].try_into().expect("4 bytes")) as usize;
+    let mut at = header_len;
+    loop {
+        let kind = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
+        assert!(kind != 0, "extension {magic:#x} not found");
+        if kind == magic {
+            return at + 8;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+#[test]
+fn header_extensions_qemu_refuses_are_refused() {
+    const BITMAPS: u32 = 0x2385_2875;
+    const FEATURES: u32 = 0x6803_f857;
+    const CRYPTO: u32 = 0x0537_be77;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: Vec<(&str, fn(&mut Vec<u8>))> = vec![
+        ("bitmaps reserved field", |b| {
+            let at = extension_data(b, BITMAPS);
+            b[at + 4..at + 8].copy_from_slice(&1u32.to_be_bytes());
+        }),
+        ("no bitmaps", |b| {
+            let at = extension_data(b, BITMAPS);
+            b[at..at + 4].copy_from_slice(&0u32.to_be_bytes());
+        }),
+        ("too many bitmaps", |b| {
+            let at = extension_data(b, BITMAPS);
+            b[at..at + 4].copy_from_slice(&70_000u32.to_be_bytes());
+        }),
+        ("misaligned directory", |b| {
+            let at = extension_data(b, BITMAPS) + 16;
+            let offset = u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
+            b[at..at + 8].copy_from_slice(&(offset + 512).to_be_bytes());
+        }),
+        ("oversized directory", |b| {
+            let at = extension_data(b, BITMAPS) + 8;
+            b[at..at + 8].copy_from_slice(&(128u64 << 20).to_be_bytes());
+        }),
+        ("bitmaps not in use (autoclear bit clear)", |b| {
+            let at = extension_data(b, BITMAPS);
+            b[at + 4..at + 8].copy_from_slice(&1u32.to_be_bytes());
+            let autoclear = field::AUTOCLEAR_FEATURES as usize;
+            b[autoclear + 7] &= !1;
+        }),
+        ("encryption header without encryption", |b| {
+            let at = extension_data(b, FEATURES) - 8;
+            b[at..at + 4].copy_from_slice(&CRYPTO.to_be_bytes());
+        }),
+    ];
+    for (name, damage) in cases {
+        let path = dir.path().join("ext.qcow2");
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", p(&path), "64M"])
+                .status
+                .success()
+        );
+        let added = qemu_img(&["bitmap", "--add", p(&path), "b0"]);
+        assert!(added.status.success(), "{}", stderr(&added));
+        let mut bytes = std::fs::read(&path).expect("read");
+        damage(&mut bytes);
+        std::fs::write(&path, &bytes).expect("write");
+        let theirs = qemu_img(&["info", p(&path)]);
+        let ours = qcow(&["info", p(&path)]);
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{name}: qcow {}, qemu-img {}",
+            stderr(&ours),
+            stderr(&theirs)
+        );
+    }
+}
