@@ -347,7 +347,8 @@ fn header_extensions_qemu_refuses_are_refused() {
     const FEATURES: u32 = 0x6803_f857;
     const CRYPTO: u32 = 0x0537_be77;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: Vec<(&str, fn(&mut Vec<u8>))> = vec![
+    type Poke = fn(&mut Vec<u8>);
+    let cases: Vec<(&str, Poke)> = vec![
         ("bitmaps reserved field", |b| {
             let at = extension_data(b, BITMAPS);
             b[at + 4..at + 8].copy_from_slice(&1u32.to_be_bytes());
