@@ -466,5 +466,10 @@ fn clean_images_of_every_kind_report_what_qemu_img_reports() {
         }
     }
     assert!(checked >= 40, "fixtures are missing");
-    assert!(failures.is_empty(), "{} differences:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} differences:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
