@@ -1,6 +1,7 @@
 //! Writing a QCOW2 image: in-place overwrites of clusters the image owns
-//! alone, copy-on-write allocation for everything else, preallocation, and
-//! flushing metadata in dependency order.
+//! alone, and copy-on-write allocation for everything else (preallocation
+//! is in [`preallocate`](super::preallocate), flushing and closing in
+//! [`flush`](super::flush)).
 //!
 //! Overwrites of a cluster whose L2 entry carries `OFLAG_COPIED` (refcount
 //! one) go straight to the data file with no lock. Everything that
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use qcow_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use qcow_cache::{Flush, TableCache, WriteBack};
+use qcow_cache::{TableCache, WriteBack};
 use qcow_format::table::{L2Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use qcow_io::Storage;
 
@@ -27,17 +28,17 @@ use crate::device::BlockDevice;
 use crate::{Error, Result};
 
 /// Extended L2 bitmap: every subcluster allocated.
-const ALL_ALLOCATED: u64 = 0xffff_ffff;
+pub(super) const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Extended L2 bitmap: every subcluster reads as zeros.
 pub(super) const ALL_ZERO: u64 = 0xffff_ffff << 32;
 
 /// The state a writable image adds.
 #[derive(Debug)]
 pub(crate) struct WriteState {
-    meta: Mutex<Meta>,
+    pub(super) meta: Mutex<Meta>,
     pub(super) refcounts: Arc<TableCache<RefBlock>>,
     /// The incompatible feature bits as on disk (dirty and corrupt change).
-    incompatible: AtomicU64,
+    pub(super) incompatible: AtomicU64,
     /// Serialises changes of the feature bits (readers use the atomic).
     header_lock: Mutex<()>,
     /// Held shared by lock-free data I/O (in-place writes, and reads of a
@@ -168,7 +169,7 @@ impl Qcow2Image {
     /// Rewrites the incompatible feature bits in the header (version 3) as
     /// `change` makes them from the current ones. Changes are serialised,
     /// and the new bits are visible to other threads only once on disk.
-    fn update_incompatible(&self, change: impl FnOnce(u64) -> u64) -> Result<()> {
+    pub(super) fn update_incompatible(&self, change: impl FnOnce(u64) -> u64) -> Result<()> {
         let ws = self.write_state()?;
         if self.header.version < 3 {
             return Ok(());
@@ -532,7 +533,7 @@ impl Qcow2Image {
     /// `guest`: new clusters of the image file, or, with an external data
     /// file, the same offsets there (QEMU maps data files one to one, which
     /// keeps a raw data file valid; they are not refcounted).
-    fn alloc_data(&self, meta: &mut Meta, guest: u64, count: u64) -> Result<u64> {
+    pub(super) fn alloc_data(&self, meta: &mut Meta, guest: u64, count: u64) -> Result<u64> {
         if self.header.has_data_file() {
             self.data_storage()?;
             return Ok(guest - self.geometry.in_cluster(guest));
@@ -721,118 +722,5 @@ impl Qcow2Image {
             .insert_clean(new_offset, new_table)
             .map_err(|e| Error::io(&self.name, "caching an L2 table", new_offset, e))?;
         Ok((new_offset, table))
-    }
-
-    /// Allocates every cluster of the disk, as qemu-img's `preallocation`
-    /// does: L2 tables and data clusters (`metadata`), with the file's space
-    /// reserved (`falloc`) or written with zeros (`full`).
-    pub fn preallocate(&self, mode: super::Preallocation) -> Result<()> {
-        use super::Preallocation;
-        if mode == Preallocation::Off {
-            return Ok(());
-        }
-        let mut meta = self.lock_meta()?;
-        let cluster_size = self.header.cluster_size();
-        let entries = self.header.l2_entries();
-        let bitmap = if self.geometry.extended_l2 {
-            ALL_ALLOCATED
-        } else {
-            0
-        };
-        let mut guest = 0;
-        while guest < self.virtual_size {
-            let left = (self.virtual_size - guest).div_ceil(cluster_size);
-            let n = (entries - (guest >> self.header.cluster_bits) % entries).min(left);
-            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-            let host = self.alloc_data(&mut meta, guest, n)?;
-            for i in 0..n {
-                let entry = (host + i * cluster_size) | OFLAG_COPIED;
-                let at = guest + i * cluster_size;
-                self.set_l2_words(&mut meta, l2_offset, &table, at, entry, bitmap)?;
-            }
-            let data = self.data_storage()?;
-            let bytes = n * cluster_size;
-            let io = |e| Error::io(&self.name, "preallocating", host, e);
-            match mode {
-                Preallocation::Falloc => data.allocate(host, bytes).map_err(io)?,
-                Preallocation::Full => data.write_zeroes(host, bytes).map_err(io)?,
-                _ => {}
-            }
-            guest += bytes;
-        }
-        // The file covers every cluster, allocated on disk or not.
-        let end = meta.end << self.header.cluster_bits;
-        if self
-            .file
-            .len()
-            .map_err(|e| Error::io(&self.name, "sizing", 0, e))?
-            < end
-        {
-            self.file
-                .set_len(end)
-                .map_err(|e| Error::io(&self.name, "sizing the image", end, e))?;
-        }
-        drop(meta);
-        self.flush()
-    }
-
-    /// Makes everything written so far durable: refcounts, then L2 tables,
-    /// then the release of clusters they stopped using, then the file.
-    pub fn flush(&self) -> Result<()> {
-        let Some(ws) = &self.writer else {
-            return Ok(());
-        };
-        let mut meta = ws.meta.lock().unwrap_or_else(PoisonError::into_inner);
-        // Data first (an external data file), then the metadata using it.
-        if let (true, Some(data)) = (self.header.has_data_file(), &self.data) {
-            data.flush()
-                .map_err(|e| Error::io(&self.name, "flushing the data file", 0, e))?;
-        }
-        self.flush_refcounts()?;
-        self.l2_cache
-            .flush()
-            .map_err(|e| Error::io(&self.name, "writing L2 tables", 0, e))?;
-        self.file
-            .flush()
-            .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
-        if !meta.pending_frees.is_empty() {
-            self.release_pending(&mut meta)?;
-            self.flush_refcounts()?;
-            self.file
-                .flush()
-                .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
-        }
-        Ok(())
-    }
-
-    /// Flushes and closes the image, clearing the dirty bit of a lazy
-    /// refcounts image, and reports any error (dropping the image does the
-    /// same, but cannot report).
-    pub fn close(self) -> Result<()> {
-        self.shut_down()
-    }
-
-    fn shut_down(&self) -> Result<()> {
-        let Some(ws) = &self.writer else {
-            return Ok(());
-        };
-        self.flush()?;
-        if ws.incompatible.load(Ordering::Acquire) & INCOMPAT_DIRTY != 0 {
-            self.update_incompatible(|bits| {
-                if bits & INCOMPAT_CORRUPT == 0 {
-                    bits & !INCOMPAT_DIRTY
-                } else {
-                    bits
-                }
-            })?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Qcow2Image {
-    fn drop(&mut self) {
-        // Best effort: an error here has nowhere to go; close() reports it.
-        let _ = self.shut_down();
     }
 }

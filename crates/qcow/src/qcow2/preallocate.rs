@@ -1,0 +1,65 @@
+//! Preallocation (qemu-img's `preallocation` option): every cluster of the
+//! disk allocated up front, with L2 tables and data clusters (`metadata`),
+//! the file's space reserved (`falloc`) or written with zeros (`full`).
+
+use qcow_format::table::OFLAG_COPIED;
+use qcow_io::Storage;
+
+use super::Qcow2Image;
+use super::write::ALL_ALLOCATED;
+use crate::{Error, Result};
+
+impl Qcow2Image {
+    /// Allocates every cluster of the disk, as qemu-img's `preallocation`
+    /// does: L2 tables and data clusters (`metadata`), with the file's space
+    /// reserved (`falloc`) or written with zeros (`full`).
+    pub fn preallocate(&self, mode: super::Preallocation) -> Result<()> {
+        use super::Preallocation;
+        if mode == Preallocation::Off {
+            return Ok(());
+        }
+        let mut meta = self.lock_meta()?;
+        let cluster_size = self.header.cluster_size();
+        let entries = self.header.l2_entries();
+        let bitmap = if self.geometry.extended_l2 {
+            ALL_ALLOCATED
+        } else {
+            0
+        };
+        let mut guest = 0;
+        while guest < self.virtual_size {
+            let left = (self.virtual_size - guest).div_ceil(cluster_size);
+            let n = (entries - (guest >> self.header.cluster_bits) % entries).min(left);
+            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+            let host = self.alloc_data(&mut meta, guest, n)?;
+            for i in 0..n {
+                let entry = (host + i * cluster_size) | OFLAG_COPIED;
+                let at = guest + i * cluster_size;
+                self.set_l2_words(&mut meta, l2_offset, &table, at, entry, bitmap)?;
+            }
+            let data = self.data_storage()?;
+            let bytes = n * cluster_size;
+            let io = |e| Error::io(&self.name, "preallocating", host, e);
+            match mode {
+                Preallocation::Falloc => data.allocate(host, bytes).map_err(io)?,
+                Preallocation::Full => data.write_zeroes(host, bytes).map_err(io)?,
+                _ => {}
+            }
+            guest += bytes;
+        }
+        // The file covers every cluster, allocated on disk or not.
+        let end = meta.end << self.header.cluster_bits;
+        if self
+            .file
+            .len()
+            .map_err(|e| Error::io(&self.name, "sizing", 0, e))?
+            < end
+        {
+            self.file
+                .set_len(end)
+                .map_err(|e| Error::io(&self.name, "sizing the image", end, e))?;
+        }
+        drop(meta);
+        self.flush()
+    }
+}
