@@ -7,16 +7,18 @@
 //! real bugs:
 //! - it uses nothing but `std`, `qcow`, `qcow_format` and `qcow_io`;
 //! - it never allocates by a size read from the input: every buffer it
-//!   makes has a fixed size, and all reads are capped ([`MAX_READ_BYTES`] in
-//!   all per image layer), whatever the virtual size says;
+//!   makes has a size bounded by its own constants, and all reads are capped
+//!   ([`MAX_READ_BYTES`] in all per image layer), whatever the virtual size
+//!   says;
 //! - it panics only through the library, or through an assertion of a
 //!   documented guarantee of the library (a returned extent is never empty,
 //!   a parsed header's tables lie inside the file, a range reported as
-//!   zeros reads as zeros, ...). Every panic is therefore a bug to report.
+//!   zeros reads as zeros, what was written to an image that passes
+//!   `check` reads back, ...). Every panic is therefore a bug to report.
 
 use std::sync::Arc;
 
-use qcow::{Allocation, BlockDevice, Qcow2Image, QcowImage};
+use qcow::{Allocation, BlockDevice, Qcow2Image, QcowImage, Repair};
 use qcow_format::bitmap::parse_directory;
 use qcow_format::extension::parse_extensions;
 use qcow_format::header::{Header, header_cluster_size};
@@ -410,11 +412,269 @@ const MAX_WRITE: u64 = 64 * 1024;
 /// Bytes at the end of an [`ops`] input that choose the operations.
 const SCRIPT_BYTES: usize = MAX_OPS * 10;
 
+/// Bytes around each range [`ops`] changes that its model watches too:
+/// nothing outside the range may change.
+const MODEL_MARGIN: u64 = 4096;
+
+/// Bytes [`ops`] reads at a time when it fills and checks its model.
+const MODEL_CHUNK: u64 = 4096;
+
+/// Where a chunk does not read, [`ops`] reads it again sector by sector
+/// (a sector lies in one cluster), so that one unreadable cluster hides
+/// no more than itself. Windows start and end on sector boundaries.
+const SECTOR: u64 = 512;
+
+/// One operation of an [`ops`] script.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Write {
+        offset: u64,
+        len: u64,
+        fill: u8,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    /// One whole cluster at `offset` (aligned), `len` bytes of it inside
+    /// the disk.
+    Compressed {
+        offset: u64,
+        len: u64,
+        fill: u8,
+    },
+}
+
+impl Op {
+    /// The operations `script` chooses on a disk of `size` bytes (not 0)
+    /// with clusters of `cluster` bytes.
+    fn parse(script: &[u8], size: u64, cluster: u64) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for op in script.chunks(10).take(MAX_OPS) {
+            let mut word = [0u8; 8];
+            word[..op.len().min(8)].copy_from_slice(&op[..op.len().min(8)]);
+            let offset = u64::from_le_bytes(word) % size;
+            let len = (u64::from(op.get(8).copied().unwrap_or(1)) * 257 + 1)
+                .min(MAX_WRITE)
+                .min(size - offset);
+            let fill = op.get(9).copied().unwrap_or(0);
+            ops.push(match op.first().copied().unwrap_or(0) % 5 {
+                0 | 1 => Op::Write { offset, len, fill },
+                2 => Op::Zeroes {
+                    offset,
+                    len,
+                    unmap: fill % 2 == 0,
+                },
+                3 => Op::Discard { offset, len },
+                _ => {
+                    if cluster > MAX_WRITE {
+                        continue;
+                    }
+                    let at = offset - offset % cluster;
+                    Op::Compressed {
+                        offset: at,
+                        len: cluster.min(size - at),
+                        fill,
+                    }
+                }
+            });
+        }
+        ops
+    }
+
+    /// The guest range the operation may change.
+    fn range(self) -> (u64, u64) {
+        match self {
+            Op::Write { offset, len, .. }
+            | Op::Zeroes { offset, len, .. }
+            | Op::Discard { offset, len }
+            | Op::Compressed { offset, len, .. } => (offset, len),
+        }
+    }
+}
+
+/// What a byte of the disk may read as, in [`ops`]'s model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Unknown: it did not read before the operations.
+    Any,
+    /// Exactly this value.
+    Is(u8),
+    /// This value or zero: it was discarded.
+    IsOrZero(u8),
+}
+
+impl Expect {
+    fn allows(self, byte: u8) -> bool {
+        match self {
+            Expect::Any => true,
+            Expect::Is(v) => byte == v,
+            Expect::IsOrZero(v) => byte == v || byte == 0,
+        }
+    }
+}
+
+/// The expected contents of the parts of a disk that [`ops`] changes (and
+/// a margin around each): disjoint windows, sorted, one [`Expect`] a byte.
+/// Its size is bounded by the script ([`MAX_OPS`] ranges of at most
+/// [`MAX_WRITE`] bytes), never by the image.
+#[derive(Debug)]
+struct Model {
+    windows: Vec<(u64, Vec<Expect>)>,
+}
+
+impl Model {
+    /// The model of `dev` around `ops`, filled with what it reads now.
+    fn new(dev: &dyn BlockDevice, ops: &[Op]) -> Model {
+        let size = dev.virtual_size();
+        let mut ranges: Vec<(u64, u64)> = ops
+            .iter()
+            .map(|op| {
+                let (offset, len) = op.range();
+                let start = offset.saturating_sub(MODEL_MARGIN);
+                let end = (offset + len).saturating_add(MODEL_MARGIN);
+                (
+                    start - start % SECTOR,
+                    end.checked_next_multiple_of(SECTOR)
+                        .unwrap_or(end)
+                        .min(size),
+                )
+            })
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        let mut buf = [0u8; MODEL_CHUNK as usize];
+        let windows = merged
+            .into_iter()
+            .map(|(start, end)| {
+                // end - start <= MAX_OPS * (MAX_WRITE + 2 * MODEL_MARGIN + 2 * SECTOR).
+                let mut bytes = vec![Expect::Any; (end - start) as usize];
+                for (i, expect) in bytes.chunks_mut(MODEL_CHUNK as usize).enumerate() {
+                    let at = start + i as u64 * MODEL_CHUNK;
+                    read_sectors(dev, at, &mut buf[..expect.len()], |j, read| {
+                        if let Some(byte) = read {
+                            expect[j] = Expect::Is(byte);
+                        }
+                    });
+                }
+                (start, bytes)
+            })
+            .collect();
+        Model { windows }
+    }
+
+    /// The model's bytes for a range an operation changes.
+    fn span(&mut self, offset: u64, len: u64) -> &mut [Expect] {
+        let (start, bytes) = self
+            .windows
+            .iter_mut()
+            .find(|(start, bytes)| *start <= offset && offset - *start < bytes.len() as u64)
+            .expect("every operation's range lies in one window");
+        // Inside the window, which is in memory.
+        let from = (offset - *start) as usize;
+        &mut bytes[from..from + len as usize]
+    }
+
+    /// Records the effect of `op`, which succeeded.
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Write { offset, len, fill } | Op::Compressed { offset, len, fill } => {
+                self.span(offset, len).fill(Expect::Is(fill));
+            }
+            Op::Zeroes { offset, len, .. } => self.span(offset, len).fill(Expect::Is(0)),
+            Op::Discard { offset, len } => {
+                for byte in self.span(offset, len) {
+                    if let Expect::Is(v) = *byte {
+                        *byte = Expect::IsOrZero(v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads every window back from `dev` and panics at the first byte the
+    /// model does not allow, or that does not read although it was known
+    /// (it read before, or an operation on it succeeded).
+    fn check(&self, dev: &dyn BlockDevice, when: &str) {
+        let mut buf = [0u8; MODEL_CHUNK as usize];
+        for (start, bytes) in &self.windows {
+            for (i, expected) in bytes.chunks(MODEL_CHUNK as usize).enumerate() {
+                let at = start + i as u64 * MODEL_CHUNK;
+                read_sectors(dev, at, &mut buf[..expected.len()], |j, read| {
+                    let byte = at + j as u64;
+                    match read {
+                        Some(got) => assert!(
+                            expected[j].allows(got),
+                            "{when}: guest byte {byte} reads {got:#04x}, expected {:?}",
+                            expected[j]
+                        ),
+                        None => assert!(
+                            expected[j] == Expect::Any,
+                            "{when}: guest byte {byte} does not read, expected {:?}",
+                            expected[j]
+                        ),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Reads `buf.len()` bytes of `dev` at `at` (a sector boundary) and hands
+/// each byte to `each` with its index: `None` for the bytes of sectors that
+/// do not read.
+fn read_sectors(
+    dev: &dyn BlockDevice,
+    at: u64,
+    buf: &mut [u8],
+    mut each: impl FnMut(usize, Option<u8>),
+) {
+    if dev.read_at(buf, at).is_ok() {
+        for (j, &byte) in buf.iter().enumerate() {
+            each(j, Some(byte));
+        }
+        return;
+    }
+    for (k, sector) in buf.chunks_mut(SECTOR as usize).enumerate() {
+        let base = k * SECTOR as usize;
+        let ok = dev.read_at(sector, at + base as u64).is_ok();
+        for (j, &byte) in sector.iter().enumerate() {
+            each(base + j, ok.then_some(byte));
+        }
+    }
+}
+
+/// Whether the image in `bytes` passes `check` with no corruption (leaks
+/// are fine): only then do its refcounts say truly which clusters are free
+/// and which are shared, so that writes cannot land on data in use.
+fn consistent(bytes: Vec<u8>) -> bool {
+    let storage = Arc::new(MemStorage::from_bytes(bytes));
+    Qcow2Image::open("fuzz.qcow2", storage, Some(CACHE_BYTES))
+        .and_then(|mut image| image.check(Repair::None, &mut |_| {}))
+        .is_ok_and(|report| report.corruptions == 0 && report.check_errors == 0)
+}
+
 /// Opens `data` as a writable qcow2 image in memory (all but the last
 /// [`SCRIPT_BYTES`] bytes are the image; those drive the operations) and
 /// runs writes, zero writes, discards, compressed writes and flushes at
-/// offsets the input chooses, then reads back what it wrote. Errors are
-/// fine; panics, hangs and unbounded allocations are bugs.
+/// offsets the input chooses. When the image was consistent (see
+/// [`consistent`]) and every operation succeeded, what the changed ranges
+/// and a margin around them read back must match a model of the disk:
+/// written bytes, zeros where zeros were written, the old bytes or zeros
+/// where a range was discarded, the old bytes elsewhere; and the same once
+/// the image is closed and opened again. Errors are fine (the model is
+/// then not checked); panics, hangs and unbounded allocations are bugs.
 pub fn ops(data: &[u8]) {
     let split = data.len().saturating_sub(SCRIPT_BYTES);
     let (image_bytes, script) = data.split_at(split);
@@ -427,47 +687,42 @@ pub fn ops(data: &[u8]) {
     if size == 0 {
         return;
     }
-    // Bound the memory the image may grow to: writes allocate clusters.
+    // As opened for writing: a dirty image's refcounts are rebuilt by now.
+    let checked = consistent(storage.to_bytes());
     let cluster = image.header().cluster_size();
-    let mut written: Vec<(u64, Vec<u8>)> = Vec::new();
-    for op in script.chunks(10).take(MAX_OPS) {
-        let mut word = [0u8; 8];
-        word[..op.len().min(8)].copy_from_slice(&op[..op.len().min(8)]);
-        let offset = u64::from_le_bytes(word) % size;
-        let len = (u64::from(op.get(8).copied().unwrap_or(1)) * 257 + 1)
-            .min(MAX_WRITE)
-            .min(size - offset);
-        let fill = op.get(9).copied().unwrap_or(0);
-        let buf = vec![fill; len as usize];
-        match op.first().copied().unwrap_or(0) % 5 {
-            0 | 1 => {
-                if image.write_at(&buf, offset).is_ok() {
-                    written.push((offset, buf));
-                }
+    let script = Op::parse(script, size, cluster);
+    let mut model = Model::new(&image, &script);
+    let mut all_ok = true;
+    for &op in &script {
+        let result = match op {
+            Op::Write { offset, len, fill } => image.write_at(&vec![fill; len as usize], offset),
+            Op::Zeroes { offset, len, unmap } => image.write_zeroes(offset, len, unmap),
+            Op::Discard { offset, len } => image.discard(offset, len),
+            Op::Compressed { offset, fill, .. } => {
+                image.write_compressed_cluster(&vec![fill; cluster as usize], offset)
             }
-            2 => {
-                let _ = image.write_zeroes(offset, len, fill % 2 == 0);
-            }
-            3 => {
-                let _ = image.discard(offset, len);
-            }
-            _ => {
-                if cluster <= MAX_WRITE {
-                    let at = offset - offset % cluster;
-                    let _ = image.write_compressed_cluster(&vec![fill; cluster as usize], at);
-                }
-            }
+        };
+        match result {
+            Ok(()) => model.apply(op),
+            // A failed operation may have changed part of its range.
+            Err(_) => all_ok = false,
         }
+        // Bound the memory the image may grow to: writes allocate clusters.
         if storage.len().unwrap_or(0) > 64 << 20 {
+            all_ok = false;
             break;
         }
     }
-    let _ = image.flush();
-    // The last write to each place reads back, unless a later operation
-    // failed half-way (then anything is allowed, but no panic).
-    if let Some((offset, buf)) = written.last() {
-        let mut back = vec![0u8; buf.len()];
-        let _ = image.read_at(&mut back, *offset);
+    all_ok &= image.flush().is_ok();
+    // On a damaged image a write may land on data in use: what it does to
+    // other ranges is not modelled, only that nothing panics.
+    let all_ok = all_ok && checked;
+    if all_ok {
+        model.check(&image, "after the operations");
     }
-    let _ = image.close();
+    if image.close().is_ok() && all_ok {
+        if let Ok(reopened) = Qcow2Image::open("fuzz.qcow2", storage, Some(CACHE_BYTES)) {
+            model.check(&reopened, "reopened");
+        }
+    }
 }
