@@ -5,7 +5,7 @@
 use qcow_format::table::OFLAG_COMPRESSED;
 
 use super::Qcow2Image;
-use super::refcount::Meta;
+use super::allocator::Allocation;
 use crate::{Error, Result};
 
 impl Qcow2Image {
@@ -132,7 +132,7 @@ impl Qcow2Image {
     /// Reserves `len` bytes for compressed data, continuing the cluster the
     /// previous compressed cluster ended in when it fits (each cluster
     /// touched gains one reference).
-    fn alloc_bytes(&self, meta: &mut Meta, len: u64) -> Result<u64> {
+    fn alloc_bytes(&self, meta: &mut Allocation<'_>, len: u64) -> Result<u64> {
         let bits = self.header.cluster_bits;
         let cluster_size = self.header.cluster_size();
         let cursor = meta.compressed_cursor;
@@ -144,7 +144,7 @@ impl Qcow2Image {
         };
         let start = if fits {
             let first = cursor >> bits;
-            match self.change_refcount(meta, first, 1) {
+            match meta.change_refcount(first, 1) {
                 Ok(_) => {}
                 // Narrow refcounts fill up: start a new cluster, as QEMU does.
                 Err(Error::RefcountOverflow { .. }) => return self.alloc_fresh_bytes(meta, len),
@@ -152,7 +152,7 @@ impl Qcow2Image {
             }
             let last = (cursor + len - 1) >> bits;
             if last > first {
-                let next = self.alloc_clusters(meta, last - first)?;
+                let next = meta.clusters(last - first)?;
                 if next >> bits != first + 1 {
                     // Someone took the next cluster: undo and start afresh.
                     for c in 0..(last - first) {
@@ -170,9 +170,9 @@ impl Qcow2Image {
         Ok(start)
     }
 
-    fn alloc_fresh_bytes(&self, meta: &mut Meta, len: u64) -> Result<u64> {
+    fn alloc_fresh_bytes(&self, meta: &mut Allocation<'_>, len: u64) -> Result<u64> {
         let clusters = len.div_ceil(self.header.cluster_size());
-        let start = self.alloc_clusters(meta, clusters)?;
+        let start = meta.clusters(clusters)?;
         meta.compressed_cursor = start + len;
         Ok(start)
     }

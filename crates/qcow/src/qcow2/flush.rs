@@ -3,7 +3,6 @@
 //! released only after that, and closing clears the dirty bit of a lazy
 //! refcounts image.
 
-use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 
 use qcow_cache::Flush;
@@ -20,7 +19,7 @@ impl Qcow2Image {
         let Some(ws) = &self.writer else {
             return Ok(());
         };
-        let mut meta = ws.meta.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut meta = ws.allocator.lock(self);
         // Data first (an external data file), then the metadata using it.
         if let (true, Some(data)) = (self.header.has_data_file(), &self.data) {
             data.flush()
@@ -34,7 +33,7 @@ impl Qcow2Image {
             .flush()
             .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
         if !meta.pending_frees.is_empty() {
-            self.release_pending(&mut meta)?;
+            meta.release_pending()?;
             self.flush_refcounts()?;
             self.file
                 .flush()

@@ -2,11 +2,16 @@
 //! keeps. Reading lives in [`read`](self::read), writing in
 //! [`write`](self::write) (compressed clusters in
 //! [`compressed_write`](self::compressed_write), zeroing in
-//! [`zeroes`](self::zeroes)) over the allocator in
-//! [`refcount`](self::refcount),
-//! creation in [`create`](self::create), snapshots and bitmaps in their own
-//! modules.
+//! [`zeroes`](self::zeroes), preallocation in
+//! [`preallocate`](self::preallocate), flushing in [`flush`](self::flush))
+//! over the [`allocator`](self::allocator) with its metadata
+//! [`overlap`](self::overlap) guard; creation in [`create`](self::create),
+//! growing in [`resize`](self::resize). One walk of every reference
+//! ([`references`](self::references)) serves [`check`](self::check) and
+//! the refcount [`rebuild`](self::rebuild). Snapshots and bitmaps have
+//! their own modules.
 
+mod allocator;
 mod bitmaps;
 mod check;
 mod compressed_write;
@@ -17,7 +22,6 @@ mod overlap;
 mod preallocate;
 mod read;
 mod rebuild;
-mod refcount;
 mod references;
 mod resize;
 mod snapshots;

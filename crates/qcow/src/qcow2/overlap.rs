@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use qcow_format::table::OFFSET_MASK;
 
 use super::Qcow2Image;
-use super::refcount::Meta;
+use super::allocator::Meta;
 use super::references::snapshot_table_len;
 use crate::{Error, Result};
 
@@ -109,12 +109,13 @@ impl Qcow2Image {
     /// of metadata.
     pub(super) fn metadata_overlap(
         &self,
-        meta: &Meta,
+        reftable_offset: u64,
+        reftable: &[u64],
         start: u64,
         len: u64,
     ) -> Option<(&'static str, u64)> {
         let end = start.saturating_add(len);
-        self.find_structure(meta, |s| {
+        self.find_structure_in(reftable_offset, reftable, |s| {
             s.start < end && start < s.start.saturating_add(s.len)
         })
         .map(|s| (s.kind, s.start))
@@ -145,31 +146,6 @@ impl Qcow2Image {
             s.kind != "active L2 table" && s.start < end && start < s.start.saturating_add(s.len)
         })
         .map(|s| (s.kind, s.start))
-    }
-
-    /// Refuses to hand out clusters `first..first + count` (cluster
-    /// numbers) for `what` when metadata still lives there: the image's
-    /// refcounts are wrong, so the corrupt bit is set (by the caller's
-    /// guard) and nothing is written.
-    pub(super) fn check_overlap(
-        &self,
-        meta: &Meta,
-        first: u64,
-        count: u64,
-        what: &'static str,
-    ) -> Result<()> {
-        let bits = self.header.cluster_bits;
-        let start = first << bits;
-        match self.metadata_overlap(meta, start, count << bits) {
-            None => Ok(()),
-            Some((structure, offset)) => Err(Error::MetadataOverlap {
-                image: self.name.clone(),
-                what,
-                at: start,
-                structure,
-                offset,
-            }),
-        }
     }
 
     /// Checks that no two metadata structures share bytes (a refcount

@@ -109,7 +109,7 @@ impl Qcow2Image {
         let new_offset = {
             let mut meta = self.lock_meta()?;
             let clusters = bytes / cluster_size;
-            let offset = self.alloc_clusters(&mut meta, clusters)?;
+            let offset = meta.clusters(clusters)?;
             let table: Vec<u8> = (0..entries)
                 .flat_map(|i| self.l1_entry(i).to_be_bytes())
                 .collect();
@@ -136,7 +136,7 @@ impl Qcow2Image {
                 });
             if let Err(e) = switched {
                 // The header still names the old table.
-                self.give_back(&mut meta, offset, clusters);
+                meta.give_back(offset, clusters);
                 return Err(e);
             }
             for i in 0..old_clusters {

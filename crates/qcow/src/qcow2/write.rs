@@ -15,14 +15,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use qcow_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use qcow_cache::{TableCache, WriteBack};
 use qcow_format::table::{L2Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use qcow_io::Storage;
 
+use super::allocator::{Allocation, Allocator, Meta, Owner, RefBlockWriter};
 use super::entry_seq::EntrySeq;
-use super::refcount::{Meta, RefBlock, RefBlockWriter};
 use super::{L2Table, Qcow2Image, decode_be_words};
 use crate::device::BlockDevice;
 use crate::{Error, Result};
@@ -35,8 +35,8 @@ pub(super) const ALL_ZERO: u64 = 0xffff_ffff << 32;
 /// The state a writable image adds.
 #[derive(Debug)]
 pub(crate) struct WriteState {
-    pub(super) meta: Mutex<Meta>,
-    pub(super) refcounts: Arc<TableCache<RefBlock>>,
+    /// Refcounts and allocation, behind the allocation lock.
+    pub(super) allocator: Allocator,
     /// The incompatible feature bits as on disk (dirty and corrupt change).
     pub(super) incompatible: AtomicU64,
     /// Serialises changes of the feature bits (readers use the atomic).
@@ -47,6 +47,36 @@ pub(crate) struct WriteState {
     /// cluster is never handed out again while I/O that found it mapped is
     /// still under way in it.
     data_io: RwLock<()>,
+}
+
+impl Owner for Qcow2Image {
+    fn file_len(&self) -> u64 {
+        Qcow2Image::file_len(self)
+    }
+
+    fn grow_file_len(&self, end: u64) {
+        self.file_len.fetch_max(end, Ordering::AcqRel);
+    }
+
+    fn metadata_overlap(
+        &self,
+        reftable_offset: u64,
+        reftable: &[u64],
+        start: u64,
+        len: u64,
+    ) -> Option<(&'static str, u64)> {
+        Qcow2Image::metadata_overlap(self, reftable_offset, reftable, start, len)
+    }
+
+    fn cluster_freed(&self, host: u64) {
+        self.l2_cache.remove(host);
+    }
+
+    fn wait_for_data_io(&self) {
+        if let Some(ws) = &self.writer {
+            drop(ws.data_io.write().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
 }
 
 /// Writes L2 tables back to the image file.
@@ -143,15 +173,21 @@ impl Qcow2Image {
             .collect();
         let end = self.file_len().div_ceil(cluster_size);
         self.writer = Some(WriteState {
-            meta: Mutex::new(Meta {
-                reftable,
-                reftable_offset: self.header.refcount_table_offset,
-                free_hint: 0,
-                end,
-                pending_frees: Vec::new(),
-                compressed_cursor: 0,
-            }),
-            refcounts,
+            allocator: Allocator::new(
+                &self.name,
+                self.file.clone(),
+                self.header.cluster_bits,
+                self.header.refcount_order,
+                refcounts,
+                Meta {
+                    reftable,
+                    reftable_offset: self.header.refcount_table_offset,
+                    free_hint: 0,
+                    end,
+                    pending_frees: Vec::new(),
+                    compressed_cursor: 0,
+                },
+            ),
             incompatible: AtomicU64::new(self.header.incompatible_features),
             header_lock: Mutex::new(()),
             data_io: RwLock::new(()),
@@ -221,16 +257,6 @@ impl Qcow2Image {
         result
     }
 
-    /// Waits until no lock-free data I/O is in progress; none starts while
-    /// the returned guard lives.
-    pub(super) fn wait_for_data_io(&self) -> Result<RwLockWriteGuard<'_, ()>> {
-        Ok(self
-            .write_state()?
-            .data_io
-            .write()
-            .unwrap_or_else(PoisonError::into_inner))
-    }
-
     /// For a writable image, a guard to hold over lock-free data I/O (see
     /// `WriteState::data_io`); `None` for a read-only image, where nothing
     /// is ever freed. Must not be taken twice by one thread.
@@ -257,12 +283,14 @@ impl Qcow2Image {
         })
     }
 
-    pub(super) fn lock_meta(&self) -> Result<MutexGuard<'_, Meta>> {
-        Ok(self
-            .write_state()?
-            .meta
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner))
+    /// Takes the allocation lock.
+    pub(super) fn lock_meta(&self) -> Result<Allocation<'_>> {
+        Ok(self.write_state()?.allocator.lock(self))
+    }
+
+    /// Writes every dirty refcount block.
+    pub(super) fn flush_refcounts(&self) -> Result<()> {
+        self.write_state()?.allocator.flush_refcounts()
     }
 
     /// Where the guest cluster at `guest` can be overwritten in place: its
@@ -408,7 +436,7 @@ impl Qcow2Image {
         let (host, count) = if self.header.has_data_file() {
             (self.alloc_data(&mut meta, guest, count)?, count)
         } else {
-            self.alloc_run(&mut meta, count)?
+            meta.run(count)?
         };
         let len = (count * cluster_size) as usize;
         // Whole clusters need no copy-on-write, so the data is written
@@ -523,9 +551,9 @@ impl Qcow2Image {
 
     /// Gives back data clusters [`Qcow2Image::alloc_data`] handed out for a
     /// write that failed (nothing to give back in an external data file).
-    fn give_back_data(&self, meta: &mut Meta, host: u64, count: u64) {
+    fn give_back_data(&self, meta: &mut Allocation<'_>, host: u64, count: u64) {
         if !self.header.has_data_file() {
-            self.give_back(meta, host, count);
+            meta.give_back(host, count);
         }
     }
 
@@ -533,12 +561,17 @@ impl Qcow2Image {
     /// `guest`: new clusters of the image file, or, with an external data
     /// file, the same offsets there (QEMU maps data files one to one, which
     /// keeps a raw data file valid; they are not refcounted).
-    pub(super) fn alloc_data(&self, meta: &mut Meta, guest: u64, count: u64) -> Result<u64> {
+    pub(super) fn alloc_data(
+        &self,
+        meta: &mut Allocation<'_>,
+        guest: u64,
+        count: u64,
+    ) -> Result<u64> {
         if self.header.has_data_file() {
             self.data_storage()?;
             return Ok(guest - self.geometry.in_cluster(guest));
         }
-        self.alloc_clusters(meta, count)
+        meta.clusters(count)
     }
 
     /// Writes one piece of a cluster the image does not own alone: a new
@@ -589,7 +622,7 @@ impl Qcow2Image {
     /// is on disk) whatever the old entry held in this image.
     pub(super) fn set_l2_entry(
         &self,
-        meta: &mut Meta,
+        meta: &mut Allocation<'_>,
         l2_offset: u64,
         table: &Arc<L2Table>,
         guest: u64,
@@ -603,7 +636,7 @@ impl Qcow2Image {
     /// old entry held that the new one does not.
     pub(super) fn set_l2_words(
         &self,
-        meta: &mut Meta,
+        meta: &mut Allocation<'_>,
         l2_offset: u64,
         table: &Arc<L2Table>,
         guest: u64,
@@ -650,7 +683,11 @@ impl Qcow2Image {
 
     /// The L2 table for `guest`, allocated or copied so that this image
     /// owns it alone.
-    pub(super) fn writable_l2(&self, meta: &mut Meta, guest: u64) -> Result<(u64, Arc<L2Table>)> {
+    pub(super) fn writable_l2(
+        &self,
+        meta: &mut Allocation<'_>,
+        guest: u64,
+    ) -> Result<(u64, Arc<L2Table>)> {
         let geo = self.geometry;
         let l1_index = geo.l1_index(guest);
         let l1_entry = self.l1_entry(l1_index);
@@ -682,7 +719,7 @@ impl Qcow2Image {
             }
             None => Arc::new((0..entries).map(|_| AtomicU64::new(0)).collect()),
         };
-        let new_offset = self.alloc_clusters(meta, 1)?;
+        let new_offset = meta.clusters(1)?;
         // The table and its refcount reach the disk before the L1 entry.
         let writer = L2Writer {
             file: self.file.clone(),
@@ -701,7 +738,7 @@ impl Qcow2Image {
             });
         if let Err(e) = linked {
             // The L1 entry on disk still names the old table (or none).
-            self.give_back(meta, new_offset, 1);
+            meta.give_back(new_offset, 1);
             return Err(e);
         }
         let slot = usize::try_from(l1_index)

@@ -7,19 +7,23 @@
 //! blocks and the refcount table as the file grows, including the blocks
 //! that must count themselves.
 //!
-//! All of this runs under the image's allocation lock ([`Meta`]). New
-//! refcount blocks and tables reach the disk before anything points at
-//! them, so that a crash leaves at worst leaked clusters.
+//! The [`Allocator`] owns the refcount block cache and the allocation
+//! state ([`Meta`]) behind the allocation lock; [`Allocator::lock`] takes
+//! the lock and returns an [`Allocation`], through which every allocation,
+//! refcount change and refcount structure growth goes. New refcount blocks
+//! and tables reach the disk before anything points at them, so that a
+//! crash leaves at worst leaked clusters. Before clusters are handed out
+//! they are checked against the image's metadata (the [`Owner`]'s overlap
+//! guard), so wrong refcounts can never make new data overwrite metadata.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use qcow_cache::{Flush, WriteBack};
+use qcow_cache::{Flush, TableCache, WriteBack};
 use qcow_format::limits::{MAX_HOST_OFFSET, MAX_REFCOUNT_TABLE_BYTES};
 use qcow_format::table::{refcount_get, refcount_set};
 use qcow_io::Storage;
 
-use super::Qcow2Image;
 use crate::{Error, Result};
 
 /// A refcount block: one cluster of packed big-endian refcounts. Changed in
@@ -70,7 +74,7 @@ impl WriteBack<RefBlock> for RefBlockWriter {
 
 /// The allocation state of a writable image, guarded by its allocation lock.
 #[derive(Debug)]
-pub(super) struct Meta {
+pub(crate) struct Meta {
     /// The refcount table (offsets of refcount blocks).
     pub(super) reftable: Vec<u64>,
     /// Where the refcount table lives.
@@ -87,15 +91,118 @@ pub(super) struct Meta {
     pub(super) compressed_cursor: u64,
 }
 
-impl Qcow2Image {
+/// What the allocator needs from the image it allocates for.
+pub(super) trait Owner {
+    /// The image file's length as far as allocation has grown it.
+    fn file_len(&self) -> u64;
+    /// Records that the file now reaches at least `end` bytes.
+    fn grow_file_len(&self, end: u64);
+    /// The metadata structure overlapping host bytes `start..start + len`,
+    /// with its offset, given the current refcount table.
+    fn metadata_overlap(
+        &self,
+        reftable_offset: u64,
+        reftable: &[u64],
+        start: u64,
+        len: u64,
+    ) -> Option<(&'static str, u64)>;
+    /// A cluster's refcount dropped to zero (drop any cached copy of it).
+    fn cluster_freed(&self, host: u64);
+    /// Waits until no lock-free data I/O that may have found freed clusters
+    /// mapped is still in flight.
+    fn wait_for_data_io(&self);
+}
+
+/// Refcounts and allocation of a writable image.
+#[derive(Debug)]
+pub(crate) struct Allocator {
+    name: String,
+    file: Arc<dyn Storage>,
+    cluster_bits: u32,
+    refcount_order: u32,
+    /// Cached refcount blocks (the L2 cache depends on this cache).
+    pub(super) refcounts: Arc<TableCache<RefBlock>>,
+    /// The allocation state, behind the allocation lock.
+    meta: Mutex<Meta>,
+}
+
+impl Allocator {
+    /// An allocator over `file` with the refcount table `meta` describes.
+    pub(super) fn new(
+        name: &str,
+        file: Arc<dyn Storage>,
+        cluster_bits: u32,
+        refcount_order: u32,
+        refcounts: Arc<TableCache<RefBlock>>,
+        meta: Meta,
+    ) -> Self {
+        Allocator {
+            name: name.to_owned(),
+            file,
+            cluster_bits,
+            refcount_order,
+            refcounts,
+            meta: Mutex::new(meta),
+        }
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Takes the allocation lock for allocations on behalf of `owner`.
+    pub(super) fn lock<'a>(&'a self, owner: &'a dyn Owner) -> Allocation<'a> {
+        Allocation {
+            meta: self.meta.lock().unwrap_or_else(PoisonError::into_inner),
+            alloc: self,
+            owner,
+        }
+    }
+
+    /// Writes every dirty refcount block.
+    pub(super) fn flush_refcounts(&self) -> Result<()> {
+        self.refcounts
+            .flush()
+            .map_err(|e| Error::io(&self.name, "writing refcount blocks", 0, e))
+    }
+}
+
+/// The allocation lock held: the allocation state, and the operations that
+/// change it.
+pub(crate) struct Allocation<'a> {
+    meta: MutexGuard<'a, Meta>,
+    alloc: &'a Allocator,
+    owner: &'a dyn Owner,
+}
+
+impl std::fmt::Debug for Allocation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.meta.fmt(f)
+    }
+}
+
+impl Deref for Allocation<'_> {
+    type Target = Meta;
+    fn deref(&self) -> &Meta {
+        &self.meta
+    }
+}
+
+impl DerefMut for Allocation<'_> {
+    fn deref_mut(&mut self) -> &mut Meta {
+        &mut self.meta
+    }
+}
+
+impl Allocation<'_> {
     /// log2 of the clusters one refcount block covers.
     fn refblock_shift(&self) -> u32 {
-        self.header.cluster_bits + 3 - self.header.refcount_order
+        self.alloc.cluster_bits + 3 - self.alloc.refcount_order
     }
 
     fn corrupt(&self, table: &'static str, offset: u64, reason: String) -> Error {
         Error::Corrupt {
-            image: self.name.clone(),
+            image: self.alloc.name.clone(),
             table,
             offset,
             reason,
@@ -104,12 +211,12 @@ impl Qcow2Image {
 
     /// The refcount block at `offset`, from the cache or the file.
     fn refblock(&self, offset: u64) -> Result<Arc<RefBlock>> {
-        let ws = self.write_state()?;
-        if let Some(block) = ws.refcounts.get(offset) {
+        if let Some(block) = self.alloc.refcounts.get(offset) {
             return Ok(block);
         }
-        let cluster_size = self.header.cluster_size();
-        if offset % cluster_size != 0 || offset.saturating_add(cluster_size) > self.file_len() {
+        let cluster_size = self.alloc.cluster_size();
+        if offset % cluster_size != 0 || offset.saturating_add(cluster_size) > self.owner.file_len()
+        {
             return Err(self.corrupt(
                 "refcount block",
                 offset,
@@ -118,21 +225,23 @@ impl Qcow2Image {
         }
         // One cluster: at most 2 MiB.
         let mut bytes = vec![0u8; cluster_size as usize];
-        self.file
+        self.alloc
+            .file
             .read_at(&mut bytes, offset)
-            .map_err(|e| Error::io(&self.name, "reading a refcount block", offset, e))?;
-        ws.refcounts
+            .map_err(|e| Error::io(&self.alloc.name, "reading a refcount block", offset, e))?;
+        self.alloc
+            .refcounts
             .insert_clean(offset, Arc::new(RefBlock::new(bytes.into_boxed_slice())))
-            .map_err(|e| Error::io(&self.name, "writing back a refcount block", offset, e))
+            .map_err(|e| Error::io(&self.alloc.name, "writing back a refcount block", offset, e))
     }
 
     /// Adds `delta` to the refcount of cluster number `cluster`, creating
     /// its refcount block if needed. Returns the new count.
-    pub(super) fn change_refcount(&self, meta: &mut Meta, cluster: u64, delta: i64) -> Result<u64> {
+    pub(super) fn change_refcount(&mut self, cluster: u64, delta: i64) -> Result<u64> {
         let shift = self.refblock_shift();
-        let block_offset = self.ensure_refblock(meta, cluster >> shift)?;
+        let block_offset = self.ensure_refblock(cluster >> shift)?;
         let block = self.refblock(block_offset)?;
-        let order = self.header.refcount_order;
+        let order = self.alloc.refcount_order;
         let index = cluster & ((1 << shift) - 1);
         let old = block.get(index, order).ok_or_else(|| {
             self.corrupt("refcount block", block_offset, "index out of range".into())
@@ -142,12 +251,12 @@ impl Qcow2Image {
         } else {
             (1u64 << (1 << order)) - 1
         };
-        let host = cluster << self.header.cluster_bits;
+        let host = cluster << self.alloc.cluster_bits;
         let new = if delta >= 0 {
             old.checked_add(delta.unsigned_abs())
                 .filter(|&v| v <= max)
                 .ok_or_else(|| Error::RefcountOverflow {
-                    image: self.name.clone(),
+                    image: self.alloc.name.clone(),
                     cluster: host,
                     max,
                 })?
@@ -163,17 +272,24 @@ impl Qcow2Image {
         block.set(index, order, new).ok_or_else(|| {
             self.corrupt("refcount block", block_offset, "index out of range".into())
         })?;
-        self.write_state()?
+        self.alloc
             .refcounts
             .insert_dirty(block_offset, block)
-            .map_err(|e| Error::io(&self.name, "writing back a refcount block", block_offset, e))?;
+            .map_err(|e| {
+                Error::io(
+                    &self.alloc.name,
+                    "writing back a refcount block",
+                    block_offset,
+                    e,
+                )
+            })?;
         if new == 0 {
-            meta.free_hint = meta.free_hint.min(cluster);
-            self.l2_cache.remove(host);
+            self.meta.free_hint = self.meta.free_hint.min(cluster);
+            self.owner.cluster_freed(host);
             // Compressed data must not be packed into a cluster that may be
             // handed out again.
-            if meta.compressed_cursor >> self.header.cluster_bits == cluster {
-                meta.compressed_cursor = 0;
+            if self.meta.compressed_cursor >> self.alloc.cluster_bits == cluster {
+                self.meta.compressed_cursor = 0;
             }
         }
         Ok(new)
@@ -181,67 +297,68 @@ impl Qcow2Image {
 
     /// The offset of refcount block `index`, allocating it (and growing the
     /// refcount table) when it does not exist yet.
-    fn ensure_refblock(&self, meta: &mut Meta, index: u64) -> Result<u64> {
+    fn ensure_refblock(&mut self, index: u64) -> Result<u64> {
         let slot = usize::try_from(index).map_err(|_| {
             self.corrupt(
                 "refcount table",
-                meta.reftable_offset,
+                self.meta.reftable_offset,
                 "index overflow".into(),
             )
         })?;
-        if slot >= meta.reftable.len() {
-            self.grow_reftable(meta, index + 1)?;
+        if slot >= self.meta.reftable.len() {
+            self.grow_reftable(index + 1)?;
         }
-        let existing = meta.reftable[slot];
+        let existing = self.meta.reftable[slot];
         if existing != 0 {
             return Ok(existing);
         }
         let shift = self.refblock_shift();
-        let cluster_size = self.header.cluster_size();
-        let cluster = meta.end;
+        let cluster_size = self.alloc.cluster_size();
+        let cluster = self.meta.end;
         self.check_clusters_end(cluster + 1)?;
-        self.check_overlap(meta, cluster, 1, "a new refcount block")?;
-        let offset = cluster << self.header.cluster_bits;
-        meta.end += 1;
+        self.check_overlap(cluster, 1, "a new refcount block")?;
+        let offset = cluster << self.alloc.cluster_bits;
+        self.meta.end += 1;
         let block = Arc::new(RefBlock::new(
             vec![0u8; cluster_size as usize].into_boxed_slice(),
         ));
         if cluster >> shift == index {
             // The block counts itself.
-            block.set(cluster & ((1 << shift) - 1), self.header.refcount_order, 1);
+            block.set(cluster & ((1 << shift) - 1), self.alloc.refcount_order, 1);
         } else {
             // Counted by a later block, which must be on disk first.
-            self.change_refcount(meta, cluster, 1)?;
-            self.flush_refcounts()?;
+            self.change_refcount(cluster, 1)?;
+            self.alloc.flush_refcounts()?;
         }
-        self.write_state()?
+        self.alloc
             .refcounts
             .insert_dirty(offset, block)
-            .map_err(|e| Error::io(&self.name, "caching a refcount block", offset, e))?;
-        self.flush_refcounts()?;
-        self.grow_file_len(meta);
-        let entry_at = meta.reftable_offset + index * 8;
-        self.file
+            .map_err(|e| Error::io(&self.alloc.name, "caching a refcount block", offset, e))?;
+        self.alloc.flush_refcounts()?;
+        self.grow_file_len();
+        let entry_at = self.meta.reftable_offset + index * 8;
+        self.alloc
+            .file
             .write_at(&offset.to_be_bytes(), entry_at)
-            .map_err(|e| Error::io(&self.name, "writing the refcount table", entry_at, e))?;
-        meta.reftable[slot] = offset;
+            .map_err(|e| Error::io(&self.alloc.name, "writing the refcount table", entry_at, e))?;
+        self.meta.reftable[slot] = offset;
         Ok(offset)
     }
 
     /// Moves the refcount table to a larger one of at least `min_entries`
     /// entries at the end of the file, with the refcount blocks that count
     /// the new table's own clusters.
-    fn grow_reftable(&self, meta: &mut Meta, min_entries: u64) -> Result<()> {
-        let cluster_bits = self.header.cluster_bits;
-        let per_cluster = self.header.cluster_size() / 8;
+    fn grow_reftable(&mut self, min_entries: u64) -> Result<()> {
+        let cluster_bits = self.alloc.cluster_bits;
+        let per_cluster = self.alloc.cluster_size() / 8;
         let shift = self.refblock_shift();
-        let old_len = meta.reftable.len() as u64;
+        let old_len = self.meta.reftable.len() as u64;
         let mut entries = min_entries.max(old_len * 2).next_multiple_of(per_cluster);
         // The new table and its blocks go at the end: make sure the table
         // covers them too.
         loop {
             let table_clusters = entries / per_cluster;
-            let worst_end = meta.end + 2 * table_clusters + 2;
+            let worst_end = self.meta.end + 2 * table_clusters + 2;
             let needed = (worst_end >> shift) + 1;
             if needed <= entries {
                 break;
@@ -251,27 +368,22 @@ impl Qcow2Image {
         let bytes = entries * 8;
         if bytes > MAX_REFCOUNT_TABLE_BYTES {
             return Err(Error::NoSpace {
-                image: self.name.clone(),
+                image: self.alloc.name.clone(),
                 what: "the refcount table",
                 limit: MAX_REFCOUNT_TABLE_BYTES,
             });
         }
         let table_clusters = entries / per_cluster;
         // Before anything changes: the table and its blocks end below this.
-        self.check_clusters_end(meta.end + 2 * table_clusters + 2)?;
-        let table_start = meta.end;
-        self.check_overlap(
-            meta,
-            table_start,
-            2 * table_clusters + 2,
-            "a new refcount table",
-        )?;
+        self.check_clusters_end(self.meta.end + 2 * table_clusters + 2)?;
+        let table_start = self.meta.end;
+        self.check_overlap(table_start, 2 * table_clusters + 2, "a new refcount table")?;
         let mut next = table_start + table_clusters;
         // Bounded by MAX_REFCOUNT_TABLE_BYTES.
-        let mut table = meta.reftable.clone();
+        let mut table = self.meta.reftable.clone();
         table.resize(entries as usize, 0);
         let mut new_blocks: Vec<(u64, Arc<RefBlock>)> = Vec::new();
-        let order = self.header.refcount_order;
+        let order = self.alloc.refcount_order;
         let mut cluster = table_start;
         while cluster < next {
             let index = cluster >> shift;
@@ -281,9 +393,8 @@ impl Qcow2Image {
                 let block_offset = next << cluster_bits;
                 next += 1;
                 table[slot] = block_offset;
-                let block = RefBlock::new(
-                    vec![0u8; self.header.cluster_size() as usize].into_boxed_slice(),
-                );
+                let block =
+                    RefBlock::new(vec![0u8; self.alloc.cluster_size() as usize].into_boxed_slice());
                 new_blocks.push((block_offset, Arc::new(block)));
             }
             let block = match new_blocks.iter().find(|(o, _)| *o == table[slot]) {
@@ -293,55 +404,68 @@ impl Qcow2Image {
             block.set(within, order, 1).ok_or_else(|| {
                 self.corrupt("refcount block", table[slot], "index out of range".into())
             })?;
-            self.write_state()?
+            self.alloc
                 .refcounts
                 .insert_dirty(table[slot], block)
-                .map_err(|e| Error::io(&self.name, "caching a refcount block", table[slot], e))?;
+                .map_err(|e| {
+                    Error::io(&self.alloc.name, "caching a refcount block", table[slot], e)
+                })?;
             cluster += 1;
         }
         self.check_clusters_end(next)?;
-        meta.end = next;
-        self.grow_file_len(meta);
+        self.meta.end = next;
+        self.grow_file_len();
         // Blocks first, then the table, then the header that points at it.
-        self.flush_refcounts()?;
+        self.alloc.flush_refcounts()?;
         let table_offset = table_start << cluster_bits;
         let encoded: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.file
+        self.alloc
+            .file
             .write_at(&encoded, table_offset)
-            .map_err(|e| Error::io(&self.name, "writing the refcount table", table_offset, e))?;
+            .map_err(|e| {
+                Error::io(
+                    &self.alloc.name,
+                    "writing the refcount table",
+                    table_offset,
+                    e,
+                )
+            })?;
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&table_offset.to_be_bytes());
         // At most MAX_REFCOUNT_TABLE_BYTES / 512 clusters.
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         let at = qcow_format::header::field::REFCOUNT_TABLE_OFFSET;
-        self.file
+        self.alloc
+            .file
             .write_at(&fields, at)
-            .map_err(|e| Error::io(&self.name, "writing the header", at, e))?;
-        let old_offset = meta.reftable_offset;
-        let old_clusters = (old_len * 8).div_ceil(self.header.cluster_size());
-        meta.reftable = table;
-        meta.reftable_offset = table_offset;
+            .map_err(|e| Error::io(&self.alloc.name, "writing the header", at, e))?;
+        let old_offset = self.meta.reftable_offset;
+        let old_clusters = (old_len * 8).div_ceil(self.alloc.cluster_size());
+        self.meta.reftable = table;
+        self.meta.reftable_offset = table_offset;
         for i in 0..old_clusters {
-            meta.pending_frees.push(old_offset + (i << cluster_bits));
+            self.meta
+                .pending_frees
+                .push(old_offset + (i << cluster_bits));
         }
         Ok(())
     }
 
     /// Allocates `n` contiguous clusters (refcount 1 each), reusing freed
     /// space before growing the file. Returns the first one's host offset.
-    pub(super) fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
-        let start = self.find_free(meta, n)?;
-        self.take_clusters(meta, start, n)
+    pub(super) fn clusters(&mut self, n: u64) -> Result<u64> {
+        let start = self.find_free(n)?;
+        self.take_clusters(start, n)
     }
 
     /// Gives back `count` clusters from host offset `host` that were just
     /// allocated and are referenced by nothing (the write they were for
     /// failed), so that a failure leaks nothing. Best effort: the error that
     /// made the caller give them back is the one to report.
-    pub(super) fn give_back(&self, meta: &mut Meta, host: u64, count: u64) {
+    pub(super) fn give_back(&mut self, host: u64, count: u64) {
         for i in 0..count {
-            let cluster = (host >> self.header.cluster_bits) + i;
-            if self.change_refcount(meta, cluster, -1).is_err() {
+            let cluster = (host >> self.alloc.cluster_bits) + i;
+            if self.change_refcount(cluster, -1).is_err() {
                 return;
             }
         }
@@ -350,60 +474,60 @@ impl Qcow2Image {
     /// Allocates the first free run of clusters at or after the hint, at
     /// most `max` long (and at least one): fragmented free space is used
     /// before the file grows. Returns its host offset and length.
-    pub(super) fn alloc_run(&self, meta: &mut Meta, max: u64) -> Result<(u64, u64)> {
-        let start = self.find_free(meta, 1)?;
+    pub(super) fn run(&mut self, max: u64) -> Result<(u64, u64)> {
+        let start = self.find_free(1)?;
         let mut n = 1;
-        while n < max && self.cluster_is_free(meta, start + n)? {
+        while n < max && self.cluster_is_free(start + n)? {
             n += 1;
         }
-        Ok((self.take_clusters(meta, start, n)?, n))
+        Ok((self.take_clusters(start, n)?, n))
     }
 
-    fn cluster_is_free(&self, meta: &Meta, cluster: u64) -> Result<bool> {
+    fn cluster_is_free(&self, cluster: u64) -> Result<bool> {
         let shift = self.refblock_shift();
         let block_offset = usize::try_from(cluster >> shift)
             .ok()
-            .and_then(|i| meta.reftable.get(i))
+            .and_then(|i| self.meta.reftable.get(i))
             .copied()
             .unwrap_or(0);
         if block_offset == 0 {
             return Ok(true);
         }
         let block = self.refblock(block_offset)?;
-        Ok(block.get(cluster & ((1 << shift) - 1), self.header.refcount_order) == Some(0))
+        Ok(block.get(cluster & ((1 << shift) - 1), self.alloc.refcount_order) == Some(0))
     }
 
     /// Counts `n` clusters from `start` as used (refcount 1).
-    fn take_clusters(&self, meta: &mut Meta, start: u64, n: u64) -> Result<u64> {
+    fn take_clusters(&mut self, start: u64, n: u64) -> Result<u64> {
         self.check_clusters_end(start.saturating_add(n))?;
-        self.check_overlap(meta, start, n, "new clusters")?;
-        if n == 1 || start == meta.free_hint {
-            meta.free_hint = start + n;
+        self.check_overlap(start, n, "new clusters")?;
+        if n == 1 || start == self.meta.free_hint {
+            self.meta.free_hint = start + n;
         }
-        meta.end = meta.end.max(start + n);
+        self.meta.end = self.meta.end.max(start + n);
         for cluster in start..start + n {
-            if let Err(e) = self.change_refcount(meta, cluster, 1) {
+            if let Err(e) = self.change_refcount(cluster, 1) {
                 // A refcount block could not be made: leave nothing counted.
-                self.give_back(meta, start << self.header.cluster_bits, cluster - start);
+                self.give_back(start << self.alloc.cluster_bits, cluster - start);
                 return Err(e);
             }
         }
-        self.grow_file_len(meta);
-        Ok(start << self.header.cluster_bits)
+        self.grow_file_len();
+        Ok(start << self.alloc.cluster_bits)
     }
 
     /// The first run of `n` clusters with refcount zero at or after the hint.
-    fn find_free(&self, meta: &Meta, n: u64) -> Result<u64> {
+    fn find_free(&self, n: u64) -> Result<u64> {
         let shift = self.refblock_shift();
-        let order = self.header.refcount_order;
-        let mut cluster = meta.free_hint;
+        let order = self.alloc.refcount_order;
+        let mut cluster = self.meta.free_hint;
         let mut start = cluster;
         let mut run = 0u64;
         while run < n {
             let index = cluster >> shift;
             let block_offset = usize::try_from(index)
                 .ok()
-                .and_then(|i| meta.reftable.get(i))
+                .and_then(|i| self.meta.reftable.get(i))
                 .copied()
                 .unwrap_or(0);
             let block_end = (index + 1) << shift;
@@ -436,32 +560,24 @@ impl Qcow2Image {
 
     /// Applies the refcount decrements deferred until the metadata that
     /// dropped the references reached the disk.
-    pub(super) fn release_pending(&self, meta: &mut Meta) -> Result<()> {
+    pub(super) fn release_pending(&mut self) -> Result<()> {
         // Wait for lock-free I/O that may have found these clusters mapped
         // before their L2 entries changed (new I/O cannot: the entries no
         // longer name them).
-        drop(self.wait_for_data_io()?);
-        let pending = std::mem::take(&mut meta.pending_frees);
+        self.owner.wait_for_data_io();
+        let pending = std::mem::take(&mut self.meta.pending_frees);
         for host in pending {
-            self.change_refcount(meta, host >> self.header.cluster_bits, -1)?;
+            self.change_refcount(host >> self.alloc.cluster_bits, -1)?;
         }
         Ok(())
-    }
-
-    /// Writes every dirty refcount block.
-    pub(super) fn flush_refcounts(&self) -> Result<()> {
-        self.write_state()?
-            .refcounts
-            .flush()
-            .map_err(|e| Error::io(&self.name, "writing refcount blocks", 0, e))
     }
 
     /// Refuses to use clusters up to cluster number `end` when they would
     /// reach past the largest host offset an L2 entry can hold.
     fn check_clusters_end(&self, end: u64) -> Result<()> {
-        if end > (MAX_HOST_OFFSET >> self.header.cluster_bits) + 1 {
+        if end > (MAX_HOST_OFFSET >> self.alloc.cluster_bits) + 1 {
             return Err(Error::NoSpace {
-                image: self.name.clone(),
+                image: self.alloc.name.clone(),
                 what: "the image file",
                 limit: MAX_HOST_OFFSET,
             });
@@ -469,8 +585,32 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn grow_file_len(&self, meta: &Meta) {
-        self.file_len
-            .fetch_max(meta.end << self.header.cluster_bits, Ordering::AcqRel);
+    fn grow_file_len(&self) {
+        self.owner
+            .grow_file_len(self.meta.end << self.alloc.cluster_bits);
+    }
+
+    /// Refuses to hand out clusters `first..first + count` (cluster
+    /// numbers) for `what` when metadata still lives there: the image's
+    /// refcounts are wrong. The caller's guard sets the corrupt bit.
+    fn check_overlap(&self, first: u64, count: u64, what: &'static str) -> Result<()> {
+        let bits = self.alloc.cluster_bits;
+        let start = first << bits;
+        let found = self.owner.metadata_overlap(
+            self.meta.reftable_offset,
+            &self.meta.reftable,
+            start,
+            count << bits,
+        );
+        match found {
+            None => Ok(()),
+            Some((structure, offset)) => Err(Error::MetadataOverlap {
+                image: self.alloc.name.clone(),
+                what,
+                at: start,
+                structure,
+                offset,
+            }),
+        }
     }
 }
