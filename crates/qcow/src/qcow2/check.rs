@@ -632,7 +632,7 @@ impl Qcow2Image {
                 self.file
                     .write_at(&out, l2)
                     .map_err(|e| Error::io(&self.name, "writing an L2 table", l2, e))?;
-                self.l2_cache.remove(l2);
+                self.l2.forget(l2);
                 counter.report.corruptions -= dirty;
                 counter.report.corruptions_fixed += dirty;
             }

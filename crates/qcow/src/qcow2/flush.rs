@@ -5,7 +5,6 @@
 
 use std::sync::atomic::Ordering;
 
-use qcow_cache::Flush;
 use qcow_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use qcow_io::Storage;
 
@@ -26,9 +25,7 @@ impl Qcow2Image {
                 .map_err(|e| Error::io(&self.name, "flushing the data file", 0, e))?;
         }
         self.flush_refcounts()?;
-        self.l2_cache
-            .flush()
-            .map_err(|e| Error::io(&self.name, "writing L2 tables", 0, e))?;
+        self.l2.flush()?;
         self.file
             .flush()
             .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;

@@ -4,7 +4,8 @@
 //! [`compressed_write`](self::compressed_write), zeroing in
 //! [`zeroes`](self::zeroes), preallocation in
 //! [`preallocate`](self::preallocate), flushing in [`flush`](self::flush))
-//! over the [`allocator`](self::allocator) with its metadata
+//! over the [`allocator`](self::allocator) and the
+//! [`l2_tables`](self::l2_tables), with the metadata
 //! [`overlap`](self::overlap) guard; creation in [`create`](self::create),
 //! growing in [`resize`](self::resize). One walk of every reference
 //! ([`references`](self::references)) serves [`check`](self::check) and
@@ -18,6 +19,7 @@ mod compressed_write;
 mod create;
 mod entry_seq;
 mod flush;
+mod l2_tables;
 mod overlap;
 mod preallocate;
 mod read;
@@ -34,7 +36,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use check::{CheckReport, Repair};
 pub use create::{CreateOptions, Preallocation};
 
-use qcow_cache::TableCache;
 use qcow_format::bitmap::BitmapEntry;
 use qcow_format::header::{Encryption, Header, header_cluster_size};
 use qcow_format::snapshot::Snapshot;
@@ -66,9 +67,7 @@ pub struct Qcow2Image {
     geometry: Geometry,
     virtual_size: u64,
     l1: Vec<AtomicU64>,
-    l2_cache: TableCache<L2Table>,
-    /// Makes lock-free lookups of two-word (extended) L2 entries consistent.
-    entry_seq: Arc<entry_seq::EntrySeq>,
+    l2: l2_tables::L2Tables,
     /// Allocation state; `None` for a read-only image.
     writer: Option<write::WriteState>,
     backing: Option<Box<dyn BlockDevice>>,
@@ -121,8 +120,13 @@ impl Qcow2Image {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_owned(),
             virtual_size: header.virtual_size,
-            l2_cache: TableCache::new(budget, header.cluster_size()),
-            entry_seq: Arc::default(),
+            l2: l2_tables::L2Tables::new(
+                name,
+                file.clone(),
+                budget,
+                header.cluster_size(),
+                geometry.extended_l2,
+            ),
             file,
             data,
             data_name: None,
@@ -208,7 +212,7 @@ impl Qcow2Image {
         .map(AtomicU64::new)
         .collect();
         self.virtual_size = virtual_size;
-        self.l2_cache.clear_clean();
+        self.l2.clear_clean();
         self.snapshot = Some(snapshot.name);
         Ok(())
     }
@@ -244,17 +248,12 @@ impl Qcow2Image {
     /// Runs a lock-free lookup of L2 entries so that it sees each
     /// two-word (extended) entry whole, never half changed by a writer.
     pub(crate) fn consistent<R>(&self, lookup: impl FnMut() -> R) -> R {
-        let mut lookup = lookup;
-        if self.geometry.extended_l2 {
-            self.entry_seq.read(lookup)
-        } else {
-            lookup()
-        }
+        self.l2.consistent(lookup)
     }
 
     /// L2 cache counters.
     pub fn cache_stats(&self) -> qcow_cache::CacheStats {
-        self.l2_cache.stats()
+        self.l2.stats()
     }
 }
 

@@ -9,7 +9,6 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use qcow_cache::Lookup;
 use qcow_format::table::L2Mapping;
 
 use super::{L2Table, Qcow2Image, decode_be_words};
@@ -45,20 +44,7 @@ impl Qcow2Image {
     /// cache meanwhile (a writer may have changed it and written it back
     /// after this read); otherwise it is read again.
     pub(super) fn l2_table(&self, l1_index: u64, offset: u64) -> Result<Arc<L2Table>> {
-        loop {
-            let load = match self.l2_cache.lookup(offset) {
-                Lookup::Hit(table) => return Ok(table),
-                Lookup::Miss(load) => load,
-            };
-            let table = Arc::new(self.read_l2_table(l1_index, offset)?);
-            // The read path never dirties tables, so nothing evicted needs writing.
-            let cached = load
-                .insert(table)
-                .map_err(|e| Error::io(&self.name, "writing back an evicted table", offset, e))?;
-            if let Some(table) = cached {
-                return Ok(table);
-            }
-        }
+        self.l2.get(offset, || self.read_l2_table(l1_index, offset))
     }
 
     /// Reads and decodes the L2 table at `offset` from the file.
@@ -95,7 +81,7 @@ impl Qcow2Image {
         f: impl FnOnce(&L2Table) -> R,
     ) -> Result<R> {
         // Read before the lookup: a change during it invalidates the memo.
-        let generation = self.l2_cache.generation();
+        let generation = self.l2.generation();
         LAST_L2.with(|cell| {
             if let Some(last) = cell.borrow().as_ref() {
                 if last.image == self.id && last.generation == generation && last.offset == offset {

@@ -253,7 +253,7 @@ impl Qcow2Image {
                 self.file
                     .write_at(&bytes, l2_offset)
                     .map_err(|e| Error::io(&self.name, "writing an L2 table", l2_offset, e))?;
-                self.l2_cache.remove(l2_offset);
+                self.l2.forget(l2_offset);
             }
             let want = if copied(l2_offset) { OFLAG_COPIED } else { 0 };
             if entry & OFLAG_COPIED != want {

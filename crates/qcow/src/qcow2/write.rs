@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use qcow_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
-use qcow_cache::{TableCache, WriteBack};
+use qcow_cache::TableCache;
 use qcow_format::table::{L2Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use qcow_io::Storage;
 
 use super::allocator::{Allocation, Allocator, Meta, Owner, RefBlockWriter};
-use super::entry_seq::EntrySeq;
+use super::l2_tables::empty_table;
 use super::{L2Table, Qcow2Image, decode_be_words};
 use crate::device::BlockDevice;
 use crate::{Error, Result};
@@ -69,37 +69,13 @@ impl Owner for Qcow2Image {
     }
 
     fn cluster_freed(&self, host: u64) {
-        self.l2_cache.remove(host);
+        self.l2.forget(host);
     }
 
     fn wait_for_data_io(&self) {
         if let Some(ws) = &self.writer {
             drop(ws.data_io.write().unwrap_or_else(PoisonError::into_inner));
         }
-    }
-}
-
-/// Writes L2 tables back to the image file.
-#[derive(Debug)]
-struct L2Writer {
-    file: Arc<dyn Storage>,
-    /// Two-word entries are copied whole, never half changed: a table can
-    /// be written back (evicted) while a writer changes it.
-    entry_seq: Arc<EntrySeq>,
-}
-
-impl WriteBack<L2Table> for L2Writer {
-    fn encode(&self, table: &L2Table) -> Vec<u8> {
-        self.entry_seq.read(|| {
-            table
-                .iter()
-                .flat_map(|e| e.load(Ordering::Acquire).to_be_bytes())
-                .collect()
-        })
-    }
-
-    fn write(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
-        self.file.write_at(bytes, offset)
     }
 }
 
@@ -144,16 +120,11 @@ impl Qcow2Image {
             cluster_size,
             Arc::new(RefBlockWriter(self.file.clone())),
         ));
-        let l2_cache = TableCache::with_write_back(
+        self.l2.make_writable(
             budget.max(4 * cluster_size),
             cluster_size,
-            Arc::new(L2Writer {
-                file: self.file.clone(),
-                entry_seq: self.entry_seq.clone(),
-            }),
+            refcounts.clone(),
         );
-        l2_cache.set_dependency(refcounts.clone());
-        self.l2_cache = l2_cache;
         let reftable_bytes = u64::from(self.header.refcount_table_clusters) * cluster_size;
         // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
         let mut raw = vec![0u8; reftable_bytes as usize];
@@ -651,19 +622,11 @@ impl Qcow2Image {
             offset: l2_offset,
             reason: format!("index {index} out of range"),
         };
-        let slot = table.get(index).ok_or_else(out_of_range)?;
-        let old = if words == 2 {
-            let bitmap_slot = table.get(index + 1).ok_or_else(out_of_range)?;
-            self.entry_seq.write(|| {
-                bitmap_slot.store(bitmap, Ordering::Release);
-                slot.swap(entry, Ordering::AcqRel)
-            })
-        } else {
-            slot.swap(entry, Ordering::AcqRel)
-        };
-        self.l2_cache
-            .insert_dirty(l2_offset, table.clone())
-            .map_err(|e| Error::io(&self.name, "writing back an L2 table", l2_offset, e))?;
+        let old = self
+            .l2
+            .set_words(table, index, entry, bitmap)
+            .ok_or_else(out_of_range)?;
+        self.l2.mark_dirty(l2_offset, table.clone())?;
         let kept = self.geometry.l2_host_range(entry);
         // Clusters of an external data file are not refcounted.
         if self.header.has_data_file() {
@@ -717,30 +680,28 @@ impl Qcow2Image {
                         .collect(),
                 )
             }
-            None => Arc::new((0..entries).map(|_| AtomicU64::new(0)).collect()),
+            None => empty_table(entries),
         };
         let new_offset = meta.clusters(1)?;
         // The table and its refcount reach the disk before the L1 entry.
-        let writer = L2Writer {
-            file: self.file.clone(),
-            entry_seq: self.entry_seq.clone(),
-        };
         let new_entry = new_offset | OFLAG_COPIED;
         let at = self.header.l1_table_offset + l1_index * 8;
-        let linked = writer
-            .write(new_offset, &writer.encode(&new_table))
-            .map_err(|e| Error::io(&self.name, "writing an L2 table", new_offset, e))
-            .and_then(|()| self.flush_refcounts())
-            .and_then(|()| {
-                self.file
-                    .write_at(&new_entry.to_be_bytes(), at)
-                    .map_err(|e| Error::io(&self.name, "writing the L1 table", at, e))
-            });
-        if let Err(e) = linked {
-            // The L1 entry on disk still names the old table (or none).
-            meta.give_back(new_offset, 1);
-            return Err(e);
-        }
+        let linked = self.l2.write_new(new_offset, new_table).and_then(|table| {
+            self.flush_refcounts()?;
+            self.file
+                .write_at(&new_entry.to_be_bytes(), at)
+                .map_err(|e| Error::io(&self.name, "writing the L1 table", at, e))?;
+            Ok(table)
+        });
+        let table = match linked {
+            Ok(table) => table,
+            Err(e) => {
+                // The L1 entry on disk still names the old table (or none).
+                self.l2.forget(new_offset);
+                meta.give_back(new_offset, 1);
+                return Err(e);
+            }
+        };
         let slot = usize::try_from(l1_index)
             .ok()
             .and_then(|i| self.l1.get(i))
@@ -754,10 +715,6 @@ impl Qcow2Image {
         if let Some(old) = current {
             meta.pending_frees.push(old);
         }
-        let table = self
-            .l2_cache
-            .insert_clean(new_offset, new_table)
-            .map_err(|e| Error::io(&self.name, "caching an L2 table", new_offset, e))?;
         Ok((new_offset, table))
     }
 }

@@ -8,7 +8,7 @@ use qcow_format::table::{OFFSET_MASK, OFLAG_COPIED};
 
 use super::Qcow2Image;
 use super::write::ALL_ZERO;
-use crate::{Error, Result};
+use crate::Result;
 
 impl Qcow2Image {
     /// Makes `len` bytes at `offset` read as zeros. Whole clusters are
@@ -57,10 +57,7 @@ impl Qcow2Image {
                 if let Some(slot) = table.get(index) {
                     slot.store(entry, Ordering::Release);
                 }
-                return self
-                    .l2_cache
-                    .insert_dirty(l2_offset, table)
-                    .map_err(|e| Error::io(&self.name, "writing back an L2 table", l2_offset, e));
+                return self.l2.mark_dirty(l2_offset, table);
             }
             if entry == 0 && self.l1_entry(self.geometry.l1_index(guest)) & OFFSET_MASK == 0 {
                 // No L2 table: already unallocated, and nothing shows through.
