@@ -1,9 +1,11 @@
-//! QCOW version 1 images, read-only.
+//! QCOW version 1 images: opening and reading them (through a backing file
+//! where a cluster is unallocated) and mapping them with block status.
 //!
 //! Version 1 has no refcounts, no snapshots and no zero clusters: an L1
 //! table of L2 tables whose entries are a host offset, zero (unallocated) or
-//! a compressed descriptor with its size in bytes. Writing lives in
-//! [`write`](self::write).
+//! a compressed descriptor with its size in bytes. Creating images and
+//! writing them (partial clusters copied on write from what they read as,
+//! whole clusters compressed) lives in [`write`](self::write).
 
 mod write;
 
