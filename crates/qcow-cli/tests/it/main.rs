@@ -10,6 +10,7 @@ mod compare;
 mod guards;
 mod locking;
 mod map;
+mod tidy;
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
