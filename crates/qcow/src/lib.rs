@@ -2,10 +2,14 @@
 //! images.
 //!
 //! Open any image with [`open`] (formats probed by magic, files the image
-//! names opened only as [`OpenOptions`] allow), then read it through the
-//! [`BlockDevice`] trait that every format implements. The format-specific
-//! types ([`Qcow2Image`], [`QcowImage`], [`RawImage`]) expose headers,
-//! snapshots and bitmaps.
+//! names opened only as [`OpenOptions`] allow, every file locked with
+//! QEMU's locking protocol unless the options turn it off), then read and
+//! write it through the [`BlockDevice`] trait that every format implements.
+//! [`create`] and [`create_qcow`] make new images (checked before any file
+//! is touched). The format-specific types ([`Qcow2Image`], [`QcowImage`],
+//! [`RawImage`]) expose headers, snapshots and bitmaps, and for QCOW2
+//! growing ([`Qcow2Image::resize`]) and checking with repair
+//! ([`Qcow2Image::check`]).
 //!
 //! The specification followed is `docs/interop/qcow2.txt` in QEMU's
 //! repository; `qemu-img` is the reference every test compares against.

@@ -82,10 +82,12 @@ impl Owner for Qcow2Image {
 impl Qcow2Image {
     /// Opens the QCOW2 image in `file` for reading and writing.
     ///
-    /// Refused for images marked corrupt, dirty images (their refcounts
-    /// must be rebuilt first), encrypted images, and features whose write
-    /// path is not implemented yet (extended L2, external data files,
-    /// internal snapshots are kept but a snapshot cannot be the target).
+    /// A dirty image (lazy refcounts after a crash) gets its refcounts
+    /// rebuilt first. Refused: images marked corrupt (repair them with
+    /// [`Qcow2Image::check`]), encrypted images, images with persistent
+    /// bitmaps (not written yet), and images whose metadata structures
+    /// overlap (the corrupt bit is then set, as QEMU sets it). Internal
+    /// snapshots are kept; a snapshot cannot be the target.
     pub fn open_writable(
         name: &str,
         file: Arc<dyn Storage>,
