@@ -274,6 +274,17 @@ fn cases() -> Vec<(&'static str, &'static str, Damage)> {
             },
         ),
         (
+            "1-bit refcounts, two L1 entries name one L2 table",
+            "cluster_size=4096,refcount_bits=1",
+            |path| {
+                let mut b = Bytes::load(path);
+                let l1 = b.l1();
+                let first = b.u64_at(l1);
+                b.set_u64(l1 + 8, first);
+                b.save();
+            },
+        ),
+        (
             "version 2 image, refcount too high",
             "compat=0.10",
             |path| {

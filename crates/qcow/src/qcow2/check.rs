@@ -113,8 +113,13 @@ impl Counter<'_> {
             if index >= self.counts.len() {
                 self.counts.resize(index + 1, 0);
             }
+            // As QEMU, one reference at a time: counted up to the largest
+            // refcount, each one past it an overflow.
             let count = u64::from(self.counts[index]);
-            if count.saturating_add(times) > self.max {
+            let added = times.min(self.max.saturating_sub(count));
+            // At most self.max, which fits.
+            self.counts[index] = (count + added) as u32;
+            for _ in added..times {
                 (self.log)(&format!(
                     "ERROR: overflow cluster offset=0x{:x}",
                     cluster << self.cluster_bits
@@ -123,10 +128,7 @@ impl Counter<'_> {
                     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing",
                 );
                 self.report.corruptions += 1;
-                continue;
             }
-            // At most self.max, which fits.
-            self.counts[index] = (count + times) as u32;
         }
     }
 }
@@ -486,6 +488,9 @@ impl Qcow2Image {
                     .map_or(0, |&n| u64::from(n))
             })?;
             let (mut again, _) = self.calculate(Repair::None, log)?;
+            // The walk's findings count; the comparison only frees what
+            // the rebuild left over (the old structure).
+            let walked = again.report.clone();
             let (h, still_broken) = self.compare(&mut again, Repair::Leaks)?;
             if still_broken {
                 (again.log)("ERROR rebuilt refcount structure is still broken");
@@ -493,7 +498,7 @@ impl Qcow2Image {
             highest = h;
             let fresh_leaks = again.report.leaks;
             let mut report = old.clone();
-            report.corruptions = again.report.corruptions;
+            report.corruptions = walked.corruptions;
             report.leaks = 0;
             if report.corruptions < old.corruptions {
                 report.corruptions_fixed += old.corruptions - report.corruptions;
