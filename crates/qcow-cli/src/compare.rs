@@ -153,8 +153,22 @@ fn status(image: &dyn BlockDevice, pos: u64) -> Result<(u64, Status)> {
 }
 
 fn compare(args: &CompareArgs) -> Result<Verdict> {
-    let a = open_image(&args.file1, args.format1.as_deref(), &args.open, None, true)?;
-    let b = open_image(&args.file2, args.format2.as_deref(), &args.open, None, true)?;
+    let a = open_image(
+        &args.file1,
+        args.format1.as_deref(),
+        &args.open,
+        None,
+        true,
+        false,
+    )?;
+    let b = open_image(
+        &args.file2,
+        args.format2.as_deref(),
+        &args.open,
+        None,
+        true,
+        false,
+    )?;
     let (size_a, size_b) = (a.virtual_size(), b.virtual_size());
     if size_a != size_b && args.strict {
         return Ok(Verdict::Differs("Strict mode: Image size mismatch!".into()));

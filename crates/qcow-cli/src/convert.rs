@@ -112,6 +112,7 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         &args.open,
         snapshot,
         true,
+        true,
     )?;
     refuse_overwriting_source(&source, &args.dest)?;
     let size = source.virtual_size();

@@ -79,6 +79,7 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
                 &args.open,
                 None,
                 true,
+                false,
             )
             .context("could not open the backing file to learn its size")?;
             options.size = image.virtual_size();

@@ -67,7 +67,14 @@ fn parse_operands(operands: &[String]) -> Result<Operands> {
 /// Runs `qcow dd`.
 pub(crate) fn run(args: &DdArgs) -> Result<ExitCode> {
     let ops = parse_operands(&args.operands)?;
-    let source = open_image(&ops.input, args.format.as_deref(), &args.open, None, true)?;
+    let source = open_image(
+        &ops.input,
+        args.format.as_deref(),
+        &args.open,
+        None,
+        true,
+        false,
+    )?;
     let size = source.virtual_size();
     // Skipping past the end copies nothing, as with qemu-img dd.
     let start = ops

@@ -43,7 +43,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode> {
     let mut format = args.format.clone();
     loop {
         // info reports names of files an image refers to but opens none.
-        let image = open_image(&path, format.as_deref(), &args.open, None, false)?;
+        let image = open_image(&path, format.as_deref(), &args.open, None, false, false)?;
         let info = image_info(&path, &image)?;
         let next = if args.backing_chain && !args.open.untrusted {
             backing_of(&path, &image)

@@ -174,7 +174,14 @@ pub(crate) fn run(args: &MapArgs) -> Result<ExitCode> {
         "human" => false,
         other => bail!("--output must be human or json, not {other:?}"),
     };
-    let image = open_image(&args.file, args.format.as_deref(), &args.open, None, true)?;
+    let image = open_image(
+        &args.file,
+        args.format.as_deref(),
+        &args.open,
+        None,
+        true,
+        false,
+    )?;
     let mut printer = Printer {
         out: BufWriter::new(std::io::stdout().lock()),
         json,

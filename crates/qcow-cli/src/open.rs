@@ -47,13 +47,15 @@ pub(crate) fn refuse_overwriting_source(source: &dyn BlockDevice, output: &Path)
 }
 
 /// Opens `path` with an optional format name, following backing files and
-/// data files unless `flags.untrusted` says not to.
+/// data files unless `flags.untrusted` says not to; `copy_source`: the
+/// image is read to be copied, and nobody may write it meanwhile.
 pub(crate) fn open_image(
     path: &Path,
     format: Option<&str>,
     flags: &OpenFlags,
     snapshot: Option<&str>,
     follow: bool,
+    copy_source: bool,
 ) -> Result<Image> {
     let mut options = if flags.untrusted || !follow {
         OpenOptions::default()
@@ -68,5 +70,6 @@ pub(crate) fn open_image(
         .transpose()?;
     options.snapshot = snapshot.map(str::to_owned);
     options.force_share = flags.force_share;
+    options.copy_source = copy_source;
     Ok(qcow::open(path, &options)?)
 }

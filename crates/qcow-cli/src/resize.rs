@@ -12,7 +12,7 @@ use crate::size::option_size;
 /// Arguments of `qcow resize`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ResizeArgs {
-    /// Allow shrinking (not supported yet).
+    /// Allow shrinking (raw images; qcow2 not supported yet).
     #[arg(long)]
     shrink: bool,
     /// Image format (probed when omitted).
@@ -76,7 +76,9 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
             );
             return Ok(ExitCode::FAILURE);
         }
-        bail!("shrinking images is not supported yet");
+        if !matches!(image, Image::Raw(_)) {
+            bail!("shrinking qcow2 images is not supported yet");
+        }
     }
     match image {
         Image::Qcow2(mut image) => {
@@ -84,7 +86,7 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
             image.close()?;
         }
         Image::Qcow(_) => bail!("Image format driver does not support resize"),
-        Image::Raw(_) => bail!("resizing raw images is not supported yet"),
+        Image::Raw(mut image) => image.resize(new_size)?,
     }
     println!("Image resized.");
     Ok(ExitCode::SUCCESS)

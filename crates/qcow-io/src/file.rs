@@ -58,11 +58,16 @@ impl FileStorage {
         }
         // Devices (and /dev/null) cannot be truncated and keep their size.
         if file.metadata().map_err(CreateError::Io)?.is_file() {
-            OpenOptions::new()
-                .write(true)
-                .open(path)
-                .and_then(|f| f.set_len(0))
-                .map_err(CreateError::Io)?;
+            // A second description of the very file locked above (not of
+            // whatever the path names by now); without /proc, the locked
+            // handle itself.
+            use std::os::fd::AsRawFd;
+            let same_file = format!("/proc/self/fd/{}", file.as_raw_fd());
+            match OpenOptions::new().write(true).open(same_file) {
+                Ok(second) => second.set_len(0),
+                Err(_) => file.set_len(0),
+            }
+            .map_err(CreateError::Io)?;
         }
         Ok(FileStorage {
             file,

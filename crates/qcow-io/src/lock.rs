@@ -70,8 +70,8 @@ impl Perms {
         )
     }
 
-    /// The permissions of a user that reads and writes a raw file: QEMU's
-    /// raw format lets others do anything meanwhile.
+    /// The permissions of a user that reads, writes and resizes a raw
+    /// file: QEMU's raw format lets others do anything meanwhile.
     pub const fn raw_writer() -> (Perms, Perms) {
         (
             Perms(Perms::CONSISTENT_READ.0 | Perms::WRITE.0 | Perms::RESIZE.0),

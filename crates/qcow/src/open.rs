@@ -113,14 +113,21 @@ enum Role {
     DataFile,
 }
 
-/// The permissions held and shared on a file of `role`.
-fn perms(role: Role, writable: bool, options: &OpenOptions) -> (Perms, Perms) {
+/// The permissions held and shared on a file of `role` (`top`: the named
+/// image, not a backing file).
+fn perms(role: Role, writable: bool, top: bool, options: &OpenOptions) -> (Perms, Perms) {
     if options.force_share && !writable {
         return Perms::shared_reader();
     }
     match (role, writable) {
         (Role::DataFile, w) => Perms::data_file(w),
         (Role::Image(ImageFormat::Raw), true) => Perms::raw_writer(),
+        // A raw image passes its user's permissions through: qemu-img's
+        // info, map and compare share everything; backing files and copy
+        // sources do not share writes.
+        (Role::Image(ImageFormat::Raw), false) if top && !options.copy_source => {
+            Perms::shared_reader()
+        }
         (Role::Image(_), true) => Perms::writer(),
         (Role::Image(_), false) => Perms::reader(),
     }
@@ -222,7 +229,7 @@ fn open_layer(
         None => probe_storage(&name, &file)?,
     };
     if options.lock {
-        let perms = perms(Role::Image(format), file_writable, options);
+        let perms = perms(Role::Image(format), file_writable, top, options);
         lock_storage(&file, path, perms)?;
     }
     let storage: Arc<dyn Storage> = Arc::new(file);
@@ -250,7 +257,11 @@ fn open_layer(
                 let data_path = relative_to(path, &data_name);
                 let data = open_file(&data_path, writable, options)?;
                 if options.lock {
-                    lock_storage(&data, &data_path, perms(Role::DataFile, writable, options))?;
+                    lock_storage(
+                        &data,
+                        &data_path,
+                        perms(Role::DataFile, writable, top, options),
+                    )?;
                 }
                 image.attach_data_file(Arc::new(data), data_path.display().to_string());
             }

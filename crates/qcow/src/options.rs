@@ -51,6 +51,10 @@ pub struct OpenOptions {
     /// writable through the engine, for [`crate::Qcow2Image::check`]'s
     /// repairs: dirty and corrupt images open as they are.
     pub repair: bool,
+    /// The image is read to be copied (qemu-img's convert and dd sources):
+    /// nobody may write it meanwhile, even a raw image, which otherwise
+    /// shares writes as QEMU's raw format does.
+    pub copy_source: bool,
 }
 
 impl Default for OpenOptions {
@@ -68,6 +72,7 @@ impl Default for OpenOptions {
             lock: true,
             force_share: false,
             repair: false,
+            copy_source: false,
         }
     }
 }

@@ -27,6 +27,19 @@ impl RawImage {
             size,
         })
     }
+
+    /// Changes the disk's size to `new_size` bytes, as qemu-img resizes a
+    /// raw image (any byte size; new bytes read as zeros).
+    pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        self.storage
+            .set_len(new_size)
+            .map_err(|e| Error::io(&self.name, "resizing", new_size, e))?;
+        self.storage
+            .flush()
+            .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
+        self.size = new_size;
+        Ok(())
+    }
 }
 
 impl BlockDevice for RawImage {

@@ -161,6 +161,50 @@ fn resize_rounding_and_refusals_follow_qemu_img() {
 }
 
 #[test]
+fn raw_images_resize_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (size, shrink) in [
+        ("+100001", false),
+        ("3M", false),
+        ("-1M", false),
+        ("-1M", true),
+    ] {
+        let ours = dir.path().join("o.raw");
+        let theirs = dir.path().join("t.raw");
+        for path in [&ours, &theirs] {
+            let _ = std::fs::remove_file(path);
+            assert!(
+                qemu_img(&["create", "-q", "-f", "raw", p(path), "2M"])
+                    .status
+                    .success()
+            );
+        }
+        let args = |path: &Path| {
+            let mut a = vec!["resize".to_owned(), "-f".into(), "raw".into()];
+            if shrink {
+                a.push("--shrink".into());
+            }
+            a.push(p(path).to_owned());
+            a.push(size.to_owned());
+            a
+        };
+        let o = args(&ours);
+        let t = args(&theirs);
+        let a = qcow(&o.iter().map(String::as_str).collect::<Vec<_>>());
+        let b = qemu_img(&t.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            a.status.code(),
+            b.status.code(),
+            "{size} {shrink}: {}",
+            stderr(&a)
+        );
+        assert_eq!(stdout(&a), stdout(&b));
+        let len = |path: &Path| std::fs::metadata(path).expect("metadata").len();
+        assert_eq!(len(&ours), len(&theirs), "{size} {shrink}");
+    }
+}
+
+#[test]
 fn the_grown_part_over_a_longer_backing_file_reads_as_zeros() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("base.raw");

@@ -381,3 +381,40 @@ fn usage_errors_exit_1_like_qemu_img() {
     assert_eq!(theirs.status.code(), Some(1));
     assert_eq!(qcow(&["--help"]).status.code(), Some(0));
 }
+
+#[test]
+fn raw_images_share_writes_except_as_copy_sources_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("vm.raw");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "raw", p(&raw), "4M"])
+            .status
+            .success()
+    );
+    let out = dir.path().join("copy.raw");
+    let holder = Holder::qemu_io(&raw, &["-f", "raw"]);
+    for args in [
+        vec!["info", "-f", "raw", p(&raw)],
+        vec!["map", "-f", "raw", p(&raw)],
+        vec!["compare", "-f", "raw", "-F", "raw", p(&raw), p(&raw)],
+        vec!["convert", "-f", "raw", "-O", "raw", p(&raw), p(&out)],
+        vec![
+            "dd",
+            "-f",
+            "raw",
+            &format!("if={}", p(&raw)),
+            &format!("of={}", p(&out)),
+        ],
+    ] {
+        let ours = qcow(&args);
+        let theirs = qemu_img(&args);
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{args:?}: qcow {}, qemu-img {}",
+            stderr(&ours),
+            stderr(&theirs)
+        );
+    }
+    drop(holder);
+}
