@@ -108,6 +108,9 @@ pub(super) trait Owner {
     ) -> Option<(&'static str, u64)>;
     /// A cluster's refcount dropped to zero (drop any cached copy of it).
     fn cluster_freed(&self, host: u64);
+    /// New metadata (a refcount block or table) now lives at
+    /// `start..start + len`.
+    fn metadata_placed(&self, start: u64, len: u64);
     /// Waits until no lock-free data I/O that may have found freed clusters
     /// mapped is still in flight.
     fn wait_for_data_io(&self);
@@ -336,6 +339,8 @@ impl Allocation<'_> {
             .map_err(|e| Error::io(&self.alloc.name, "caching a refcount block", offset, e))?;
         self.alloc.flush_refcounts()?;
         self.grow_file_len();
+        self.owner
+            .metadata_placed(offset, self.alloc.cluster_size());
         let entry_at = self.meta.reftable_offset + index * 8;
         self.alloc
             .file
@@ -415,6 +420,10 @@ impl Allocation<'_> {
         self.check_clusters_end(next)?;
         self.meta.end = next;
         self.grow_file_len();
+        self.owner.metadata_placed(
+            table_start << cluster_bits,
+            (next - table_start) << cluster_bits,
+        );
         // Blocks first, then the table, then the header that points at it.
         self.alloc.flush_refcounts()?;
         let table_offset = table_start << cluster_bits;

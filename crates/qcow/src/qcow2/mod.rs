@@ -20,6 +20,7 @@ mod create;
 mod entry_seq;
 mod flush;
 mod l2_tables;
+mod metadata_map;
 mod overlap;
 mod preallocate;
 mod read;

@@ -18,6 +18,7 @@ use qcow_format::table::OFFSET_MASK;
 
 use super::Qcow2Image;
 use super::allocator::Meta;
+use super::metadata_map::MetadataMap;
 use super::references::snapshot_table_len;
 use crate::{Error, Result};
 
@@ -146,6 +147,54 @@ impl Qcow2Image {
             s.kind != "active L2 table" && s.start < end && start < s.start.saturating_add(s.len)
         })
         .map(|s| (s.kind, s.start))
+    }
+
+    /// Marks every metadata structure in `map`; one past the end of the
+    /// file (which the map does not cover) leaves the map incomplete.
+    pub(super) fn map_metadata(&self, meta: &Meta, map: &MetadataMap) {
+        let file_end = self.file_len().next_multiple_of(self.header.cluster_size());
+        for s in self.structures(meta) {
+            if s.start.saturating_add(s.len) > file_end {
+                map.set_incomplete();
+            } else {
+                map.mark(s.start, s.len);
+            }
+        }
+    }
+
+    /// Refuses guest data written in place at `host..host + len` where
+    /// metadata lives (a damaged L2 entry naming a table).
+    /// `meta`: the allocation state when the caller holds the lock.
+    pub(super) fn check_data_overlap(
+        &self,
+        host: u64,
+        len: u64,
+        meta: Option<&Meta>,
+    ) -> Result<()> {
+        let Some(ws) = &self.writer else {
+            return Ok(());
+        };
+        if ws.metadata.complete() && !ws.metadata.hits(host, len) {
+            return Ok(());
+        }
+        let locked;
+        let meta = match meta {
+            Some(meta) => meta,
+            None => {
+                locked = self.lock_meta()?;
+                &*locked
+            }
+        };
+        match self.metadata_overlap(meta.reftable_offset, &meta.reftable, host, len) {
+            None => Ok(()),
+            Some((structure, offset)) => Err(Error::MetadataOverlap {
+                image: self.name.clone(),
+                what: "guest data",
+                at: host,
+                structure,
+                offset,
+            }),
+        }
     }
 
     /// Checks that no two metadata structures share bytes (a refcount

@@ -23,6 +23,7 @@ use qcow_io::Storage;
 
 use super::allocator::{Allocation, Allocator, Meta, Owner, RefBlockWriter};
 use super::l2_tables::empty_table;
+use super::metadata_map::MetadataMap;
 use super::{L2Table, Qcow2Image, decode_be_words};
 use crate::device::BlockDevice;
 use crate::{Error, Result};
@@ -37,6 +38,8 @@ pub(super) const ALL_ZERO: u64 = 0xffff_ffff << 32;
 pub(crate) struct WriteState {
     /// Refcounts and allocation, behind the allocation lock.
     pub(super) allocator: Allocator,
+    /// Which clusters hold metadata (the overlap guard's fast answer).
+    pub(super) metadata: MetadataMap,
     /// The incompatible feature bits as on disk (dirty and corrupt change).
     pub(super) incompatible: AtomicU64,
     /// Serialises changes of the feature bits (readers use the atomic).
@@ -65,11 +68,25 @@ impl Owner for Qcow2Image {
         start: u64,
         len: u64,
     ) -> Option<(&'static str, u64)> {
+        if let Some(ws) = &self.writer {
+            if ws.metadata.complete() && !ws.metadata.hits(start, len) {
+                return None;
+            }
+        }
         Qcow2Image::metadata_overlap(self, reftable_offset, reftable, start, len)
     }
 
     fn cluster_freed(&self, host: u64) {
         self.l2.forget(host);
+        if let Some(ws) = &self.writer {
+            ws.metadata.unmark_cluster(host);
+        }
+    }
+
+    fn metadata_placed(&self, start: u64, len: u64) {
+        if let Some(ws) = &self.writer {
+            ws.metadata.mark(start, len);
+        }
     }
 
     fn wait_for_data_io(&self) {
@@ -161,6 +178,7 @@ impl Qcow2Image {
                     compressed_cursor: 0,
                 },
             ),
+            metadata: MetadataMap::new(self.header.cluster_bits),
             incompatible: AtomicU64::new(self.header.incompatible_features),
             header_lock: Mutex::new(()),
             data_io: RwLock::new(()),
@@ -170,6 +188,7 @@ impl Qcow2Image {
         // QEMU does when it meets such a write.
         let apart = {
             let meta = self.lock_meta()?;
+            self.map_metadata(&meta, &self.write_state()?.metadata);
             self.check_structures_apart(&meta)
         };
         self.guard(apart)
@@ -268,7 +287,7 @@ impl Qcow2Image {
 
     /// Where the guest cluster at `guest` can be overwritten in place: its
     /// host offset when the image owns it alone (`OFLAG_COPIED`).
-    pub(super) fn in_place_host(&self, guest: u64) -> Result<Option<u64>> {
+    pub(super) fn in_place_host(&self, guest: u64, meta: Option<&Meta>) -> Result<Option<u64>> {
         let geo = &self.geometry;
         let l1_index = geo.l1_index(guest);
         let l1_entry = self.l1_entry(l1_index);
@@ -299,7 +318,7 @@ impl Qcow2Image {
         let whole = words == 1 || bitmap & ALL_ALLOCATED == ALL_ALLOCATED;
         Ok(match mapping {
             L2Mapping::Data { host } if entry & OFLAG_COPIED != 0 && whole => {
-                self.check_data_host(index as u64, host)?;
+                self.check_data_host(index as u64, host, meta)?;
                 Some(host)
             }
             _ => None,
@@ -310,8 +329,13 @@ impl Qcow2Image {
     /// of the image file (or, for an external data file, which QEMU maps
     /// one to one, past the disk). Reads there just see zeros, but a write
     /// would grow the file to wherever a damaged entry points.
-    fn check_data_host(&self, index: u64, host: u64) -> Result<()> {
+    fn check_data_host(&self, index: u64, host: u64, meta: Option<&Meta>) -> Result<()> {
         let cluster_size = self.header.cluster_size();
+        // Guest data written in place must not land on metadata (a damaged
+        // entry naming a table): QEMU checks every data write too.
+        if !self.header.has_data_file() {
+            self.check_data_overlap(host, cluster_size, meta)?;
+        }
         let limit = if self.header.has_data_file() {
             self.virtual_size.next_multiple_of(cluster_size)
         } else {
@@ -371,7 +395,7 @@ impl Qcow2Image {
     /// write is done. Returns whether it did.
     fn write_in_place(&self, piece: &[u8], guest: u64) -> Result<bool> {
         let _gate = self.data_io_guard();
-        match self.in_place_host(guest)? {
+        match self.in_place_host(guest, None)? {
             Some(host) => {
                 self.write_data(piece, host + self.geometry.in_cluster(guest))?;
                 Ok(true)
@@ -392,7 +416,10 @@ impl Qcow2Image {
         let mut count = 0u64;
         let whole = data.len() as u64 / cluster_size;
         while count < whole.min(left_in_table) {
-            if self.in_place_host(guest + count * cluster_size)?.is_some() {
+            if self
+                .in_place_host(guest + count * cluster_size, Some(&meta))?
+                .is_some()
+            {
                 break;
             }
             count += 1;
@@ -478,7 +505,7 @@ impl Qcow2Image {
             let at = (in_cluster - span_start) as usize;
             span[at..at + piece.len()].copy_from_slice(piece);
             let target = if owned {
-                self.check_data_host(index as u64 / 2, host)?;
+                self.check_data_host(index as u64 / 2, host, Some(&meta))?;
                 host
             } else {
                 self.alloc_data(&mut meta, guest, 1)?
@@ -555,7 +582,7 @@ impl Qcow2Image {
         self.mark_dirty()?;
         // Another writer may have allocated it meanwhile.
         let in_cluster = self.geometry.in_cluster(guest);
-        if let Some(host) = self.in_place_host(guest)? {
+        if let Some(host) = self.in_place_host(guest, Some(&meta))? {
             return self.write_data(piece, host + in_cluster);
         }
         let cluster_size = self.header.cluster_size();

@@ -44,7 +44,7 @@ impl Qcow2Image {
                 let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
                 return self.set_l2_words(&mut meta, l2_offset, &table, guest, 0, ALL_ZERO);
             }
-            let owned = self.in_place_host(guest)?;
+            let owned = self.in_place_host(guest, Some(&meta))?;
             let entry = match owned {
                 Some(host) if !unmap && self.header.version >= 3 => host | OFLAG_COPIED | 1,
                 _ if self.header.version >= 3 => 1,

@@ -10,4 +10,5 @@ mod locking;
 mod malformed;
 mod model;
 mod oracle;
+mod overlap;
 mod write;

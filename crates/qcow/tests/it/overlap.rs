@@ -1,0 +1,60 @@
+//! The metadata overlap guard through the library: guest data written in
+//! place never lands on metadata, whatever a damaged L2 entry says.
+
+use qcow::{Error, OpenOptions};
+
+fn writable() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    }
+}
+
+#[test]
+fn in_place_writes_never_land_on_metadata() {
+    // An L2 entry (owned, OFLAG_COPIED) names the refcount block: a write
+    // to that guest cluster must not overwrite it (QEMU checks every data
+    // write); the image is marked corrupt instead.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&path)
+        .arg("16M")
+        .status()
+        .expect("qemu-img is required");
+    assert!(made.success());
+    let image = qcow::open(&path, &writable()).expect("open");
+    qcow::BlockDevice::write_at(&image, &[1u8; 65536], 0).expect("first write");
+    drop(image);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
+    let l1 = be(&bytes, 40) as usize;
+    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let reftable = be(&bytes, 48) as usize;
+    let block = be(&bytes, reftable);
+    bytes[l2..l2 + 8].copy_from_slice(&(block | (1 << 63)).to_be_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+
+    let image = qcow::open(&path, &writable()).expect("open");
+    let result = qcow::BlockDevice::write_at(&image, &[0xeeu8; 4096], 0);
+    assert!(
+        matches!(
+            result,
+            Err(Error::MetadataOverlap {
+                structure: "refcount block",
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    drop(image);
+    let after = std::fs::read(&path).expect("read");
+    let b = block as usize;
+    assert!(
+        after[b..b + 4096] == bytes[b..b + 4096],
+        "the refcount block was overwritten"
+    );
+    let incompatible = be(&after, 72);
+    assert_ne!(incompatible & 2, 0, "the corrupt bit is set");
+}
