@@ -139,6 +139,7 @@ impl Qcow2Image {
                 meta.give_back(offset, clusters);
                 return Err(e);
             }
+            super::allocator::Owner::metadata_placed(self, offset, bytes);
             for i in 0..old_clusters {
                 meta.pending_frees.push(old_offset + i * cluster_size);
             }

@@ -723,7 +723,10 @@ impl Qcow2Image {
             Ok(table)
         });
         let table = match linked {
-            Ok(table) => table,
+            Ok(table) => {
+                Owner::metadata_placed(self, new_offset, self.header.cluster_size());
+                table
+            }
             Err(e) => {
                 // The L1 entry on disk still names the old table (or none).
                 self.l2.forget(new_offset);
