@@ -149,6 +149,30 @@ impl Qcow2Image {
         .map(|s| (s.kind, s.start))
     }
 
+    /// [`Qcow2Image::check_structures_apart`] with the refcount table as
+    /// stored (before the allocation state exists).
+    pub(super) fn check_structures_apart_on_disk(&self) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let reftable_bytes = u64::from(self.header.refcount_table_clusters) * cluster_size;
+        // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
+        let mut raw = vec![0u8; reftable_bytes as usize];
+        self.file
+            .read_at(&mut raw, self.header.refcount_table_offset)
+            .map_err(|e| {
+                Error::io(
+                    &self.name,
+                    "reading the refcount table",
+                    self.header.refcount_table_offset,
+                    e,
+                )
+            })?;
+        let reftable: Vec<u64> = super::decode_be_words(&raw)
+            .into_iter()
+            .map(|e| e & OFFSET_MASK)
+            .collect();
+        self.check_apart(self.header.refcount_table_offset, &reftable)
+    }
+
     /// Marks every metadata structure in `map`; one past the end of the
     /// file (which the map does not cover) leaves the map incomplete.
     pub(super) fn map_metadata(&self, meta: &Meta, map: &MetadataMap) {
@@ -203,7 +227,15 @@ impl Qcow2Image {
     /// number of tables. The same table named twice (two L1 entries naming
     /// one L2 table) is left to `check`.
     pub(super) fn check_structures_apart(&self, meta: &Meta) -> Result<()> {
-        let mut all = self.structures(meta);
+        self.check_apart(meta.reftable_offset, &meta.reftable)
+    }
+
+    fn check_apart(&self, reftable_offset: u64, reftable: &[u64]) -> Result<()> {
+        let mut all = Vec::new();
+        self.find_structure_in(reftable_offset, reftable, |s| {
+            all.push(*s);
+            false
+        });
         all.sort_unstable();
         all.dedup();
         let mut reach: Option<Structure> = None;

@@ -129,7 +129,10 @@ impl Qcow2Image {
             return Err(unsupported("writing an image with persistent bitmaps"));
         }
         if self.header.dirty() {
-            // Refcounts may be stale after a crash with lazy refcounts.
+            // Refcounts may be stale after a crash with lazy refcounts. The
+            // rebuild rewrites L1 and L2 entries: first make sure no table
+            // is another structure in disguise.
+            self.check_structures_apart_on_disk()?;
             self.rebuild_refcounts()?;
         }
         let cluster_size = self.header.cluster_size();

@@ -58,3 +58,37 @@ fn in_place_writes_never_land_on_metadata() {
     let incompatible = be(&after, 72);
     assert_ne!(incompatible & 2, 0, "the corrupt bit is set");
 }
+
+#[test]
+fn a_dirty_image_whose_tables_overlap_is_not_rebuilt() {
+    // Rebuilding refcounts rewrites L1 and L2 entries: with an L1 entry
+    // naming the refcount block, that would rewrite the block as a table.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dirty.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on"])
+        .arg(&path)
+        .arg("16M")
+        .status()
+        .expect("qemu-img is required");
+    assert!(made.success());
+    let mut bytes = std::fs::read(&path).expect("read");
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
+    let l1 = be(&bytes, 40) as usize;
+    let reftable = be(&bytes, 48) as usize;
+    let block = be(&bytes, reftable);
+    bytes[l1..l1 + 8].copy_from_slice(&(block | (1 << 63)).to_be_bytes());
+    let incompatible = be(&bytes, 72) | 1;
+    bytes[72..80].copy_from_slice(&incompatible.to_be_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+    let result = qcow::open(&path, &writable());
+    assert!(
+        matches!(result, Err(Error::MetadataOverlap { .. })),
+        "{:?}",
+        result.err()
+    );
+    assert!(
+        std::fs::read(&path).expect("read") == bytes,
+        "the image changed"
+    );
+}
