@@ -112,12 +112,41 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     if !args.quiet {
         println!("{}", list.formatting_line(&name, &options));
     }
-    if let Some(data_file) = &options.data_file {
-        let path = qcow::relative_to(&args.file, data_file);
-        let file = qcow::create_file(&path)?;
-        qcow_io::Storage::set_len(&file, options.rounded_size())
-            .with_context(|| format!("could not size '{}'", path.display()))?;
+    let Some(data_file) = &options.data_file else {
+        qcow::create(&args.file, &options)?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    // The image file must be free before the data file is touched.
+    refuse_if_in_use(&args.file)?;
+    let path = qcow::relative_to(&args.file, data_file);
+    let existed = path.exists();
+    let made = qcow::create_file(&path)
+        .map_err(anyhow::Error::from)
+        .and_then(|file| {
+            qcow_io::Storage::set_len(&file, options.rounded_size())
+                .with_context(|| format!("could not size '{}'", path.display()))
+        })
+        .and_then(|()| Ok(qcow::create(&args.file, &options)?));
+    if made.is_err() && !existed {
+        // The creation failed: the data file made for it goes too.
+        let _ = std::fs::remove_file(&path);
     }
-    qcow::create(&args.file, &options)?;
+    made?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Fails, as creating it would, when another process uses the file at
+/// `path` (nothing changes: the lock is taken and released).
+fn refuse_if_in_use(path: &std::path::Path) -> Result<()> {
+    let Ok(file) = qcow_io::FileStorage::open(path, true) else {
+        return Ok(());
+    };
+    let (perm, shared) = qcow_io::Perms::creator();
+    file.lock(perm, shared).map_err(|conflict| {
+        anyhow::anyhow!(
+            "{}: {conflict}\nIs another process using the image [{}]?",
+            path.display(),
+            path.display()
+        )
+    })
 }

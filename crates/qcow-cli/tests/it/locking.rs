@@ -418,3 +418,39 @@ fn raw_images_share_writes_except_as_copy_sources_like_qemu_img() {
     }
     drop(holder);
 }
+
+#[test]
+fn create_with_a_data_file_touches_nothing_while_the_image_is_in_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = sample_copy(dir.path(), "busy.qcow2");
+    let data = dir.path().join("data.raw");
+    std::fs::write(&data, b"precious").expect("write");
+    let holder = Holder::qemu_io(&img, &["-f", "qcow2"]);
+    let out = qcow(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", p(&data)),
+        p(&img),
+        "1M",
+    ]);
+    assert_lock_refused(&out, "Failed to get \"write\" lock", &img);
+    assert_eq!(std::fs::read(&data).expect("read"), b"precious");
+    drop(holder);
+    // A creation that fails after making its data file removes it.
+    let fresh = dir.path().join("fresh.raw");
+    let out = qcow(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={},cluster_size=4096", p(&fresh)),
+        p(&dir.path().join("no-such-dir/x.qcow2")),
+        "1M",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!fresh.exists(), "the data file made for it is left behind");
+}

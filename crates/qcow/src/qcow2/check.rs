@@ -23,6 +23,9 @@ use super::references::{Use, Visitor};
 use super::{Qcow2Image, decode_be_words};
 use crate::{Error, Result};
 
+/// Most clusters a checked file may have (QEMU's bound, `INT_MAX`).
+const MAX_CLUSTERS: u64 = i32::MAX as u64;
+
 /// What `check` may repair (qemu-img's `-r`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Repair {
@@ -227,12 +230,24 @@ impl Qcow2Image {
     ) -> Result<(Counter<'a>, bool)> {
         let cs = self.header.cluster_size();
         let file_len = self.file_length()?;
-        let clusters = usize::try_from(file_len.div_ceil(cs)).map_err(|_| Error::Unsupported {
+        // As QEMU: files of more than 2^31 - 1 clusters are not checked
+        // (the in-memory table would not fit its bound).
+        let too_large = || Error::Unsupported {
             image: self.name.clone(),
-            what: "checking a file of this size".into(),
-        })?;
+            what: format!("checking a file of more than {MAX_CLUSTERS} clusters (File too large)"),
+        };
+        let clusters = file_len.div_ceil(cs);
+        if clusters > MAX_CLUSTERS {
+            return Err(too_large());
+        }
+        let mut counts = Vec::new();
+        // Fallible: a refusal, never an abort.
+        counts
+            .try_reserve_exact(clusters as usize)
+            .map_err(|_| too_large())?;
+        counts.resize(clusters as usize, 0);
         let mut counter = Counter {
-            counts: vec![0; clusters],
+            counts,
             cluster_bits: self.header.cluster_bits,
             file_len,
             max: self.refcount_max(),
@@ -279,7 +294,9 @@ impl Qcow2Image {
                         reason: format!("refcount block offset {offset:#x} overflows"),
                     });
                     let grown = grown.and_then(|end| {
-                        if end > qcow_format::limits::MAX_HOST_OFFSET {
+                        if end > qcow_format::limits::MAX_HOST_OFFSET
+                            || end >> self.header.cluster_bits > MAX_CLUSTERS
+                        {
                             return Err(Error::NoSpace {
                                 image: self.name.clone(),
                                 what: "the image file",
