@@ -102,6 +102,8 @@ pub mod field {
 
     use super::{RawHeaderV2, RawHeaderV3, V2_HEADER_LEN};
 
+    /// `cluster_bits` (4 bytes).
+    pub const CLUSTER_BITS: u64 = offset_of!(RawHeaderV2, cluster_bits) as u64;
     /// The virtual disk size (`size`, 8 bytes).
     pub const SIZE: u64 = offset_of!(RawHeaderV2, size) as u64;
     /// `l1_size` (4 bytes), directly followed by `l1_table_offset`.
@@ -127,6 +129,10 @@ pub mod field {
     /// The version 3 autoclear feature bits (8 bytes).
     pub const AUTOCLEAR_FEATURES: u64 =
         V2_HEADER_LEN as u64 + offset_of!(RawHeaderV3, autoclear_features) as u64;
+
+    /// The version 3 header's length (4 bytes).
+    pub const HEADER_LENGTH: u64 =
+        V2_HEADER_LEN as u64 + offset_of!(RawHeaderV3, header_length) as u64;
 
     const _: () = assert!(L1_TABLE_OFFSET == L1_SIZE + 4);
     const _: () = assert!(REFCOUNT_TABLE_CLUSTERS == REFCOUNT_TABLE_OFFSET + 8);

@@ -54,7 +54,8 @@ impl Bytes {
         self.b[at..at + 8].copy_from_slice(&v.to_be_bytes());
     }
     fn cluster_bits(&self) -> u32 {
-        u32::from_be_bytes(self.b[20..24].try_into().expect("4 bytes"))
+        let at = field::CLUSTER_BITS as usize;
+        u32::from_be_bytes(self.b[at..at + 4].try_into().expect("4 bytes"))
     }
     fn l1(&self) -> u64 {
         self.u64_at(field::L1_TABLE_OFFSET)
@@ -273,6 +274,13 @@ fn cases() -> Vec<(&'static str, &'static str, Damage)> {
                 b.save();
             },
         ),
+        ("misaligned preallocated zero cluster", plain, |path| {
+            let mut b = Bytes::load(path);
+            let at = b.l2(0) + 8 * 2;
+            let e = b.u64_at(at);
+            b.set_u64(at, (e + 0x200) | 1);
+            b.save();
+        }),
         (
             "1-bit refcounts, two L1 entries name one L2 table",
             "cluster_size=4096,refcount_bits=1",

@@ -372,7 +372,8 @@ fn create_sizes_round_like_qemu_img() {
 
 /// Offset of the data of the first header extension of type `magic`.
 fn extension_data(bytes: &[u8], magic: u32) -> usize {
-    let header_len = u32::from_be_bytes(bytes[100..104].try_into().expect("4 bytes")) as usize;
+    let at = field::HEADER_LENGTH as usize;
+    let header_len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
     let mut at = header_len;
     loop {
         let kind = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));

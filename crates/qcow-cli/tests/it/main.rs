@@ -219,7 +219,8 @@ fn errors_are_one_line_and_never_panics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let garbage = dir.path().join("bad.qcow2");
     let mut bytes = std::fs::read(testdata().join("sample.qcow2")).expect("sample");
-    bytes[20..24].copy_from_slice(&40u32.to_be_bytes()); // cluster_bits 40
+    let at = qcow::format::header::field::CLUSTER_BITS as usize;
+    bytes[at..at + 4].copy_from_slice(&40u32.to_be_bytes());
     std::fs::write(&garbage, bytes).expect("write");
     for args in [
         vec!["info", "no-such-file.qcow2"],

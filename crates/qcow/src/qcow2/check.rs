@@ -82,6 +82,8 @@ struct Counter<'a> {
     /// The image's largest refcount (or `u32::MAX`, this table's own).
     max: u64,
     report: CheckReport,
+    /// What the walk may repair.
+    repair: Repair,
     next_contiguous: u64,
     log: &'a mut dyn FnMut(&str),
 }
@@ -170,6 +172,22 @@ impl Visitor for Counter<'_> {
         self.report.corruptions += times;
         Ok(())
     }
+
+    fn repairs(&self) -> bool {
+        self.repair.errors()
+    }
+
+    fn fixed(&mut self, times: u64) -> Result<()> {
+        self.report.corruptions -= times;
+        self.report.corruptions_fixed += times;
+        Ok(())
+    }
+
+    fn check_error(&mut self, message: String) -> Result<()> {
+        (self.log)(&message);
+        self.report.check_errors += 1;
+        Ok(())
+    }
 }
 
 /// The image's stored refcounts, read block by block.
@@ -252,6 +270,7 @@ impl Qcow2Image {
             file_len,
             max: self.refcount_max(),
             report: CheckReport::default(),
+            repair,
             next_contiguous: 0,
             log,
         };

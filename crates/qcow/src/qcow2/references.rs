@@ -66,6 +66,28 @@ pub(super) trait Visitor {
     /// Something in the metadata is wrong (`times` references see it):
     /// QEMU's check counts it as a corruption and prints `message`.
     fn problem(&mut self, times: u64, message: String) -> Result<()>;
+
+    /// Whether the walk may repair what it can (check's `-r all`); the
+    /// default is no.
+    fn repairs(&self) -> bool {
+        false
+    }
+
+    /// A problem just reported (`times` references) was repaired.
+    fn fixed(&mut self, times: u64) -> Result<()> {
+        let _ = times;
+        Ok(())
+    }
+
+    /// An error kept a repair from completing.
+    fn check_error(&mut self, message: String) -> Result<()> {
+        Err(Error::Corrupt {
+            image: String::new(),
+            table: "L2 table",
+            offset: 0,
+            reason: message,
+        })
+    }
 }
 
 /// Bytes a snapshot table of `snapshots` takes (each entry padded to 8).
@@ -255,16 +277,37 @@ impl Qcow2Image {
                 } else {
                     !zero_flag
                 };
-                let message = if contains_data {
-                    format!(
+                if contains_data {
+                    visitor.problem(times, format!(
                         "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
-                    )
+                    ))?;
+                } else if visitor.repairs() {
+                    // As QEMU: the entry becomes a plain zero cluster (the
+                    // space it names is not counted, it reads as zeros).
+                    visitor.problem(times, format!(
+                        "Repairing offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                    ))?;
+                    let words = self.geometry.l2_entry_words() as u64;
+                    let at = l2 + index as u64 * words * 8;
+                    let mut new = OFLAG_ZERO.to_be_bytes().to_vec();
+                    if extended {
+                        let zeros = (bitmap | (bitmap << 32)) & (0xffff_ffff << 32);
+                        new = [0u64.to_be_bytes(), zeros.to_be_bytes()].concat();
+                    }
+                    let fixed = match self.l2_rewrite_overlap(at, new.len() as u64) {
+                        Some(_) => false,
+                        None => self.file.write_at(&new, at).is_ok(),
+                    };
+                    if fixed {
+                        visitor.fixed(times)?;
+                        continue;
+                    }
+                    visitor.check_error("ERROR: Failed to overwrite L2 table entry".into())?;
                 } else {
-                    format!(
+                    visitor.problem(times, format!(
                         "ERROR offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
-                    )
-                };
-                visitor.problem(times, message)?;
+                    ))?;
+                }
             }
             visitor.used(
                 offset,

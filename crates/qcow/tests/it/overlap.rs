@@ -1,7 +1,12 @@
 //! The metadata overlap guard through the library: guest data written in
 //! place never lands on metadata, whatever a damaged L2 entry says.
 
+use qcow::format::header::field;
 use qcow::{Error, OpenOptions};
+
+const L1_AT: usize = field::L1_TABLE_OFFSET as usize;
+const REFTABLE_AT: usize = field::REFCOUNT_TABLE_OFFSET as usize;
+const FEATURES_AT: usize = field::INCOMPATIBLE_FEATURES as usize;
 
 fn writable() -> OpenOptions {
     OpenOptions {
@@ -29,9 +34,9 @@ fn in_place_writes_never_land_on_metadata() {
     drop(image);
     let mut bytes = std::fs::read(&path).expect("read");
     let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
-    let l1 = be(&bytes, 40) as usize;
+    let l1 = be(&bytes, L1_AT) as usize;
     let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
-    let reftable = be(&bytes, 48) as usize;
+    let reftable = be(&bytes, REFTABLE_AT) as usize;
     let block = be(&bytes, reftable);
     bytes[l2..l2 + 8].copy_from_slice(&(block | (1 << 63)).to_be_bytes());
     std::fs::write(&path, &bytes).expect("write");
@@ -55,7 +60,7 @@ fn in_place_writes_never_land_on_metadata() {
         after[b..b + 4096] == bytes[b..b + 4096],
         "the refcount block was overwritten"
     );
-    let incompatible = be(&after, 72);
+    let incompatible = be(&after, FEATURES_AT);
     assert_ne!(incompatible & 2, 0, "the corrupt bit is set");
 }
 
@@ -74,12 +79,12 @@ fn a_dirty_image_whose_tables_overlap_is_not_rebuilt() {
     assert!(made.success());
     let mut bytes = std::fs::read(&path).expect("read");
     let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
-    let l1 = be(&bytes, 40) as usize;
-    let reftable = be(&bytes, 48) as usize;
+    let l1 = be(&bytes, L1_AT) as usize;
+    let reftable = be(&bytes, REFTABLE_AT) as usize;
     let block = be(&bytes, reftable);
     bytes[l1..l1 + 8].copy_from_slice(&(block | (1 << 63)).to_be_bytes());
-    let incompatible = be(&bytes, 72) | 1;
-    bytes[72..80].copy_from_slice(&incompatible.to_be_bytes());
+    let incompatible = be(&bytes, FEATURES_AT) | 1;
+    bytes[FEATURES_AT..FEATURES_AT + 8].copy_from_slice(&incompatible.to_be_bytes());
     std::fs::write(&path, &bytes).expect("write");
     let result = qcow::open(&path, &writable());
     assert!(

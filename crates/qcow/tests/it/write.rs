@@ -445,7 +445,8 @@ fn interop_with_qemu_io_in_both_orders() {
 
 pub(crate) fn incompatible_bits(path: &Path) -> u64 {
     let bytes = std::fs::read(path).expect("read");
-    u64::from_be_bytes(bytes[72..80].try_into().expect("8 bytes"))
+    let at = qcow::format::header::field::INCOMPATIBLE_FEATURES as usize;
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
 }
 
 #[test]
