@@ -37,6 +37,42 @@ use lru::LruCache;
 /// Most shards a cache is split into.
 const MAX_SHARDS: usize = 16;
 
+/// Why a table could not be written back: which table, and what the
+/// storage said. Carried inside the `io::Error` the cache returns (see
+/// [`failed_offset`]).
+#[derive(Debug)]
+pub struct WriteBackFailed {
+    /// Offset of the table that could not be written.
+    pub offset: u64,
+    /// What the storage said.
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for WriteBackFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "writing back the table at {:#x}: {}",
+            self.offset, self.source
+        )
+    }
+}
+
+impl std::error::Error for WriteBackFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The offset of the table whose write-back failed, when `error` came from
+/// a cache's write-back.
+pub fn failed_offset(error: &io::Error) -> Option<u64> {
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<WriteBackFailed>())
+        .map(|failed| failed.offset)
+}
+
 /// Writes one table back to its place in the image, in two steps so that
 /// the bytes are taken before the cache's dependency is flushed: whatever
 /// they contain is then covered by that flush, even if the table changes
@@ -386,7 +422,9 @@ impl<T> TableCache<T> {
         if let Some(dependency) = dependency {
             dependency.flush()?;
         }
-        writer.write(offset, &bytes)?;
+        writer
+            .write(offset, &bytes)
+            .map_err(|source| io::Error::new(source.kind(), WriteBackFailed { offset, source }))?;
         self.write_backs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -472,6 +510,30 @@ impl<T: Send + Sync> Flush for TableCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Failing;
+
+    impl WriteBack<u32> for Failing {
+        fn encode(&self, table: &u32) -> Vec<u8> {
+            table.to_be_bytes().to_vec()
+        }
+        fn write(&self, _offset: u64, _bytes: &[u8]) -> io::Result<()> {
+            Err(io::Error::other("no space"))
+        }
+    }
+
+    #[test]
+    fn failed_write_backs_name_their_table() {
+        let cache = TableCache::with_write_back(64, 4, Arc::new(Failing));
+        let inserted = cache.insert_dirty(0x3000, Arc::new(7u32));
+        let error = match inserted.and_then(|()| cache.flush()) {
+            Err(e) => e,
+            Ok(()) => panic!("the write-back did not fail"),
+        };
+        assert_eq!(failed_offset(&error), Some(0x3000));
+        assert!(error.to_string().contains("0x3000"), "{error}");
+        assert_eq!(failed_offset(&io::Error::other("x")), None);
+    }
 
     /// Records every write-back as (cache name, offset, value).
     #[derive(Default)]

@@ -235,6 +235,13 @@ impl Error {
         }
     }
 
+    /// An I/O error from a metadata cache: at the offset of the table
+    /// whose write-back failed when the cache says which, else `offset`.
+    pub(crate) fn cache_io(image: &str, op: &'static str, offset: u64, source: io::Error) -> Self {
+        let offset = qcow_cache::failed_offset(&source).unwrap_or(offset);
+        Self::io(image, op, offset, source)
+    }
+
     pub(crate) fn format(image: &str, source: FormatError) -> Self {
         Error::Format {
             image: image.to_owned(),

@@ -166,7 +166,7 @@ impl Allocator {
     pub(super) fn flush_refcounts(&self) -> Result<()> {
         self.refcounts
             .flush()
-            .map_err(|e| Error::io(&self.name, "writing refcount blocks", 0, e))
+            .map_err(|e| Error::cache_io(&self.name, "writing refcount blocks", 0, e))
     }
 }
 
@@ -235,7 +235,9 @@ impl Allocation<'_> {
         self.alloc
             .refcounts
             .insert_clean(offset, Arc::new(RefBlock::new(bytes.into_boxed_slice())))
-            .map_err(|e| Error::io(&self.alloc.name, "writing back a refcount block", offset, e))
+            .map_err(|e| {
+                Error::cache_io(&self.alloc.name, "writing back a refcount block", offset, e)
+            })
     }
 
     /// Adds `delta` to the refcount of cluster number `cluster`, creating
@@ -279,7 +281,7 @@ impl Allocation<'_> {
             .refcounts
             .insert_dirty(block_offset, block)
             .map_err(|e| {
-                Error::io(
+                Error::cache_io(
                     &self.alloc.name,
                     "writing back a refcount block",
                     block_offset,
@@ -336,7 +338,9 @@ impl Allocation<'_> {
         self.alloc
             .refcounts
             .insert_dirty(offset, block)
-            .map_err(|e| Error::io(&self.alloc.name, "caching a refcount block", offset, e))?;
+            .map_err(|e| {
+                Error::cache_io(&self.alloc.name, "caching a refcount block", offset, e)
+            })?;
         self.alloc.flush_refcounts()?;
         self.grow_file_len();
         self.owner
@@ -413,7 +417,7 @@ impl Allocation<'_> {
                 .refcounts
                 .insert_dirty(table[slot], block)
                 .map_err(|e| {
-                    Error::io(&self.alloc.name, "caching a refcount block", table[slot], e)
+                    Error::cache_io(&self.alloc.name, "caching a refcount block", table[slot], e)
                 })?;
             cluster += 1;
         }

@@ -106,9 +106,9 @@ impl L2Tables {
             let table = Arc::new(read()?);
             // A freshly read table is clean: nothing evicted for it was
             // dirtied by this path.
-            let cached = load
-                .insert(table)
-                .map_err(|e| Error::io(&self.name, "writing back an evicted table", offset, e))?;
+            let cached = load.insert(table).map_err(|e| {
+                Error::cache_io(&self.name, "writing back an evicted table", offset, e)
+            })?;
             if let Some(table) = cached {
                 return Ok(table);
             }
@@ -157,7 +157,7 @@ impl L2Tables {
     pub(super) fn mark_dirty(&self, offset: u64, table: Arc<L2Table>) -> Result<()> {
         self.cache
             .insert_dirty(offset, table)
-            .map_err(|e| Error::io(&self.name, "writing back an L2 table", offset, e))
+            .map_err(|e| Error::cache_io(&self.name, "writing back an L2 table", offset, e))
     }
 
     /// Writes a new table to the file at `offset` now (before anything
@@ -172,7 +172,7 @@ impl L2Tables {
             .map_err(|e| Error::io(&self.name, "writing an L2 table", offset, e))?;
         self.cache
             .insert_clean(offset, table)
-            .map_err(|e| Error::io(&self.name, "caching an L2 table", offset, e))
+            .map_err(|e| Error::cache_io(&self.name, "caching an L2 table", offset, e))
     }
 
     /// Drops the table at `offset` from the cache (its cluster was freed,
@@ -190,7 +190,7 @@ impl L2Tables {
     pub(super) fn flush(&self) -> Result<()> {
         self.cache
             .flush()
-            .map_err(|e| Error::io(&self.name, "writing L2 tables", 0, e))
+            .map_err(|e| Error::cache_io(&self.name, "writing L2 tables", 0, e))
     }
 
     /// Cache counters.

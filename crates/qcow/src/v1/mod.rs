@@ -145,7 +145,7 @@ impl QcowImage {
                 .map_err(|e| Error::io(&self.name, "reading an L2 table", l2_offset, e))?;
             let table = Arc::new(decode_be_words(&bytes).into_boxed_slice());
             let cached = load.insert(table).map_err(|e| {
-                Error::io(&self.name, "writing back an evicted table", l2_offset, e)
+                Error::cache_io(&self.name, "writing back an evicted table", l2_offset, e)
             })?;
             if let Some(table) = cached {
                 return Ok(table);
