@@ -102,6 +102,10 @@ fn base(path: &Path, options: &str) {
 
 type Damage = fn(&Path);
 
+/// A damage qemu-img repairs by rewriting the snapshot table, which qcow
+/// cannot do yet: only the report is compared.
+const SNAPSHOT_WITHOUT_EXTRA_DATA: &str = "version 3 snapshot entry without extra data";
+
 fn cases() -> Vec<(&'static str, &'static str, Damage)> {
     let plain = "cluster_size=65536";
     vec![
@@ -281,6 +285,21 @@ fn cases() -> Vec<(&'static str, &'static str, Damage)> {
             b.set_u64(at, (e + 0x200) | 1);
             b.save();
         }),
+        (SNAPSHOT_WITHOUT_EXTRA_DATA, plain, |path| {
+            let out = qemu_img(&["snapshot", "-c", "snap", p(path)]);
+            assert!(out.status.success());
+            // Rewrite the one entry without its extra data.
+            let mut b = Bytes::load(path);
+            let table = b.u64_at(field::SNAPSHOTS_OFFSET) as usize;
+            let u16_at = |b: &Bytes, at: usize| u16::from_be_bytes([b.b[at], b.b[at + 1]]) as usize;
+            let (id_len, name_len) = (u16_at(&b, table + 12), u16_at(&b, table + 14));
+            let extra =
+                u32::from_be_bytes(b.b[table + 36..table + 40].try_into().expect("4")) as usize;
+            let names = b.b[table + 40 + extra..table + 40 + extra + id_len + name_len].to_vec();
+            b.b[table + 36..table + 40].copy_from_slice(&0u32.to_be_bytes());
+            b.b[table + 40..table + 40 + names.len()].copy_from_slice(&names);
+            b.save();
+        }),
         (
             "1-bit refcounts, two L1 entries name one L2 table",
             "cluster_size=4096,refcount_bits=1",
@@ -359,6 +378,9 @@ fn repairs_leave_images_qemu_img_finds_clean_and_identical_to_its_own_repair() {
     let mut failures = Vec::new();
     for (i, (name, options, damage)) in cases().into_iter().enumerate() {
         for mode in ["leaks", "all"] {
+            if name == SNAPSHOT_WITHOUT_EXTRA_DATA {
+                continue;
+            }
             let ours = make(dir.path(), &format!("o{i}{mode}.qcow2"), options, damage);
             let theirs = dir.path().join(format!("t{i}{mode}.qcow2"));
             std::fs::copy(&ours, &theirs).expect("copy");
