@@ -116,37 +116,26 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
         qcow::create(&args.file, &options)?;
         return Ok(ExitCode::SUCCESS);
     };
-    // The image file must be free before the data file is touched.
-    refuse_if_in_use(&args.file)?;
+    // As QEMU: the image file is made (and locked) first, so nothing
+    // touches the data file unless the image can be created.
+    let image_file = qcow::create_file(&args.file)?;
     let path = qcow::relative_to(&args.file, data_file);
-    let existed = path.exists();
-    let made = qcow::create_file(&path)
+    let existed = std::fs::symlink_metadata(&path).is_ok();
+    let data = qcow::create_file(&path)
         .map_err(anyhow::Error::from)
         .and_then(|file| {
             qcow_io::Storage::set_len(&file, options.rounded_size())
                 .with_context(|| format!("could not size '{}'", path.display()))
-        })
-        .and_then(|()| Ok(qcow::create(&args.file, &options)?));
-    if made.is_err() && !existed {
-        // The creation failed: the data file made for it goes too.
-        let _ = std::fs::remove_file(&path);
+        });
+    drop(image_file);
+    let made = data.and_then(|()| Ok(qcow::create(&args.file, &options)?));
+    if made.is_err() {
+        // The creation failed: the files made for it go.
+        let _ = std::fs::remove_file(&args.file);
+        if !existed {
+            let _ = std::fs::remove_file(&path);
+        }
     }
     made?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Fails, as creating it would, when another process uses the file at
-/// `path` (nothing changes: the lock is taken and released).
-fn refuse_if_in_use(path: &std::path::Path) -> Result<()> {
-    let Ok(file) = qcow_io::FileStorage::open(path, true) else {
-        return Ok(());
-    };
-    let (perm, shared) = qcow_io::Perms::creator();
-    file.lock(perm, shared).map_err(|conflict| {
-        anyhow::anyhow!(
-            "{}: {conflict}\nIs another process using the image [{}]?",
-            path.display(),
-            path.display()
-        )
-    })
 }

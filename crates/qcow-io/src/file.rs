@@ -5,7 +5,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::lock::{LockError, Perms, lock_file};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::lock::{LockError, Perms, lock_file, unlock_file};
 use crate::{Storage, StorageExtent};
 
 /// A file used as storage. Positional I/O keeps no cursor, so one
@@ -17,6 +19,8 @@ pub struct FileStorage {
     /// Whether `flush` reaches stable storage (`false`: qemu-img's
     /// `cache=unsafe`, for scratch outputs).
     durable: bool,
+    /// Whether QEMU's lock bytes were taken through this file.
+    locked: AtomicBool,
 }
 
 impl FileStorage {
@@ -27,6 +31,7 @@ impl FileStorage {
             file,
             writable,
             durable: true,
+            locked: AtomicBool::new(false),
         })
     }
 
@@ -56,6 +61,7 @@ impl FileStorage {
             let (perm, shared) = Perms::creator();
             lock_file(&file, perm, shared).map_err(CreateError::Lock)?;
         }
+        let locked = AtomicBool::new(lock);
         // Devices (and /dev/null) cannot be truncated and keep their size.
         if file.metadata().map_err(CreateError::Io)?.is_file() {
             // A second description of the very file locked above (not of
@@ -73,12 +79,14 @@ impl FileStorage {
             file,
             writable: true,
             durable: true,
+            locked,
         })
     }
 
     /// Takes QEMU's locks on the file for a user holding `perm` that lets
     /// others hold `shared` (see [`lock_file`]), replacing any it held.
     pub fn lock(&self, perm: Perms, shared: Perms) -> Result<(), LockError> {
+        self.locked.store(true, Ordering::Release);
         lock_file(&self.file, perm, shared)
     }
 
@@ -88,6 +96,7 @@ impl FileStorage {
             file,
             writable,
             durable: true,
+            locked: AtomicBool::new(false),
         }
     }
 
@@ -190,6 +199,17 @@ impl Storage for FileStorage {
             data: true,
             len: hole_start.saturating_sub(offset).clamp(1, len),
         })
+    }
+}
+
+impl Drop for FileStorage {
+    /// Releases QEMU's lock bytes explicitly: a child process forked
+    /// meanwhile may share this open file description until it execs, and
+    /// would otherwise keep the locks alive after this file is closed.
+    fn drop(&mut self) {
+        if self.locked.load(Ordering::Acquire) {
+            let _ = unlock_file(&self.file);
+        }
     }
 }
 

@@ -106,8 +106,9 @@ pub(super) trait Owner {
         start: u64,
         len: u64,
     ) -> Option<(&'static str, u64)>;
-    /// A cluster's refcount dropped to zero (drop any cached copy of it).
-    fn cluster_freed(&self, host: u64);
+    /// A cluster's refcount dropped to zero (drop any cached copy of it),
+    /// given the current refcount table.
+    fn cluster_freed(&self, host: u64, reftable_offset: u64, reftable: &[u64]);
     /// New metadata (a refcount block or table) now lives at
     /// `start..start + len`.
     fn metadata_placed(&self, start: u64, len: u64);
@@ -290,7 +291,8 @@ impl Allocation<'_> {
             })?;
         if new == 0 {
             self.meta.free_hint = self.meta.free_hint.min(cluster);
-            self.owner.cluster_freed(host);
+            self.owner
+                .cluster_freed(host, self.meta.reftable_offset, &self.meta.reftable);
             // Compressed data must not be packed into a cluster that may be
             // handed out again.
             if self.meta.compressed_cursor >> self.alloc.cluster_bits == cluster {

@@ -187,30 +187,28 @@ impl Qcow2Image {
     }
 
     /// Refuses guest data written in place at `host..host + len` where
-    /// metadata lives (a damaged L2 entry naming a table).
-    /// `meta`: the allocation state when the caller holds the lock.
+    /// metadata lives (a damaged L2 entry naming a table). `meta`: the
+    /// allocation state when the caller holds the lock. Returns `false`,
+    /// without deciding, when the map cannot answer and the lock is not
+    /// held: taking it here could deadlock with a flush waiting for
+    /// in-flight data I/O.
     pub(super) fn check_data_overlap(
         &self,
         host: u64,
         len: u64,
         meta: Option<&Meta>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let Some(ws) = &self.writer else {
-            return Ok(());
+            return Ok(true);
         };
         if ws.metadata.complete() && !ws.metadata.hits(host, len) {
-            return Ok(());
+            return Ok(true);
         }
-        let locked;
-        let meta = match meta {
-            Some(meta) => meta,
-            None => {
-                locked = self.lock_meta()?;
-                &*locked
-            }
+        let Some(meta) = meta else {
+            return Ok(false);
         };
         match self.metadata_overlap(meta.reftable_offset, &meta.reftable, host, len) {
-            None => Ok(()),
+            None => Ok(true),
             Some((structure, offset)) => Err(Error::MetadataOverlap {
                 image: self.name.clone(),
                 what: "guest data",

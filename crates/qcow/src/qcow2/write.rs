@@ -76,10 +76,24 @@ impl Owner for Qcow2Image {
         Qcow2Image::metadata_overlap(self, reftable_offset, reftable, start, len)
     }
 
-    fn cluster_freed(&self, host: u64) {
+    fn cluster_freed(&self, host: u64, reftable_offset: u64, reftable: &[u64]) {
         self.l2.forget(host);
         if let Some(ws) = &self.writer {
-            ws.metadata.unmark_cluster(host);
+            let cluster_size = self.header.cluster_size();
+            // A structure may still live there (damaged refcounts let its
+            // count drop): it stays marked while the walk still finds it.
+            let still_used = ws.metadata.hits(host, cluster_size)
+                && Qcow2Image::metadata_overlap(
+                    self,
+                    reftable_offset,
+                    reftable,
+                    host,
+                    cluster_size,
+                )
+                .is_some();
+            if !still_used {
+                ws.metadata.unmark_cluster(host);
+            }
         }
     }
 
@@ -321,8 +335,9 @@ impl Qcow2Image {
         let whole = words == 1 || bitmap & ALL_ALLOCATED == ALL_ALLOCATED;
         Ok(match mapping {
             L2Mapping::Data { host } if entry & OFLAG_COPIED != 0 && whole => {
-                self.check_data_host(index as u64, host, meta)?;
-                Some(host)
+                // Not decided without the lock: not written in place here.
+                self.check_data_host(index as u64, host, meta)?
+                    .then_some(host)
             }
             _ => None,
         })
@@ -332,12 +347,16 @@ impl Qcow2Image {
     /// of the image file (or, for an external data file, which QEMU maps
     /// one to one, past the disk). Reads there just see zeros, but a write
     /// would grow the file to wherever a damaged entry points.
-    fn check_data_host(&self, index: u64, host: u64, meta: Option<&Meta>) -> Result<()> {
+    ///
+    /// Returns `false` when only the allocation lock's holder can tell
+    /// whether the cluster is metadata (`meta` is `None` and the metadata
+    /// map cannot answer): the caller then writes under the lock instead.
+    fn check_data_host(&self, index: u64, host: u64, meta: Option<&Meta>) -> Result<bool> {
         let cluster_size = self.header.cluster_size();
         // Guest data written in place must not land on metadata (a damaged
         // entry naming a table): QEMU checks every data write too.
-        if !self.header.has_data_file() {
-            self.check_data_overlap(host, cluster_size, meta)?;
+        if !self.header.has_data_file() && !self.check_data_overlap(host, cluster_size, meta)? {
+            return Ok(false);
         }
         let limit = if self.header.has_data_file() {
             self.virtual_size.next_multiple_of(cluster_size)
@@ -352,7 +371,7 @@ impl Qcow2Image {
                 reason: format!("entry {index} points past the end of the data ({limit} bytes)"),
             });
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `buf` at guest offset `offset`.
@@ -428,9 +447,14 @@ impl Qcow2Image {
             count += 1;
         }
         if count == 0 {
-            // Allocated by another writer meanwhile: an in-place write.
-            drop(meta);
+            // Allocated by another writer meanwhile: an in-place write, done
+            // under the lock (the lock-free path may have declined it).
             let n = cluster_size as usize;
+            if let Some(host) = self.in_place_host(guest, Some(&meta))? {
+                self.write_data(&data[..n], host)?;
+                return Ok(n);
+            }
+            drop(meta);
             self.write_range(&data[..n], guest)?;
             return Ok(n);
         }

@@ -97,3 +97,63 @@ fn a_dirty_image_whose_tables_overlap_is_not_rebuilt() {
         "the image changed"
     );
 }
+
+#[test]
+fn metadata_whose_refcount_drops_is_never_handed_out() {
+    // An L2 entry without OFLAG_COPIED names the refcount block: a write
+    // there copies the cluster and drops that reference, so the block's
+    // refcount falls to 0 while it is still the refcount block. It must
+    // never be handed out for data.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&path)
+        .arg("16M")
+        .status()
+        .expect("qemu-img is required");
+    assert!(made.success());
+    let image = qcow::open(&path, &writable()).expect("open");
+    qcow::BlockDevice::write_at(&image, &[0x11u8; 65536], 0).expect("first write");
+    drop(image);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
+    let l1 = be(&bytes, L1_AT) as usize;
+    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let reftable = be(&bytes, REFTABLE_AT) as usize;
+    let block = be(&bytes, reftable) as usize;
+    bytes[l2..l2 + 8].copy_from_slice(&(block as u64).to_be_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+
+    let image = qcow::open(&path, &writable()).expect("open");
+    let _ = qcow::BlockDevice::write_at(&image, &[0xeeu8; 65536], 0);
+    let _ = qcow::BlockDevice::flush(&image);
+    let mut written = Vec::new();
+    for i in 1..8u64 {
+        let data = vec![i as u8; 65536];
+        if qcow::BlockDevice::write_at(&image, &data, i << 20).is_ok() {
+            written.push(i);
+        }
+    }
+    let _ = qcow::BlockDevice::flush(&image);
+    drop(image);
+    // Whatever was acknowledged reads back: no cluster was both data and
+    // the refcount block (the block's write-back would have replaced it).
+    let image = qcow::open(&path, &OpenOptions::default()).expect("reopen");
+    for i in written {
+        let mut buf = vec![0u8; 65536];
+        qcow::BlockDevice::read_at(&image, &mut buf, i << 20).expect("read");
+        assert!(
+            buf.iter().all(|&b| b == i as u8),
+            "the write at {:#x} was lost under the refcount block",
+            i << 20
+        );
+    }
+    let after = std::fs::read(&path).expect("read");
+    assert!(
+        !after[block..block + 65536]
+            .windows(512)
+            .any(|w| w.iter().all(|&b| b != 0 && b < 8)),
+        "guest data was written over the refcount block"
+    );
+}
