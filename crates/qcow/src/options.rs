@@ -51,7 +51,8 @@ pub struct OpenOptions {
     /// writable through the engine, for [`crate::Qcow2Image::check`]'s
     /// repairs: dirty and corrupt images open as they are.
     pub repair: bool,
-    /// The image is read to be copied (qemu-img's convert and dd sources):
+    /// The image is read to be copied (qemu-img's convert sources; its dd
+    /// sources share writes):
     /// nobody may write it meanwhile, even a raw image, which otherwise
     /// shares writes as QEMU's raw format does.
     pub copy_source: bool,
