@@ -326,6 +326,9 @@ impl Allocation<'_> {
         self.check_overlap(cluster, 1, "a new refcount block")?;
         let offset = cluster << self.alloc.cluster_bits;
         self.meta.end += 1;
+        // Marked before anything is written there.
+        self.owner
+            .metadata_placed(offset, self.alloc.cluster_size());
         let block = Arc::new(RefBlock::new(
             vec![0u8; cluster_size as usize].into_boxed_slice(),
         ));
@@ -345,8 +348,6 @@ impl Allocation<'_> {
             })?;
         self.alloc.flush_refcounts()?;
         self.grow_file_len();
-        self.owner
-            .metadata_placed(offset, self.alloc.cluster_size());
         let entry_at = self.meta.reftable_offset + index * 8;
         self.alloc
             .file

@@ -110,6 +110,8 @@ impl Qcow2Image {
             let mut meta = self.lock_meta()?;
             let clusters = bytes / cluster_size;
             let offset = meta.clusters(clusters)?;
+            // Marked before it is written (a give-back unmarks it again).
+            super::allocator::Owner::metadata_placed(self, offset, bytes);
             let table: Vec<u8> = (0..entries)
                 .flat_map(|i| self.l1_entry(i).to_be_bytes())
                 .collect();
@@ -139,7 +141,6 @@ impl Qcow2Image {
                 meta.give_back(offset, clusters);
                 return Err(e);
             }
-            super::allocator::Owner::metadata_placed(self, offset, bytes);
             for i in 0..old_clusters {
                 meta.pending_frees.push(old_offset + i * cluster_size);
             }

@@ -739,6 +739,9 @@ impl Qcow2Image {
             None => empty_table(entries),
         };
         let new_offset = meta.clusters(1)?;
+        // Marked before it is written: no in-place write may land there
+        // meanwhile (a give-back unmarks it again).
+        Owner::metadata_placed(self, new_offset, self.header.cluster_size());
         // The table and its refcount reach the disk before the L1 entry.
         let new_entry = new_offset | OFLAG_COPIED;
         let at = self.header.l1_table_offset + l1_index * 8;
@@ -750,10 +753,7 @@ impl Qcow2Image {
             Ok(table)
         });
         let table = match linked {
-            Ok(table) => {
-                Owner::metadata_placed(self, new_offset, self.header.cluster_size());
-                table
-            }
+            Ok(table) => table,
             Err(e) => {
                 // The L1 entry on disk still names the old table (or none).
                 self.l2.forget(new_offset);
