@@ -16,11 +16,15 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Opens `storage` as a raw disk; `name` is used in messages.
+    /// Opens `storage` as a raw disk; `name` is used in messages. The disk
+    /// is the file rounded up to whole 512-byte sectors, as QEMU sees it
+    /// (the tail past the end of the file reads as zeros).
     pub fn open(name: &str, storage: Arc<dyn Storage>) -> Result<Self> {
         let size = storage
             .len()
-            .map_err(|e| Error::io(name, "reading the size", 0, e))?;
+            .map_err(|e| Error::io(name, "reading the size", 0, e))?
+            .div_ceil(512)
+            .saturating_mul(512);
         Ok(RawImage {
             name: name.to_owned(),
             storage,

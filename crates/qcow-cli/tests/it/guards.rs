@@ -161,6 +161,30 @@ fn resize_rounding_and_refusals_follow_qemu_img() {
 }
 
 #[test]
+fn raw_images_of_partial_sectors_are_seen_as_qemu_sees_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("r1000.raw");
+    std::fs::write(&raw, vec![0x5au8; 1000]).expect("write");
+    let ours = qcow(&["info", "--output", "json", "-f", "raw", p(&raw)]);
+    let theirs = qemu_img(&["info", "--output", "json", "-f", "raw", p(&raw)]);
+    assert_eq!(stdout(&ours), stdout(&theirs));
+    for (tool, out) in [("qcow", "a.raw"), ("qemu-img", "b.raw")] {
+        let path = dir.path().join(out);
+        let args = ["convert", "-f", "raw", "-O", "raw", p(&raw), p(&path)];
+        let o = if tool == "qcow" {
+            qcow(&args)
+        } else {
+            qemu_img(&args)
+        };
+        assert!(o.status.success(), "{tool}: {}", stderr(&o));
+    }
+    let a = std::fs::read(dir.path().join("a.raw")).expect("read");
+    let b = std::fs::read(dir.path().join("b.raw")).expect("read");
+    assert_eq!(a.len(), 1024);
+    assert!(a == b, "convert output differs from qemu-img's");
+}
+
+#[test]
 fn raw_images_resize_like_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (size, shrink) in [
