@@ -142,7 +142,10 @@ fn qcow_refuses_images_qemu_io_writes() {
 
     let resize = qcow(&["resize", p(&img), "+1G"]);
     assert_lock_refused(&resize, "Failed to get \"write\" lock", &img);
+    let repair = qcow(&["check", "-r", "all", p(&img)]);
+    assert_lock_refused(&repair, "Failed to get \"write\" lock", &img);
     for args in [
+        vec!["check", p(&img)],
         vec!["info", p(&img)],
         vec!["map", p(&img)],
         vec!["convert", "-O", "raw", p(&img), "/dev/null"],
@@ -152,6 +155,7 @@ fn qcow_refuses_images_qemu_io_writes() {
     }
     // -U shares: the read-only commands run beside the writer.
     for args in [
+        vec!["check", "-U", p(&img)],
         vec!["info", "-U", p(&img)],
         vec!["map", "-U", p(&img)],
         vec!["convert", "-U", "-O", "raw", p(&img), "/dev/null"],

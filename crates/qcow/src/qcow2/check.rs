@@ -160,8 +160,7 @@ impl Visitor for Counter<'_> {
             }
             Use::Metadata(_) => {}
         }
-        let counted = !matches!(what, Use::Data { counted: false, .. } | Use::L2Table { .. });
-        if counted {
+        if what.counted() {
             self.add(offset, len, times);
         }
         Ok(())
@@ -296,7 +295,7 @@ impl Qcow2Image {
         };
         self.walk_references(&mut counter)?;
         let mut rebuild = false;
-        let reftable = self.read_reftable()?;
+        let reftable = self.stored_reftable()?;
         for (i, &entry) in reftable.iter().enumerate() {
             let offset = entry & !0x1ff;
             if entry & 0x1ff != 0 {
@@ -374,25 +373,6 @@ impl Qcow2Image {
         Ok((counter, rebuild))
     }
 
-    /// The refcount table as stored (entries as they are, reserved bits
-    /// included).
-    fn read_reftable(&self) -> Result<Vec<u64>> {
-        let len = u64::from(self.header.refcount_table_clusters) * self.header.cluster_size();
-        // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
-        let mut bytes = vec![0u8; len as usize];
-        self.file
-            .read_at(&mut bytes, self.header.refcount_table_offset)
-            .map_err(|e| {
-                Error::io(
-                    &self.name,
-                    "reading the refcount table",
-                    self.header.refcount_table_offset,
-                    e,
-                )
-            })?;
-        Ok(decode_be_words(&bytes))
-    }
-
     /// The stored refcount of cluster number `cluster`.
     fn stored_refcount(&self, stored: &mut Stored, cluster: u64) -> Result<u64> {
         let shift = self.header.cluster_bits + 3 - self.header.refcount_order;
@@ -451,7 +431,7 @@ impl Qcow2Image {
     /// the highest cluster in use and whether a rebuild is needed.
     fn compare(&self, counter: &mut Counter<'_>, repair: Repair) -> Result<(u64, bool)> {
         let mut stored = Stored {
-            reftable: self.read_reftable()?.into_iter().collect(),
+            reftable: self.stored_reftable()?,
             block_offset: u64::MAX,
             block: Vec::new(),
             dirty: false,
@@ -600,7 +580,7 @@ impl Qcow2Image {
         };
         let verb = if fix { "Repairing" } else { "ERROR" };
         let mut stored = Stored {
-            reftable: self.read_reftable()?,
+            reftable: self.stored_reftable()?,
             block_offset: u64::MAX,
             block: Vec::new(),
             dirty: false,
@@ -681,7 +661,7 @@ impl Qcow2Image {
                 }
             }
             if dirty > 0 {
-                let meta = self.l2_rewrite_overlap(l2, cs);
+                let meta = self.l2_rewrite_overlap(l2, cs, &stored.reftable);
                 if let Some((structure, at)) = meta {
                     (counter.log)(&format!(
                         "ERROR: Could not write L2 table; metadata overlap check failed: the {structure} at {at:#x}"

@@ -258,6 +258,21 @@ impl Qcow2Image {
     }
 }
 
+impl Qcow2Image {
+    /// The refcount table as stored (entries as they are, reserved bits
+    /// included).
+    pub(super) fn stored_reftable(&self) -> Result<Vec<u64>> {
+        let offset = self.header.refcount_table_offset;
+        let len = u64::from(self.header.refcount_table_clusters) * self.header.cluster_size();
+        // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
+        let mut bytes = vec![0u8; len as usize];
+        self.file
+            .read_at(&mut bytes, offset)
+            .map_err(|e| Error::io(&self.name, "reading the refcount table", offset, e))?;
+        Ok(decode_be_words(&bytes))
+    }
+}
+
 /// Reads an L1 table of `entries` entries at `offset`.
 pub(super) fn read_l1(
     name: &str,

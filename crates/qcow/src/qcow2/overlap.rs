@@ -32,17 +32,9 @@ struct Structure {
 
 impl Qcow2Image {
     /// The first metadata structure of the image for which `found` says
-    /// yes (in no particular order), visiting each without allocating.
+    /// yes (in no particular order), given the refcount table, visiting
+    /// each without allocating.
     fn find_structure(
-        &self,
-        meta: &Meta,
-        found: impl FnMut(&Structure) -> bool,
-    ) -> Option<Structure> {
-        self.find_structure_in(meta.reftable_offset, &meta.reftable, found)
-    }
-
-    /// [`Qcow2Image::find_structure`] with the refcount table given.
-    fn find_structure_in(
         &self,
         reftable_offset: u64,
         reftable: &[u64],
@@ -95,10 +87,10 @@ impl Qcow2Image {
         test(ext.directory_offset, ext.directory_size, "bitmap directory")
     }
 
-    /// Every metadata structure of the image.
-    fn structures(&self, meta: &Meta) -> Vec<Structure> {
+    /// Every metadata structure of the image, given the refcount table.
+    fn structures(&self, reftable_offset: u64, reftable: &[u64]) -> Vec<Structure> {
         let mut all = Vec::new();
-        self.find_structure(meta, |s| {
+        self.find_structure(reftable_offset, reftable, |s| {
             all.push(*s);
             false
         });
@@ -116,7 +108,7 @@ impl Qcow2Image {
         len: u64,
     ) -> Option<(&'static str, u64)> {
         let end = start.saturating_add(len);
-        self.find_structure_in(reftable_offset, reftable, |s| {
+        self.find_structure(reftable_offset, reftable, |s| {
             s.start < end && start < s.start.saturating_add(s.len)
         })
         .map(|s| (s.kind, s.start))
@@ -124,26 +116,17 @@ impl Qcow2Image {
 
     /// The metadata structure other than an active L2 table that overlaps
     /// `start..start + len`, for rewriting an active L2 table in place
-    /// without the allocation state (check's repairs): the refcount table
-    /// is read from disk.
-    pub(super) fn l2_rewrite_overlap(&self, start: u64, len: u64) -> Option<(&'static str, u64)> {
-        let cluster_size = self.header.cluster_size();
-        let reftable_bytes = u64::from(self.header.refcount_table_clusters) * cluster_size;
-        // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
-        let mut raw = vec![0u8; reftable_bytes as usize];
-        if self
-            .file
-            .read_at(&mut raw, self.header.refcount_table_offset)
-            .is_err()
-        {
-            return Some(("refcount table", self.header.refcount_table_offset));
-        }
-        let reftable: Vec<u64> = super::decode_be_words(&raw)
-            .into_iter()
-            .map(|e| e & OFFSET_MASK)
-            .collect();
+    /// without the allocation state (check's repairs), given the refcount
+    /// table as stored.
+    pub(super) fn l2_rewrite_overlap(
+        &self,
+        start: u64,
+        len: u64,
+        stored_reftable: &[u64],
+    ) -> Option<(&'static str, u64)> {
+        let reftable: Vec<u64> = stored_reftable.iter().map(|e| e & OFFSET_MASK).collect();
         let end = start.saturating_add(len);
-        self.find_structure_in(self.header.refcount_table_offset, &reftable, |s| {
+        self.find_structure(self.header.refcount_table_offset, &reftable, |s| {
             s.kind != "active L2 table" && s.start < end && start < s.start.saturating_add(s.len)
         })
         .map(|s| (s.kind, s.start))
@@ -152,21 +135,8 @@ impl Qcow2Image {
     /// [`Qcow2Image::check_structures_apart`] with the refcount table as
     /// stored (before the allocation state exists).
     pub(super) fn check_structures_apart_on_disk(&self) -> Result<()> {
-        let cluster_size = self.header.cluster_size();
-        let reftable_bytes = u64::from(self.header.refcount_table_clusters) * cluster_size;
-        // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
-        let mut raw = vec![0u8; reftable_bytes as usize];
-        self.file
-            .read_at(&mut raw, self.header.refcount_table_offset)
-            .map_err(|e| {
-                Error::io(
-                    &self.name,
-                    "reading the refcount table",
-                    self.header.refcount_table_offset,
-                    e,
-                )
-            })?;
-        let reftable: Vec<u64> = super::decode_be_words(&raw)
+        let reftable: Vec<u64> = self
+            .stored_reftable()?
             .into_iter()
             .map(|e| e & OFFSET_MASK)
             .collect();
@@ -177,7 +147,7 @@ impl Qcow2Image {
     /// file (which the map does not cover) leaves the map incomplete.
     pub(super) fn map_metadata(&self, meta: &Meta, map: &MetadataMap) {
         let file_end = self.file_len().next_multiple_of(self.header.cluster_size());
-        for s in self.structures(meta) {
+        for s in self.structures(meta.reftable_offset, &meta.reftable) {
             if s.start.saturating_add(s.len) > file_end {
                 map.set_incomplete();
             } else {
@@ -229,11 +199,7 @@ impl Qcow2Image {
     }
 
     fn check_apart(&self, reftable_offset: u64, reftable: &[u64]) -> Result<()> {
-        let mut all = Vec::new();
-        self.find_structure_in(reftable_offset, reftable, |s| {
-            all.push(*s);
-            false
-        });
+        let mut all = self.structures(reftable_offset, reftable);
         all.sort_unstable();
         all.dedup();
         let mut reach: Option<Structure> = None;

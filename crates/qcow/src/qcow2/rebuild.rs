@@ -36,12 +36,7 @@ struct RebuildCounter<'a> {
 impl Visitor for RebuildCounter<'_> {
     fn used(&mut self, offset: u64, len: u64, times: u64, what: Use) -> Result<()> {
         // The old refcount table is replaced, not kept: not counted.
-        let counted = !matches!(
-            what,
-            Use::Data { counted: false, .. }
-                | Use::L2Table { .. }
-                | Use::Metadata("refcount table")
-        );
+        let counted = what.counted() && what != Use::Metadata("refcount table");
         if !counted || len == 0 {
             return Ok(());
         }

@@ -58,6 +58,14 @@ pub(super) enum Use {
     },
 }
 
+impl Use {
+    /// Whether the reference counts toward a refcount (the marker of a
+    /// table's start and clusters of an external data file do not).
+    pub(super) fn counted(self) -> bool {
+        !matches!(self, Use::Data { counted: false, .. } | Use::L2Table { .. })
+    }
+}
+
 /// Receives what the walk finds.
 pub(super) trait Visitor {
     /// Host bytes `offset..offset + len` are used `times` times by `what`.
@@ -294,10 +302,10 @@ impl Qcow2Image {
                         let zeros = (bitmap | (bitmap << 32)) & (0xffff_ffff << 32);
                         new = [0u64.to_be_bytes(), zeros.to_be_bytes()].concat();
                     }
-                    let fixed = match self.l2_rewrite_overlap(at, new.len() as u64) {
-                        Some(_) => false,
-                        None => self.file.write_at(&new, at).is_ok(),
-                    };
+                    let clear = self.stored_reftable().ok().is_some_and(|r| {
+                        self.l2_rewrite_overlap(at, new.len() as u64, &r).is_none()
+                    });
+                    let fixed = clear && self.file.write_at(&new, at).is_ok();
                     if fixed {
                         visitor.fixed(times)?;
                         continue;

@@ -24,7 +24,7 @@ use qcow_io::Storage;
 use super::allocator::{Allocation, Allocator, Meta, Owner, RefBlockWriter};
 use super::l2_tables::empty_table;
 use super::metadata_map::MetadataMap;
-use super::{L2Table, Qcow2Image, decode_be_words};
+use super::{L2Table, Qcow2Image};
 use crate::device::BlockDevice;
 use crate::{Error, Result};
 
@@ -161,20 +161,8 @@ impl Qcow2Image {
             cluster_size,
             refcounts.clone(),
         );
-        let reftable_bytes = u64::from(self.header.refcount_table_clusters) * cluster_size;
-        // Bounded by the header checks (MAX_REFCOUNT_TABLE_BYTES).
-        let mut raw = vec![0u8; reftable_bytes as usize];
-        self.file
-            .read_at(&mut raw, self.header.refcount_table_offset)
-            .map_err(|e| {
-                Error::io(
-                    &self.name,
-                    "reading the refcount table",
-                    self.header.refcount_table_offset,
-                    e,
-                )
-            })?;
-        let reftable: Vec<u64> = decode_be_words(&raw)
+        let reftable: Vec<u64> = self
+            .stored_reftable()?
             .into_iter()
             .map(|e| e & !0x1ff)
             .collect();
