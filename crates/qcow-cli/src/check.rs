@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
-use qcow::{CheckReport, Image, ImageFormat, OpenOptions, Repair};
+use qcow::{CheckReport, Image, Repair};
 use serde_json::{Value, json};
 
 use crate::info::to_qemu_json;
-use crate::open::OpenFlags;
+use crate::open::{OpenFlags, open_options};
 
 /// Arguments of `qcow check`.
 #[derive(Debug, clap::Args)]
@@ -51,17 +51,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         "json" => true,
         _ => bail!("--output must be used with human or json as argument."),
     };
-    let mut options = if args.open.untrusted {
-        OpenOptions::default()
-    } else {
-        OpenOptions::trusted()
-    };
-    options.format = args
-        .format
-        .as_deref()
-        .map(ImageFormat::from_name)
-        .transpose()?;
-    options.force_share = args.open.force_share;
+    let mut options = open_options(&args.open, args.format.as_deref())?;
     options.repair = repair != Repair::None;
     let image = qcow::open(&args.file, &options).map_err(|e| match e {
         qcow::Error::InvalidOptions(m) => anyhow::anyhow!(

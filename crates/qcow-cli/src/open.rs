@@ -46,6 +46,24 @@ pub(crate) fn refuse_overwriting_source(source: &dyn BlockDevice, output: &Path)
     Ok(())
 }
 
+/// Open options from the command line's flags and an optional format name:
+/// files the image names are followed unless `flags.untrusted` says not to.
+pub(crate) fn open_options(flags: &OpenFlags, format: Option<&str>) -> Result<OpenOptions> {
+    let mut options = if flags.untrusted {
+        OpenOptions::default()
+    } else {
+        OpenOptions::trusted()
+    };
+    options.format = format.map(ImageFormat::from_name).transpose()?;
+    options.assume_backing_format = flags
+        .assume_backing_format
+        .as_deref()
+        .map(ImageFormat::from_name)
+        .transpose()?;
+    options.force_share = flags.force_share;
+    Ok(options)
+}
+
 /// Opens `path` with an optional format name, following backing files and
 /// data files unless `flags.untrusted` says not to; `copy_source`: the
 /// image is read to be copied, and nobody may write it meanwhile.
@@ -57,19 +75,12 @@ pub(crate) fn open_image(
     follow: bool,
     copy_source: bool,
 ) -> Result<Image> {
-    let mut options = if flags.untrusted || !follow {
-        OpenOptions::default()
-    } else {
-        OpenOptions::trusted()
-    };
-    options.format = format.map(ImageFormat::from_name).transpose()?;
-    options.assume_backing_format = flags
-        .assume_backing_format
-        .as_deref()
-        .map(ImageFormat::from_name)
-        .transpose()?;
+    let mut options = open_options(flags, format)?;
+    if !follow {
+        options.follow_backing = false;
+        options.open_data_file = false;
+    }
     options.snapshot = snapshot.map(str::to_owned);
-    options.force_share = flags.force_share;
     options.copy_source = copy_source;
     Ok(qcow::open(path, &options)?)
 }

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
-use qcow::{BlockDevice, Image, ImageFormat, OpenOptions};
+use qcow::{BlockDevice, Image};
 
-use crate::open::OpenFlags;
+use crate::open::{OpenFlags, open_options};
 use crate::size::option_size;
 
 /// Arguments of `qcow resize`.
@@ -32,23 +32,8 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
     if args.open.force_share {
         bail!("force-share (-U) can only be used with read-only images");
     }
-    let mut options = if args.open.untrusted {
-        OpenOptions::default()
-    } else {
-        OpenOptions::trusted()
-    };
+    let mut options = open_options(&args.open, args.format.as_deref())?;
     options.writable = true;
-    options.format = args
-        .format
-        .as_deref()
-        .map(ImageFormat::from_name)
-        .transpose()?;
-    options.assume_backing_format = args
-        .open
-        .assume_backing_format
-        .as_deref()
-        .map(ImageFormat::from_name)
-        .transpose()?;
     // As qemu-img: one leading sign is relative, the rest is an option
     // value (checked before the image is opened), and the result must be
     // a positive 64-bit signed size.
