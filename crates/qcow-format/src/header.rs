@@ -268,6 +268,23 @@ fn check_cluster_bits(bits: u32) -> Result<(), FormatError> {
     Ok(())
 }
 
+/// Refuses regions that share bytes, naming the first pair found.
+fn check_apart(regions: &[&Region]) -> Result<(), FormatError> {
+    for (i, a) in regions.iter().enumerate() {
+        for b in &regions[i + 1..] {
+            if a.overlaps(b) {
+                return Err(FormatError::Overlap {
+                    first: a.name,
+                    first_offset: a.offset,
+                    second: b.name,
+                    second_offset: b.offset,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A byte range of metadata, for alignment, bounds and overlap checks.
 struct Region {
     name: &'static str,
@@ -380,7 +397,10 @@ impl Header {
     /// `cluster` holds the first bytes of the image: the whole header cluster
     /// (see [`header_cluster_size`]) or the whole file if it is shorter.
     /// `file_len` is the image file's length, used to check that tables fit.
-    pub fn parse(cluster: &[u8], file_len: u64) -> Result<Header, FormatError> {
+    /// The snapshot table's place is not checked: `check` reads the table
+    /// itself, tolerating damage (QEMU skips it when opening for a check);
+    /// [`Header::parse`] checks it too.
+    pub fn parse_for_check(cluster: &[u8], file_len: u64) -> Result<Header, FormatError> {
         let (v2, rest) =
             RawHeaderV2::read_from_prefix(cluster).map_err(|_| FormatError::Truncated {
                 structure: "qcow2 header",
@@ -507,6 +527,15 @@ impl Header {
         Ok(header)
     }
 
+    /// Parses and validates the header as [`Header::parse_for_check`] does,
+    /// and also the snapshot table's place: at most [`MAX_SNAPSHOTS`]
+    /// entries, inside the file, apart from the other structures.
+    pub fn parse(cluster: &[u8], file_len: u64) -> Result<Header, FormatError> {
+        let header = Self::parse_for_check(cluster, file_len)?;
+        header.validate_snapshot_table(file_len)?;
+        Ok(header)
+    }
+
     /// Refuses the extensions QEMU refuses an image for (its
     /// `qcow2_read_extensions`): a bitmaps extension in use with a reserved
     /// field set, no bitmaps, too many, a misaligned or oversized
@@ -621,12 +650,22 @@ impl Header {
         };
         reftable.check(cluster_size, file_len)?;
 
+        let regions = [&header_region, &l1, &reftable];
+        check_apart(&regions)
+    }
+
+    /// Checks where the snapshot table lies (the part of the header a
+    /// `check` reads for itself, tolerating damage): at most
+    /// [`MAX_SNAPSHOTS`] entries, inside the file, apart from the header,
+    /// the active L1 table and the refcount table.
+    pub fn validate_snapshot_table(&self, file_len: u64) -> Result<(), FormatError> {
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(FormatError::TooManySnapshots {
                 count: self.nb_snapshots,
                 limit: MAX_SNAPSHOTS,
             });
         }
+        let cluster_size = self.cluster_size();
         let snapshots = Region {
             name: "snapshot table",
             offset: self.snapshots_offset,
@@ -634,24 +673,28 @@ impl Header {
             // only once the entries are read.
             len: u64::from(self.nb_snapshots) * 40,
         };
-        if snapshots.len > 0 {
-            snapshots.check(cluster_size, file_len)?;
+        if snapshots.len == 0 {
+            // An empty table is not read, but QEMU refuses a misaligned
+            // offset all the same.
+            return snapshots.check(cluster_size, u64::MAX);
         }
-
-        let regions = [&header_region, &l1, &reftable, &snapshots];
-        for (i, a) in regions.iter().enumerate() {
-            for b in &regions[i + 1..] {
-                if a.overlaps(b) {
-                    return Err(FormatError::Overlap {
-                        first: a.name,
-                        first_offset: a.offset,
-                        second: b.name,
-                        second_offset: b.offset,
-                    });
-                }
-            }
-        }
-        Ok(())
+        snapshots.check(cluster_size, file_len)?;
+        let header_region = Region {
+            name: "header",
+            offset: 0,
+            len: cluster_size,
+        };
+        let l1 = Region {
+            name: "L1 table",
+            offset: self.l1_table_offset,
+            len: u64::from(self.l1_size) * 8,
+        };
+        let reftable = Region {
+            name: "refcount table",
+            offset: self.refcount_table_offset,
+            len: u64::from(self.refcount_table_clusters) << self.cluster_bits,
+        };
+        check_apart(&[&header_region, &l1, &reftable, &snapshots])
     }
 
     /// The cluster size in bytes.

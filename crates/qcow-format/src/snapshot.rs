@@ -148,3 +148,123 @@ impl Snapshot {
         })
     }
 }
+
+/// Bytes of extra data every entry written here carries: the VM state
+/// size, the disk size and the instruction count (QEMU writes the same).
+pub const KNOWN_EXTRA_DATA_LEN: usize = 24;
+
+impl Snapshot {
+    /// The entry as stored, padded to a multiple of 8 bytes: the fixed
+    /// part, at least [`KNOWN_EXTRA_DATA_LEN`] bytes of extra data (the
+    /// known fields from this struct, then any unknown extra data kept
+    /// from the image), the ID and the name. `disk_size` must be known
+    /// (version 3 requires it); `index` names the entry in errors.
+    pub fn encode(&self, index: u32) -> Result<Vec<u8>, FormatError> {
+        let bad = |reason: String| FormatError::Snapshot { index, reason };
+        let disk_size = self
+            .disk_size
+            .ok_or_else(|| bad("the disk size is not known".into()))?;
+        let id_len = u16::try_from(self.id.len()).map_err(|_| bad("the ID is too long".into()))?;
+        let name_len =
+            u16::try_from(self.name.len()).map_err(|_| bad("the name is too long".into()))?;
+        let unknown = self.extra_data.get(KNOWN_EXTRA_DATA_LEN..).unwrap_or(&[]);
+        let extra_len = KNOWN_EXTRA_DATA_LEN + unknown.len();
+        if extra_len > MAX_SNAPSHOT_EXTRA_DATA as usize {
+            return Err(bad(format!(
+                "extra data size {extra_len} exceeds {MAX_SNAPSHOT_EXTRA_DATA}"
+            )));
+        }
+        let raw = RawSnapshotHeader {
+            l1_table_offset: U64::new(self.l1_table_offset),
+            l1_size: U32::new(self.l1_size),
+            id_str_size: U16::new(id_len),
+            name_size: U16::new(name_len),
+            date_sec: U32::new(self.date_sec),
+            date_nsec: U32::new(self.date_nsec),
+            vm_clock_nsec: U64::new(self.vm_clock_nsec),
+            // A state too large for 32 bits reads as none to readers that
+            // do not know the extra data, rather than as a truncated one.
+            vm_state_size: U32::new(u32::try_from(self.vm_state_size).unwrap_or(0)),
+            // At most MAX_SNAPSHOT_EXTRA_DATA (checked above).
+            extra_data_size: U32::new(extra_len as u32),
+        };
+        let mut out = Vec::with_capacity(raw.entry_len() as usize);
+        out.extend_from_slice(raw.as_bytes());
+        out.extend_from_slice(&self.vm_state_size.to_be_bytes());
+        out.extend_from_slice(&disk_size.to_be_bytes());
+        out.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
+        out.extend_from_slice(unknown);
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        out.resize(out.len().next_multiple_of(8), 0);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            l1_table_offset: 0x30000,
+            l1_size: 2,
+            id: "7".into(),
+            name: "before upgrade".into(),
+            date_sec: 1_700_000_000,
+            date_nsec: 5,
+            vm_clock_nsec: 9,
+            vm_state_size: 1 << 33,
+            disk_size: Some(1 << 30),
+            icount: None,
+            extra_data: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn encoded_entries_parse_back_with_all_known_extra_data() {
+        let snapshot = sample();
+        let bytes = snapshot.encode(0).expect("encode");
+        assert_eq!(bytes.len() % 8, 0);
+        let parsed = Snapshot::parse(&bytes, 0, 65536).expect("parse");
+        assert_eq!(parsed.extra_data.len(), KNOWN_EXTRA_DATA_LEN);
+        let raw = RawSnapshotHeader::read_from_prefix(&bytes[..])
+            .expect("header")
+            .0;
+        // Too large for the 32-bit field: written as no state there.
+        assert_eq!(raw.vm_state_size.get(), 0);
+        assert_eq!(raw.entry_len(), bytes.len() as u64);
+        assert_eq!(
+            Snapshot {
+                extra_data: Vec::new(),
+                ..parsed
+            },
+            snapshot
+        );
+    }
+
+    #[test]
+    fn unknown_extra_data_is_kept_and_short_extra_data_is_completed() {
+        let mut snapshot = sample();
+        snapshot.extra_data = (0..40u8).collect();
+        let parsed = Snapshot::parse(&snapshot.encode(1).expect("encode"), 1, 512).expect("parse");
+        assert_eq!(parsed.extra_data[24..], snapshot.extra_data[24..]);
+        snapshot.extra_data = vec![0; 8];
+        let parsed = Snapshot::parse(&snapshot.encode(1).expect("encode"), 1, 512).expect("parse");
+        assert_eq!(parsed.extra_data.len(), 24);
+        assert_eq!(parsed.disk_size, Some(1 << 30));
+    }
+
+    #[test]
+    fn entries_that_cannot_be_stored_are_refused() {
+        let mut snapshot = sample();
+        snapshot.disk_size = None;
+        assert!(snapshot.encode(0).is_err());
+        let mut snapshot = sample();
+        snapshot.name = "n".repeat(70_000);
+        assert!(snapshot.encode(0).is_err());
+        let mut snapshot = sample();
+        snapshot.extra_data = vec![0; 2000];
+        assert!(snapshot.encode(0).is_err());
+    }
+}

@@ -239,6 +239,8 @@ fn open_layer(
         ImageFormat::Qcow2 => {
             let mut image = if writable {
                 Qcow2Image::open_writable(&name, storage, cache)?
+            } else if top && options.check {
+                Qcow2Image::open_for_check(&name, storage, cache)?
             } else {
                 Qcow2Image::open(&name, storage, cache)?
             };

@@ -51,6 +51,11 @@ pub struct OpenOptions {
     /// writable through the engine, for [`crate::Qcow2Image::check`]'s
     /// repairs: dirty and corrupt images open as they are.
     pub repair: bool,
+    /// Open the named QCOW2 image for [`crate::Qcow2Image::check`]: its
+    /// snapshot table is left for the check to read, so that a damaged
+    /// table is reported (and with `repair`, repaired) there rather than
+    /// refused here, as QEMU opens images for a check.
+    pub check: bool,
     /// The image is read to be copied (qemu-img's convert sources; its dd
     /// sources share writes):
     /// nobody may write it meanwhile, even a raw image, which otherwise
@@ -73,6 +78,7 @@ impl Default for OpenOptions {
             lock: true,
             force_share: false,
             repair: false,
+            check: false,
             copy_source: false,
         }
     }

@@ -102,9 +102,21 @@ fn base(path: &Path, options: &str) {
 
 type Damage = fn(&Path);
 
-/// A damage qemu-img repairs by rewriting the snapshot table, which qcow
-/// cannot do yet: only the report is compared.
-const SNAPSHOT_WITHOUT_EXTRA_DATA: &str = "version 3 snapshot entry without extra data";
+/// The extra data length of the snapshot entry at `at`.
+fn snapshot_extra_len(b: &Bytes, at: usize) -> usize {
+    u32::from_be_bytes(b.b[at + 36..at + 40].try_into().expect("4 bytes")) as usize
+}
+
+/// The snapshot entry at `at`: its fixed part and its ID and name.
+fn snapshot_entry(b: &Bytes, at: usize) -> (Vec<u8>, Vec<u8>) {
+    let u16_at = |i: usize| u16::from_be_bytes([b.b[i], b.b[i + 1]]) as usize;
+    let names = u16_at(at + 12) + u16_at(at + 14);
+    let start = at + 40 + snapshot_extra_len(b, at);
+    (
+        b.b[at..at + 40].to_vec(),
+        b.b[start..start + names].to_vec(),
+    )
+}
 
 fn cases() -> Vec<(&'static str, &'static str, Damage)> {
     let plain = "cluster_size=65536";
@@ -285,19 +297,55 @@ fn cases() -> Vec<(&'static str, &'static str, Damage)> {
             b.set_u64(at, (e + 0x200) | 1);
             b.save();
         }),
-        (SNAPSHOT_WITHOUT_EXTRA_DATA, plain, |path| {
+        (
+            "version 3 snapshot entries without extra data",
+            plain,
+            |path| {
+                for name in ["one", "two"] {
+                    let out = qemu_img(&["snapshot", "-c", name, p(path)]);
+                    assert!(out.status.success());
+                }
+                // Rewrite both entries without their extra data.
+                let mut b = Bytes::load(path);
+                let table = b.u64_at(field::SNAPSHOTS_OFFSET) as usize;
+                let (mut from, mut to) = (table, table);
+                let mut rewritten = Vec::new();
+                for _ in 0..2 {
+                    let (fixed, names) = snapshot_entry(&b, from);
+                    from = (from + 40 + snapshot_extra_len(&b, from) + names.len())
+                        .next_multiple_of(8);
+                    let mut entry = fixed;
+                    entry[36..40].copy_from_slice(&0u32.to_be_bytes());
+                    entry.extend_from_slice(&names);
+                    entry.resize(entry.len().next_multiple_of(8), 0);
+                    rewritten.extend_from_slice(&entry);
+                }
+                b.b[to..to + rewritten.len()].copy_from_slice(&rewritten);
+                to += rewritten.len();
+                let end = from.min(b.b.len());
+                b.b[to..end].fill(0);
+                b.save();
+            },
+        ),
+        ("snapshot entry with too much extra data", plain, |path| {
             let out = qemu_img(&["snapshot", "-c", "snap", p(path)]);
             assert!(out.status.success());
-            // Rewrite the one entry without its extra data.
+            // Data after the table, for the extra data to spill over.
+            qemu_io(path, &["write -P 5 50M 256k"]);
             let mut b = Bytes::load(path);
             let table = b.u64_at(field::SNAPSHOTS_OFFSET) as usize;
-            let u16_at = |b: &Bytes, at: usize| u16::from_be_bytes([b.b[at], b.b[at + 1]]) as usize;
-            let (id_len, name_len) = (u16_at(&b, table + 12), u16_at(&b, table + 14));
-            let extra =
-                u32::from_be_bytes(b.b[table + 36..table + 40].try_into().expect("4")) as usize;
-            let names = b.b[table + 40 + extra..table + 40 + extra + id_len + name_len].to_vec();
-            b.b[table + 36..table + 40].copy_from_slice(&0u32.to_be_bytes());
-            b.b[table + 40..table + 40 + names.len()].copy_from_slice(&names);
+            b.b[table + 36..table + 40].copy_from_slice(&0x1_0000u32.to_be_bytes());
+            b.save();
+        }),
+        ("more snapshots than allowed", "compat=0.10", |path| {
+            // After iotest 261: 2^17 all-zero entries (valid in version 2)
+            // at 1 MiB, the file grown over them.
+            let mut b = Bytes::load(path);
+            b.b.resize(1 << 20, 0);
+            let at = field::NB_SNAPSHOTS as usize;
+            b.b[at..at + 4].copy_from_slice(&0x2_0000u32.to_be_bytes());
+            b.set_u64(field::SNAPSHOTS_OFFSET, 1 << 20);
+            b.b.resize((1 << 20) + 40 * 0x2_0000, 0);
             b.save();
         }),
         (
@@ -378,9 +426,6 @@ fn repairs_leave_images_qemu_img_finds_clean_and_identical_to_its_own_repair() {
     let mut failures = Vec::new();
     for (i, (name, options, damage)) in cases().into_iter().enumerate() {
         for mode in ["leaks", "all"] {
-            if name == SNAPSHOT_WITHOUT_EXTRA_DATA {
-                continue;
-            }
             let ours = make(dir.path(), &format!("o{i}{mode}.qcow2"), options, damage);
             let theirs = dir.path().join(format!("t{i}{mode}.qcow2"));
             std::fs::copy(&ours, &theirs).expect("copy");

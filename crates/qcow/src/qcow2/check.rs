@@ -202,9 +202,13 @@ impl Qcow2Image {
     /// QEMU prints along the way goes to `log` line by line. The image must
     /// have been opened for checking (its file writable when repairing).
     pub fn check(&mut self, repair: Repair, log: &mut dyn FnMut(&str)) -> Result<CheckReport> {
-        let incomplete = self.check_snapshot_entries(log);
+        let mut snapshot_report = CheckReport::default();
+        let pending = self.check_read_snapshot_table(repair, log, &mut snapshot_report)?;
         let mut report = self.check_refcounts(repair, log)?;
-        report.corruptions += incomplete;
+        self.check_fix_snapshot_table(pending, repair, log, &mut snapshot_report)?;
+        report.corruptions += snapshot_report.corruptions;
+        report.corruptions_fixed += snapshot_report.corruptions_fixed;
+        report.check_errors += snapshot_report.check_errors;
         if repair != Repair::None && report.check_errors == 0 && report.corruptions == 0 {
             let bits = self.header.incompatible_features;
             let clean = bits & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
@@ -221,24 +225,6 @@ impl Qcow2Image {
         }
         report.total_clusters = self.virtual_size.div_ceil(self.header.cluster_size());
         Ok(report)
-    }
-
-    /// Version 3 snapshot entries must carry at least the 16 bytes of
-    /// extra data holding the VM state size and the disk size (QEMU's
-    /// `qcow2_check_read_snapshot_table`). Returns how many do not.
-    /// Rewriting the snapshot table to repair them is not supported yet.
-    fn check_snapshot_entries(&self, log: &mut dyn FnMut(&str)) -> u64 {
-        if self.header.version < 3 {
-            return 0;
-        }
-        let mut incomplete = 0;
-        for (i, snapshot) in self.snapshots.iter().enumerate() {
-            if snapshot.extra_data.len() < 16 {
-                log(&format!("ERROR snapshot table entry {i} is incomplete"));
-                incomplete += 1;
-            }
-        }
-        incomplete
     }
 
     fn file_length(&self) -> Result<u64> {

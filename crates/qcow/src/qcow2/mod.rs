@@ -9,12 +9,16 @@
 //! [`overlap`](self::overlap) guard; creation in [`create`](self::create),
 //! growing in [`resize`](self::resize). One walk of every reference
 //! ([`references`](self::references)) serves [`check`](self::check) and
-//! the refcount [`rebuild`](self::rebuild). Snapshots and bitmaps have
-//! their own modules.
+//! the refcount [`rebuild`](self::rebuild); the snapshot table's part of
+//! the check is [`check_snapshots`](self::check_snapshots). The snapshot
+//! table is read in [`snapshots`](self::snapshots) and written in
+//! [`snapshot_table`](self::snapshot_table); bitmaps have their own
+//! module.
 
 mod allocator;
 mod bitmaps;
 mod check;
+mod check_snapshots;
 mod compressed_write;
 mod create;
 mod entry_seq;
@@ -27,6 +31,7 @@ mod read;
 mod rebuild;
 mod references;
 mod resize;
+mod snapshot_table;
 mod snapshots;
 mod write;
 mod zeroes;
@@ -73,6 +78,9 @@ pub struct Qcow2Image {
     writer: Option<write::WriteState>,
     backing: Option<Box<dyn BlockDevice>>,
     snapshots: Vec<Snapshot>,
+    /// Bytes of the snapshot table from its start to the end of the last
+    /// entry's name, as read (QEMU's `snapshots_size`).
+    snapshot_table_bytes: u64,
     bitmaps: Vec<BitmapEntry>,
     /// The image file's length; grows as clusters are allocated.
     file_len: AtomicU64,
@@ -90,6 +98,35 @@ impl Qcow2Image {
     /// (or [`crate::open`], which does both under an [`crate::OpenOptions`]).
     /// `cache_bytes` bounds the L2 cache (`None`: the default).
     pub fn open(name: &str, file: Arc<dyn Storage>, cache_bytes: Option<u64>) -> Result<Self> {
+        let mut image = Self::open_without_snapshots(name, file, cache_bytes, false)?;
+        let table = image.read_snapshot_table(
+            image.header.snapshots_offset,
+            image.header.nb_snapshots,
+            None,
+        )?;
+        image.snapshots = table.snapshots;
+        image.snapshot_table_bytes = table.bytes;
+        Ok(image)
+    }
+
+    /// Opens the QCOW2 image in `file` for [`Qcow2Image::check`], as
+    /// [`Qcow2Image::open`] does but without reading the snapshot table:
+    /// the check reads it itself, reporting (and repairing) damage that
+    /// would make the image refused otherwise.
+    pub fn open_for_check(
+        name: &str,
+        file: Arc<dyn Storage>,
+        cache_bytes: Option<u64>,
+    ) -> Result<Self> {
+        Self::open_without_snapshots(name, file, cache_bytes, true)
+    }
+
+    fn open_without_snapshots(
+        name: &str,
+        file: Arc<dyn Storage>,
+        cache_bytes: Option<u64>,
+        for_check: bool,
+    ) -> Result<Self> {
         let file_len = file
             .len()
             .map_err(|e| Error::io(name, "reading the file size", 0, e))?;
@@ -101,7 +138,12 @@ impl Qcow2Image {
         let mut cluster = vec![0u8; cluster_size.min(file_len.max(112)) as usize];
         file.read_at(&mut cluster, 0)
             .map_err(|e| Error::io(name, "reading the header cluster", 0, e))?;
-        let header = Header::parse(&cluster, file_len).map_err(|e| Error::format(name, e))?;
+        let header = if for_check {
+            Header::parse_for_check(&cluster, file_len)
+        } else {
+            Header::parse(&cluster, file_len)
+        };
+        let header = header.map_err(|e| Error::format(name, e))?;
         if header.encryption != Encryption::None {
             return Err(Error::Encrypted {
                 image: name.to_owned(),
@@ -136,13 +178,13 @@ impl Qcow2Image {
             writer: None,
             backing: None,
             snapshots: Vec::new(),
+            snapshot_table_bytes: 0,
             bitmaps: Vec::new(),
             file_len: AtomicU64::new(file_len),
             sparse_file: std::sync::OnceLock::new(),
             snapshot: None,
             header,
         };
-        image.snapshots = image.load_snapshots()?;
         image.bitmaps = image.load_bitmaps()?;
         Ok(image)
     }

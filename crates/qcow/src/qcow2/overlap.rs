@@ -19,7 +19,6 @@ use qcow_format::table::OFFSET_MASK;
 use super::Qcow2Image;
 use super::allocator::Meta;
 use super::metadata_map::MetadataMap;
-use super::references::snapshot_table_len;
 use crate::{Error, Result};
 
 /// One metadata structure: what it is, where it starts, how many bytes.
@@ -55,7 +54,7 @@ impl Qcow2Image {
             (reftable_offset, reftable.len() as u64 * 8, "refcount table"),
             (
                 self.header.snapshots_offset,
-                snapshot_table_len(&self.snapshots),
+                self.snapshot_table_bytes,
                 "snapshot table",
             ),
         ];

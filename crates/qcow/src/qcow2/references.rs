@@ -98,17 +98,6 @@ pub(super) trait Visitor {
     }
 }
 
-/// Bytes a snapshot table of `snapshots` takes (each entry padded to 8).
-pub(super) fn snapshot_table_len(snapshots: &[qcow_format::snapshot::Snapshot]) -> u64 {
-    snapshots
-        .iter()
-        .map(|s| {
-            let fixed = size_of::<qcow_format::snapshot::RawSnapshotHeader>();
-            (fixed + s.extra_data.len() + s.id.len() + s.name.len()).next_multiple_of(8) as u64
-        })
-        .sum()
-}
-
 impl Qcow2Image {
     /// Walks every reference of the image (refcount blocks aside), as the
     /// module documentation says.
@@ -188,10 +177,9 @@ impl Qcow2Image {
             }
             self.walk_l2(l2, active, times, visitor)?;
         }
-        let snapshots_len = snapshot_table_len(&self.snapshots);
         visitor.used(
             self.header.snapshots_offset,
-            snapshots_len,
+            self.snapshot_table_bytes,
             1,
             Use::Metadata("snapshot table"),
         )?;

@@ -149,6 +149,23 @@ impl Qcow2Image {
             self.check_structures_apart_on_disk()?;
             self.rebuild_refcounts()?;
         }
+        self.install_write_state(cache_bytes)?;
+        // Metadata sharing bytes with other metadata would be overwritten by
+        // the first update: refuse to write, and mark the image corrupt as
+        // QEMU does when it meets such a write.
+        let apart = {
+            let meta = self.lock_meta()?;
+            self.check_structures_apart(&meta)
+        };
+        self.guard(apart)
+    }
+
+    /// Gives the image its allocation state (refcount cache, allocator,
+    /// metadata map), without the refusals of [`Qcow2Image::open_writable`]:
+    /// `check` uses it to rewrite the snapshot table of an image it has
+    /// just made consistent, where structures that share clusters are
+    /// reported, not refused (the table moves out of what it shares).
+    pub(super) fn install_write_state(&mut self, cache_bytes: Option<u64>) -> Result<()> {
         let cluster_size = self.header.cluster_size();
         let budget = cache_bytes.unwrap_or(crate::DEFAULT_MAX_CACHE_BYTES);
         let refcounts = Arc::new(TableCache::with_write_back(
@@ -188,15 +205,9 @@ impl Qcow2Image {
             header_lock: Mutex::new(()),
             data_io: RwLock::new(()),
         });
-        // Metadata sharing bytes with other metadata would be overwritten by
-        // the first update: refuse to write, and mark the image corrupt as
-        // QEMU does when it meets such a write.
-        let apart = {
-            let meta = self.lock_meta()?;
-            self.map_metadata(&meta, &self.write_state()?.metadata);
-            self.check_structures_apart(&meta)
-        };
-        self.guard(apart)
+        let meta = self.lock_meta()?;
+        self.map_metadata(&meta, &self.write_state()?.metadata);
+        Ok(())
     }
 
     /// Rewrites the incompatible feature bits in the header (version 3) as

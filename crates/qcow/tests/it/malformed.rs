@@ -348,6 +348,21 @@ fn snapshot_table_past_end_of_file() {
 }
 
 #[test]
+fn empty_snapshot_table_at_a_misaligned_offset() {
+    // QEMU refuses it though it reads nothing there.
+    let mut c = Crafted::new();
+    c.put_u64(64, 0x123);
+    assert!(matches!(
+        format_error(c.open()),
+        FormatError::Misaligned {
+            structure: "snapshot table",
+            offset: 0x123,
+            ..
+        }
+    ));
+}
+
+#[test]
 fn snapshot_with_oversized_extra_data() {
     let mut c = Crafted::new();
     c.put_u32(60, 1).put_u64(64, 5 * CLUSTER as u64);
