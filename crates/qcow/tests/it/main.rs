@@ -11,4 +11,5 @@ mod malformed;
 mod model;
 mod oracle;
 mod overlap;
+mod snapshot_table;
 mod write;
