@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
-use qcow::{CheckReport, Image, Repair};
+use qcow::{CheckOptions, CheckReport, Image, Repair};
 use serde_json::{Value, json};
 
 use crate::info::to_qemu_json;
 use crate::open::{OpenFlags, open_options};
+use crate::size::option_size;
 
 /// Arguments of `qcow check`.
 #[derive(Debug, clap::Args)]
@@ -27,6 +28,11 @@ pub(crate) struct CheckArgs {
     /// Quiet: print nothing on standard output.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Most memory the in-memory refcount table may take (qcow's own
+    /// option; default 1G, 4 bytes per cluster of the file). A larger file
+    /// is counted in several passes; a refcount rebuild needs one.
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<String>,
     /// Cache mode (accepted for compatibility with qemu-img).
     #[arg(short = 'T', value_name = "CACHE")]
     cache: Option<String>,
@@ -51,6 +57,10 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         "json" => true,
         _ => bail!("--output must be used with human or json as argument."),
     };
+    let mut check = CheckOptions::new(repair);
+    if let Some(text) = &args.max_memory {
+        check = check.max_memory(option_size("max-memory", text)?);
+    }
     let mut options = open_options(&args.open, args.format.as_deref())?;
     options.repair = repair != Repair::None;
     options.check = true;
@@ -67,7 +77,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(63));
     };
     let mut log = |line: &str| eprintln!("{line}");
-    let first = match image.check(repair, &mut log) {
+    let first = match image.check_with(&check, &mut log) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("qcow: Check failed: {e}");
@@ -82,7 +92,10 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
                 first.leaks_fixed, first.corruptions_fixed
             );
         }
-        report = match image.check(Repair::None, &mut log) {
+        report = match image.check_with(
+            &CheckOptions::new(Repair::None).max_memory(check.max_memory),
+            &mut log,
+        ) {
             Ok(report) => report,
             Err(e) => {
                 eprintln!("qcow: Check failed: {e}");

@@ -48,6 +48,40 @@ impl Repair {
     }
 }
 
+/// Memory a check's in-memory refcount table may take by default: 1 GiB,
+/// the whole of a 16 TiB file of 64 KiB clusters at once.
+pub const DEFAULT_CHECK_MEMORY: u64 = 1 << 30;
+
+/// How [`Qcow2Image::check_with`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckOptions {
+    /// What to repair.
+    pub repair: Repair,
+    /// Most bytes the in-memory refcount table may take (4 per cluster of
+    /// the file). A larger file is counted a window at a time, walking the
+    /// references once per window; only rebuilding the refcount structure
+    /// needs the whole file counted at once, and is refused beyond it.
+    pub max_memory: u64,
+}
+
+impl CheckOptions {
+    /// Options that repair as `repair` says, within
+    /// [`DEFAULT_CHECK_MEMORY`].
+    pub fn new(repair: Repair) -> Self {
+        CheckOptions {
+            repair,
+            max_memory: DEFAULT_CHECK_MEMORY,
+        }
+    }
+
+    /// The same options with another memory bound.
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.max_memory = bytes;
+        self
+    }
+}
+
 /// What `check` found, in qemu-img's terms.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
@@ -73,10 +107,41 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
 }
 
-/// The in-memory refcount table the walk fills, with the statistics and
-/// problems found on the way.
+/// One counting pass over one window of clusters.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// The window's first cluster.
+    base: u64,
+    /// Clusters in the window.
+    window: u64,
+    reporting: Reporting,
+    /// What the walk may repair.
+    repair: Repair,
+}
+
+/// What a counting pass reports besides the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reporting {
+    /// Everything: the walk's problems and statistics, overflows (the
+    /// first window of the first pass).
+    All,
+    /// Only refcount overflows, which belong to the window's clusters
+    /// (later windows of the first pass).
+    Overflows,
+    /// Nothing: the counts only (a pass that repairs what the first found).
+    Nothing,
+}
+
+/// The in-memory refcount table the walk fills, for one window of
+/// clusters, with the statistics and problems found on the way.
 struct Counter<'a> {
+    /// Counts of clusters `base..base + window`, grown as they are met.
     counts: Vec<u32>,
+    /// The first cluster counted.
+    base: u64,
+    /// Most clusters counted in one pass (the memory bound).
+    window: u64,
+    reporting: Reporting,
     cluster_bits: u32,
     file_len: u64,
     /// The image's largest refcount (or `u32::MAX`, this table's own).
@@ -90,31 +155,40 @@ struct Counter<'a> {
 
 impl Counter<'_> {
     fn count(&self, cluster: u64) -> u64 {
-        usize::try_from(cluster)
-            .ok()
+        cluster
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
             .and_then(|i| self.counts.get(i))
             .map_or(0, |&c| u64::from(c))
     }
 
+    /// Whether the walk's problems and statistics are reported.
+    fn walk_reported(&self) -> bool {
+        self.reporting == Reporting::All
+    }
+
     /// Counts `offset..offset + len` `times` times (QEMU's
-    /// `qcow2_inc_refcounts_imrt`).
+    /// `qcow2_inc_refcounts_imrt`), for the clusters in the window.
     fn add(&mut self, offset: u64, len: u64, times: u64) {
         if len == 0 {
             return;
         }
         let cs = 1u64 << self.cluster_bits;
         if offset.saturating_add(len).saturating_sub(self.file_len) >= cs {
-            (self.log)(&format!(
-                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{offset:x} size 0x{len:x}"
-            ));
-            self.report.corruptions += times;
+            if self.walk_reported() {
+                (self.log)(&format!(
+                    "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{offset:x} size 0x{len:x}"
+                ));
+                self.report.corruptions += times;
+            }
             return;
         }
-        let first = offset >> self.cluster_bits;
-        let last = (offset + len - 1) >> self.cluster_bits;
+        let first = (offset >> self.cluster_bits).max(self.base);
+        let last = ((offset + len - 1) >> self.cluster_bits).min(self.base + self.window - 1);
         for cluster in first..=last {
-            // Inside the file (checked above), so it fits in memory's index.
-            let index = cluster as usize;
+            // Inside the file and the window (both checked above), so it
+            // fits in memory's index and the memory bound.
+            let index = (cluster - self.base) as usize;
             if index >= self.counts.len() {
                 self.counts.resize(index + 1, 0);
             }
@@ -124,6 +198,9 @@ impl Counter<'_> {
             let added = times.min(self.max.saturating_sub(count));
             // At most self.max, which fits.
             self.counts[index] = (count + added) as u32;
+            if self.reporting == Reporting::Nothing {
+                continue;
+            }
             for _ in added..times {
                 (self.log)(&format!(
                     "ERROR: overflow cluster offset=0x{:x}",
@@ -140,25 +217,27 @@ impl Counter<'_> {
 
 impl Visitor for Counter<'_> {
     fn used(&mut self, offset: u64, len: u64, times: u64, what: Use) -> Result<()> {
-        match what {
-            Use::L2Table { .. } => self.next_contiguous = 0,
-            Use::Compressed { active } => {
-                if active {
-                    self.report.allocated_clusters += times;
-                    self.report.compressed_clusters += times;
-                    self.report.fragmented_clusters += times;
-                }
-            }
-            Use::Data { active, .. } => {
-                if active {
-                    self.report.allocated_clusters += times;
-                    if self.next_contiguous != 0 && offset != self.next_contiguous {
+        if self.walk_reported() {
+            match what {
+                Use::L2Table { .. } => self.next_contiguous = 0,
+                Use::Compressed { active } => {
+                    if active {
+                        self.report.allocated_clusters += times;
+                        self.report.compressed_clusters += times;
                         self.report.fragmented_clusters += times;
                     }
-                    self.next_contiguous = offset + (1 << self.cluster_bits);
                 }
+                Use::Data { active, .. } => {
+                    if active {
+                        self.report.allocated_clusters += times;
+                        if self.next_contiguous != 0 && offset != self.next_contiguous {
+                            self.report.fragmented_clusters += times;
+                        }
+                        self.next_contiguous = offset + (1 << self.cluster_bits);
+                    }
+                }
+                Use::Metadata(_) => {}
             }
-            Use::Metadata(_) => {}
         }
         if what.counted() {
             self.add(offset, len, times);
@@ -167,24 +246,30 @@ impl Visitor for Counter<'_> {
     }
 
     fn problem(&mut self, times: u64, message: String) -> Result<()> {
-        (self.log)(&message);
-        self.report.corruptions += times;
+        if self.walk_reported() {
+            (self.log)(&message);
+            self.report.corruptions += times;
+        }
         Ok(())
     }
 
     fn repairs(&self) -> bool {
-        self.repair.errors()
+        self.walk_reported() && self.repair.errors()
     }
 
     fn fixed(&mut self, times: u64) -> Result<()> {
-        self.report.corruptions -= times;
-        self.report.corruptions_fixed += times;
+        if self.walk_reported() {
+            self.report.corruptions -= times;
+            self.report.corruptions_fixed += times;
+        }
         Ok(())
     }
 
     fn check_error(&mut self, message: String) -> Result<()> {
-        (self.log)(&message);
-        self.report.check_errors += 1;
+        if self.walk_reported() {
+            (self.log)(&message);
+            self.report.check_errors += 1;
+        }
         Ok(())
     }
 }
@@ -202,9 +287,20 @@ impl Qcow2Image {
     /// QEMU prints along the way goes to `log` line by line. The image must
     /// have been opened for checking (its file writable when repairing).
     pub fn check(&mut self, repair: Repair, log: &mut dyn FnMut(&str)) -> Result<CheckReport> {
+        self.check_with(&CheckOptions::new(repair), log)
+    }
+
+    /// [`Qcow2Image::check`] with options beyond the repair mode.
+    pub fn check_with(
+        &mut self,
+        options: &CheckOptions,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<CheckReport> {
+        let repair = options.repair;
+        let window = options.max_memory / size_of::<u32>() as u64;
         let mut snapshot_report = CheckReport::default();
         let pending = self.check_read_snapshot_table(repair, log, &mut snapshot_report)?;
-        let mut report = self.check_refcounts(repair, log)?;
+        let mut report = self.check_refcounts(repair, log, window)?;
         self.check_fix_snapshot_table(pending, repair, log, &mut snapshot_report)?;
         report.corruptions += snapshot_report.corruptions;
         report.corruptions_fixed += snapshot_report.corruptions_fixed;
@@ -243,65 +339,91 @@ impl Qcow2Image {
         width_max.min(u64::from(u32::MAX))
     }
 
-    /// Fills the in-memory refcount table: every reference, then the
-    /// refcount blocks (QEMU's `calculate_refcounts`). Returns it and
-    /// whether the refcount structure must be rebuilt.
+    /// The clusters the check counts: the file's, refused past QEMU's
+    /// bound.
+    fn clusters_to_check(&self) -> Result<u64> {
+        let clusters = self.file_length()?.div_ceil(self.header.cluster_size());
+        if clusters > MAX_CLUSTERS {
+            // As QEMU: files of more than 2^31 - 1 clusters are not checked.
+            return Err(Error::Unsupported {
+                image: self.name.clone(),
+                what: format!(
+                    "checking a file of more than {MAX_CLUSTERS} clusters (File too large)"
+                ),
+            });
+        }
+        Ok(clusters)
+    }
+
+    /// Fills the in-memory refcount table of one window of clusters: every
+    /// reference, then the refcount blocks (QEMU's `calculate_refcounts`).
+    /// Returns it and whether the refcount structure must be rebuilt.
     fn calculate<'a>(
         &self,
-        repair: Repair,
+        pass: Pass,
         log: &'a mut dyn FnMut(&str),
+        report: CheckReport,
     ) -> Result<(Counter<'a>, bool)> {
         let cs = self.header.cluster_size();
         let file_len = self.file_length()?;
-        // As QEMU: files of more than 2^31 - 1 clusters are not checked
-        // (the in-memory table would not fit its bound).
-        let too_large = || Error::Unsupported {
-            image: self.name.clone(),
-            what: format!("checking a file of more than {MAX_CLUSTERS} clusters (File too large)"),
-        };
-        let clusters = file_len.div_ceil(cs);
-        if clusters > MAX_CLUSTERS {
-            return Err(too_large());
-        }
         let mut counts = Vec::new();
         // Fallible: a refusal, never an abort.
+        let window_len = pass
+            .window
+            .min(file_len.div_ceil(cs).saturating_sub(pass.base));
         counts
-            .try_reserve_exact(clusters as usize)
-            .map_err(|_| too_large())?;
-        counts.resize(clusters as usize, 0);
+            .try_reserve_exact(window_len as usize)
+            .map_err(|_| Error::Unsupported {
+                image: self.name.clone(),
+                what: format!("checking {window_len} clusters at once (out of memory)"),
+            })?;
         let mut counter = Counter {
             counts,
+            base: pass.base,
+            window: pass.window,
+            reporting: pass.reporting,
             cluster_bits: self.header.cluster_bits,
             file_len,
             max: self.refcount_max(),
-            report: CheckReport::default(),
-            repair,
+            report,
+            repair: pass.repair,
             next_contiguous: 0,
             log,
         };
+        let repair = pass.repair;
+        let reported = pass.reporting == Reporting::All;
         self.walk_references(&mut counter)?;
         let mut rebuild = false;
         let reftable = self.stored_reftable()?;
         for (i, &entry) in reftable.iter().enumerate() {
             let offset = entry & !0x1ff;
             if entry & 0x1ff != 0 {
-                (counter.log)(&format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
-                counter.report.corruptions += 1;
+                if reported {
+                    (counter.log)(&format!(
+                        "ERROR refcount table entry {i} has reserved bits set"
+                    ));
+                    counter.report.corruptions += 1;
+                }
                 rebuild = true;
                 continue;
             }
             if offset % cs != 0 {
-                (counter.log)(&format!(
-                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-                ));
-                counter.report.corruptions += 1;
+                if reported {
+                    (counter.log)(&format!(
+                        "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                    ));
+                    counter.report.corruptions += 1;
+                }
                 rebuild = true;
                 continue;
             }
             let cluster = offset >> self.header.cluster_bits;
-            if cluster >= counter.counts.len() as u64 {
+            if cluster >= counter.file_len.div_ceil(cs) {
+                if !reported {
+                    // Reported (and the file grown over it) by the first
+                    // window.
+                    continue;
+                }
                 counter.report.corruptions += 1;
                 let verb = if repair.errors() {
                     "Repairing"
@@ -348,10 +470,13 @@ impl Qcow2Image {
             }
             if offset != 0 {
                 counter.add(offset, cs, 1);
+                let in_window = cluster >= pass.base && cluster - pass.base < pass.window;
                 let count = counter.count(cluster);
-                if count != 1 {
-                    (counter.log)(&format!("ERROR refcount block {i} refcount={count}"));
-                    counter.report.corruptions += 1;
+                if in_window && count != 1 {
+                    if pass.reporting != Reporting::Nothing {
+                        (counter.log)(&format!("ERROR refcount block {i} refcount={count}"));
+                        counter.report.corruptions += 1;
+                    }
                     rebuild = true;
                 }
             }
@@ -425,7 +550,10 @@ impl Qcow2Image {
         let shift = self.header.cluster_bits + 3 - self.header.refcount_order;
         let mut highest = 0;
         let mut rebuild = false;
-        for cluster in 0..counter.counts.len() as u64 {
+        let file_clusters = counter.file_len.div_ceil(self.header.cluster_size());
+        let end = (counter.base + counter.counts.len() as u64)
+            .max(file_clusters.min(counter.base.saturating_add(counter.window)));
+        for cluster in counter.base..end {
             let on_disk = match self.stored_refcount(&mut stored, cluster) {
                 Ok(n) => n,
                 Err(e) => {
@@ -488,28 +616,80 @@ impl Qcow2Image {
     }
 
     /// QEMU's `qcow2_check_refcounts`: count, compare, repair or rebuild,
-    /// then `OFLAG_COPIED`.
+    /// then `OFLAG_COPIED`. Clusters are counted `window` at a time (the
+    /// memory bound), the references walked once per window.
     fn check_refcounts(
         &mut self,
         repair: Repair,
         log: &mut dyn FnMut(&str),
+        window: u64,
     ) -> Result<CheckReport> {
-        let (mut counter, mut rebuild) = self.calculate(repair, log)?;
-        let before_compare = counter.report.clone();
-        let (mut highest, needs_rebuild) = self.compare(&mut counter, Repair::None)?;
-        rebuild |= needs_rebuild;
+        let window = window.max(1);
+        self.clusters_to_check()?;
+        let mut report = CheckReport::default();
+        // What the comparisons added, taken back before repairing.
+        let mut compared = CheckReport::default();
+        let mut highest = 0;
+        let mut rebuild = false;
+        // The counts, when one window covered the whole file.
+        let mut whole = None;
+        let mut base = 0;
+        loop {
+            let pass = Pass {
+                base,
+                window,
+                reporting: if base == 0 {
+                    Reporting::All
+                } else {
+                    Reporting::Overflows
+                },
+                repair,
+            };
+            let (mut counter, needs) = self.calculate(pass, &mut *log, report)?;
+            rebuild |= needs;
+            let before = counter.report.clone();
+            let (h, needs) = self.compare(&mut counter, Repair::None)?;
+            rebuild |= needs;
+            highest = highest.max(h);
+            compared.corruptions += counter.report.corruptions - before.corruptions;
+            compared.leaks += counter.report.leaks - before.leaks;
+            compared.check_errors += counter.report.check_errors - before.check_errors;
+            report = std::mem::take(&mut counter.report);
+            let end = counter.file_len.div_ceil(self.header.cluster_size());
+            base += window;
+            if base >= end {
+                if pass.base == 0 {
+                    whole = Some(std::mem::take(&mut counter.counts));
+                }
+                break;
+            }
+        }
         if rebuild && repair.errors() {
-            let old = counter.report.clone();
-            (counter.log)("Rebuilding refcount structure");
-            let counts = std::mem::take(&mut counter.counts);
-            let log = counter.log;
+            let Some(counts) = whole else {
+                log(
+                    "ERROR rebuilding the refcount structure needs the whole image counted at once: allow the check more memory",
+                );
+                return Err(Error::Unsupported {
+                    image: self.name.clone(),
+                    what: "rebuilding the refcount structure within the check's memory limit"
+                        .into(),
+                });
+            };
+            let old = report.clone();
+            log("Rebuilding refcount structure");
             self.write_rebuilt_refcounts(counts.len() as u64, &|c| {
                 usize::try_from(c)
                     .ok()
                     .and_then(|i| counts.get(i))
                     .map_or(0, |&n| u64::from(n))
             })?;
-            let (mut again, _) = self.calculate(Repair::None, log)?;
+            let all = Pass {
+                base: 0,
+                window: u64::MAX,
+                reporting: Reporting::All,
+                repair: Repair::None,
+            };
+            let (mut again, _) = self.calculate(all, &mut *log, CheckReport::default())?;
             // The walk's findings count; the comparison only frees what
             // the rebuild left over (the old structure).
             let walked = again.report.clone();
@@ -519,7 +699,7 @@ impl Qcow2Image {
             }
             highest = h;
             let fresh_leaks = again.report.leaks;
-            let mut report = old.clone();
+            report = old.clone();
             report.corruptions = walked.corruptions;
             report.leaks = 0;
             if report.corruptions < old.corruptions {
@@ -529,12 +709,9 @@ impl Qcow2Image {
                 report.leaks_fixed += old.leaks - report.leaks;
             }
             report.leaks += fresh_leaks;
-            again.report = report;
-            counter = again;
         } else if repair != Repair::None {
             if rebuild {
-                (counter.log)("ERROR need to rebuild refcount structures");
-                counter.report.check_errors += 1;
+                log("ERROR need to rebuild refcount structures");
                 return Err(Error::Corrupt {
                     image: self.name.clone(),
                     table: "refcount structure",
@@ -542,24 +719,48 @@ impl Qcow2Image {
                     reason: "it must be rebuilt (-r all)".into(),
                 });
             }
-            if counter.report.leaks > 0 || counter.report.corruptions > 0 {
-                counter.report = before_compare;
-                let (h, _) = self.compare(&mut counter, repair)?;
-                highest = h;
+            if report.leaks > 0 || report.corruptions > 0 {
+                report.corruptions -= compared.corruptions;
+                report.leaks -= compared.leaks;
+                report.check_errors -= compared.check_errors;
+                highest = 0;
+                let mut base = 0;
+                loop {
+                    let pass = Pass {
+                        base,
+                        window,
+                        reporting: Reporting::Nothing,
+                        repair: Repair::None,
+                    };
+                    let (mut counter, _) = self.calculate(pass, &mut *log, report)?;
+                    let (h, _) = self.compare(&mut counter, repair)?;
+                    highest = highest.max(h);
+                    report = std::mem::take(&mut counter.report);
+                    let end = counter.file_len.div_ceil(self.header.cluster_size());
+                    base += window;
+                    if base >= end {
+                        break;
+                    }
+                }
             }
         }
-        self.check_copied_flags(&mut counter, repair)?;
-        counter.report.image_end_offset = (highest + 1) << self.header.cluster_bits;
-        Ok(counter.report)
+        self.check_copied_flags(&mut report, log, repair)?;
+        report.image_end_offset = (highest + 1) << self.header.cluster_bits;
+        Ok(report)
     }
 
     /// `OFLAG_COPIED` on every active L1 and L2 entry must say whether the
     /// cluster's stored refcount is one (QEMU's `check_oflag_copied`).
-    fn check_copied_flags(&mut self, counter: &mut Counter<'_>, repair: Repair) -> Result<()> {
+    fn check_copied_flags(
+        &mut self,
+        report: &mut CheckReport,
+        log: &mut dyn FnMut(&str),
+        repair: Repair,
+    ) -> Result<()> {
         let fix = match repair {
             Repair::All => true,
             Repair::Leaks => {
-                let r = &counter.report;
+                let r = &*report;
                 r.check_errors == 0 && r.corruptions == 0 && r.leaks == 0
             }
             Repair::None => false,
@@ -586,8 +787,8 @@ impl Qcow2Image {
                 continue;
             };
             if (refcount == 1) != (l1_entry & OFLAG_COPIED != 0) {
-                counter.report.corruptions += 1;
-                (counter.log)(&format!(
+                report.corruptions += 1;
+                log(&format!(
                     "{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={refcount}"
                 ));
                 if fix {
@@ -603,8 +804,8 @@ impl Qcow2Image {
                     if let Some(slot) = self.l1.get(i) {
                         slot.store(new, std::sync::atomic::Ordering::Release);
                     }
-                    counter.report.corruptions -= 1;
-                    counter.report.corruptions_fixed += 1;
+                    report.corruptions -= 1;
+                    report.corruptions_fixed += 1;
                 }
             }
             let mut bytes = vec![0u8; cs as usize];
@@ -632,8 +833,8 @@ impl Qcow2Image {
                     }
                 };
                 if (refcount == 1) != (entry & OFLAG_COPIED != 0) {
-                    counter.report.corruptions += 1;
-                    (counter.log)(&format!(
+                    report.corruptions += 1;
+                    log(&format!(
                         "{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
                     ));
                     if fix {
@@ -649,10 +850,10 @@ impl Qcow2Image {
             if dirty > 0 {
                 let meta = self.l2_rewrite_overlap(l2, cs, &stored.reftable);
                 if let Some((structure, at)) = meta {
-                    (counter.log)(&format!(
+                    log(&format!(
                         "ERROR: Could not write L2 table; metadata overlap check failed: the {structure} at {at:#x}"
                     ));
-                    counter.report.check_errors += 1;
+                    report.check_errors += 1;
                     return Ok(());
                 }
                 let out: Vec<u8> = table.iter().flat_map(|w| w.to_be_bytes()).collect();
@@ -660,8 +861,8 @@ impl Qcow2Image {
                     .write_at(&out, l2)
                     .map_err(|e| Error::io(&self.name, "writing an L2 table", l2, e))?;
                 self.l2.forget(l2);
-                counter.report.corruptions -= dirty;
-                counter.report.corruptions_fixed += dirty;
+                report.corruptions -= dirty;
+                report.corruptions_fixed += dirty;
             }
         }
         if fix {

@@ -39,7 +39,7 @@ mod zeroes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use check::{CheckReport, Repair};
+pub use check::{CheckOptions, CheckReport, DEFAULT_CHECK_MEMORY, Repair};
 pub use create::{CreateOptions, Preallocation};
 
 use qcow_format::bitmap::BitmapEntry;
