@@ -18,8 +18,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use qcow::{Allocation, BlockDevice};
 
-use crate::convert::is_zero;
 use crate::open::{OpenFlags, open_image};
+use qcow::copy::is_zero;
 
 /// Bytes read from each image at a time (qemu-img's buffer size).
 const CHUNK: u64 = 2 << 20;

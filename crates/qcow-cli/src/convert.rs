@@ -1,31 +1,25 @@
-//! `qcow convert`: copies an image's guest contents into a new raw or
-//! qcow2 image.
+//! `qcow convert`: copies an image's guest contents into a new raw, qcow2
+//! or qcow image with the library's copy engine ([`qcow::copy`]): this
+//! module makes the output and reports progress.
 //!
 //! The output is sparse: ranges that are unallocated or zero in the source,
 //! and blocks of data that are all zeros (`-S`, 4 KiB by default), are left
-//! as holes. Several worker threads read (decompressing on the thread that
-//! reads) and, for `-c`, compress. A raw output is written by the workers at
-//! each chunk's own offset; a qcow2 output is written by one writer in guest
-//! order, so its clusters, compressed ones packed back to back, follow the
-//! disk's order as qemu-img lays them out.
+//! as holes. The output is written in guest order, so its clusters follow
+//! the disk's order as qemu-img lays them out (`-W` lets workers write out
+//! of order).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::sync_channel;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use qcow::{Allocation, BlockDevice, OpenOptions, Qcow2Image};
+use qcow::copy::{CopyObserver, CopyOptions};
+use qcow::{BlockDevice, Image, OpenOptions, Qcow2Image, RawImage};
 use qcow_io::{FileStorage, Storage};
 
 use crate::create_opts::OptionList;
 use crate::open::{OpenFlags, open_image, refuse_overwriting_source};
 use crate::size::parse_size;
-
-/// Bytes each worker copies at a time (a multiple of every cluster size).
-const CHUNK: u64 = 4 << 20;
 
 /// Arguments of `qcow convert`.
 #[derive(Debug, clap::Args)]
@@ -63,8 +57,8 @@ pub(crate) struct ConvertArgs {
     /// Number of worker threads.
     #[arg(short = 'm', value_name = "N")]
     workers: Option<usize>,
-    /// Accepted for compatibility with qemu-img (out-of-order writes);
-    /// qcow2 output is always written in order.
+    /// Let workers write out of order (the output's clusters then follow
+    /// the order the writes come in, not the disk's).
     #[arg(short = 'W')]
     unordered: bool,
     /// Output cache mode: `unsafe` (the default, as qemu-img's convert:
@@ -77,26 +71,6 @@ pub(crate) struct ConvertArgs {
     source: PathBuf,
     /// Output file.
     dest: PathBuf,
-}
-
-/// What the writer must write for one part of a chunk.
-enum Piece {
-    /// Bytes `start..end` of the chunk's buffer, at guest offset `guest`.
-    Range {
-        guest: u64,
-        start: usize,
-        end: usize,
-    },
-    /// One compressed cluster at guest offset `guest`.
-    Packed { guest: u64, bytes: Vec<u8> },
-    /// A range that must read as zeros over the output's backing file.
-    Zero { guest: u64, len: u64 },
-}
-
-/// A chunk read by a worker: its buffer and what to write from it.
-struct Chunk {
-    buf: Vec<u8>,
-    pieces: Vec<Piece>,
 }
 
 /// Runs `qcow convert`.
@@ -116,59 +90,69 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     )?;
     refuse_overwriting_source(&source, &args.dest)?;
     let size = source.virtual_size();
-    let sparse = usize::try_from(parse_size(&args.sparse_size)?)?;
+    let sparse = parse_size(&args.sparse_size)?;
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .clamp(1, 16);
-    let progress = args.progress.then(|| progress_bar(size));
     let sync = match args.cache.as_str() {
         "unsafe" => false,
         "writeback" | "writethrough" | "none" | "directsync" => true,
         other => bail!("invalid cache mode {other:?}"),
     };
-    match args.output_format.as_str() {
+    let (target, top_only) = match args.output_format.as_str() {
         "raw" => {
             if args.compress {
                 bail!("compression is not supported for raw output");
             }
-            to_raw(
-                args,
-                &source,
-                size,
-                sparse,
-                workers,
-                progress.as_ref(),
-                sync,
-            )?;
+            (raw_output(args, size, sync)?, false)
         }
-        "qcow2" => to_qcow2(
-            args,
-            &source,
-            size,
-            sparse,
-            workers,
-            progress.as_ref(),
-            sync,
-        )?,
-        "qcow" => to_qcow(args, &source, size, sparse, progress.as_ref(), sync)?,
+        "qcow2" => qcow2_output(args, size, sync)?,
+        "qcow" => (qcow_output(args, size, sync)?, false),
         other => bail!("output format {other:?} is not supported (raw, qcow2 or qcow)"),
-    }
-    if let Some(bar) = progress {
+    };
+    let options = CopyOptions::default()
+        .workers(workers)
+        .min_zero_run(sparse)
+        .compress(args.compress)
+        .top_layer_only(top_only)
+        .target_is_zero(true)
+        .in_order(!args.unordered);
+    let progress = args.progress.then(|| Progress(progress_bar(size)));
+    let observer: &dyn CopyObserver = match &progress {
+        Some(p) => p,
+        None => &(),
+    };
+    qcow::copy::copy(&source, &target, &options, observer)
+        .with_context(|| format!("converting '{}'", args.source.display()))?;
+    close(target).with_context(|| format!("could not close '{}'", args.dest.display()))?;
+    if let Some(Progress(bar)) = progress {
         bar.finish();
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn to_raw(
-    args: &ConvertArgs,
-    source: &dyn BlockDevice,
-    size: u64,
-    sparse: usize,
-    workers: usize,
-    progress: Option<&indicatif::ProgressBar>,
-    sync: bool,
-) -> Result<()> {
+/// A progress bar fed by the copy.
+struct Progress(indicatif::ProgressBar);
+
+impl CopyObserver for Progress {
+    fn progress(&self, done: u64, _total: u64) {
+        self.0.set_position(done);
+    }
+}
+
+/// Makes everything written durable (as the cache mode says) and closes
+/// the output.
+fn close(target: Image) -> qcow::Result<()> {
+    match target {
+        Image::Qcow2(image) => image.close(),
+        other => other.flush(),
+    }
+}
+
+/// A raw output: a regular file takes the disk's size; a device keeps its
+/// own.
+fn raw_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<Image> {
     if !args.options.is_empty() {
         bail!("raw output takes no -o options");
     }
@@ -176,32 +160,25 @@ fn to_raw(
     if !sync {
         dest = dest.without_sync();
     }
-    // Devices (and /dev/null) keep their size; regular files take the disk's.
+    let name = args.dest.display().to_string();
     let regular = std::fs::metadata(&args.dest).is_ok_and(|m| m.is_file());
     if regular {
         dest.set_len(size)
-            .with_context(|| format!("could not size '{}'", args.dest.display()))?;
+            .with_context(|| format!("could not size '{name}'"))?;
+        Ok(Image::Raw(RawImage::open(&name, Arc::new(dest))?))
+    } else {
+        // Flushing a device is left to its owner, as qemu-img leaves it.
+        Ok(Image::Raw(RawImage::open_sized(
+            &name,
+            Arc::new(dest.without_sync()),
+            size,
+        )))
     }
-    copy_unordered(source, size, workers, sparse, progress, |run, at| {
-        Ok(dest.write_at(run, at)?)
-    })
-    .with_context(|| format!("converting '{}'", args.source.display()))?;
-    if regular {
-        dest.flush()
-            .with_context(|| format!("could not flush '{}'", args.dest.display()))?;
-    }
-    Ok(())
 }
 
-fn to_qcow2(
-    args: &ConvertArgs,
-    source: &dyn BlockDevice,
-    size: u64,
-    sparse: usize,
-    workers: usize,
-    progress: Option<&indicatif::ProgressBar>,
-    sync: bool,
-) -> Result<()> {
+/// A new qcow2 output, and whether only the source's top layer is copied
+/// (the output has a backing file).
+fn qcow2_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<(Image, bool)> {
     let mut list = OptionList::parse(&args.options)?;
     if let Some(b) = &args.backing {
         list.set("backing_file", b);
@@ -237,84 +214,11 @@ fn to_qcow2(
             ..OpenOptions::default()
         },
     )?;
-    let qcow::Image::Qcow2(dest) = dest else {
-        bail!("'{}' did not open as qcow2", args.dest.display());
-    };
-    let cluster_size = options.cluster_size as usize;
-    let compress = args.compress;
-    if !compress && !top_only {
-        // Like qemu-img -W: every worker writes its own chunks; the engine
-        // allocates under its lock and writes the data outside it.
-        let granularity = if sparse == 0 { 0 } else { cluster_size };
-        copy_unordered(source, size, workers, granularity, progress, |run, at| {
-            Ok(dest.write_at(run, at)?)
-        })
-        .with_context(|| format!("converting '{}'", args.source.display()))?;
-        dest.close()
-            .with_context(|| format!("could not close '{}'", args.dest.display()))?;
-        return Ok(());
-    }
-    let chunks = size.div_ceil(CHUNK);
-    let (tx, rx) = sync_channel::<(u64, Result<Chunk>)>(workers * 2);
-    // Buffers go back from the writer to the workers, so no chunk is
-    // copied and no fresh memory is touched per chunk.
-    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-    let next = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|scope| -> Result<()> {
-        for _ in 0..workers {
-            let tx = tx.clone();
-            let (next, stop, dest, pool) = (&next, &stop, &*dest, &pool);
-            scope.spawn(move || {
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= chunks || stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let buf = pool
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .pop()
-                        .unwrap_or_else(|| vec![0u8; CHUNK as usize]);
-                    let chunk = read_chunk(
-                        source,
-                        dest,
-                        index * CHUNK,
-                        ((index + 1) * CHUNK).min(size),
-                        buf,
-                        cluster_size,
-                        if top_only { 0 } else { sparse },
-                        compress,
-                        top_only,
-                    );
-                    if tx.send((index, chunk)).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        let result = write_in_order(&dest, rx, chunks, progress, size, &pool);
-        if result.is_err() {
-            stop.store(true, Ordering::Relaxed);
-        }
-        result
-    })
-    .with_context(|| format!("converting '{}'", args.source.display()))?;
-    dest.close()
-        .with_context(|| format!("could not close '{}'", args.dest.display()))?;
-    Ok(())
+    Ok((dest, top_only))
 }
 
-/// Converts to a qcow version 1 image, in one thread (a legacy format).
-fn to_qcow(
-    args: &ConvertArgs,
-    source: &dyn BlockDevice,
-    size: u64,
-    sparse: usize,
-    progress: Option<&indicatif::ProgressBar>,
-    sync: bool,
-) -> Result<()> {
+/// A new qcow (version 1) output.
+fn qcow_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<Image> {
     let options = OptionList::parse(&args.options)?.qcow_options(size)?;
     if options.backing_file.is_some() {
         bail!("converting onto a backing file is not supported yet");
@@ -325,7 +229,7 @@ fn to_qcow(
     } else {
         qcow::QcowImage::create(&unsynced_output(&args.dest)?, &options)?;
     }
-    let dest = qcow::open(
+    Ok(qcow::open(
         &args.dest,
         &OpenOptions {
             writable: true,
@@ -333,255 +237,12 @@ fn to_qcow(
             format: Some(qcow::ImageFormat::Qcow),
             ..OpenOptions::default()
         },
-    )?;
-    let qcow::Image::Qcow(dest) = dest else {
-        bail!("'{}' did not open as qcow", args.dest.display());
-    };
-    let cluster_size = dest.header().cluster_size() as usize;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut start = 0;
-    while start < size {
-        let end = (start + CHUNK).min(size);
-        let chunk = &mut buf[..(end - start) as usize];
-        source.read_at(chunk, start)?;
-        for (i, cluster) in chunk.chunks(cluster_size).enumerate() {
-            let guest = start + (i * cluster_size) as u64;
-            if sparse > 0 && is_zero(cluster) {
-                continue;
-            }
-            if args.compress {
-                let mut whole = cluster.to_vec();
-                whole.resize(cluster_size, 0);
-                dest.write_compressed_cluster(&whole, guest)?;
-            } else {
-                dest.write_at(cluster, guest)?;
-            }
-        }
-        start = end;
-        if let Some(bar) = progress {
-            bar.set_position(start);
-        }
-    }
-    dest.flush()
-        .with_context(|| format!("could not flush '{}'", args.dest.display()))?;
-    Ok(())
+    )?)
 }
 
 /// A new output file whose flushes do not sync (qemu-img's cache=unsafe).
 fn unsynced_output(path: &std::path::Path) -> Result<FileStorage> {
     Ok(qcow::create_file(path)?.without_sync())
-}
-
-/// Receives chunks from the workers and writes them in guest order.
-fn write_in_order(
-    dest: &Qcow2Image,
-    rx: std::sync::mpsc::Receiver<(u64, Result<Chunk>)>,
-    chunks: u64,
-    progress: Option<&indicatif::ProgressBar>,
-    size: u64,
-    pool: &Mutex<Vec<Vec<u8>>>,
-) -> Result<()> {
-    let mut waiting: BTreeMap<u64, Chunk> = BTreeMap::new();
-    let mut expected = 0u64;
-    while expected < chunks {
-        let Ok((index, chunk)) = rx.recv() else {
-            bail!("a convert worker stopped early");
-        };
-        waiting.insert(index, chunk?);
-        while let Some(chunk) = waiting.remove(&expected) {
-            // Runs of compressed clusters go down together.
-            let mut packed: Vec<(u64, &[u8])> = Vec::new();
-            for piece in &chunk.pieces {
-                if let Piece::Packed { guest, bytes } = piece {
-                    packed.push((*guest, bytes));
-                    continue;
-                }
-                if !packed.is_empty() {
-                    dest.write_packed_clusters(&packed)?;
-                    packed.clear();
-                }
-                match piece {
-                    Piece::Range { guest, start, end } => {
-                        dest.write_at(&chunk.buf[*start..*end], *guest)?
-                    }
-                    Piece::Zero { guest, len } => dest.write_zeroes(*guest, *len, false)?,
-                    Piece::Packed { .. } => {}
-                }
-            }
-            if !packed.is_empty() {
-                dest.write_packed_clusters(&packed)?;
-            }
-            pool.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(chunk.buf);
-            expected += 1;
-            if let Some(bar) = progress {
-                bar.set_position((expected * CHUNK).min(size));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Reads one chunk into `buf` and says what the writer must write: runs of
-/// non-zero clusters, or compressed clusters.
-#[allow(clippy::too_many_arguments)]
-fn read_chunk(
-    source: &dyn BlockDevice,
-    dest: &Qcow2Image,
-    start: u64,
-    end: u64,
-    mut buf: Vec<u8>,
-    cluster_size: usize,
-    sparse: usize,
-    compress: bool,
-    top_only: bool,
-) -> Result<Chunk> {
-    let mut pieces = Vec::new();
-    let mut pos = start;
-    let mut whole = Vec::new();
-    while pos < end {
-        let extent = source.block_status(pos, end - pos)?;
-        let len = extent.len.max(1).min(end - pos);
-        if top_only {
-            // Only the source's top layer: the output's backing file holds
-            // the rest. Zeros in the top layer must hide the backing file.
-            match extent.allocation {
-                Allocation::Zero { depth: 0, .. }
-                | Allocation::Data {
-                    depth: 0,
-                    zero: true,
-                    ..
-                } => {
-                    pieces.push(Piece::Zero { guest: pos, len });
-                    pos += len;
-                    continue;
-                }
-                Allocation::Data { depth: 0, .. } => {}
-                _ => {
-                    pos += len;
-                    continue;
-                }
-            }
-        }
-        if let Allocation::Data { zero: false, .. } = extent.allocation {
-            // Whole clusters around the extent, so each is written once.
-            let from = pos - (pos - start) % cluster_size as u64;
-            let to = (pos + len).next_multiple_of(cluster_size as u64).min(end);
-            let (a, b) = ((from - start) as usize, (to - start) as usize);
-            source.read_at(&mut buf[a..b], from)?;
-            if compress {
-                for c in (a..b).step_by(cluster_size) {
-                    let cluster = &buf[c..(c + cluster_size).min(b)];
-                    let guest = start + c as u64;
-                    if sparse > 0 && is_zero(cluster) {
-                        continue;
-                    }
-                    let packed = if cluster.len() == cluster_size {
-                        dest.compress_cluster(cluster)
-                    } else {
-                        // The disk's last, partial cluster: pad with zeros.
-                        whole.clear();
-                        whole.extend_from_slice(cluster);
-                        whole.resize(cluster_size, 0);
-                        dest.compress_cluster(&whole)
-                    };
-                    match packed {
-                        Some(bytes) => pieces.push(Piece::Packed { guest, bytes }),
-                        None => pieces.push(Piece::Range {
-                            guest,
-                            start: c,
-                            end: c + cluster.len(),
-                        }),
-                    }
-                }
-            } else {
-                let granularity = if sparse == 0 { 0 } else { cluster_size };
-                for (at, run) in nonzero_runs(&buf[a..b], granularity) {
-                    pieces.push(Piece::Range {
-                        guest: from + at as u64,
-                        start: a + at,
-                        end: a + at + run.len(),
-                    });
-                }
-            }
-            pos = to;
-        } else {
-            pos += len;
-        }
-    }
-    Ok(Chunk { buf, pieces })
-}
-
-/// Copies every run of `source` that may hold non-zero data with
-/// `write(bytes, offset)`, chunks on `workers` threads in any order, leaving
-/// out blocks of `granularity` bytes that are all zeros (0: none).
-fn copy_unordered(
-    source: &dyn BlockDevice,
-    size: u64,
-    workers: usize,
-    granularity: usize,
-    progress: Option<&indicatif::ProgressBar>,
-    write: impl Fn(&[u8], u64) -> Result<()> + Sync,
-) -> Result<()> {
-    let done = AtomicU64::new(0);
-    for_each_chunk(size, workers, |start, end, buf| {
-        let mut pos = start;
-        while pos < end {
-            let extent = source.block_status(pos, end - pos)?;
-            let len = extent.len.max(1).min(end - pos);
-            if let Allocation::Data { zero: false, .. } = extent.allocation {
-                // len <= CHUNK == buf.len().
-                let data = &mut buf[..len as usize];
-                source.read_at(data, pos)?;
-                for (at, run) in nonzero_runs(data, granularity) {
-                    write(run, pos + at as u64)?;
-                }
-            }
-            pos += len;
-        }
-        if let Some(bar) = progress {
-            bar.set_position(done.fetch_add(end - start, Ordering::Relaxed) + end - start);
-        }
-        Ok(())
-    })
-}
-
-/// Runs `work(start, end, buffer)` over every chunk of a disk of `size`
-/// bytes on `workers` threads; stops at the first error.
-fn for_each_chunk<F>(size: u64, workers: usize, work: F) -> Result<()>
-where
-    F: Fn(u64, u64, &mut [u8]) -> Result<()> + Sync,
-{
-    let next = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
-    std::thread::scope(|scope| -> Result<()> {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| -> Result<()> {
-                    let mut buf = vec![0u8; CHUNK as usize];
-                    loop {
-                        let start = next.fetch_add(CHUNK, Ordering::Relaxed);
-                        if start >= size || failed.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                        let end = (start + CHUNK).min(size);
-                        if let Err(e) = work(start, end, &mut buf) {
-                            failed.store(true, Ordering::Relaxed);
-                            return Err(e);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for handle in handles {
-            match handle.join() {
-                Ok(result) => result?,
-                Err(_) => bail!("a convert worker panicked"),
-            }
-        }
-        Ok(())
-    })
 }
 
 fn progress_bar(size: u64) -> indicatif::ProgressBar {
@@ -592,58 +253,4 @@ fn progress_bar(size: u64) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
-}
-
-/// The runs of `data` that are not made of all-zero blocks of `block`
-/// bytes, as (offset, bytes). A block size of 0 keeps everything.
-fn nonzero_runs(data: &[u8], block: usize) -> Vec<(usize, &[u8])> {
-    if block == 0 {
-        return vec![(0, data)];
-    }
-    let mut runs = Vec::new();
-    let mut run_start: Option<usize> = None;
-    let mut i = 0;
-    while i < data.len() {
-        let end = (i + block).min(data.len());
-        let zero = is_zero(&data[i..end]);
-        match (zero, run_start) {
-            (false, None) => run_start = Some(i),
-            (true, Some(s)) => {
-                runs.push((s, &data[s..i]));
-                run_start = None;
-            }
-            _ => {}
-        }
-        i = end;
-    }
-    if let Some(s) = run_start {
-        runs.push((s, &data[s..]));
-    }
-    runs
-}
-
-/// Whether every byte is zero: 64-byte blocks (which the compiler
-/// vectorizes), stopping at the first one that is not.
-pub(crate) fn is_zero(bytes: &[u8]) -> bool {
-    bytes
-        .chunks(64)
-        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::nonzero_runs;
-
-    #[test]
-    fn zero_blocks_split_runs() {
-        let mut data = vec![0u8; 16];
-        data[0] = 1;
-        data[9] = 2;
-        let runs = nonzero_runs(&data, 4);
-        assert_eq!(runs.len(), 2);
-        assert_eq!((runs[0].0, runs[0].1.len()), (0, 4));
-        assert_eq!((runs[1].0, runs[1].1.len()), (8, 4));
-        assert_eq!(nonzero_runs(&data, 0).len(), 1);
-        assert!(nonzero_runs(&[0u8; 8], 4).is_empty());
-    }
 }

@@ -1,6 +1,7 @@
 //! `qcow dd`: qemu-img dd's operands (`if=`, `of=`, `bs=`, `count=`,
 //! `skip=`): copies a range of an image's guest contents into a new image.
-//! Like qemu-img dd, the output holds input blocks `skip..count`.
+//! Like qemu-img dd, the output holds input blocks `skip..count`; the copy
+//! is the library's engine ([`qcow::copy`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -120,18 +121,10 @@ pub(crate) fn run(args: &DdArgs) -> Result<ExitCode> {
         }
         other => bail!("output format {other:?} is not supported (raw or qcow2)"),
     };
-    let step = ops.block.clamp(1 << 16, 4 << 20);
-    let mut buf = vec![0u8; step.min(len.max(1)) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        let chunk = &mut buf[..n];
-        source.read_at(chunk, start + done)?;
-        if !crate::convert::is_zero(chunk) {
-            dest.write_at(chunk, done)?;
-        }
-        done += n as u64;
-    }
+    let options = qcow::copy::CopyOptions::default()
+        .range(start, Some(len))
+        .target_is_zero(true);
+    qcow::copy::copy(&source, &*dest, &options, &())?;
     dest.flush()?;
     Ok(ExitCode::SUCCESS)
 }

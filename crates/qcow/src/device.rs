@@ -143,4 +143,31 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn backing(&self) -> Option<&dyn BlockDevice> {
         None
     }
+
+    /// The unit the image allocates in (its cluster size), for formats that
+    /// have one; writes of part of a unit allocate all of it.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Compressed writes, for images whose format stores compressed
+    /// clusters (and that are open for writing).
+    fn compressed_writes(&self) -> Option<&dyn CompressedWrites> {
+        None
+    }
+}
+
+/// Writing compressed clusters in two steps, so that many threads can
+/// compress while one writer stores the results in guest order, packed
+/// back to back (as `qemu-img convert -c` lays them out).
+pub trait CompressedWrites: Sync {
+    /// Compresses one whole cluster (the disk's last, partial cluster padded
+    /// with zeros) as the image stores it; `None` when it would not shrink,
+    /// and the cluster is to be written plain. Runs on any thread.
+    fn compress_cluster(&self, cluster: &[u8]) -> Option<Vec<u8>>;
+
+    /// Stores clusters from [`CompressedWrites::compress_cluster`], as
+    /// (guest offset, compressed bytes), packed back to back in their order.
+    /// The clusters must not be allocated yet.
+    fn write_compressed(&self, clusters: &[(u64, &[u8])]) -> Result<()>;
 }

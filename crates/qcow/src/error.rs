@@ -223,6 +223,10 @@ pub enum Error {
         /// The image.
         image: String,
     },
+    /// The caller cancelled the operation (see
+    /// [`crate::copy::CopyObserver::cancelled`]).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl Error {

@@ -9,7 +9,8 @@
 //! is touched). The format-specific types ([`Qcow2Image`], [`QcowImage`],
 //! [`RawImage`]) expose headers, snapshots and bitmaps, and for QCOW2
 //! growing ([`Qcow2Image::resize`]) and checking with repair
-//! ([`Qcow2Image::check`]).
+//! ([`Qcow2Image::check`]). [`copy::copy`] copies one disk into another,
+//! on worker threads, as `convert`, `dd`, `commit` and `rebase` do.
 //!
 //! The specification followed is `docs/interop/qcow2.txt` in QEMU's
 //! repository; `qemu-img` is the reference every test compares against.
@@ -17,6 +18,7 @@
 #![deny(missing_docs)]
 
 mod compress;
+pub mod copy;
 mod device;
 mod error;
 mod open;
@@ -25,7 +27,7 @@ mod qcow2;
 mod raw;
 mod v1;
 
-pub use device::{Allocation, BlockDevice, Extent, ImageFormat};
+pub use device::{Allocation, BlockDevice, CompressedWrites, Extent, ImageFormat};
 pub use error::{Error, Result};
 pub use open::{Image, create, create_file, create_qcow, open, probe, relative_to};
 pub use options::{DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_CHAIN_DEPTH, OpenOptions};

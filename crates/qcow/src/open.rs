@@ -70,6 +70,12 @@ impl BlockDevice for Image {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.device().discard(offset, len)
     }
+    fn cluster_size(&self) -> Option<u64> {
+        self.device().cluster_size()
+    }
+    fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
+        self.device().compressed_writes()
+    }
 }
 
 /// Says what format the file at `path` holds, by its magic: a qcow magic

@@ -32,6 +32,16 @@ impl RawImage {
         })
     }
 
+    /// Uses `storage` as a raw disk of `size` bytes whatever its length
+    /// says: for devices (a block device, `/dev/null`) written as outputs.
+    pub fn open_sized(name: &str, storage: Arc<dyn Storage>, size: u64) -> Self {
+        RawImage {
+            name: name.to_owned(),
+            storage,
+            size,
+        }
+    }
+
     /// Changes the disk's size to `new_size` bytes, as qemu-img resizes a
     /// raw image (any byte size; new bytes read as zeros).
     pub fn resize(&mut self, new_size: u64) -> Result<()> {

@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 mod check;
 mod compare;
+mod convert;
 mod guards;
 mod locking;
 mod map;

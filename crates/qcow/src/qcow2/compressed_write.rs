@@ -177,3 +177,13 @@ impl Qcow2Image {
         Ok(start)
     }
 }
+
+impl crate::device::CompressedWrites for Qcow2Image {
+    fn compress_cluster(&self, cluster: &[u8]) -> Option<Vec<u8>> {
+        Qcow2Image::compress_cluster(self, cluster)
+    }
+
+    fn write_compressed(&self, clusters: &[(u64, &[u8])]) -> Result<()> {
+        self.write_packed_clusters(clusters)
+    }
+}

@@ -305,6 +305,14 @@ impl BlockDevice for Qcow2Image {
         ImageFormat::Qcow2
     }
 
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.header.cluster_size())
+    }
+
+    fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
+        self.writer.is_some().then_some(self)
+    }
+
     fn virtual_size(&self) -> u64 {
         self.virtual_size
     }

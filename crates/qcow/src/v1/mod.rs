@@ -189,6 +189,14 @@ impl BlockDevice for QcowImage {
         ImageFormat::Qcow
     }
 
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.header.cluster_size())
+    }
+
+    fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
+        self.writer.is_some().then_some(self)
+    }
+
     fn virtual_size(&self) -> u64 {
         self.header.virtual_size
     }

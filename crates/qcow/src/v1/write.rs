@@ -237,20 +237,47 @@ impl QcowImage {
             )));
         }
         let visible = (self.header.virtual_size - guest).min(cluster_size) as usize;
-        let Some(packed) = crate::compress::compress(CompressionType::Zlib, data)
-            .filter(|p| (p.len() as u64) < cluster_size)
-        else {
-            return self.write_at(&data[..visible], guest);
-        };
+        match crate::device::CompressedWrites::compress_cluster(self, data) {
+            Some(packed) => self.store_compressed(&packed, guest),
+            None => self.write_at(&data[..visible], guest),
+        }
+    }
+
+    /// Stores `packed`, a compressed cluster, as the guest cluster at
+    /// `guest`, at the end of the file.
+    fn store_compressed(&self, packed: &[u8], guest: u64) -> Result<()> {
         let _lock = self.lock()?;
         let l2_offset = self.writable_l2(guest)?;
         let len = packed.len() as u64;
         let host = self.alloc_end(len, 1);
-        self.write_data(&packed, host)?;
+        self.write_data(packed, host)?;
         let entry = V1_OFLAG_COMPRESSED | (len << (63 - self.header.cluster_bits)) | host;
         self.set_l2_entry(l2_offset, guest, entry)
     }
+}
 
+impl crate::device::CompressedWrites for QcowImage {
+    /// Raw deflate with a 4 KiB window, as qemu-img writes it.
+    fn compress_cluster(&self, cluster: &[u8]) -> Option<Vec<u8>> {
+        crate::compress::compress(CompressionType::Zlib, cluster)
+            .filter(|p| (p.len() as u64) < self.header.cluster_size())
+    }
+
+    fn write_compressed(&self, clusters: &[(u64, &[u8])]) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        for &(guest, packed) in clusters {
+            if guest & (cluster_size - 1) != 0 || guest >= self.header.virtual_size {
+                return Err(Error::InvalidOptions(format!(
+                    "compressed writes take one whole aligned cluster ({cluster_size} bytes)"
+                )));
+            }
+            self.store_compressed(packed, guest)?;
+        }
+        Ok(())
+    }
+}
+
+impl QcowImage {
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
         if self.writer.is_none() {

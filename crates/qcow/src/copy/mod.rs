@@ -1,0 +1,268 @@
+//! Copying one disk's contents into another: the engine behind `convert`,
+//! `dd`, `commit` and `rebase`, for any [`BlockDevice`] source and target.
+//!
+//! The source is cut into chunks that worker threads read (decompressing as
+//! they read), scan for zeros and, for a compressed target, compress
+//! ([`plan`]). What a chunk needs written goes to the target in guest order
+//! by one writer, so that the target allocates its clusters in the disk's
+//! order as qemu-img lays them out; or, with [`CopyOptions::in_order`] off
+//! (qemu-img's `-W`), each worker writes its own chunks ([`run`]).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use qcow::copy::{copy, CopyOptions};
+//! use qcow::{BlockDevice, CreateOptions, Qcow2Image, RawImage};
+//! use qcow_io::MemStorage;
+//!
+//! // A 1 MiB raw disk with data in its second half.
+//! let mut bytes = vec![0u8; 1 << 20];
+//! bytes[1 << 19..].fill(7);
+//! let source = RawImage::open("disk.raw", Arc::new(MemStorage::from_bytes(bytes)))?;
+//!
+//! // A new qcow2 image of the same size.
+//! let file = Arc::new(MemStorage::new());
+//! Qcow2Image::create(&*file, &CreateOptions::new(1 << 20))?;
+//! let target = Qcow2Image::open_writable("disk.qcow2", file, None)?;
+//!
+//! let options = CopyOptions::default().target_is_zero(true);
+//! let stats = copy(&source, &target, &options, &())?;
+//! assert_eq!(stats.bytes_written, 1 << 19);
+//! let mut back = vec![0u8; 1 << 20];
+//! target.read_at(&mut back, 0)?;
+//! assert!(back[..1 << 19].iter().all(|&b| b == 0) && back[1 << 19..].iter().all(|&b| b == 7));
+//! # Ok::<(), qcow::Error>(())
+//! ```
+
+mod plan;
+mod run;
+
+pub use plan::is_zero;
+
+use crate::device::BlockDevice;
+use crate::{Error, Result};
+
+/// Bytes each worker copies at a time by default (a multiple of every
+/// cluster size).
+pub const DEFAULT_CHUNK: u64 = 4 << 20;
+
+/// How [`copy`] copies. Build it from [`CopyOptions::default`] with the
+/// setters; fields may be added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CopyOptions {
+    /// Worker threads reading (and compressing); at least one.
+    pub workers: usize,
+    /// Smallest run of zero bytes left unwritten (qemu-img's `-S`, 4 KiB by
+    /// default). A target with clusters looks for whole zero clusters
+    /// instead. 0 writes everything, unallocated ranges too, so that the
+    /// target allocates the whole disk.
+    pub min_zero_run: u64,
+    /// Store clusters compressed (the target must support it).
+    pub compress: bool,
+    /// Copy only what the source's top layer holds (a target whose backing
+    /// file holds the rest, as `convert -B` and `rebase` make): ranges the
+    /// top layer leaves to its backing file are not written, ranges it
+    /// zeroes are zeroed in the target.
+    pub top_layer_only: bool,
+    /// The target reads as zeros everywhere before the copy (a new image):
+    /// zero ranges need not be written. When false, they are zeroed.
+    pub target_is_zero: bool,
+    /// Keep going past unreadable ranges of the source: they are read
+    /// again 512 bytes at a time, and what cannot be read is written as
+    /// zeros and reported to [`CopyObserver::salvaged`] (qemu-img's
+    /// `--salvage`).
+    pub salvage: bool,
+    /// Write the target in guest order (the default), so that it allocates
+    /// its clusters in the disk's order; false lets every worker write its
+    /// own chunks (qemu-img's `-W`).
+    pub in_order: bool,
+    /// Where in the source the copy starts.
+    pub source_offset: u64,
+    /// Bytes to copy (`None`: to the end of the source), written from
+    /// offset 0 of the target.
+    pub length: Option<u64>,
+    /// Bytes a worker copies at a time (rounded up to whole clusters of the
+    /// target).
+    pub chunk_size: u64,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(16)),
+            min_zero_run: 4096,
+            compress: false,
+            top_layer_only: false,
+            target_is_zero: false,
+            salvage: false,
+            in_order: true,
+            source_offset: 0,
+            length: None,
+            chunk_size: DEFAULT_CHUNK,
+        }
+    }
+}
+
+impl CopyOptions {
+    /// Sets [`CopyOptions::workers`].
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Sets [`CopyOptions::min_zero_run`].
+    pub fn min_zero_run(mut self, bytes: u64) -> Self {
+        self.min_zero_run = bytes;
+        self
+    }
+
+    /// Sets [`CopyOptions::compress`].
+    pub fn compress(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
+    /// Sets [`CopyOptions::top_layer_only`].
+    pub fn top_layer_only(mut self, on: bool) -> Self {
+        self.top_layer_only = on;
+        self
+    }
+
+    /// Sets [`CopyOptions::target_is_zero`].
+    pub fn target_is_zero(mut self, on: bool) -> Self {
+        self.target_is_zero = on;
+        self
+    }
+
+    /// Sets [`CopyOptions::salvage`].
+    pub fn salvage(mut self, on: bool) -> Self {
+        self.salvage = on;
+        self
+    }
+
+    /// Sets [`CopyOptions::in_order`].
+    pub fn in_order(mut self, on: bool) -> Self {
+        self.in_order = on;
+        self
+    }
+
+    /// Copies `length` bytes from `source_offset` (see the fields).
+    pub fn range(mut self, source_offset: u64, length: Option<u64>) -> Self {
+        self.source_offset = source_offset;
+        self.length = length;
+        self
+    }
+
+    /// Sets [`CopyOptions::chunk_size`].
+    pub fn chunk_size(mut self, bytes: u64) -> Self {
+        self.chunk_size = bytes;
+        self
+    }
+}
+
+/// Hears how a copy goes, and may cancel it. Every method has a default
+/// that does nothing; `()` is the observer that wants nothing.
+pub trait CopyObserver: Sync {
+    /// `done` of `total` bytes are copied (called after each chunk, from
+    /// any thread, with `done` growing).
+    fn progress(&self, done: u64, total: u64) {
+        let _ = (done, total);
+    }
+
+    /// `len` bytes of the source at `offset` could not be read (`error`)
+    /// and were written as zeros ([`CopyOptions::salvage`]).
+    fn salvaged(&self, offset: u64, len: u64, error: &Error) {
+        let _ = (offset, len, error);
+    }
+
+    /// Whether to stop: checked before each chunk; a cancelled copy
+    /// returns [`Error::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+impl CopyObserver for () {}
+
+/// What a copy did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CopyStats {
+    /// Bytes of data written to the target (compressed clusters counted
+    /// at their guest size).
+    pub bytes_written: u64,
+    /// Bytes zeroed in the target.
+    pub bytes_zeroed: u64,
+    /// Bytes of the source that could not be read and were written as
+    /// zeros.
+    pub bytes_salvaged: u64,
+}
+
+/// Copies `source` into `target` as `options` say, telling `observer` how
+/// it goes. The target must be writable and large enough for the range
+/// copied. On error the target holds part of the copy.
+pub fn copy(
+    source: &dyn BlockDevice,
+    target: &dyn BlockDevice,
+    options: &CopyOptions,
+    observer: &dyn CopyObserver,
+) -> Result<CopyStats> {
+    let source_size = source.virtual_size();
+    let start = options.source_offset;
+    if start > source_size {
+        return Err(Error::OutOfRange {
+            image: source.name().to_owned(),
+            offset: start,
+            len: 0,
+            size: source_size,
+        });
+    }
+    let len = options.length.unwrap_or(source_size - start);
+    if len > source_size - start {
+        return Err(Error::OutOfRange {
+            image: source.name().to_owned(),
+            offset: start,
+            len,
+            size: source_size,
+        });
+    }
+    let compressor = if options.compress {
+        Some(target.compressed_writes().ok_or_else(|| {
+            Error::InvalidOptions(format!(
+                "{}: the image format does not store compressed clusters",
+                target.name()
+            ))
+        })?)
+    } else {
+        None
+    };
+    let cluster = target.cluster_size().unwrap_or(0);
+    let chunk = match cluster {
+        0 => options.chunk_size.max(512),
+        c => options.chunk_size.max(c).next_multiple_of(c),
+    };
+    let planner = plan::Planner {
+        source,
+        source_offset: start,
+        compressor,
+        cluster,
+        min_zero_run: options.min_zero_run,
+        top_layer_only: options.top_layer_only,
+        target_is_zero: options.target_is_zero,
+        salvage: options.salvage,
+        observer,
+    };
+    let job = run::Job {
+        planner,
+        target,
+        len,
+        chunk,
+        workers: options.workers.max(1),
+        observer,
+    };
+    if options.in_order {
+        job.run_in_order()
+    } else {
+        job.run_unordered()
+    }
+}

@@ -1,0 +1,271 @@
+//! Reading one chunk of the source and saying what the target needs
+//! written for it: runs of data from the chunk's buffer, compressed
+//! clusters, and ranges to zero. Block status decides what is read at all;
+//! data read is then scanned for zeros at the target's granularity.
+
+use crate::Result;
+use crate::device::{Allocation, BlockDevice, CompressedWrites};
+
+use super::CopyObserver;
+
+/// What the writer must do for one part of a chunk (offsets in the
+/// target).
+#[derive(Debug)]
+pub(super) enum Piece {
+    /// Bytes `start..end` of the chunk's buffer, at `at`.
+    Data { at: u64, start: usize, end: usize },
+    /// One compressed cluster at `at`.
+    Packed { at: u64, bytes: Vec<u8> },
+    /// A range to make read as zeros.
+    Zero { at: u64, len: u64 },
+}
+
+/// A chunk read by a worker: its buffer and what to write from it.
+#[derive(Debug)]
+pub(super) struct Chunk {
+    pub(super) buf: Vec<u8>,
+    pub(super) pieces: Vec<Piece>,
+    /// Source bytes that could not be read and are written as zeros.
+    pub(super) salvaged: u64,
+}
+
+/// How chunks are planned (see [`super::CopyOptions`]).
+pub(super) struct Planner<'a> {
+    pub(super) source: &'a dyn BlockDevice,
+    pub(super) source_offset: u64,
+    pub(super) compressor: Option<&'a dyn CompressedWrites>,
+    /// The target's cluster size (0: none).
+    pub(super) cluster: u64,
+    pub(super) min_zero_run: u64,
+    pub(super) top_layer_only: bool,
+    pub(super) target_is_zero: bool,
+    pub(super) salvage: bool,
+    pub(super) observer: &'a dyn CopyObserver,
+}
+
+impl Planner<'_> {
+    /// The granularity of zero detection in data read: whole clusters of a
+    /// target that has them, else the minimum zero run (0: none).
+    fn zero_block(&self) -> usize {
+        match (self.min_zero_run, self.cluster) {
+            (0, _) => 0,
+            (_, 0) => self.min_zero_run as usize,
+            (_, c) => c as usize,
+        }
+    }
+
+    /// Whether zeros need not be written: the target reads as zeros and
+    /// has no backing file to show through.
+    fn zeros_read_back(&self) -> bool {
+        self.target_is_zero && !self.top_layer_only
+    }
+
+    /// Reads target range `start..end` (at most the buffer's length) and
+    /// plans its writes.
+    pub(super) fn plan(&self, start: u64, end: u64, mut buf: Vec<u8>) -> Result<Chunk> {
+        let mut chunk = Chunk {
+            buf: Vec::new(),
+            pieces: Vec::new(),
+            salvaged: 0,
+        };
+        let cluster = self.cluster;
+        let mut pos = start;
+        while pos < end {
+            let extent = self
+                .source
+                .block_status(self.source_offset + pos, end - pos);
+            let (len, what) = match extent {
+                Ok(e) => (e.len.max(1).min(end - pos), self.classify(e.allocation)),
+                // Read it: the read says what is wrong, or salvages it.
+                Err(_) if self.salvage => (end - pos, What::Data),
+                Err(e) => return Err(e),
+            };
+            match what {
+                What::Skip => pos += len,
+                What::Zero => {
+                    chunk.pieces.push(Piece::Zero { at: pos, len });
+                    pos += len;
+                }
+                What::Data => {
+                    // Whole target clusters around the extent, so each is
+                    // written once.
+                    let (from, to) = if cluster == 0 {
+                        (pos, pos + len)
+                    } else {
+                        (
+                            pos - (pos - start) % cluster,
+                            (pos + len).next_multiple_of(cluster).min(end),
+                        )
+                    };
+                    let (a, b) = ((from - start) as usize, (to - start) as usize);
+                    chunk.salvaged += self.read(&mut buf[a..b], from)?;
+                    self.plan_data(&buf, start, a, b, &mut chunk.pieces);
+                    pos = to;
+                }
+            }
+        }
+        chunk.buf = buf;
+        Ok(chunk)
+    }
+
+    /// What to do with a run stored as `allocation`.
+    fn classify(&self, allocation: Allocation) -> What {
+        if self.top_layer_only {
+            return match allocation {
+                Allocation::Zero { depth: 0, .. }
+                | Allocation::Data {
+                    depth: 0,
+                    zero: true,
+                    ..
+                } => What::Zero,
+                Allocation::Data { depth: 0, .. } => What::Data,
+                _ => What::Skip,
+            };
+        }
+        match allocation {
+            Allocation::Data { zero: false, .. } => What::Data,
+            // Everything is written: the target allocates the whole disk.
+            _ if self.min_zero_run == 0 => What::Data,
+            _ if self.target_is_zero => What::Skip,
+            _ => What::Zero,
+        }
+    }
+
+    /// Reads `buf.len()` bytes of the source at target offset `at`; with
+    /// salvage, what cannot be read becomes zeros. Returns the bytes
+    /// salvaged.
+    fn read(&self, buf: &mut [u8], at: u64) -> Result<u64> {
+        let offset = self.source_offset + at;
+        match self.source.read_at(buf, offset) {
+            Ok(()) => Ok(0),
+            Err(_) if self.salvage => Ok(self.read_salvaging(buf, offset)),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read_salvaging(&self, buf: &mut [u8], offset: u64) -> u64 {
+        let mut salvaged = 0;
+        for (i, sector) in buf.chunks_mut(512).enumerate() {
+            let at = offset + (i * 512) as u64;
+            if let Err(e) = self.source.read_at(sector, at) {
+                sector.fill(0);
+                self.observer.salvaged(at, sector.len() as u64, &e);
+                salvaged += sector.len() as u64;
+            }
+        }
+        salvaged
+    }
+
+    /// Plans the writes of `buf[a..b]`, data read for target offset
+    /// `start + a`.
+    fn plan_data(&self, buf: &[u8], start: u64, a: usize, b: usize, pieces: &mut Vec<Piece>) {
+        let block = self.zero_block();
+        if let Some(compressor) = self.compressor {
+            let cluster = self.cluster as usize;
+            let mut padded = Vec::new();
+            for c in (a..b).step_by(cluster) {
+                let data = &buf[c..(c + cluster).min(b)];
+                let at = start + c as u64;
+                if block > 0 && is_zero(data) {
+                    if !self.zeros_read_back() {
+                        pieces.push(Piece::Zero {
+                            at,
+                            len: data.len() as u64,
+                        });
+                    }
+                    continue;
+                }
+                let packed = if data.len() == cluster {
+                    compressor.compress_cluster(data)
+                } else {
+                    // The disk's last, partial cluster: padded with zeros.
+                    padded.clear();
+                    padded.extend_from_slice(data);
+                    padded.resize(cluster, 0);
+                    compressor.compress_cluster(&padded)
+                };
+                pieces.push(match packed {
+                    Some(bytes) => Piece::Packed { at, bytes },
+                    None => Piece::Data {
+                        at,
+                        start: c,
+                        end: c + data.len(),
+                    },
+                });
+            }
+            return;
+        }
+        for (offset, len, zero) in runs(&buf[a..b], block) {
+            let at = start + (a + offset) as u64;
+            if !zero {
+                pieces.push(Piece::Data {
+                    at,
+                    start: a + offset,
+                    end: a + offset + len,
+                });
+            } else if !self.zeros_read_back() {
+                pieces.push(Piece::Zero {
+                    at,
+                    len: len as u64,
+                });
+            }
+        }
+    }
+}
+
+/// What a run of the source needs.
+enum What {
+    /// Nothing (the target already reads the same).
+    Skip,
+    /// Zeroing.
+    Zero,
+    /// Reading and writing.
+    Data,
+}
+
+/// `data` cut into runs of data and runs of whole zero blocks of `block`
+/// bytes, as (offset, length, zero). A block size of 0 finds no zeros.
+pub(super) fn runs(data: &[u8], block: usize) -> Vec<(usize, usize, bool)> {
+    if block == 0 {
+        return vec![(0, data.len(), false)];
+    }
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut i = 0;
+    while i < data.len() {
+        let end = (i + block).min(data.len());
+        let zero = is_zero(&data[i..end]);
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 += end - i,
+            _ => runs.push((i, end - i, zero)),
+        }
+        i = end;
+    }
+    runs
+}
+
+/// Whether every byte is zero: 64-byte blocks (which the compiler
+/// vectorizes), stopping at the first one that is not.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(64)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn zero_blocks_split_runs() {
+        let mut data = vec![0u8; 16];
+        data[0] = 1;
+        data[9] = 2;
+        assert_eq!(
+            runs(&data, 4),
+            vec![(0, 4, false), (4, 4, true), (8, 4, false), (12, 4, true)]
+        );
+        assert_eq!(runs(&data, 0), vec![(0, 16, false)]);
+        assert_eq!(runs(&[0u8; 8], 4), vec![(0, 8, true)]);
+        assert_eq!(runs(&[0u8; 6], 4), vec![(0, 6, true)]);
+    }
+}

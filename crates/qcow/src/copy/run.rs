@@ -1,0 +1,229 @@
+//! Running a copy on worker threads: chunks are handed out in order; each
+//! worker plans its chunk ([`super::plan`]); then either one writer writes
+//! the chunks in guest order (the target allocates in the disk's order), or
+//! every worker writes its own.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::{Mutex, PoisonError};
+
+use crate::device::BlockDevice;
+use crate::{Error, Result};
+
+use super::plan::{Chunk, Piece, Planner};
+use super::{CopyObserver, CopyStats};
+
+/// One copy, ready to run.
+pub(super) struct Job<'a> {
+    pub(super) planner: Planner<'a>,
+    pub(super) target: &'a dyn BlockDevice,
+    /// Bytes to copy (target offsets `0..len`).
+    pub(super) len: u64,
+    /// Bytes per chunk.
+    pub(super) chunk: u64,
+    pub(super) workers: usize,
+    pub(super) observer: &'a dyn CopyObserver,
+}
+
+/// Counters the threads share.
+#[derive(Default)]
+struct Counters {
+    written: AtomicU64,
+    zeroed: AtomicU64,
+    salvaged: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Counters {
+    fn stats(&self) -> CopyStats {
+        CopyStats {
+            bytes_written: self.written.load(Ordering::Relaxed),
+            bytes_zeroed: self.zeroed.load(Ordering::Relaxed),
+            bytes_salvaged: self.salvaged.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Job<'_> {
+    fn chunks(&self) -> u64 {
+        self.len.div_ceil(self.chunk)
+    }
+
+    fn bounds(&self, index: u64) -> (u64, u64) {
+        let start = index * self.chunk;
+        (start, (start + self.chunk).min(self.len))
+    }
+
+    /// Writes what `chunk` needs, counting it.
+    fn write(&self, chunk: &Chunk, counters: &Counters) -> Result<()> {
+        // Runs of compressed clusters go down together.
+        let mut packed: Vec<(u64, &[u8])> = Vec::new();
+        let store = |packed: &mut Vec<(u64, &[u8])>| -> Result<()> {
+            if let (false, Some(compressor)) = (packed.is_empty(), self.planner.compressor) {
+                compressor.write_compressed(packed)?;
+                let cluster = self.planner.cluster;
+                let bytes: u64 = packed
+                    .iter()
+                    .map(|(at, _)| cluster.min(self.len - at))
+                    .sum();
+                counters.written.fetch_add(bytes, Ordering::Relaxed);
+                packed.clear();
+            }
+            Ok(())
+        };
+        for piece in &chunk.pieces {
+            if let Piece::Packed { at, bytes } = piece {
+                packed.push((*at, bytes));
+                continue;
+            }
+            store(&mut packed)?;
+            match piece {
+                Piece::Data { at, start, end } => {
+                    self.target.write_at(&chunk.buf[*start..*end], *at)?;
+                    counters
+                        .written
+                        .fetch_add((end - start) as u64, Ordering::Relaxed);
+                }
+                Piece::Zero { at, len } => {
+                    self.target.write_zeroes(*at, *len, false)?;
+                    counters.zeroed.fetch_add(*len, Ordering::Relaxed);
+                }
+                Piece::Packed { .. } => {}
+            }
+        }
+        store(&mut packed)?;
+        counters
+            .salvaged
+            .fetch_add(chunk.salvaged, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reports `bytes` more copied.
+    fn advance(&self, counters: &Counters, bytes: u64) {
+        let done = counters.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.observer.progress(done, self.len);
+    }
+
+    /// Workers plan chunks; this thread writes them in guest order.
+    pub(super) fn run_in_order(&self) -> Result<CopyStats> {
+        let chunks = self.chunks();
+        let counters = Counters::default();
+        let (tx, rx) = sync_channel::<(u64, Result<Chunk>)>(self.workers * 2);
+        // Buffers go back from the writer to the workers, so no chunk is
+        // copied and no fresh memory is touched per chunk.
+        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        let next = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| -> Result<()> {
+            for _ in 0..self.workers {
+                let tx = tx.clone();
+                let (next, stop, pool) = (&next, &stop, &pool);
+                scope.spawn(move || {
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        if index >= chunks || stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let buf = pool
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .pop()
+                            .unwrap_or_else(|| vec![0u8; self.chunk as usize]);
+                        let (start, end) = self.bounds(index);
+                        let chunk = self.planner.plan(start, end, buf);
+                        if tx.send((index, chunk)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let result = self.write_in_order(rx, chunks, &pool, &counters);
+            if result.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            result
+        })?;
+        Ok(counters.stats())
+    }
+
+    fn write_in_order(
+        &self,
+        rx: Receiver<(u64, Result<Chunk>)>,
+        chunks: u64,
+        pool: &Mutex<Vec<Vec<u8>>>,
+        counters: &Counters,
+    ) -> Result<()> {
+        let mut waiting: BTreeMap<u64, Chunk> = BTreeMap::new();
+        let mut expected = 0u64;
+        while expected < chunks {
+            if self.observer.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let Ok((index, chunk)) = rx.recv() else {
+                return Err(Error::Cancelled);
+            };
+            waiting.insert(index, chunk?);
+            while let Some(chunk) = waiting.remove(&expected) {
+                self.write(&chunk, counters)?;
+                pool.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(chunk.buf);
+                let (start, end) = self.bounds(expected);
+                self.advance(counters, end - start);
+                expected += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every worker plans and writes its own chunks.
+    pub(super) fn run_unordered(&self) -> Result<CopyStats> {
+        let chunks = self.chunks();
+        let counters = Counters::default();
+        let next = AtomicU64::new(0);
+        let failed = AtomicBool::new(false);
+        std::thread::scope(|scope| -> Result<()> {
+            let handles: Vec<_> = (0..self.workers)
+                .map(|_| {
+                    scope.spawn(|| -> Result<()> {
+                        let mut buf = vec![0u8; self.chunk as usize];
+                        loop {
+                            let index = next.fetch_add(1, Ordering::Relaxed);
+                            if index >= chunks || failed.load(Ordering::Relaxed) {
+                                return Ok(());
+                            }
+                            let (start, end) = self.bounds(index);
+                            let result = if self.observer.cancelled() {
+                                Err(Error::Cancelled)
+                            } else {
+                                self.planner.plan(start, end, buf).and_then(|chunk| {
+                                    self.write(&chunk, &counters)?;
+                                    Ok(chunk.buf)
+                                })
+                            };
+                            match result {
+                                Ok(back) => buf = back,
+                                Err(e) => {
+                                    failed.store(true, Ordering::Relaxed);
+                                    return Err(e);
+                                }
+                            }
+                            self.advance(&counters, end - start);
+                        }
+                    })
+                })
+                .collect();
+            let mut first = Ok(());
+            for handle in handles {
+                let result = handle.join().unwrap_or(Err(Error::Cancelled));
+                if first.is_ok() {
+                    first = result;
+                }
+            }
+            first
+        })?;
+        Ok(counters.stats())
+    }
+}
