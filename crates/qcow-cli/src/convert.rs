@@ -13,12 +13,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use qcow::copy::{CopyObserver, CopyOptions};
+use qcow::copy::{CopyObserver, CopyOptions, Layers};
 use qcow::{BlockDevice, Image, OpenOptions, Qcow2Image, RawImage};
 use qcow_io::{FileStorage, Storage};
 
 use crate::create_opts::OptionList;
 use crate::open::{OpenFlags, open_image, refuse_overwriting_source};
+use crate::progress::Progress;
 use crate::size::parse_size;
 
 /// Arguments of `qcow convert`.
@@ -115,10 +116,14 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         .workers(workers)
         .min_zero_run(sparse)
         .compress(args.compress)
-        .top_layer_only(top_only)
+        .layers(if top_only {
+            Layers::Top(1)
+        } else {
+            Layers::All
+        })
         .target_is_zero(true)
         .in_order(!args.unordered);
-    let progress = args.progress.then(|| Progress(progress_bar(size)));
+    let progress = args.progress.then(|| Progress::new(size));
     let observer: &dyn CopyObserver = match &progress {
         Some(p) => p,
         None => &(),
@@ -126,19 +131,10 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     qcow::copy::copy(&source, &target, &options, observer)
         .with_context(|| format!("converting '{}'", args.source.display()))?;
     close(target).with_context(|| format!("could not close '{}'", args.dest.display()))?;
-    if let Some(Progress(bar)) = progress {
+    if let Some(bar) = progress {
         bar.finish();
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A progress bar fed by the copy.
-struct Progress(indicatif::ProgressBar);
-
-impl CopyObserver for Progress {
-    fn progress(&self, done: u64, _total: u64) {
-        self.0.set_position(done);
-    }
 }
 
 /// Makes everything written durable (as the cache mode says) and closes
@@ -243,14 +239,4 @@ fn qcow_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<Image> {
 /// A new output file whose flushes do not sync (qemu-img's cache=unsafe).
 fn unsynced_output(path: &std::path::Path) -> Result<FileStorage> {
     Ok(qcow::create_file(path)?.without_sync())
-}
-
-fn progress_bar(size: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(size);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "    ({percent:>3}.00/100%) [{bar:40}] {bytes}/{total_bytes}",
-    ) {
-        bar.set_style(style);
-    }
-    bar
 }

@@ -18,6 +18,8 @@ mod human;
 mod info;
 mod map;
 mod open;
+mod progress;
+mod rebase;
 mod resize;
 mod size;
 
@@ -51,6 +53,8 @@ enum Command {
     Dd(dd::DdArgs),
     /// Grow an image.
     Resize(resize::ResizeArgs),
+    /// Give an image another backing file, keeping what the guest sees.
+    Rebase(rebase::RebaseArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::run(&args),
         Command::Dd(args) => dd::run(&args),
         Command::Resize(args) => resize::run(&args),
+        Command::Rebase(args) => rebase::run(&args),
     };
     match result {
         Ok(code) => code,

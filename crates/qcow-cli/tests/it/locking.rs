@@ -144,6 +144,8 @@ fn qcow_refuses_images_qemu_io_writes() {
     assert_lock_refused(&resize, "Failed to get \"write\" lock", &img);
     let repair = qcow(&["check", "-r", "all", p(&img)]);
     assert_lock_refused(&repair, "Failed to get \"write\" lock", &img);
+    let rebase = qcow(&["rebase", "-b", "", p(&img)]);
+    assert_lock_refused(&rebase, "Failed to get \"write\" lock", &img);
     for args in [
         vec!["check", p(&img)],
         vec!["info", p(&img)],

@@ -11,6 +11,7 @@ mod convert;
 mod guards;
 mod locking;
 mod map;
+mod rebase;
 mod tidy;
 
 fn testdata() -> PathBuf {

@@ -59,11 +59,8 @@ pub struct CopyOptions {
     pub min_zero_run: u64,
     /// Store clusters compressed (the target must support it).
     pub compress: bool,
-    /// Copy only what the source's top layer holds (a target whose backing
-    /// file holds the rest, as `convert -B` and `rebase` make): ranges the
-    /// top layer leaves to its backing file are not written, ranges it
-    /// zeroes are zeroed in the target.
-    pub top_layer_only: bool,
+    /// Which layers of the source's backing chain are copied.
+    pub layers: Layers,
     /// The target reads as zeros everywhere before the copy (a new image):
     /// zero ranges need not be written. When false, they are zeroed.
     pub target_is_zero: bool,
@@ -92,7 +89,7 @@ impl Default for CopyOptions {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(16)),
             min_zero_run: 4096,
             compress: false,
-            top_layer_only: false,
+            layers: Layers::All,
             target_is_zero: false,
             salvage: false,
             in_order: true,
@@ -122,9 +119,9 @@ impl CopyOptions {
         self
     }
 
-    /// Sets [`CopyOptions::top_layer_only`].
-    pub fn top_layer_only(mut self, on: bool) -> Self {
-        self.top_layer_only = on;
+    /// Sets [`CopyOptions::layers`].
+    pub fn layers(mut self, layers: Layers) -> Self {
+        self.layers = layers;
         self
     }
 
@@ -158,6 +155,22 @@ impl CopyOptions {
         self.chunk_size = bytes;
         self
     }
+}
+
+/// Which layers of the source's backing chain a copy takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layers {
+    /// The whole disk as the source shows it.
+    All,
+    /// Only what the source's `n` top layers hold (0 is the source image
+    /// itself, so `Top(1)` is its own clusters): for a target whose backing
+    /// file holds the rest (`convert -B`), or the base of a `commit`.
+    /// Ranges those layers leave to lower ones are not written; ranges they
+    /// zero are zeroed in the target.
+    Top(u32),
+    /// Only what the source's top layer leaves to its backing chain (what
+    /// `rebase` may have to keep).
+    BelowTop,
 }
 
 /// Hears how a copy goes, and may cancel it. Every method has a default
@@ -207,6 +220,32 @@ pub fn copy(
     options: &CopyOptions,
     observer: &dyn CopyObserver,
 ) -> Result<CopyStats> {
+    start(source, target, None, options, observer)
+}
+
+/// Copies what `source` holds where it differs from `baseline` (which
+/// reads as zeros past its end): the rest is left alone, for a target that
+/// reads as `baseline` there. This is how `rebase` keeps the guest's view:
+/// source and target are the image, the baseline its new backing file,
+/// and [`Layers::BelowTop`] limits the copy to what the image leaves to its
+/// backing chain. Differences are written as whole clusters of the target.
+pub fn copy_differences(
+    source: &dyn BlockDevice,
+    target: &dyn BlockDevice,
+    baseline: &dyn BlockDevice,
+    options: &CopyOptions,
+    observer: &dyn CopyObserver,
+) -> Result<CopyStats> {
+    start(source, target, Some(baseline), options, observer)
+}
+
+fn start(
+    source: &dyn BlockDevice,
+    target: &dyn BlockDevice,
+    baseline: Option<&dyn BlockDevice>,
+    options: &CopyOptions,
+    observer: &dyn CopyObserver,
+) -> Result<CopyStats> {
     let source_size = source.virtual_size();
     let start = options.source_offset;
     if start > source_size {
@@ -247,9 +286,10 @@ pub fn copy(
         compressor,
         cluster,
         min_zero_run: options.min_zero_run,
-        top_layer_only: options.top_layer_only,
+        layers: options.layers,
         target_is_zero: options.target_is_zero,
         salvage: options.salvage,
+        baseline,
         observer,
     };
     let job = run::Job {

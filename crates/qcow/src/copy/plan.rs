@@ -6,7 +6,7 @@
 use crate::Result;
 use crate::device::{Allocation, BlockDevice, CompressedWrites};
 
-use super::CopyObserver;
+use super::{CopyObserver, Layers};
 
 /// What the writer must do for one part of a chunk (offsets in the
 /// target).
@@ -37,9 +37,11 @@ pub(super) struct Planner<'a> {
     /// The target's cluster size (0: none).
     pub(super) cluster: u64,
     pub(super) min_zero_run: u64,
-    pub(super) top_layer_only: bool,
+    pub(super) layers: Layers,
     pub(super) target_is_zero: bool,
     pub(super) salvage: bool,
+    /// Only what differs from this disk is written.
+    pub(super) baseline: Option<&'a dyn BlockDevice>,
     pub(super) observer: &'a dyn CopyObserver,
 }
 
@@ -57,7 +59,7 @@ impl Planner<'_> {
     /// Whether zeros need not be written: the target reads as zeros and
     /// has no backing file to show through.
     fn zeros_read_back(&self) -> bool {
-        self.target_is_zero && !self.top_layer_only
+        self.target_is_zero && self.layers == Layers::All
     }
 
     /// Reads target range `start..end` (at most the buffer's length) and
@@ -99,7 +101,12 @@ impl Planner<'_> {
                     };
                     let (a, b) = ((from - start) as usize, (to - start) as usize);
                     chunk.salvaged += self.read(&mut buf[a..b], from)?;
-                    self.plan_data(&buf, start, a, b, &mut chunk.pieces);
+                    match self.baseline {
+                        Some(baseline) => {
+                            self.plan_differences(baseline, &buf, start, a, b, &mut chunk.pieces)?
+                        }
+                        None => self.plan_data(&buf, start, a, b, &mut chunk.pieces),
+                    }
                     pos = to;
                 }
             }
@@ -110,24 +117,31 @@ impl Planner<'_> {
 
     /// What to do with a run stored as `allocation`.
     fn classify(&self, allocation: Allocation) -> What {
-        if self.top_layer_only {
-            return match allocation {
-                Allocation::Zero { depth: 0, .. }
-                | Allocation::Data {
-                    depth: 0,
-                    zero: true,
-                    ..
-                } => What::Zero,
-                Allocation::Data { depth: 0, .. } => What::Data,
+        let depth = match allocation {
+            Allocation::Data { depth, .. } | Allocation::Zero { depth, .. } => Some(depth),
+            Allocation::Unallocated { .. } => None,
+        };
+        let reads_zero = !matches!(allocation, Allocation::Data { zero: false, .. });
+        match self.layers {
+            Layers::Top(n) => match depth {
+                Some(d) if d < n && reads_zero => What::Zero,
+                Some(d) if d < n => What::Data,
                 _ => What::Skip,
-            };
-        }
-        match allocation {
-            Allocation::Data { zero: false, .. } => What::Data,
-            // Everything is written: the target allocates the whole disk.
-            _ if self.min_zero_run == 0 => What::Data,
-            _ if self.target_is_zero => What::Skip,
-            _ => What::Zero,
+            },
+            // Compared with the baseline (or copied whole) where the top
+            // layer does not hold it.
+            Layers::BelowTop => match depth {
+                Some(0) => What::Skip,
+                _ => What::Data,
+            },
+            Layers::All if self.baseline.is_some() => What::Data,
+            Layers::All => match allocation {
+                Allocation::Data { zero: false, .. } => What::Data,
+                // Everything is written: the target allocates the whole disk.
+                _ if self.min_zero_run == 0 => What::Data,
+                _ if self.target_is_zero => What::Skip,
+                _ => What::Zero,
+            },
         }
     }
 
@@ -154,6 +168,65 @@ impl Planner<'_> {
             }
         }
         salvaged
+    }
+
+    /// Plans writes of the blocks of `buf[a..b]` (data read for target
+    /// offset `start + a`) that differ from `baseline`, block by block of
+    /// the target's clusters (512 bytes without).
+    fn plan_differences(
+        &self,
+        baseline: &dyn BlockDevice,
+        buf: &[u8],
+        start: u64,
+        a: usize,
+        b: usize,
+        pieces: &mut Vec<Piece>,
+    ) -> Result<()> {
+        let from = self.source_offset + start + a as u64;
+        let mut other = vec![0u8; b - a];
+        let inside = baseline
+            .virtual_size()
+            .saturating_sub(from)
+            .min(other.len() as u64);
+        if inside > 0 {
+            // At most b - a.
+            baseline.read_at(&mut other[..inside as usize], from)?;
+        }
+        let block = if self.cluster == 0 {
+            512
+        } else {
+            self.cluster as usize
+        };
+        let mut i = 0;
+        while i < b - a {
+            let end = (i + block).min(b - a);
+            if buf[a + i..a + end] == other[i..end] {
+                i = end;
+                continue;
+            }
+            let packed = self.compressor.and_then(|c| {
+                let mut whole = buf[a + i..a + end].to_vec();
+                whole.resize(block, 0);
+                c.compress_cluster(&whole)
+            });
+            if let Some(bytes) = packed {
+                pieces.push(Piece::Packed {
+                    at: start + (a + i) as u64,
+                    bytes,
+                });
+            } else {
+                match pieces.last_mut() {
+                    Some(Piece::Data { end: last, .. }) if *last == a + i => *last = a + end,
+                    _ => pieces.push(Piece::Data {
+                        at: start + (a + i) as u64,
+                        start: a + i,
+                        end: a + end,
+                    }),
+                }
+            }
+            i = end;
+        }
+        Ok(())
     }
 
     /// Plans the writes of `buf[a..b]`, data read for target offset

@@ -16,6 +16,7 @@
 //! module.
 
 mod allocator;
+mod backing_file;
 mod bitmaps;
 mod check;
 mod check_snapshots;
