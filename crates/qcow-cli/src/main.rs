@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -55,6 +56,8 @@ enum Command {
     Resize(resize::ResizeArgs),
     /// Give an image another backing file, keeping what the guest sees.
     Rebase(rebase::RebaseArgs),
+    /// Write an image's contents into its backing file.
+    Commit(commit::CommitArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Command::Dd(args) => dd::run(&args),
         Command::Resize(args) => resize::run(&args),
         Command::Rebase(args) => rebase::run(&args),
+        Command::Commit(args) => commit::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -216,8 +216,9 @@ fn open_layer(
             limit: options.max_chain_depth,
         });
     }
-    // Only the named image is ever opened for writing.
-    let writable = top && options.writable;
+    // Only the named image is opened for writing, and the backing layer
+    // a commit writes into.
+    let writable = (top && options.writable) || options.writable_backing == Some(depth);
     // The file of an image opened for check's repairs is written, and
     // locked as written, without the engine's write state.
     let file_writable = writable || (top && options.repair);

@@ -35,6 +35,10 @@ pub struct OpenOptions {
     pub snapshot: Option<String>,
     /// Open the named image for writing (backing files stay read-only).
     pub writable: bool,
+    /// Open the backing layer at this depth of the chain (1 is the named
+    /// image's backing file) for writing too, as a commit writes into its
+    /// base; the other backing layers stay read-only.
+    pub writable_backing: Option<usize>,
     /// Whether flushes reach stable storage; `false` is qemu-img's
     /// `cache=unsafe` (the default of its `convert`), for outputs a crash
     /// may lose.
@@ -74,6 +78,7 @@ impl Default for OpenOptions {
             cache_bytes: None,
             snapshot: None,
             writable: false,
+            writable_backing: None,
             sync: true,
             lock: true,
             force_share: false,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::{qcow, qemu_img, stdout};
 
 /// A QEMU process that holds an image open until dropped.
-struct Holder {
+pub(super) struct Holder {
     child: Child,
     stdin: Option<ChildStdin>,
 }
@@ -18,7 +18,7 @@ struct Holder {
 impl Holder {
     /// `qemu-io` with the image open (`-r`: read-only), answering commands
     /// on its standard input; returns once the image is open.
-    fn qemu_io(path: &Path, extra: &[&str]) -> Holder {
+    pub(super) fn qemu_io(path: &Path, extra: &[&str]) -> Holder {
         let mut child = Command::new("qemu-io")
             .args(extra)
             .arg(path)
@@ -79,7 +79,7 @@ impl Holder {
     }
 
     /// Ends the process: qemu-io by quitting (so its writes are flushed).
-    fn finish(mut self) {
+    pub(super) fn finish(mut self) {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = writeln!(stdin, "quit");
         } else {

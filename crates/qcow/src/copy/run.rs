@@ -86,7 +86,7 @@ impl Job<'_> {
                         .fetch_add((end - start) as u64, Ordering::Relaxed);
                 }
                 Piece::Zero { at, len } => {
-                    self.target.write_zeroes(*at, *len, false)?;
+                    self.target.write_zeroes(*at, *len, true)?;
                     counters.zeroed.fetch_add(*len, Ordering::Relaxed);
                 }
                 Piece::Packed { .. } => {}
@@ -155,7 +155,9 @@ impl Job<'_> {
         pool: &Mutex<Vec<Vec<u8>>>,
         counters: &Counters,
     ) -> Result<()> {
-        let mut waiting: BTreeMap<u64, Chunk> = BTreeMap::new();
+        // A chunk that failed fails the copy in its turn, so that all
+        // before it is written, as a sequential copy would have written it.
+        let mut waiting: BTreeMap<u64, Result<Chunk>> = BTreeMap::new();
         let mut expected = 0u64;
         while expected < chunks {
             if self.observer.cancelled() {
@@ -164,8 +166,9 @@ impl Job<'_> {
             let Ok((index, chunk)) = rx.recv() else {
                 return Err(Error::Cancelled);
             };
-            waiting.insert(index, chunk?);
+            waiting.insert(index, chunk);
             while let Some(chunk) = waiting.remove(&expected) {
+                let chunk = chunk?;
                 self.write(&chunk, counters)?;
                 pool.lock()
                     .unwrap_or_else(PoisonError::into_inner)

@@ -1,6 +1,7 @@
 //! Zeroing and discarding: whole clusters get the zero flag (or become
 //! unallocated) and give their space back; partial clusters are written
-//! with zeros.
+//! with zeros. Emptying the whole image (after a commit) makes every
+//! cluster unallocated.
 
 use std::sync::atomic::Ordering;
 
@@ -20,6 +21,36 @@ impl Qcow2Image {
         self.check_writable()?;
         let result = self.zero_range(offset, len, unmap);
         self.guard(result)
+    }
+
+    /// Empties the image: every cluster becomes unallocated (the backing
+    /// file shows through again) and its space is released, as QEMU's
+    /// `make_empty` does after a commit. The file keeps its length.
+    pub fn make_empty(&self) -> Result<()> {
+        self.check_writable()?;
+        let per_table = self.header.bytes_per_l2_table();
+        let result = (0..self.l1.len() as u64)
+            .filter(|&i| self.l1_entry(i) & OFFSET_MASK != 0)
+            .try_for_each(|i| {
+                let start = i * per_table;
+                if start >= self.virtual_size {
+                    return Ok(());
+                }
+                let len = per_table.min(self.virtual_size - start);
+                self.for_cluster_spans(start, len, |guest, _, _| self.deallocate(guest))
+            });
+        self.guard(result)
+    }
+
+    /// Makes the cluster at `guest` unallocated, releasing its space.
+    fn deallocate(&self, guest: u64) -> Result<()> {
+        let mut meta = self.lock_meta()?;
+        self.mark_dirty()?;
+        let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+        if self.geometry.extended_l2 {
+            return self.set_l2_words(&mut meta, l2_offset, &table, guest, 0, 0);
+        }
+        self.set_l2_entry(&mut meta, l2_offset, &table, guest, 0)
     }
 
     fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
