@@ -3,6 +3,7 @@
 
 mod common;
 mod concurrency;
+mod copy;
 mod crash;
 mod fixtures;
 mod fuzz_seeds;

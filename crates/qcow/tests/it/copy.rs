@@ -1,0 +1,249 @@
+//! The library's copy engine (`qcow::copy`) as an embedder calls it: in
+//! memory, in order and out of order, with progress, cancellation, salvage
+//! of unreadable ranges, sub-ranges, compressed targets, and targets that
+//! hold data before the copy.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use qcow::copy::{CopyObserver, CopyOptions, Layers, copy};
+use qcow::{BlockDevice, CreateOptions, Error, Extent, ImageFormat, Qcow2Image, RawImage};
+use qcow_io::MemStorage;
+
+use crate::common::{Rng, read_all};
+
+const SIZE: u64 = 12 << 20;
+
+/// A raw disk with pseudo-random data in a few runs and zeros elsewhere.
+fn source() -> (RawImage, Vec<u8>) {
+    let mut bytes = vec![0u8; SIZE as usize];
+    let mut rng = Rng::new(7);
+    for (start, len) in [(0usize, 100_000usize), (3 << 20, 5 << 20), (11 << 20, 4096)] {
+        rng.fill(&mut bytes[start..start + len]);
+    }
+    let disk = RawImage::open(
+        "source.raw",
+        Arc::new(MemStorage::from_bytes(bytes.clone())),
+    )
+    .expect("raw");
+    (disk, bytes)
+}
+
+fn qcow2_target(size: u64, cluster_size: u64) -> Qcow2Image {
+    let file = Arc::new(MemStorage::new());
+    let mut options = CreateOptions::new(size);
+    options.cluster_size = cluster_size;
+    Qcow2Image::create(&*file, &options).expect("create");
+    Qcow2Image::open_writable("target.qcow2", file, None).expect("open")
+}
+
+#[test]
+fn copies_read_back_in_order_and_out_of_order() {
+    let (source, bytes) = source();
+    for in_order in [true, false] {
+        for workers in [1, 3] {
+            let target = qcow2_target(SIZE, 65536);
+            let options = CopyOptions::default()
+                .workers(workers)
+                .in_order(in_order)
+                .target_is_zero(true)
+                .chunk_size(1 << 20);
+            let stats = copy(&source, &target, &options, &()).expect("copy");
+            assert!(read_all(&target, 1 << 20) == bytes, "{in_order} {workers}");
+            // Whole clusters around the data, nothing else.
+            assert!(stats.bytes_written >= 100_000 + (5 << 20) + 4096);
+            assert!(stats.bytes_written <= 2 * 65536 + (5 << 20) + 65536);
+            assert_eq!(stats.bytes_zeroed, 0);
+        }
+    }
+}
+
+/// Counts progress, and cancels after `cancel_after` reports.
+struct Watcher {
+    reports: Mutex<Vec<(u64, u64)>>,
+    cancel_after: usize,
+}
+
+impl CopyObserver for Watcher {
+    fn progress(&self, done: u64, total: u64) {
+        self.reports.lock().expect("lock").push((done, total));
+    }
+    fn cancelled(&self) -> bool {
+        self.reports.lock().expect("lock").len() >= self.cancel_after
+    }
+}
+
+#[test]
+fn progress_grows_to_the_total_and_a_cancelled_copy_stops() {
+    let (source, _) = source();
+    let target = qcow2_target(SIZE, 65536);
+    let watcher = Watcher {
+        reports: Mutex::new(Vec::new()),
+        cancel_after: usize::MAX,
+    };
+    let options = CopyOptions::default()
+        .chunk_size(1 << 20)
+        .target_is_zero(true);
+    copy(&source, &target, &options, &watcher).expect("copy");
+    let reports = watcher.reports.into_inner().expect("lock");
+    assert_eq!(reports.len(), 12);
+    assert!(reports.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(reports.last(), Some(&(SIZE, SIZE)));
+
+    for in_order in [true, false] {
+        let target = qcow2_target(SIZE, 65536);
+        let watcher = Watcher {
+            reports: Mutex::new(Vec::new()),
+            cancel_after: 2,
+        };
+        let options = CopyOptions::default()
+            .chunk_size(1 << 20)
+            .workers(1)
+            .in_order(in_order);
+        let result = copy(&source, &target, &options, &watcher);
+        assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+        assert!(watcher.reports.lock().expect("lock").len() < 12);
+    }
+}
+
+/// A disk whose reads fail in one range.
+#[derive(Debug)]
+struct Failing {
+    inner: RawImage,
+    bad: std::ops::Range<u64>,
+}
+
+impl BlockDevice for Failing {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> qcow::Result<()> {
+        let end = offset + buf.len() as u64;
+        if offset < self.bad.end && end > self.bad.start {
+            return Err(Error::Io {
+                image: "failing".into(),
+                op: "reading data",
+                offset,
+                source: std::io::Error::other("injected"),
+            });
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> qcow::Result<Extent> {
+        self.inner.block_status(offset, len)
+    }
+    fn name(&self) -> &str {
+        "failing"
+    }
+}
+
+/// Hears what was salvaged.
+#[derive(Default)]
+struct Salvage(AtomicU64, Mutex<Vec<u64>>);
+
+impl CopyObserver for Salvage {
+    fn salvaged(&self, offset: u64, len: u64, _error: &Error) {
+        self.0.fetch_add(len, Ordering::Relaxed);
+        self.1.lock().expect("lock").push(offset);
+    }
+}
+
+#[test]
+fn salvage_writes_zeros_for_what_cannot_be_read_and_says_where() {
+    let (inner, mut bytes) = source();
+    let bad = (4 << 20) + 1000..(4 << 20) + 3000;
+    let source = Failing {
+        inner,
+        bad: bad.clone(),
+    };
+    let target = qcow2_target(SIZE, 65536);
+    let strict = CopyOptions::default().target_is_zero(true);
+    assert!(copy(&source, &target, &strict, &()).is_err());
+
+    let target = qcow2_target(SIZE, 65536);
+    let observer = Salvage::default();
+    let options = strict.salvage(true);
+    let stats = copy(&source, &target, &options, &observer).expect("salvaging copy");
+    // The sectors holding the bad bytes: 512-byte units from 4 MiB + 512.
+    let (first, last) = (bad.start / 512 * 512, bad.end.div_ceil(512) * 512);
+    assert_eq!(stats.bytes_salvaged, last - first);
+    assert_eq!(observer.0.load(Ordering::Relaxed), last - first);
+    assert_eq!(observer.1.lock().expect("lock")[0], first);
+    bytes[first as usize..last as usize].fill(0);
+    assert!(read_all(&target, 1 << 20) == bytes);
+}
+
+#[test]
+fn ranges_compressed_targets_and_targets_holding_data() {
+    let (source, bytes) = source();
+    // A sub-range lands at the target's start.
+    let target = qcow2_target(6 << 20, 65536);
+    let options = CopyOptions::default()
+        .range(3 << 20, Some(6 << 20))
+        .target_is_zero(true);
+    copy(&source, &target, &options, &()).expect("range");
+    assert!(read_all(&target, 1 << 20) == bytes[3 << 20..9 << 20]);
+    // Past the source's end is refused.
+    let options = CopyOptions::default().range(8 << 20, Some(6 << 20));
+    assert!(matches!(
+        copy(&source, &target, &options, &()),
+        Err(Error::OutOfRange { .. })
+    ));
+
+    // Compressed: every data cluster stored compressed where it shrinks.
+    let mut compressible = bytes.clone();
+    compressible[3 << 20..8 << 20]
+        .iter_mut()
+        .for_each(|b| *b &= 0x3);
+    let source2 = RawImage::open(
+        "c.raw",
+        Arc::new(MemStorage::from_bytes(compressible.clone())),
+    )
+    .expect("raw");
+    let target = qcow2_target(SIZE, 65536);
+    let options = CopyOptions::default().compress(true).target_is_zero(true);
+    copy(&source2, &target, &options, &()).expect("compressed");
+    assert!(read_all(&target, 1 << 20) == compressible);
+    let extent = target.block_status(4 << 20, 65536).expect("status");
+    assert!(
+        matches!(
+            extent.allocation,
+            qcow::Allocation::Data {
+                compressed: true,
+                ..
+            }
+        ),
+        "{extent:?}"
+    );
+    // A raw target cannot store compressed clusters.
+    let raw = RawImage::open(
+        "t.raw",
+        Arc::new(MemStorage::from_bytes(vec![0; SIZE as usize])),
+    )
+    .expect("raw");
+    assert!(matches!(
+        copy(&source, &raw, &options, &()),
+        Err(Error::InvalidOptions(_))
+    ));
+
+    // A target full of other data reads as the source afterwards: the
+    // source's zeros are written too.
+    let target = qcow2_target(SIZE, 65536);
+    target
+        .write_at(&vec![0xee; SIZE as usize], 0)
+        .expect("fill");
+    let options = CopyOptions::default();
+    let stats = copy(&source, &target, &options, &()).expect("copy");
+    assert!(stats.bytes_zeroed > 0);
+    assert!(read_all(&target, 1 << 20) == bytes);
+    // Layers::Top(1) of a disk without backing is the whole disk.
+    let target = qcow2_target(SIZE, 65536);
+    let options = CopyOptions::default()
+        .layers(Layers::Top(1))
+        .target_is_zero(true);
+    copy(&source, &target, &options, &()).expect("top");
+    assert!(read_all(&target, 1 << 20) == bytes);
+}
