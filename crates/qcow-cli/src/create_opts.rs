@@ -33,6 +33,11 @@ impl OptionList {
         Ok(OptionList { pairs })
     }
 
+    /// Every `(key, value)` as given.
+    pub(crate) fn pairs(&self) -> &[(String, String)] {
+        &self.pairs
+    }
+
     /// The value of `key`, if given.
     pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.pairs

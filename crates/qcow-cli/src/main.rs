@@ -18,6 +18,7 @@ mod dd;
 mod human;
 mod info;
 mod map;
+mod measure;
 mod open;
 mod progress;
 mod rebase;
@@ -58,6 +59,8 @@ enum Command {
     Rebase(rebase::RebaseArgs),
     /// Write an image's contents into its backing file.
     Commit(commit::CommitArgs),
+    /// Say how large a new image would be.
+    Measure(measure::MeasureArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Resize(args) => resize::run(&args),
         Command::Rebase(args) => rebase::run(&args),
         Command::Commit(args) => commit::run(&args),
+        Command::Measure(args) => measure::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -21,6 +21,7 @@ mod compress;
 pub mod copy;
 mod device;
 mod error;
+pub mod measure;
 mod open;
 mod options;
 mod qcow2;

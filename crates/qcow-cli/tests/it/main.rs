@@ -12,6 +12,7 @@ mod convert;
 mod guards;
 mod locking;
 mod map;
+mod measure;
 mod rebase;
 mod tidy;
 
