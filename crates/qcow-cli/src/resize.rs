@@ -1,4 +1,5 @@
-//! `qcow resize`: grows an image, as qemu-img resize does.
+//! `qcow resize`: grows or (with `--shrink`) shrinks an image, as qemu-img
+//! resize does.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use crate::size::option_size;
 /// Arguments of `qcow resize`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ResizeArgs {
-    /// Allow shrinking (raw images; qcow2 not supported yet).
+    /// Allow shrinking: what lies past the new end is lost.
     #[arg(long)]
     shrink: bool,
     /// Image format (probed when omitted).
@@ -53,17 +54,12 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
         Ok(size) if size > 0 && i64::try_from(size).is_ok() => size,
         _ => bail!("New image size must be positive"),
     };
-    if new_size < current {
-        if !args.shrink {
-            eprintln!("qcow: Use the --shrink option to perform a shrink operation.");
-            eprintln!(
-                "qcow: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
-            );
-            return Ok(ExitCode::FAILURE);
-        }
-        if !matches!(image, Image::Raw(_)) {
-            bail!("shrinking qcow2 images is not supported yet");
-        }
+    if new_size < current && !args.shrink {
+        eprintln!("qcow: Use the --shrink option to perform a shrink operation.");
+        eprintln!(
+            "qcow: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
+        );
+        return Ok(ExitCode::FAILURE);
     }
     match image {
         Image::Qcow2(mut image) => {

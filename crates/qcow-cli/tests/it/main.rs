@@ -14,6 +14,7 @@ mod locking;
 mod map;
 mod measure;
 mod rebase;
+mod shrink;
 mod tidy;
 
 fn testdata() -> PathBuf {

@@ -52,6 +52,22 @@ impl RefBlock {
             value,
         )
     }
+
+    /// Whether every refcount is zero, but for entry `own` (the block's
+    /// count of itself) when given.
+    fn counts_nothing_but(&self, own: Option<u64>, order: u32) -> bool {
+        let mut bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(index) = own else {
+            return bytes.iter().all(|&b| b == 0);
+        };
+        let Some(kept) = refcount_get(&bytes, index, order) else {
+            return false;
+        };
+        let _ = refcount_set(&mut bytes, index, order, 0);
+        let empty = bytes.iter().all(|&b| b == 0);
+        let _ = refcount_set(&mut bytes, index, order, kept);
+        empty
+    }
 }
 
 /// Writes refcount blocks back to the image file.
@@ -97,6 +113,8 @@ pub(super) trait Owner {
     fn file_len(&self) -> u64;
     /// Records that the file now reaches at least `end` bytes.
     fn grow_file_len(&self, end: u64);
+    /// Records that the file was cut to `len` bytes.
+    fn file_truncated(&self, len: u64);
     /// The metadata structure overlapping host bytes `start..start + len`,
     /// with its offset, given the current refcount table.
     fn metadata_overlap(
@@ -464,6 +482,99 @@ impl Allocation<'_> {
                 .pending_frees
                 .push(old_offset + (i << cluster_bits));
         }
+        Ok(())
+    }
+
+    /// Drops the refcount blocks that count nothing but themselves (after
+    /// a shrink freed what they counted), as QEMU's `qcow2_shrink_reftable`
+    /// does: their table entries are cleared on disk first, then they are
+    /// freed.
+    pub(super) fn drop_empty_refblocks(&mut self) -> Result<()> {
+        let bits = self.alloc.cluster_bits;
+        let shift = self.refblock_shift();
+        let order = self.alloc.refcount_order;
+        let mut dropped = Vec::new();
+        for (i, &offset) in self.meta.reftable.iter().enumerate() {
+            if offset == 0 {
+                continue;
+            }
+            let cluster = offset >> bits;
+            let own = (cluster >> shift == i as u64).then_some(cluster & ((1 << shift) - 1));
+            if self.refblock(offset)?.counts_nothing_but(own, order) {
+                dropped.push((i, offset, own.is_some()));
+            }
+        }
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        self.alloc.flush_refcounts()?;
+        for &(i, _, _) in &dropped {
+            let at = self.meta.reftable_offset + i as u64 * 8;
+            self.alloc
+                .file
+                .write_at(&[0u8; 8], at)
+                .map_err(|e| Error::io(&self.alloc.name, "writing the refcount table", at, e))?;
+        }
+        self.alloc
+            .file
+            .flush()
+            .map_err(|e| Error::io(&self.alloc.name, "flushing", 0, e))?;
+        for (i, offset, counts_itself) in dropped {
+            self.meta.reftable[i] = 0;
+            self.alloc.refcounts.remove(offset);
+            let cluster = offset >> bits;
+            if counts_itself {
+                // Its count went with it.
+                self.meta.free_hint = self.meta.free_hint.min(cluster);
+                self.owner
+                    .cluster_freed(offset, self.meta.reftable_offset, &self.meta.reftable);
+            } else {
+                self.change_refcount(cluster, -1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest cluster below `clusters` with a refcount, if any.
+    pub(super) fn last_used_cluster(&self, clusters: u64) -> Result<Option<u64>> {
+        let shift = self.refblock_shift();
+        let mut cluster = clusters;
+        while cluster > 0 {
+            let index = (cluster - 1) >> shift;
+            let block_offset = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.meta.reftable.get(i))
+                .copied()
+                .unwrap_or(0);
+            if block_offset == 0 {
+                // Nothing counted in this block's range.
+                cluster = index << shift;
+                continue;
+            }
+            let block = self.refblock(block_offset)?;
+            let c = cluster - 1;
+            if block.get(c & ((1 << shift) - 1), self.alloc.refcount_order) != Some(0) {
+                return Ok(Some(c));
+            }
+            cluster = c;
+        }
+        Ok(None)
+    }
+
+    /// Cuts the file after its first `clusters` clusters, which must hold
+    /// everything in use.
+    pub(super) fn truncate_file(&mut self, clusters: u64) -> Result<()> {
+        let len = clusters << self.alloc.cluster_bits;
+        self.alloc
+            .file
+            .set_len(len)
+            .map_err(|e| Error::io(&self.alloc.name, "truncating the file", len, e))?;
+        self.meta.end = clusters;
+        self.meta.free_hint = self.meta.free_hint.min(clusters);
+        if self.meta.compressed_cursor >= len {
+            self.meta.compressed_cursor = 0;
+        }
+        self.owner.file_truncated(len);
         Ok(())
     }
 

@@ -32,6 +32,7 @@ mod read;
 mod rebuild;
 mod references;
 mod resize;
+mod shrink;
 mod snapshot_table;
 mod snapshots;
 mod write;

@@ -5,8 +5,8 @@
 //! at them), then the header is switched to it and to the new size in one
 //! write of its contiguous fields, and the old table's clusters are released
 //! once that is on disk. Where a longer backing file lies beneath the new
-//! part, it is given the zero flag before the size changes. Shrinking is
-//! not supported yet.
+//! part, it is given the zero flag before the size changes. Shrinking has
+//! its own module ([`shrink`](super::shrink)).
 
 use std::sync::atomic::AtomicU64;
 
@@ -17,33 +17,37 @@ use super::Qcow2Image;
 use crate::{Error, Result};
 
 impl Qcow2Image {
-    /// Grows the virtual disk to `new_size` bytes, growing the L1 table
-    /// when the new size needs more entries. The new part reads as zeros,
-    /// also where a longer backing file lies beneath it (those clusters get
-    /// the zero flag, as QEMU gives them).
+    /// Changes the virtual disk to `new_size` bytes. Growing grows the L1
+    /// table when the new size needs more entries; the new part reads as
+    /// zeros, also where a longer backing file lies beneath it (those
+    /// clusters get the zero flag, as QEMU gives them). Shrinking releases
+    /// what lay past the new end and cuts the file where it can (see
+    /// [`shrink`](super::shrink)); what lay there is lost.
     ///
     /// Every limit is checked before anything changes; the size in the
     /// header changes last, so a failure leaves the old disk as it was.
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
-        let result = self.grow(new_size);
+        let result = self.change_size(new_size);
         self.guard(result)
     }
 
-    fn grow(&mut self, new_size: u64) -> Result<()> {
+    fn change_size(&mut self, new_size: u64) -> Result<()> {
         let unsupported = |what: &str| Error::Unsupported {
             image: self.name.clone(),
             what: what.to_owned(),
         };
         let invalid = |what: String| Error::InvalidOptions(format!("{}: {what}", self.name));
         let old_size = self.virtual_size;
-        if new_size < old_size {
-            return Err(unsupported("shrinking an image"));
-        }
-        if !self.snapshots.is_empty() {
-            return Err(unsupported("resizing an image with internal snapshots"));
-        }
         if new_size % 512 != 0 {
             return Err(invalid("The new size must be a multiple of 512".into()));
+        }
+        // Snapshots record their own disk size only from version 3 on.
+        if !self.snapshots.is_empty() && self.header.version < 3 {
+            return Err(unsupported("resizing a v2 image which has snapshots"));
+        }
+        if new_size < old_size {
+            self.check_writable()?;
+            return self.shrink(new_size);
         }
         let needed = new_size.div_ceil(self.header.bytes_per_l2_table());
         if new_size > MAX_VIRTUAL_SIZE || needed > MAX_L1_BYTES / 8 {

@@ -61,6 +61,10 @@ impl Owner for Qcow2Image {
         self.file_len.fetch_max(end, Ordering::AcqRel);
     }
 
+    fn file_truncated(&self, len: u64) {
+        self.file_len.store(len, Ordering::Release);
+    }
+
     fn metadata_overlap(
         &self,
         reftable_offset: u64,

@@ -43,7 +43,7 @@ impl Qcow2Image {
     }
 
     /// Makes the cluster at `guest` unallocated, releasing its space.
-    fn deallocate(&self, guest: u64) -> Result<()> {
+    pub(super) fn deallocate(&self, guest: u64) -> Result<()> {
         let mut meta = self.lock_meta()?;
         self.mark_dirty()?;
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;

@@ -1,0 +1,117 @@
+//! `qcow resize --shrink` of qcow2 images beside `qemu-img resize
+//! --shrink`: the same disk, map and file length, a clean check, for
+//! cluster sizes, refcount widths, extended L2, compressed clusters,
+//! snapshots and shrinks inside one L2 table or across many.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::{assert_check_clean, qcow, qemu_img, stdout};
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn prepare(path: &Path, options: &str, snapshot: bool) {
+    let out = qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, p(path), "64M"]);
+    assert!(out.status.success(), "{out:?}");
+    let io = Command::new("qemu-io")
+        .args(["-c", "write -P 1 0 3M", "-c", "write -P 2 10M 5M"])
+        .args(["-c", "write -P 3 40M 20M", "-c", "write -c -P 4 62M 64k"])
+        .arg(path)
+        .output()
+        .expect("qemu-io is required");
+    assert!(io.status.success());
+    if snapshot {
+        assert!(
+            qemu_img(&["snapshot", "-c", "before", p(path)])
+                .status
+                .success()
+        );
+        let io = Command::new("qemu-io")
+            .args(["-c", "write -P 5 41M 1M"])
+            .arg(path)
+            .output()
+            .expect("qemu-io");
+        assert!(io.status.success());
+    }
+}
+
+#[test]
+fn shrinks_leave_what_qemu_img_leaves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut runs = 0;
+    for (options, snapshot) in [
+        ("cluster_size=65536", false),
+        ("cluster_size=4k", false),
+        ("cluster_size=512", false),
+        ("cluster_size=4k,refcount_bits=1", false),
+        ("cluster_size=64k,extended_l2=on", false),
+        ("cluster_size=4k", true),
+    ] {
+        for size in ["12M", "-50M", "41M", "1M", "63M", "63488K"] {
+            let ours = dir.path().join("ours.qcow2");
+            let theirs = dir.path().join("theirs.qcow2");
+            prepare(&ours, options, snapshot);
+            std::fs::copy(&ours, &theirs).expect("copy");
+            let a = qcow(&["resize", "--shrink", p(&ours), size]);
+            let b = qemu_img(&["resize", "--shrink", p(&theirs), size]);
+            let what = format!("{options} snapshot={snapshot} {size}");
+            assert_eq!(a.status.code(), b.status.code(), "{what}: {a:?}");
+            assert_eq!(stdout(&a), stdout(&b), "{what}");
+            assert_check_clean(&ours);
+            let cmp = qemu_img(&["compare", p(&ours), p(&theirs)]);
+            assert!(cmp.status.success(), "{what}: {}", stdout(&cmp));
+            let map = |f: &Path| stdout(&qemu_img(&["map", "--output=json", p(f)]));
+            assert_eq!(map(&ours), map(&theirs), "{what}");
+            let len = |f: &Path| std::fs::metadata(f).expect("meta").len();
+            assert_eq!(len(&ours), len(&theirs), "{what}: file lengths differ");
+            if snapshot {
+                // The snapshot still reads as it was taken.
+                let read = |f: &Path| {
+                    stdout(&qemu_img(&[
+                        "convert",
+                        "-l",
+                        "before",
+                        "-O",
+                        "raw",
+                        p(f),
+                        "/dev/stdout",
+                    ]))
+                };
+                assert!(read(&ours) == read(&theirs), "{what}: snapshot differs");
+            }
+            runs += 1;
+        }
+    }
+    assert_eq!(runs, 36);
+}
+
+#[test]
+fn shrinking_needs_the_flag_and_then_grows_back_as_zeros() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("img.qcow2");
+    prepare(&img, "cluster_size=65536", false);
+    let before = std::fs::read(&img).expect("read");
+    let a = qcow(&["resize", p(&img), "12M"]);
+    let b = qemu_img(&["resize", p(&img), "12M"]);
+    assert_eq!((a.status.code(), b.status.code()), (Some(1), Some(1)));
+    assert!(
+        std::fs::read(&img).expect("read") == before,
+        "refused shrink changed the image"
+    );
+    assert!(
+        qcow(&["resize", "--shrink", p(&img), "12M"])
+            .status
+            .success()
+    );
+    assert!(qcow(&["resize", p(&img), "64M"]).status.success());
+    assert_check_clean(&img);
+    let io = Command::new("qemu-io")
+        .args(["-c", "read -P 0 12M 52M", "-c", "read -P 2 10M 2M"])
+        .arg(&img)
+        .output()
+        .expect("qemu-io");
+    let out = String::from_utf8_lossy(&io.stdout);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
