@@ -8,7 +8,7 @@
 //! the disk's order as qemu-img lays them out (`-W` lets workers write out
 //! of order).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use qcow::{BlockDevice, Image, OpenOptions, Qcow2Image, RawImage};
 use qcow_io::{FileStorage, Storage};
 
 use crate::create_opts::OptionList;
-use crate::open::{OpenFlags, open_image, refuse_overwriting_source};
+use crate::open::{OpenFlags, open_image, open_options, refuse_overwriting_source};
 use crate::progress::Progress;
 use crate::size::parse_size;
 
@@ -66,32 +66,100 @@ pub(crate) struct ConvertArgs {
     /// no sync at the end) or `writeback` (sync the output when done).
     #[arg(short = 't', value_name = "CACHE", default_value = "unsafe")]
     cache: String,
+    /// Source cache mode (accepted for compatibility with qemu-img).
+    #[arg(short = 'T', value_name = "CACHE")]
+    source_cache: Option<String>,
+    /// Write into an existing output instead of creating it (it must be
+    /// at least as large as the source).
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// The existing output (-n) reads as zeros: zeros need not be written.
+    #[arg(long)]
+    target_is_zero: bool,
+    /// Keep going past unreadable source sectors: they are written as
+    /// zeros, each with a warning.
+    #[arg(long)]
+    salvage: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Rate limit (accepted for compatibility with qemu-img; not applied).
+    #[arg(short = 'r', value_name = "RATE")]
+    rate: Option<String>,
     #[command(flatten)]
     open: OpenFlags,
-    /// Source image.
-    source: PathBuf,
-    /// Output file.
-    dest: PathBuf,
+    /// Source images (several are concatenated), then the output file.
+    #[arg(num_args = 2.., required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
 }
+
+/// Largest `-S`, as qemu-img bounds it (its largest buffer).
+const MAX_SPARSE: u64 = 16 << 20;
 
 /// Runs `qcow convert`.
 pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
+    let (dest, sources) = args
+        .files
+        .split_last()
+        .context("Must specify image file name")?;
+    let sparse = parse_size(&args.sparse_size)
+        .ok()
+        .filter(|&n| n % 512 == 0 && n <= MAX_SPARSE)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output)."
+            )
+        })?;
+    if args.no_create && !args.options.is_empty() {
+        bail!("-o has no effect when skipping image creation");
+    }
+    if args.target_is_zero && !args.no_create {
+        bail!("--target-is-zero requires use of -n flag");
+    }
+    let has_backing = args.backing.is_some()
+        || OptionList::parse(&args.options)?
+            .get("backing_file")
+            .is_some();
+    if args.target_is_zero && has_backing {
+        bail!("Cannot use --target-is-zero when the destination image has a backing file");
+    }
+    if sources.len() > 1 && has_backing {
+        bail!(
+            "Having a backing file for the target makes no sense when concatenating multiple input images"
+        );
+    }
     let snapshot = args.snapshot.as_deref().map(|s| {
         s.strip_prefix("snapshot.name=")
             .or_else(|| s.strip_prefix("snapshot.id="))
             .unwrap_or(s)
     });
-    let source = open_image(
-        &args.source,
-        args.format.as_deref(),
-        &args.open,
-        snapshot,
-        true,
-        true,
-    )?;
-    refuse_overwriting_source(&source, &args.dest)?;
+    if snapshot.is_some() && sources.len() > 1 {
+        bail!("No support for concatenating multiple snapshot");
+    }
+    let mut opened = Vec::with_capacity(sources.len());
+    for path in sources {
+        let source = open_image(
+            path,
+            args.format.as_deref(),
+            &args.open,
+            snapshot,
+            true,
+            true,
+        )?;
+        refuse_overwriting_source(&source, dest)?;
+        opened.push(source);
+    }
+    let source: Box<dyn BlockDevice> = if opened.len() == 1 {
+        Box::new(opened.remove(0))
+    } else {
+        Box::new(qcow::copy::Concat::new(
+            opened
+                .into_iter()
+                .map(|i| Box::new(i) as Box<dyn BlockDevice>)
+                .collect(),
+        )?)
+    };
     let size = source.virtual_size();
-    let sparse = parse_size(&args.sparse_size)?;
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -99,19 +167,21 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     let sync = match args.cache.as_str() {
         "unsafe" => false,
         "writeback" | "writethrough" | "none" | "directsync" => true,
-        other => bail!("invalid cache mode {other:?}"),
+        other => bail!("Invalid cache option: {other}"),
     };
-    let (target, top_only) = match args.output_format.as_str() {
-        "raw" => {
-            if args.compress {
-                bail!("compression is not supported for raw output");
-            }
-            (raw_output(args, size, sync)?, false)
+    let (target, top_only) = if args.no_create {
+        (existing_output(args, dest, size, sync)?, false)
+    } else {
+        match args.output_format.as_str() {
+            "raw" => (raw_output(args, dest, size, sync)?, false),
+            "qcow2" => qcow2_output(args, dest, size, sync)?,
+            "qcow" => (qcow_output(args, dest, size, sync)?, false),
+            other => bail!("Unknown file format '{other}'"),
         }
-        "qcow2" => qcow2_output(args, size, sync)?,
-        "qcow" => (qcow_output(args, size, sync)?, false),
-        other => bail!("output format {other:?} is not supported (raw, qcow2 or qcow)"),
     };
+    if args.compress && target.compressed_writes().is_none() {
+        bail!("Compression not supported for this file format");
+    }
     let options = CopyOptions::default()
         .workers(workers)
         .min_zero_run(sparse)
@@ -121,20 +191,65 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         } else {
             Layers::All
         })
-        .target_is_zero(true)
+        .target_is_zero(!args.no_create || args.target_is_zero)
+        .salvage(args.salvage)
         .in_order(!args.unordered);
-    let progress = args.progress.then(|| Progress::new(size));
-    let observer: &dyn CopyObserver = match &progress {
-        Some(p) => p,
-        None => &(),
+    let progress = (args.progress && !args.quiet).then(|| Progress::new(size));
+    let warner = Warner {
+        progress: progress.as_ref(),
+        quiet: args.quiet,
     };
-    qcow::copy::copy(&source, &target, &options, observer)
-        .with_context(|| format!("converting '{}'", args.source.display()))?;
-    close(target).with_context(|| format!("could not close '{}'", args.dest.display()))?;
+    qcow::copy::copy(&*source, &target, &options, &warner)
+        .with_context(|| format!("converting '{}'", sources[0].display()))?;
+    close(target).with_context(|| format!("could not close '{}'", dest.display()))?;
     if let Some(bar) = progress {
         bar.finish();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Progress, and qemu-img's warning for each salvaged sector.
+struct Warner<'a> {
+    progress: Option<&'a Progress>,
+    quiet: bool,
+}
+
+impl CopyObserver for Warner<'_> {
+    fn progress(&self, done: u64, total: u64) {
+        if let Some(p) = self.progress {
+            p.progress(done, total);
+        }
+    }
+
+    fn salvaged(&self, offset: u64, _len: u64, error: &qcow::Error) {
+        if !self.quiet {
+            let cause = match error {
+                qcow::Error::Io { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            eprintln!("qcow: warning: error while reading offset {offset}: {cause}");
+        }
+    }
+}
+
+/// The existing output of `-n`, opened for writing in the format `-O`
+/// names; it must hold the whole source.
+fn existing_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result<Image> {
+    let format = qcow::ImageFormat::from_name(&args.output_format)
+        .map_err(|_| anyhow::anyhow!("Unknown file format '{}'", args.output_format))?;
+    let target = qcow::open(
+        dest,
+        &OpenOptions {
+            writable: true,
+            sync,
+            format: Some(format),
+            ..open_options(&args.open, None)?
+        },
+    )?;
+    if target.virtual_size() < size {
+        bail!("output file is smaller than input file");
+    }
+    Ok(target)
 }
 
 /// Makes everything written durable (as the cache mode says) and closes
@@ -148,19 +263,47 @@ fn close(target: Image) -> qcow::Result<()> {
 
 /// A raw output: a regular file takes the disk's size; a device keeps its
 /// own.
-fn raw_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<Image> {
-    if !args.options.is_empty() {
-        bail!("raw output takes no -o options");
+fn raw_output(args: &ConvertArgs, dest_path: &Path, size: u64, sync: bool) -> Result<Image> {
+    let list = OptionList::parse(&args.options)?;
+    let mut preallocation = qcow::Preallocation::Off;
+    for (key, value) in list.pairs() {
+        match key.as_str() {
+            "preallocation" => preallocation = qcow::Preallocation::from_name(value)?,
+            "size" => {}
+            other => {
+                eprintln!("qcow: Invalid parameter '{other}'");
+                bail!("Invalid options for file format 'raw'");
+            }
+        }
     }
-    let mut dest = qcow::create_file(&args.dest)?;
+    if preallocation == qcow::Preallocation::Metadata {
+        bail!("Invalid parameter 'preallocation': metadata preallocation is not supported for raw");
+    }
+    let mut dest = qcow::create_file(dest_path)?;
     if !sync {
         dest = dest.without_sync();
     }
-    let name = args.dest.display().to_string();
-    let regular = std::fs::metadata(&args.dest).is_ok_and(|m| m.is_file());
+    let name = dest_path.display().to_string();
+    let regular = std::fs::metadata(dest_path).is_ok_and(|m| m.is_file());
     if regular {
         dest.set_len(size)
             .with_context(|| format!("could not size '{name}'"))?;
+        match preallocation {
+            qcow::Preallocation::Falloc => dest
+                .allocate(0, size)
+                .with_context(|| format!("could not preallocate '{name}'"))?,
+            qcow::Preallocation::Full => {
+                let zeros = vec![0u8; (size.min(1 << 20)) as usize];
+                let mut at = 0;
+                while at < size {
+                    let n = (size - at).min(zeros.len() as u64) as usize;
+                    dest.write_at(&zeros[..n], at)
+                        .with_context(|| format!("could not preallocate '{name}'"))?;
+                    at += n as u64;
+                }
+            }
+            _ => {}
+        }
         Ok(Image::Raw(RawImage::open(&name, Arc::new(dest))?))
     } else {
         // Flushing a device is left to its owner, as qemu-img leaves it.
@@ -174,7 +317,7 @@ fn raw_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<Image> {
 
 /// A new qcow2 output, and whether only the source's top layer is copied
 /// (the output has a backing file).
-fn qcow2_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<(Image, bool)> {
+fn qcow2_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result<(Image, bool)> {
     let mut list = OptionList::parse(&args.options)?;
     if let Some(b) = &args.backing {
         list.set("backing_file", b);
@@ -182,31 +325,47 @@ fn qcow2_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<(Image, boo
     if let Some(f) = &args.backing_format {
         list.set("backing_fmt", f);
     }
-    let mut options = list.qcow2_options(size)?;
+    let options = list.qcow2_options(size)?;
     if let Some(backing) = &options.backing_file {
-        if options.backing_format.is_none() {
-            let path = qcow::relative_to(&args.dest, backing);
-            let format = qcow::probe(&path)
-                .with_context(|| format!("could not probe backing file '{}'", path.display()))?;
-            options.backing_format = Some(format.name().to_owned());
+        let Some(format) = &options.backing_format else {
+            bail!("Use of backing file requires explicit backing format");
+        };
+        // The backing file must open from where the output will be, as
+        // qemu-img finds out once it has made the output: here, before.
+        let path = qcow::relative_to(dest, backing);
+        let mut backing_options = open_options(&args.open, Some(format))?;
+        backing_options.force_share = true;
+        if let Err(e) = qcow::open(&path, &backing_options) {
+            let cause = match &e {
+                qcow::Error::Open { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            bail!(
+                "Could not open '{}': Could not open backing file: Could not open '{}': {cause}",
+                dest.display(),
+                path.display()
+            );
         }
     }
     let top_only = options.backing_file.is_some();
     options.validate()?;
-    if sync || options.preallocation != qcow::Preallocation::Off {
-        qcow::create(&args.dest, &options)?;
+    if options.data_file.is_some() {
+        crate::create::create_qcow2(dest, &options)?;
+    } else if sync || options.preallocation != qcow::Preallocation::Off {
+        qcow::create(dest, &options)?;
     } else {
         // cache=unsafe: no sync while creating either (a sync right after
         // truncating a large old output waits for its write-back).
-        let file = unsynced_output(&args.dest)?;
+        let file = unsynced_output(dest)?;
         Qcow2Image::create(&file, &options)?;
     }
     let dest = qcow::open(
-        &args.dest,
+        dest,
         &OpenOptions {
             writable: true,
             sync,
             format: Some(qcow::ImageFormat::Qcow2),
+            open_data_file: options.data_file.is_some(),
             ..OpenOptions::default()
         },
     )?;
@@ -214,19 +373,19 @@ fn qcow2_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<(Image, boo
 }
 
 /// A new qcow (version 1) output.
-fn qcow_output(args: &ConvertArgs, size: u64, sync: bool) -> Result<Image> {
+fn qcow_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result<Image> {
     let options = OptionList::parse(&args.options)?.qcow_options(size)?;
     if options.backing_file.is_some() {
         bail!("converting onto a backing file is not supported yet");
     }
     qcow::QcowImage::validate_create(&options)?;
     if sync {
-        qcow::create_qcow(&args.dest, &options)?;
+        qcow::create_qcow(dest, &options)?;
     } else {
-        qcow::QcowImage::create(&unsynced_output(&args.dest)?, &options)?;
+        qcow::QcowImage::create(&unsynced_output(dest)?, &options)?;
     }
     Ok(qcow::open(
-        &args.dest,
+        dest,
         &OpenOptions {
             writable: true,
             sync,

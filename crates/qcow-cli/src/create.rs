@@ -1,6 +1,6 @@
 //! `qcow create`: a new image, with qemu-img's options and output.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -112,30 +112,35 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     if !args.quiet {
         println!("{}", list.formatting_line(&name, &options));
     }
+    create_qcow2(&args.file, &options)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates a qcow2 image at `file`, and its external data file when the
+/// options name one (sized to the disk). As QEMU: the image file is made
+/// (and locked) first, so nothing touches the data file unless the image
+/// can be created; a failure removes the files made for it.
+pub(crate) fn create_qcow2(file: &Path, options: &qcow::CreateOptions) -> Result<()> {
     let Some(data_file) = &options.data_file else {
-        qcow::create(&args.file, &options)?;
-        return Ok(ExitCode::SUCCESS);
+        qcow::create(file, options)?;
+        return Ok(());
     };
-    // As QEMU: the image file is made (and locked) first, so nothing
-    // touches the data file unless the image can be created.
-    let image_file = qcow::create_file(&args.file)?;
-    let path = qcow::relative_to(&args.file, data_file);
+    let image_file = qcow::create_file(file)?;
+    let path = qcow::relative_to(file, data_file);
     let existed = std::fs::symlink_metadata(&path).is_ok();
     let data = qcow::create_file(&path)
         .map_err(anyhow::Error::from)
-        .and_then(|file| {
-            qcow_io::Storage::set_len(&file, options.rounded_size())
+        .and_then(|data| {
+            qcow_io::Storage::set_len(&data, options.rounded_size())
                 .with_context(|| format!("could not size '{}'", path.display()))
         });
     drop(image_file);
-    let made = data.and_then(|()| Ok(qcow::create(&args.file, &options)?));
+    let made = data.and_then(|()| Ok(qcow::create(file, options)?));
     if made.is_err() {
-        // The creation failed: the files made for it go.
-        let _ = std::fs::remove_file(&args.file);
+        let _ = std::fs::remove_file(file);
         if !existed {
             let _ = std::fs::remove_file(&path);
         }
     }
-    made?;
-    Ok(ExitCode::SUCCESS)
+    made
 }

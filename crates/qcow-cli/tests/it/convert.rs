@@ -125,3 +125,247 @@ fn out_of_order_writes_make_the_same_disk() {
     let cmp = qemu_img(&["compare", p(&source), p(&out)]);
     assert!(cmp.status.success(), "contents differ");
 }
+
+fn qemu_io(path: &Path, commands: &[&str]) {
+    let mut cmd = std::process::Command::new("qemu-io");
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(path).output().expect("qemu-io is required");
+    assert!(out.status.success(), "qemu-io {commands:?}");
+}
+
+fn image(dir: &Path, name: &str, size: &str, writes: &[&str]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let out = qemu_img(&["create", "-q", "-f", "qcow2", p(&path), size]);
+    assert!(out.status.success());
+    if !writes.is_empty() {
+        qemu_io(&path, writes);
+    }
+    path
+}
+
+/// Runs the same convert with both tools, each writing its own output, and
+/// asserts the same exit code and standard output; returns both outputs.
+fn both(
+    dir: &Path,
+    args: &[&str],
+    prepare: impl Fn(&Path),
+) -> (std::path::PathBuf, std::path::PathBuf, i32) {
+    let ours = dir.join("ours.out");
+    let theirs = dir.join("theirs.out");
+    for f in [&ours, &theirs] {
+        let _ = std::fs::remove_file(f);
+        prepare(f);
+    }
+    let run = |tool: fn(&[&str]) -> std::process::Output, out: &Path| {
+        let mut full = vec!["convert"];
+        full.extend(args);
+        full.push(p(out));
+        tool(&full)
+    };
+    let (a, b) = (run(qcow, &ours), run(qemu_img, &theirs));
+    assert_eq!(
+        a.status.code(),
+        b.status.code(),
+        "{args:?}: {}\n{}",
+        String::from_utf8_lossy(&a.stderr),
+        String::from_utf8_lossy(&b.stderr)
+    );
+    assert_eq!(a.stdout, b.stdout, "{args:?}");
+    (ours, theirs, a.status.code().unwrap_or(-1))
+}
+
+fn same_disk(a: &Path, b: &Path) {
+    let cmp = qemu_img(&["compare", p(a), p(b)]);
+    assert!(
+        cmp.status.success(),
+        "{} and {} differ: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+}
+
+#[test]
+fn writing_into_existing_outputs_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = image(
+        d,
+        "src.qcow2",
+        "8M",
+        &["write -P 1 0 1M", "write -P 2 4M 64k"],
+    );
+    let src_s = p(&src).to_owned();
+    // -n into an image full of other data: the source's zeros are written.
+    let fill = |f: &Path| {
+        let out = qemu_img(&["create", "-q", "-f", "qcow2", p(f), "8M"]);
+        assert!(out.status.success());
+        qemu_io(f, &["write -P 9 0 8M"]);
+    };
+    let (ours, theirs, code) = both(d, &["-n", "-O", "qcow2", &src_s], fill);
+    assert_eq!(code, 0);
+    same_disk(&ours, &src);
+    same_disk(&ours, &theirs);
+    assert_check_clean(&ours);
+    // --target-is-zero: the caller's word is taken, zeros are skipped.
+    let fresh = |f: &Path| {
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", p(f), "8M"])
+                .status
+                .success()
+        );
+    };
+    let (ours, theirs, code) = both(d, &["-n", "--target-is-zero", "-O", "qcow2", &src_s], fresh);
+    assert_eq!(code, 0);
+    same_disk(&ours, &theirs);
+    // Refusals.
+    let small = |f: &Path| {
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", p(f), "4M"])
+                .status
+                .success()
+        );
+    };
+    assert_eq!(both(d, &["-n", "-O", "qcow2", &src_s], small).2, 1);
+    assert_eq!(
+        both(
+            d,
+            &["-n", "-o", "cluster_size=4k", "-O", "qcow2", &src_s],
+            fresh
+        )
+        .2,
+        1
+    );
+    assert_eq!(
+        both(d, &["--target-is-zero", "-O", "qcow2", &src_s], |_| {}).2,
+        1
+    );
+    for bad in ["1000", "32M", "-1"] {
+        assert_eq!(
+            both(d, &["-S", bad, "-O", "qcow2", &src_s], |_| {}).2,
+            1,
+            "-S {bad}"
+        );
+    }
+    // -q: nothing on standard output (checked by both()).
+    assert_eq!(both(d, &["-q", "-O", "qcow2", &src_s], |_| {}).2, 0);
+}
+
+#[test]
+fn several_sources_are_concatenated_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let a = image(
+        d,
+        "a.qcow2",
+        "3M",
+        &["write -P 1 0 1M", "write -P 2 2M 512k"],
+    );
+    let b = image(d, "b.qcow2", "1536K", &["write -P 3 512k 512k"]);
+    let c = d.join("c.raw");
+    std::fs::write(&c, vec![4u8; 1 << 20]).expect("raw");
+    let sources = [p(&a).to_owned(), p(&b).to_owned(), p(&c).to_owned()];
+    for format in ["qcow2", "raw"] {
+        let mut args = vec!["-O", format];
+        args.extend(sources.iter().map(String::as_str));
+        let (ours, theirs, code) = both(d, &args, |_| {});
+        assert_eq!(code, 0);
+        same_disk(&ours, &theirs);
+    }
+    // A backing file for a concatenation is refused, as qemu-img refuses it.
+    let mut args = vec!["-O", "qcow2", "-B", "a.qcow2", "-F", "qcow2"];
+    args.extend(sources.iter().map(String::as_str));
+    assert_eq!(both(d, &args, |_| {}).2, 1);
+}
+
+#[test]
+fn salvage_data_files_backing_names_and_raw_preallocation_like_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // --salvage past a corrupt compressed cluster.
+    let src = image(
+        d,
+        "bad.qcow2",
+        "4M",
+        &["write -P 1 0 1M", "write -c -P 2 1M 64k"],
+    );
+    let mut bytes = std::fs::read(&src).expect("read");
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
+    let l1 = be(&bytes, 40) as usize;
+    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let host = (be(&bytes, l2 + 8 * 16) & ((1 << 54) - 1)) as usize;
+    bytes[host..host + 64].fill(0xff);
+    std::fs::write(&src, &bytes).expect("write");
+    let src_s = p(&src).to_owned();
+    assert_eq!(both(d, &["-O", "qcow2", &src_s], |_| {}).2, 1);
+    let (ours, theirs, code) = both(d, &["--salvage", "-O", "qcow2", &src_s], |_| {});
+    assert_eq!(code, 0);
+    same_disk(&ours, &theirs);
+    assert_check_clean(&ours);
+
+    // -o data_file: the data file made beside the output.
+    let good = image(d, "good.qcow2", "4M", &["write -P 5 0 1M"]);
+    let good_s = p(&good).to_owned();
+    let (ours, theirs, code) = both(
+        d,
+        &["-O", "qcow2", "-o", "data_file=data.raw", &good_s],
+        |_| {},
+    );
+    assert_eq!(code, 0);
+    same_disk(&ours, &theirs);
+    assert_check_clean(&ours);
+
+    // -B names the backing file from the output's directory.
+    let sub = d.join("sub");
+    std::fs::create_dir(&sub).expect("mkdir");
+    let out = sub.join("out.qcow2");
+    let a = qcow(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "good.qcow2",
+        "-F",
+        "qcow2",
+        &good_s,
+        p(&out),
+    ]);
+    assert_eq!(a.status.code(), Some(1));
+    assert!(!out.exists(), "a refused convert left its output");
+    let a = qcow(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "../good.qcow2",
+        "-F",
+        "qcow2",
+        &good_s,
+        p(&out),
+    ]);
+    assert!(a.status.success(), "{a:?}");
+    same_disk(&out, &good);
+    let a = qcow(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "../good.qcow2",
+        &good_s,
+        p(&out),
+    ]);
+    assert_eq!(a.status.code(), Some(1), "a backing file needs its format");
+
+    // -O raw with preallocation: every byte allocated.
+    for mode in ["falloc", "full"] {
+        let opt = format!("preallocation={mode}");
+        let (ours, theirs, code) = both(d, &["-O", "raw", "-o", &opt, &good_s], |_| {});
+        assert_eq!(code, 0);
+        same_disk(&ours, &theirs);
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&ours).expect("meta").blocks() * 512;
+        assert!(blocks >= 4 << 20, "{mode}: only {blocks} bytes allocated");
+    }
+}

@@ -33,9 +33,11 @@
 //! # Ok::<(), qcow::Error>(())
 //! ```
 
+mod concat;
 mod plan;
 mod run;
 
+pub use concat::Concat;
 pub use plan::is_zero;
 
 use crate::device::BlockDevice;
