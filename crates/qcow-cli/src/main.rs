@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod amend;
 mod check;
 mod commit;
 mod compare;
@@ -61,6 +62,8 @@ enum Command {
     Commit(commit::CommitArgs),
     /// Say how large a new image would be.
     Measure(measure::MeasureArgs),
+    /// Change an image's options in place.
+    Amend(amend::AmendArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
         Command::Rebase(args) => rebase::run(&args),
         Command::Commit(args) => commit::run(&args),
         Command::Measure(args) => measure::run(&args),
+        Command::Amend(args) => amend::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -34,8 +34,8 @@ pub use open::{Image, create, create_file, create_qcow, open, probe, relative_to
 pub use options::{DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_CHAIN_DEPTH, OpenOptions};
 pub use qcow_format as format;
 pub use qcow2::{
-    CheckOptions, CheckReport, CreateOptions, DEFAULT_CHECK_MEMORY, Preallocation, Qcow2Image,
-    Repair,
+    AmendOptions, CheckOptions, CheckReport, CreateOptions, DEFAULT_CHECK_MEMORY, Preallocation,
+    Qcow2Image, Repair,
 };
 pub use raw::RawImage;
 pub use v1::QcowImage;

@@ -485,6 +485,30 @@ impl Allocation<'_> {
         Ok(())
     }
 
+    /// The refcount of cluster number `cluster` (0 where no block counts it).
+    pub(super) fn refcount(&self, cluster: u64) -> Result<u64> {
+        let shift = self.refblock_shift();
+        let block_offset = usize::try_from(cluster >> shift)
+            .ok()
+            .and_then(|i| self.meta.reftable.get(i))
+            .copied()
+            .unwrap_or(0);
+        if block_offset == 0 {
+            return Ok(0);
+        }
+        let block = self.refblock(block_offset)?;
+        block
+            .get(cluster & ((1 << shift) - 1), self.alloc.refcount_order)
+            .ok_or_else(|| {
+                self.corrupt("refcount block", block_offset, "index out of range".into())
+            })
+    }
+
+    /// Writes every dirty refcount block.
+    pub(super) fn flush_refcounts(&self) -> Result<()> {
+        self.alloc.flush_refcounts()
+    }
+
     /// Drops the refcount blocks that count nothing but themselves (after
     /// a shrink freed what they counted), as QEMU's `qcow2_shrink_reftable`
     /// does: their table entries are cleared on disk first, then they are

@@ -48,18 +48,11 @@ impl Qcow2Image {
     /// first). The open backing layer is detached.
     pub fn set_backing_file(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
         self.check_writable()?;
-        let header = self.header_with_backing(backing)?;
-        let bytes = header.encode().map_err(|e| Error::format(&self.name, e))?;
-        // Everything written so far lands before the header names another
-        // backing file.
-        self.flush()?;
-        let mut cluster = vec![0u8; self.header.cluster_size() as usize];
-        cluster[..bytes.len()].copy_from_slice(&bytes);
-        self.file
-            .write_at(&cluster, 0)
-            .and_then(|()| self.file.flush())
-            .map_err(|e| Error::io(&self.name, "writing the header", 0, e))?;
-        self.header = header;
+        let wanted = self.header_with_backing(backing)?;
+        self.rewrite_header(|h| {
+            h.backing_file = wanted.backing_file;
+            h.extensions = wanted.extensions;
+        })?;
         self.backing = None;
         Ok(())
     }

@@ -16,6 +16,7 @@
 //! module.
 
 mod allocator;
+mod amend;
 mod backing_file;
 mod bitmaps;
 mod check;
@@ -41,6 +42,7 @@ mod zeroes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use amend::AmendOptions;
 pub use check::{CheckOptions, CheckReport, DEFAULT_CHECK_MEMORY, Repair};
 pub use create::{CreateOptions, Preallocation};
 

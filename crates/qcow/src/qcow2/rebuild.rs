@@ -120,9 +120,39 @@ impl Qcow2Image {
         used_end: u64,
         count: &dyn Fn(u64) -> u64,
     ) -> Result<()> {
+        let (table_offset, table_clusters) =
+            self.write_refcount_structure(used_end, self.header.refcount_order, count)?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
+        // Bounded by MAX_REFCOUNT_TABLE_BYTES.
+        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.file
+            .write_at(&fields, qcow_format::header::field::REFCOUNT_TABLE_OFFSET)
+            .map_err(|e| {
+                Error::io(
+                    &self.name,
+                    "writing the header",
+                    qcow_format::header::field::REFCOUNT_TABLE_OFFSET,
+                    e,
+                )
+            })?;
+        self.header.refcount_table_offset = table_offset;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        Ok(())
+    }
+
+    /// Writes refcount blocks of width `2^order` bits and a table holding
+    /// `count(cluster)` for every cluster below `used_end` (plus their own
+    /// clusters) past the end of the file, and flushes them; nothing points
+    /// at them yet. Returns the table's offset and clusters.
+    pub(super) fn write_refcount_structure(
+        &mut self,
+        used_end: u64,
+        order: u32,
+        count: &dyn Fn(u64) -> u64,
+    ) -> Result<(u64, u64)> {
         let bits = self.header.cluster_bits;
         let cs = self.header.cluster_size();
-        let order = self.header.refcount_order;
         let per_block = cs * 8 / (1u64 << order);
         let start = used_end.max(1).max(self.file_len().div_ceil(cs));
         let (mut table_clusters, mut blocks) = (1u64, 1u64);
@@ -185,29 +215,13 @@ impl Qcow2Image {
         self.file
             .flush()
             .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
-        // Bounded by MAX_REFCOUNT_TABLE_BYTES above.
-        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.file
-            .write_at(&fields, qcow_format::header::field::REFCOUNT_TABLE_OFFSET)
-            .map_err(|e| {
-                Error::io(
-                    &self.name,
-                    "writing the header",
-                    qcow_format::header::field::REFCOUNT_TABLE_OFFSET,
-                    e,
-                )
-            })?;
-        self.header.refcount_table_offset = table_offset;
-        self.header.refcount_table_clusters = table_clusters as u32;
         let end = (blocks_start + blocks) << bits;
         self.file
             .set_len(end.max(self.file_len()))
             .map_err(|e| Error::io(&self.name, "sizing the file", end, e))?;
         self.file_len
             .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
-        Ok(())
+        Ok((table_offset, table_clusters))
     }
 
     /// Sets `OFLAG_COPIED` on active L1 and L2 entries exactly when their

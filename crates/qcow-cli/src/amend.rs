@@ -1,0 +1,122 @@
+//! `qcow amend`: changes a qcow2 image's options in place, as qemu-img
+//! amend does (the library's [`qcow::Qcow2Image::amend`]): `compat`,
+//! `lazy_refcounts`, `refcount_bits`, `data_file`, `data_file_raw` and
+//! `size`; creation-only options and backing file changes refused with
+//! qemu-img's words.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use qcow::{AmendOptions, Image};
+
+use crate::create_opts::OptionList;
+use crate::open::{OpenFlags, open_options};
+use crate::size::option_size;
+
+/// Arguments of `qcow amend`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AmendArgs {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// The options to change, `key=value,...`.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Accepted for compatibility with qemu-img (for encryption changes).
+    #[arg(long)]
+    force: bool,
+    /// Accepted for compatibility with qemu-img (progress).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode (accepted for compatibility with qemu-img).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    #[command(flatten)]
+    open: OpenFlags,
+    /// The image.
+    file: PathBuf,
+}
+
+/// Options only `create` takes.
+const CREATION_ONLY: &[&str] = &[
+    "cluster_size",
+    "preallocation",
+    "extended_l2",
+    "compression_type",
+    "encryption",
+    "encrypt.format",
+];
+
+/// Runs `qcow amend`.
+pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
+    if args.options.is_empty() {
+        bail!("Must specify options (-o)");
+    }
+    if args.open.force_share {
+        bail!("force-share (-U) can only be used with read-only images");
+    }
+    let list = OptionList::parse(&args.options)?;
+    let mut amend = AmendOptions::new();
+    let mut backing: (Option<&str>, Option<&str>) = (None, None);
+    for (key, value) in list.pairs() {
+        match key.as_str() {
+            "compat" => {
+                amend.version = Some(match value.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    other => bail!("Unknown compatibility level {other}"),
+                })
+            }
+            "size" => amend.size = Some(option_size("size", value)?),
+            "lazy_refcounts" => amend.lazy_refcounts = Some(on_off(key, value)?),
+            "refcount_bits" => {
+                amend.refcount_bits = Some(value.parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "Parameter 'refcount_bits' expects a non-negative number below 2^64"
+                    )
+                })?)
+            }
+            "data_file" => amend.data_file = Some(value.clone()),
+            "data_file_raw" => amend.data_file_raw = Some(on_off(key, value)?),
+            "backing_file" => backing.0 = Some(value.as_str()),
+            "backing_fmt" => backing.1 = Some(value.as_str()),
+            other if CREATION_ONLY.contains(&other) => {
+                bail!(
+                    "Invalid parameter '{other}'\nThis option is only supported for image creation"
+                )
+            }
+            other => bail!("Invalid parameter '{other}'"),
+        }
+    }
+    let mut options = open_options(&args.open, args.format.as_deref())?;
+    options.writable = true;
+    let image = qcow::open(&args.file, &options)?;
+    let Image::Qcow2(mut image) = image else {
+        let name = match image {
+            Image::Raw(_) => "raw",
+            _ => "qcow",
+        };
+        bail!("Format driver '{name}' does not support option amendment");
+    };
+    if backing.0.is_some() || backing.1.is_some() {
+        let header = image.header();
+        if backing.0 != header.backing_file.as_deref() || backing.1 != header.backing_format() {
+            bail!("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.");
+        }
+    }
+    image.amend(&amend)?;
+    image.close()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => bail!("Parameter '{key}' expects 'on' or 'off'"),
+    }
+}

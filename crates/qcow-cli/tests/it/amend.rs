@@ -1,0 +1,225 @@
+//! `qcow amend` beside `qemu-img amend` on copies of the same images: the
+//! same disk, map and header (byte for byte where qemu-img's is
+//! deterministic), a clean check, and every refusal alike.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use super::{assert_check_clean, qcow, qemu_img, stdout};
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn qemu_io(path: &Path, commands: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(path).output().expect("qemu-io is required");
+    assert!(
+        out.status.success(),
+        "qemu-io {commands:?}: {}",
+        stderr(&out)
+    );
+}
+
+/// Two copies of an image made by `make`: ours and qemu-img's.
+fn pair(dir: &Path, make: impl Fn(&Path)) -> (PathBuf, PathBuf) {
+    let ours = dir.join("ours.qcow2");
+    let theirs = dir.join("theirs.qcow2");
+    make(&ours);
+    std::fs::copy(&ours, &theirs).expect("copy");
+    (ours, theirs)
+}
+
+fn info(path: &Path) -> String {
+    stdout(&qemu_img(&["info", "-U", p(path)]))
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.starts_with("image:")
+                && !l.starts_with("filename")
+                && !l.contains("disk size")
+                && !l.starts_with("file length")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn map(path: &Path) -> String {
+    stdout(&qemu_img(&["map", "-U", "--output=json", p(path)]))
+}
+
+/// Amends both copies with `options` and compares the outcome.
+fn amend_both(ours: &Path, theirs: &Path, options: &str) -> Option<i32> {
+    let a = qcow(&["amend", "-o", options, p(ours)]);
+    let b = qemu_img(&["amend", "-o", options, p(theirs)]);
+    assert_eq!(
+        a.status.code(),
+        b.status.code(),
+        "{options}: {}",
+        stderr(&a)
+    );
+    assert_eq!(
+        stderr(&a).replacen("qcow: ", "", 1),
+        stderr(&b).replacen("qemu-img: ", "", 1),
+        "{options}"
+    );
+    if a.status.success() {
+        assert_check_clean(ours);
+        let cmp = qemu_img(&["compare", p(ours), p(theirs)]);
+        assert!(cmp.status.success(), "{options}: {}", stdout(&cmp));
+        assert_eq!(info(ours), info(theirs), "{options}");
+    }
+    a.status.code()
+}
+
+#[test]
+fn compat_changes_match_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An empty version 2 image upgrades to exactly what qemu-img makes.
+    let (ours, theirs) = pair(dir.path(), |f| {
+        assert!(
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                p(f),
+                "1M"
+            ])
+            .status
+            .success()
+        );
+    });
+    assert_eq!(amend_both(&ours, &theirs, "compat=1.1"), Some(0));
+    assert!(std::fs::read(&ours).expect("read") == std::fs::read(&theirs).expect("read"));
+
+    // Version 2 with data and a snapshot up, and back down with zero
+    // clusters of every kind, with and without a backing file.
+    for backing in [false, true] {
+        let (ours, theirs) = pair(dir.path(), |f| {
+            let base = dir.path().join("base.qcow2");
+            let mut args = vec!["create", "-q", "-f", "qcow2"];
+            if backing {
+                assert!(
+                    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "8M"])
+                        .status
+                        .success()
+                );
+                qemu_io(&base, &["write -P 7 0 8M"]);
+                args.extend(["-b", "base.qcow2", "-F", "qcow2"]);
+            }
+            args.extend([p(f), "8M"]);
+            assert!(qemu_img(&args).status.success());
+            qemu_io(
+                f,
+                &["write -P 1 0 1M", "write -z 2M 128k", "write -P 2 4M 64k"],
+            );
+            qemu_io(f, &["write -z -u 4M 64k"]);
+            assert!(qemu_img(&["snapshot", "-c", "s1", p(f)]).status.success());
+            qemu_io(f, &["write -z 6M 64k"]);
+        });
+        assert_eq!(
+            amend_both(&ours, &theirs, "compat=0.10"),
+            Some(0),
+            "backing {backing}"
+        );
+        assert_eq!(map(&ours), map(&theirs), "backing {backing}");
+        assert_eq!(
+            amend_both(&ours, &theirs, "compat=v3"),
+            Some(0),
+            "backing {backing}"
+        );
+    }
+}
+
+#[test]
+fn refcount_widths_lazy_refcounts_and_size_match_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ours, theirs) = pair(dir.path(), |f| {
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", p(f), "64M"])
+                .status
+                .success()
+        );
+        qemu_io(f, &["write -P 1 0 10M", "write -P 2 30M 1M"]);
+        assert!(qemu_img(&["snapshot", "-c", "s1", p(f)]).status.success());
+    });
+    // A snapshot shares clusters (refcount 2): one bit cannot hold it.
+    assert_eq!(amend_both(&ours, &theirs, "refcount_bits=1"), Some(1));
+    for bits in ["8", "64", "2", "16"] {
+        assert_eq!(
+            amend_both(&ours, &theirs, &format!("refcount_bits={bits}")),
+            Some(0)
+        );
+    }
+    for options in [
+        "lazy_refcounts=on",
+        "lazy_refcounts=off",
+        "lazy_refcounts=on,refcount_bits=32",
+        "size=80M",
+        "size=64M",
+    ] {
+        assert_eq!(amend_both(&ours, &theirs, options), Some(0), "{options}");
+    }
+    // Version 2 needs 16-bit refcounts.
+    assert_eq!(amend_both(&ours, &theirs, "compat=0.10"), Some(1));
+    let both = "compat=0.10,refcount_bits=16,lazy_refcounts=off";
+    assert_eq!(amend_both(&ours, &theirs, both), Some(0));
+}
+
+#[test]
+fn refusals_match_qemu_img_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ours, theirs) = pair(dir.path(), |f| {
+        assert!(
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compression_type=zstd",
+                p(f),
+                "8M"
+            ])
+            .status
+            .success()
+        );
+        qemu_io(f, &["write -c -P 1 0 64k"]);
+    });
+    let before = std::fs::read(&ours).expect("read");
+    for options in [
+        "cluster_size=4k",
+        "bogus=1",
+        "compat=2",
+        "refcount_bits=3",
+        "compat=0.10,refcount_bits=8",
+        "backing_file=x",
+        "data_file=d.raw",
+        "data_file_raw=on",
+        "compat=0.10",
+        "compat=0.10,lazy_refcounts=on",
+    ] {
+        assert_eq!(amend_both(&ours, &theirs, options), Some(1), "{options}");
+        assert!(
+            std::fs::read(&ours).expect("read") == before,
+            "{options} changed the image"
+        );
+    }
+    let a = qcow(&["amend", p(&ours)]);
+    assert_eq!(a.status.code(), Some(1));
+    let raw = dir.path().join("r.raw");
+    std::fs::write(&raw, [0u8; 512]).expect("raw");
+    let a = qcow(&["amend", "-f", "raw", "-o", "size=1M", p(&raw)]);
+    let b = qemu_img(&["amend", "-f", "raw", "-o", "size=1M", p(&raw)]);
+    assert_eq!((a.status.code(), b.status.code()), (Some(1), Some(1)));
+}
