@@ -1,6 +1,7 @@
 //! Integration tests of the engine: committed fixtures, images made by
 //! qemu-img at test time, and malformed images.
 
+mod amend;
 mod common;
 mod concurrency;
 mod copy;
