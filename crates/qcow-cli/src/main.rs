@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod amend;
+mod bench;
 mod check;
 mod commit;
 mod compare;
@@ -64,6 +65,8 @@ enum Command {
     Measure(measure::MeasureArgs),
     /// Change an image's options in place.
     Amend(amend::AmendArgs),
+    /// Time reads or writes of an image, as qemu-img bench does.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         Command::Commit(args) => commit::run(&args),
         Command::Measure(args) => measure::run(&args),
         Command::Amend(args) => amend::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,
