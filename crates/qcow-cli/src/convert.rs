@@ -239,12 +239,10 @@ fn existing_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Re
         .map_err(|_| anyhow::anyhow!("Unknown file format '{}'", args.output_format))?;
     let target = qcow::open(
         dest,
-        &OpenOptions {
-            writable: true,
-            sync,
-            format: Some(format),
-            ..open_options(&args.open, None)?
-        },
+        &open_options(&args.open, None)?
+            .writable(true)
+            .sync(sync)
+            .format(Some(format)),
     )?;
     if target.virtual_size() < size {
         bail!("output file is smaller than input file");
@@ -361,13 +359,11 @@ fn qcow2_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Resul
     }
     let dest = qcow::open(
         dest,
-        &OpenOptions {
-            writable: true,
-            sync,
-            format: Some(qcow::ImageFormat::Qcow2),
-            open_data_file: options.data_file.is_some(),
-            ..OpenOptions::default()
-        },
+        &OpenOptions::default()
+            .writable(true)
+            .sync(sync)
+            .format(Some(qcow::ImageFormat::Qcow2))
+            .open_data_file(options.data_file.is_some()),
     )?;
     Ok((dest, top_only))
 }
@@ -386,12 +382,10 @@ fn qcow_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result
     }
     Ok(qcow::open(
         dest,
-        &OpenOptions {
-            writable: true,
-            sync,
-            format: Some(qcow::ImageFormat::Qcow),
-            ..OpenOptions::default()
-        },
+        &OpenOptions::default()
+            .writable(true)
+            .sync(sync)
+            .format(Some(qcow::ImageFormat::Qcow)),
     )?)
 }
 

@@ -101,22 +101,18 @@ pub(crate) fn run(args: &DdArgs) -> Result<ExitCode> {
             drop(file);
             Box::new(qcow::open(
                 &ops.output,
-                &OpenOptions {
-                    writable: true,
-                    format: Some(qcow::ImageFormat::Raw),
-                    ..OpenOptions::default()
-                },
+                &OpenOptions::default()
+                    .writable(true)
+                    .format(Some(qcow::ImageFormat::Raw)),
             )?)
         }
         "qcow2" => {
             qcow::create(&ops.output, &qcow::CreateOptions::new(len))?;
             Box::new(qcow::open(
                 &ops.output,
-                &OpenOptions {
-                    writable: true,
-                    format: Some(qcow::ImageFormat::Qcow2),
-                    ..OpenOptions::default()
-                },
+                &OpenOptions::default()
+                    .writable(true)
+                    .format(Some(qcow::ImageFormat::Qcow2)),
             )?)
         }
         other => bail!("output format {other:?} is not supported (raw or qcow2)"),

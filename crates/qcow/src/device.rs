@@ -144,6 +144,11 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Whether the image takes writes (it was opened for writing).
+    fn is_writable(&self) -> bool {
+        false
+    }
+
     /// The unit the image allocates in (its cluster size), for formats that
     /// have one; writes of part of a unit allocate all of it.
     fn cluster_size(&self) -> Option<u64> {

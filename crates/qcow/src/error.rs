@@ -229,7 +229,66 @@ pub enum Error {
     Cancelled,
 }
 
+/// What kind of failure an [`Error`] is, for callers that act on the kind
+/// rather than the details (see [`Error::kind`]). Kinds may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A file could not be opened, read, written or flushed.
+    Io,
+    /// Another process holds a file in a way that excludes this use.
+    Locked,
+    /// The image's bytes are not a valid image (header, tables, entries).
+    Malformed,
+    /// The image's metadata is inconsistent, or it is marked corrupt:
+    /// `check -r` may repair it.
+    Corrupt,
+    /// Compressed data could not be decompressed.
+    Decompress,
+    /// The image uses something the engine does not do (a version,
+    /// encryption, a feature not written yet).
+    Unsupported,
+    /// A file the image names is missing, not allowed to be opened, loops
+    /// or nests too deep.
+    Chain,
+    /// A request or option the caller gave is invalid (a range past the
+    /// disk, options that cannot go together, a missing snapshot).
+    InvalidInput,
+    /// A format limit was reached (refcount width, table sizes, offsets).
+    Limit,
+    /// The image was opened read-only.
+    ReadOnly,
+    /// The caller cancelled the operation.
+    Cancelled,
+}
+
 impl Error {
+    /// The kind of failure, to match on without the details.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Open { .. } | Error::Io { .. } => ErrorKind::Io,
+            Error::Locked { .. } => ErrorKind::Locked,
+            Error::Format { .. } | Error::UnknownFormat(_) => ErrorKind::Malformed,
+            Error::Corrupt { .. } | Error::MetadataOverlap { .. } | Error::MarkedCorrupt { .. } => {
+                ErrorKind::Corrupt
+            }
+            Error::Decompress { .. } => ErrorKind::Decompress,
+            Error::Encrypted { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::BackingFormatUnknown { .. }
+            | Error::BackingLoop { .. }
+            | Error::BackingTooDeep { .. }
+            | Error::NotOpened { .. } => ErrorKind::Chain,
+            Error::OutOfRange { .. }
+            | Error::SnapshotNotFound { .. }
+            | Error::InvalidOptions(_) => ErrorKind::InvalidInput,
+            Error::RefcountOverflow { .. } | Error::NoSpace { .. } => ErrorKind::Limit,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+            Error::Cancelled => ErrorKind::Cancelled,
+        }
+    }
+
     pub(crate) fn io(image: &str, op: &'static str, offset: u64, source: io::Error) -> Self {
         Error::Io {
             image: image.to_owned(),

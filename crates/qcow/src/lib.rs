@@ -26,13 +26,16 @@ mod open;
 mod options;
 mod qcow2;
 mod raw;
+pub mod resolve;
 mod v1;
 
 pub use device::{Allocation, BlockDevice, CompressedWrites, Extent, ImageFormat};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use open::{Image, create, create_file, create_qcow, open, probe, relative_to};
 pub use options::{DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_CHAIN_DEPTH, OpenOptions};
 pub use qcow_format as format;
+pub use qcow_io as io;
+pub use qcow_io::{FileStorage, MemStorage, Storage};
 pub use qcow2::{
     AmendOptions, CheckOptions, CheckReport, CreateOptions, DEFAULT_CHECK_MEMORY, Preallocation,
     Qcow2Image, Repair,

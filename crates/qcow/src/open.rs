@@ -76,6 +76,34 @@ impl BlockDevice for Image {
     fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
         self.device().compressed_writes()
     }
+    fn is_writable(&self) -> bool {
+        self.device().is_writable()
+    }
+}
+
+impl Image {
+    /// Flushes and closes the image, reporting any error (dropping it does
+    /// the same, but cannot report): a QCOW2 image's dirty bit is cleared.
+    pub fn close(self) -> Result<()> {
+        match self {
+            Image::Qcow2(image) => image.close(),
+            other => other.flush(),
+        }
+    }
+
+    /// Changes the virtual disk's size, as the format allows (see
+    /// [`Qcow2Image::resize`] and [`RawImage::resize`]); qcow version 1
+    /// images cannot be resized.
+    pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        match self {
+            Image::Qcow2(image) => image.resize(new_size),
+            Image::Raw(image) => image.resize(new_size),
+            Image::Qcow(image) => Err(Error::Unsupported {
+                image: image.name().to_owned(),
+                what: "resizing a qcow version 1 image".into(),
+            }),
+        }
+    }
 }
 
 /// Says what format the file at `path` holds, by its magic: a qcow magic
@@ -85,7 +113,7 @@ pub fn probe(path: &Path) -> Result<ImageFormat> {
     probe_storage(&path.display().to_string(), &*storage)
 }
 
-fn probe_storage(name: &str, storage: &dyn Storage) -> Result<ImageFormat> {
+pub(crate) fn probe_storage(name: &str, storage: &dyn Storage) -> Result<ImageFormat> {
     let mut prefix = [0u8; 8];
     storage
         .read_at(&mut prefix, 0)
@@ -196,6 +224,16 @@ pub fn create_file(path: &Path) -> Result<FileStorage> {
 }
 
 /// Opens the image at `path` under `options`.
+///
+/// ```no_run
+/// use qcow::{BlockDevice, OpenOptions};
+/// // Follow the backing chain and data file the image names.
+/// let disk = qcow::open("vm.qcow2".as_ref(), &OpenOptions::trusted())?;
+/// let mut sector = [0u8; 512];
+/// disk.read_at(&mut sector, 0)?;
+/// println!("{} is {} bytes", disk.name(), disk.virtual_size());
+/// # Ok::<(), qcow::Error>(())
+/// ```
 pub fn open(path: &Path, options: &OpenOptions) -> Result<Image> {
     let mut seen = HashSet::new();
     open_layer(path, options.format, options, &mut seen, 0, true)
@@ -240,77 +278,109 @@ fn open_layer(
         lock_storage(&file, path, perms)?;
     }
     let storage: Arc<dyn Storage> = Arc::new(file);
-    let cache = options.cache_bytes;
-    let image = match format {
-        ImageFormat::Raw => Image::Raw(RawImage::open(&name, storage)?),
-        ImageFormat::Qcow2 => {
-            let mut image = if writable {
-                Qcow2Image::open_writable(&name, storage, cache)?
-            } else if top && options.check {
-                Qcow2Image::open_for_check(&name, storage, cache)?
-            } else {
-                Qcow2Image::open(&name, storage, cache)?
-            };
-            if top {
-                if let Some(snapshot) = &options.snapshot {
-                    image.select_snapshot(snapshot)?;
-                }
-            }
-            if options.open_data_file && image.header().has_data_file() {
-                let data_name = image.header().data_file_name().map(str::to_owned);
-                let data_name = data_name.ok_or_else(|| Error::NotOpened {
-                    image: name.clone(),
-                    what: "external data file",
-                    name: "(no name recorded)".into(),
-                })?;
-                let data_path = relative_to(path, &data_name);
-                let data = open_file(&data_path, writable, options)?;
-                if options.lock {
-                    lock_storage(
-                        &data,
-                        &data_path,
-                        perms(Role::DataFile, writable, top, options),
-                    )?;
-                }
-                image.attach_data_file(Arc::new(data), data_path.display().to_string());
-            }
-            if let Some(backing) = image.header().backing_file.clone() {
-                if options.follow_backing {
-                    let backing_format = match image.header().backing_format() {
-                        Some(f) => Some(ImageFormat::from_name(f)?),
-                        None => options.assume_backing_format,
-                    };
-                    let layer =
-                        open_backing(path, &name, &backing, backing_format, options, seen, depth)?;
-                    image.attach_backing(Box::new(layer));
-                }
-            }
-            Image::Qcow2(Box::new(image))
-        }
-        ImageFormat::Qcow => {
-            let mut image = if writable {
-                QcowImage::open_writable(&name, storage, cache)?
-            } else {
-                QcowImage::open(&name, storage, cache)?
-            };
-            if let Some(backing) = image.header().backing_file.clone() {
-                if options.follow_backing {
-                    let layer = open_backing(
-                        path,
-                        &name,
-                        &backing,
-                        options.assume_backing_format,
-                        options,
-                        seen,
-                        depth,
-                    )?;
-                    image.attach_backing(Box::new(layer));
-                }
-            }
-            Image::Qcow(Box::new(image))
-        }
+    let layer = Layer {
+        name: &name,
+        format,
+        writable,
+        top,
+        options,
     };
-    Ok(image)
+    layer.assemble(
+        storage,
+        |data_name| {
+            let data_path = relative_to(path, data_name);
+            let data = open_file(&data_path, writable, options)?;
+            if options.lock {
+                lock_storage(
+                    &data,
+                    &data_path,
+                    perms(Role::DataFile, writable, top, options),
+                )?;
+            }
+            Ok((Arc::new(data), data_path.display().to_string()))
+        },
+        |backing, backing_format| {
+            open_backing(path, &name, backing, backing_format, options, seen, depth)
+        },
+    )
+}
+
+/// One image of a chain being opened: what it is and how.
+pub(crate) struct Layer<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) format: ImageFormat,
+    pub(crate) writable: bool,
+    pub(crate) top: bool,
+    pub(crate) options: &'a OpenOptions,
+}
+
+impl Layer<'_> {
+    /// Opens the image in `storage` as its format says, with the data file
+    /// `data_file(name)` supplies and the backing layer
+    /// `backing(name, format)` opens, as the options allow.
+    pub(crate) fn assemble(
+        &self,
+        storage: Arc<dyn Storage>,
+        mut data_file: impl FnMut(&str) -> Result<(Arc<dyn Storage>, String)>,
+        mut backing: impl FnMut(&str, Option<ImageFormat>) -> Result<Image>,
+    ) -> Result<Image> {
+        let (name, options, writable, top) = (self.name, self.options, self.writable, self.top);
+        let cache = options.cache_bytes;
+        let image = match self.format {
+            ImageFormat::Raw => Image::Raw(RawImage::open(name, storage)?.with_writes(writable)),
+            ImageFormat::Qcow2 => {
+                let mut image = if writable {
+                    Qcow2Image::open_writable(name, storage, cache)?
+                } else if top && options.check {
+                    Qcow2Image::open_for_check(name, storage, cache)?
+                } else {
+                    Qcow2Image::open(name, storage, cache)?
+                };
+                if top {
+                    if let Some(snapshot) = &options.snapshot {
+                        image.select_snapshot(snapshot)?;
+                    }
+                }
+                if options.open_data_file && image.header().has_data_file() {
+                    let data_name = image.header().data_file_name().map(str::to_owned);
+                    let data_name = data_name.ok_or_else(|| Error::NotOpened {
+                        image: name.to_owned(),
+                        what: "external data file",
+                        name: "(no name recorded)".into(),
+                    })?;
+                    let (data, shown) = data_file(&data_name)?;
+                    image.attach_data_file(data, shown);
+                }
+                if let Some(named) = image.header().backing_file.clone() {
+                    if options.follow_backing {
+                        let backing_format = match image.header().backing_format() {
+                            Some(f) => Some(ImageFormat::from_name(f)?),
+                            None => options.assume_backing_format,
+                        };
+                        image.attach_backing(Box::new(backing(&named, backing_format)?));
+                    }
+                }
+                Image::Qcow2(Box::new(image))
+            }
+            ImageFormat::Qcow => {
+                let mut image = if writable {
+                    QcowImage::open_writable(name, storage, cache)?
+                } else {
+                    QcowImage::open(name, storage, cache)?
+                };
+                if let Some(named) = image.header().backing_file.clone() {
+                    if options.follow_backing {
+                        image.attach_backing(Box::new(backing(
+                            &named,
+                            options.assume_backing_format,
+                        )?));
+                    }
+                }
+                Image::Qcow(Box::new(image))
+            }
+        };
+        Ok(image)
+    }
 }
 
 fn open_backing(
@@ -345,6 +415,19 @@ fn open_backing(
 /// as it was. A file in use by another process is refused before it is
 /// truncated; a creation that fails after that removes the file, as
 /// qemu-img does.
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("new.qcow2");
+/// use qcow::{BlockDevice, CreateOptions, OpenOptions};
+/// let mut options = CreateOptions::new(1 << 30);
+/// options.cluster_size = 1 << 16;
+/// qcow::create(&path, &options)?;
+/// let image = qcow::open(&path, &OpenOptions::default().writable(true))?;
+/// image.write_at(b"boot", 0)?;
+/// image.close()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
     options.validate()?;
     let file = create_file(path)?;

@@ -15,7 +15,17 @@ pub const DEFAULT_MAX_CACHE_BYTES: u64 = 32 << 20;
 /// The default opens only the named file: no backing file and no external
 /// data file is opened unless allowed here, since a crafted image can name
 /// any file on the host.
+///
+/// Options may be added: start from [`OpenOptions::default`] or
+/// [`OpenOptions::trusted`] and change what is needed with the setters.
+///
+/// ```
+/// use qcow::{ImageFormat, OpenOptions};
+/// let options = OpenOptions::trusted().writable(true).format(Some(ImageFormat::Qcow2));
+/// assert!(options.writable && options.follow_backing);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Format of the named image; `None` probes by magic (raw when there is none).
     pub format: Option<ImageFormat>,
@@ -97,5 +107,98 @@ impl OpenOptions {
             open_data_file: true,
             ..Self::default()
         }
+    }
+}
+
+/// Setters, one per field (see the fields for what each means).
+impl OpenOptions {
+    /// Sets [`OpenOptions::format`].
+    pub fn format(mut self, format: Option<ImageFormat>) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Sets [`OpenOptions::follow_backing`].
+    pub fn follow_backing(mut self, follow_backing: bool) -> Self {
+        self.follow_backing = follow_backing;
+        self
+    }
+
+    /// Sets [`OpenOptions::open_data_file`].
+    pub fn open_data_file(mut self, open_data_file: bool) -> Self {
+        self.open_data_file = open_data_file;
+        self
+    }
+
+    /// Sets [`OpenOptions::assume_backing_format`].
+    pub fn assume_backing_format(mut self, assume_backing_format: Option<ImageFormat>) -> Self {
+        self.assume_backing_format = assume_backing_format;
+        self
+    }
+
+    /// Sets [`OpenOptions::max_chain_depth`].
+    pub fn max_chain_depth(mut self, max_chain_depth: usize) -> Self {
+        self.max_chain_depth = max_chain_depth;
+        self
+    }
+
+    /// Sets [`OpenOptions::cache_bytes`].
+    pub fn cache_bytes(mut self, cache_bytes: Option<u64>) -> Self {
+        self.cache_bytes = cache_bytes;
+        self
+    }
+
+    /// Sets [`OpenOptions::snapshot`].
+    pub fn snapshot(mut self, snapshot: Option<String>) -> Self {
+        self.snapshot = snapshot;
+        self
+    }
+
+    /// Sets [`OpenOptions::writable`].
+    pub fn writable(mut self, writable: bool) -> Self {
+        self.writable = writable;
+        self
+    }
+
+    /// Sets [`OpenOptions::writable_backing`].
+    pub fn writable_backing(mut self, writable_backing: Option<usize>) -> Self {
+        self.writable_backing = writable_backing;
+        self
+    }
+
+    /// Sets [`OpenOptions::sync`].
+    pub fn sync(mut self, sync: bool) -> Self {
+        self.sync = sync;
+        self
+    }
+
+    /// Sets [`OpenOptions::lock`].
+    pub fn lock(mut self, lock: bool) -> Self {
+        self.lock = lock;
+        self
+    }
+
+    /// Sets [`OpenOptions::force_share`].
+    pub fn force_share(mut self, force_share: bool) -> Self {
+        self.force_share = force_share;
+        self
+    }
+
+    /// Sets [`OpenOptions::repair`].
+    pub fn repair(mut self, repair: bool) -> Self {
+        self.repair = repair;
+        self
+    }
+
+    /// Sets [`OpenOptions::check`].
+    pub fn check(mut self, check: bool) -> Self {
+        self.check = check;
+        self
+    }
+
+    /// Sets [`OpenOptions::copy_source`].
+    pub fn copy_source(mut self, copy_source: bool) -> Self {
+        self.copy_source = copy_source;
+        self
     }
 }

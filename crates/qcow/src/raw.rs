@@ -13,6 +13,8 @@ pub struct RawImage {
     name: String,
     storage: Arc<dyn Storage>,
     size: u64,
+    /// Whether writes are taken (else refused as read-only).
+    writable: bool,
 }
 
 impl RawImage {
@@ -29,7 +31,15 @@ impl RawImage {
             name: name.to_owned(),
             storage,
             size,
+            writable: true,
         })
+    }
+
+    /// The same image, taking writes or refusing them (writes go to the
+    /// storage when taken; by default they are).
+    pub fn with_writes(mut self, writable: bool) -> Self {
+        self.writable = writable;
+        self
     }
 
     /// Uses `storage` as a raw disk of `size` bytes whatever its length
@@ -39,6 +49,7 @@ impl RawImage {
             name: name.to_owned(),
             storage,
             size,
+            writable: true,
         }
     }
 
@@ -103,7 +114,16 @@ impl BlockDevice for RawImage {
         &self.name
     }
 
+    fn is_writable(&self) -> bool {
+        self.writable
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                image: self.name.clone(),
+            });
+        }
         crate::check_range(&self.name, offset, buf.len() as u64, self.size)?;
         self.storage
             .write_at(buf, offset)

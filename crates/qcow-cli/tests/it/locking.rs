@@ -248,10 +248,7 @@ fn outputs_served_by_qemu_nbd_are_never_replaced() {
 fn qemu_tools_are_refused_while_qcow_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = sample_copy(dir.path(), "ours.qcow2");
-    let options = qcow::OpenOptions {
-        writable: true,
-        ..qcow::OpenOptions::default()
-    };
+    let options = qcow::OpenOptions::default().writable(true);
     let image = qcow::open(&img, &options).expect("open for writing");
     let io = Command::new("qemu-io")
         .args(["-c", "write 0 4k"])

@@ -49,6 +49,7 @@ impl Preallocation {
 
 /// Options for a new QCOW2 image, named after qemu-img's `-o` options.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CreateOptions {
     /// Virtual disk size in bytes.
     pub size: u64,

@@ -313,6 +313,10 @@ impl BlockDevice for Qcow2Image {
         self.writer.is_some().then_some(self)
     }
 
+    fn is_writable(&self) -> bool {
+        self.writer.is_some()
+    }
+
     fn virtual_size(&self) -> u64 {
         self.virtual_size
     }

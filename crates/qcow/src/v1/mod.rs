@@ -197,6 +197,10 @@ impl BlockDevice for QcowImage {
         self.writer.is_some().then_some(self)
     }
 
+    fn is_writable(&self) -> bool {
+        self.writer.is_some()
+    }
+
     fn virtual_size(&self) -> u64 {
         self.header.virtual_size
     }

@@ -32,10 +32,7 @@ fn manifest() -> Vec<Row> {
 }
 
 fn options(row: &Row) -> OpenOptions {
-    OpenOptions {
-        snapshot: row.snapshot.clone(),
-        ..OpenOptions::trusted()
-    }
+    OpenOptions::trusted().snapshot(row.snapshot.clone())
 }
 
 #[test]
@@ -131,15 +128,9 @@ fn snapshots_are_listed_and_unknown_ones_refused() {
     };
     let names: Vec<&str> = q.snapshots().iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["first", "second"]);
-    let by_id = OpenOptions {
-        snapshot: Some(q.snapshots()[0].id.clone()),
-        ..OpenOptions::default()
-    };
+    let by_id = OpenOptions::default().snapshot(Some(q.snapshots()[0].id.clone()));
     assert!(qcow::open(&path, &by_id).is_ok());
-    let missing = OpenOptions {
-        snapshot: Some("nope".into()),
-        ..OpenOptions::default()
-    };
+    let missing = OpenOptions::default().snapshot(Some("nope".into()));
     assert!(matches!(
         qcow::open(&path, &missing),
         Err(Error::SnapshotNotFound { .. })

@@ -4,10 +4,7 @@
 use qcow::{CreateOptions, Error, OpenOptions};
 
 fn writable() -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        ..OpenOptions::default()
-    }
+    OpenOptions::default().writable(true)
 }
 
 #[test]
@@ -28,10 +25,7 @@ fn images_opened_by_path_are_locked_by_default() {
         }
         other => panic!("a reader beside a writer got {other:?}"),
     }
-    let shared = OpenOptions {
-        force_share: true,
-        ..OpenOptions::default()
-    };
+    let shared = OpenOptions::default().force_share(true);
     qcow::open(&path, &shared).expect("force-share reads beside a writer");
     // Creating over a file in use is refused before it is truncated.
     let len = std::fs::metadata(&path).expect("metadata").len();
@@ -49,15 +43,9 @@ fn locking_can_be_turned_off() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("a.qcow2");
     qcow::create(&path, &CreateOptions::new(1 << 20)).expect("create");
-    let unlocked = OpenOptions {
-        lock: false,
-        ..writable()
-    };
+    let unlocked = writable().lock(false);
     let _first = qcow::open(&path, &unlocked).expect("first");
-    let reader = OpenOptions {
-        lock: false,
-        ..OpenOptions::default()
-    };
+    let reader = OpenOptions::default().lock(false);
     qcow::open(&path, &reader).expect("an unlocked reader beside an unlocked writer");
     // The unlocked writer holds no lock bytes: a locking writer gets in.
     qcow::open(&path, &writable()).expect("locked writer");
@@ -68,10 +56,7 @@ fn force_share_is_for_read_only_opens() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("a.qcow2");
     qcow::create(&path, &CreateOptions::new(1 << 20)).expect("create");
-    let options = OpenOptions {
-        force_share: true,
-        ..writable()
-    };
+    let options = writable().force_share(true);
     assert!(matches!(
         qcow::open(&path, &options),
         Err(Error::InvalidOptions(_))

@@ -6,6 +6,7 @@ mod common;
 mod concurrency;
 mod copy;
 mod crash;
+mod embedding;
 mod fixtures;
 mod fuzz_seeds;
 mod locking;

@@ -533,10 +533,7 @@ fn backing_chain_deeper_than_the_limit() {
         );
     }
     std::fs::write(dir.path().join("10.qcow2"), Crafted::new().bytes).expect("write");
-    let opts = OpenOptions {
-        max_chain_depth: 5,
-        ..OpenOptions::trusted()
-    };
+    let opts = OpenOptions::trusted().max_chain_depth(5);
     assert!(matches!(
         qcow::open(&dir.path().join("0.qcow2"), &opts),
         Err(Error::BackingTooDeep { limit: 5, .. })

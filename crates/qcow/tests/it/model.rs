@@ -92,10 +92,7 @@ fn open(path: &Path) -> Qcow2Image {
     if let Some(name) = image.header().backing_file.clone() {
         let backing = qcow::open(
             &qcow::relative_to(path, &name),
-            &OpenOptions {
-                format: Some(qcow::ImageFormat::Raw),
-                ..OpenOptions::default()
-            },
+            &OpenOptions::default().format(Some(qcow::ImageFormat::Raw)),
         )
         .expect("backing");
         image.attach_backing(Box::new(backing));

@@ -257,10 +257,7 @@ fn internal_snapshots() {
     scribble(&image, 2 << 20, 899, 20);
     check_against_qemu(&image, &[], &OpenOptions::default());
     for name in names {
-        let opts = OpenOptions {
-            snapshot: Some(name.clone()),
-            ..OpenOptions::default()
-        };
+        let opts = OpenOptions::default().snapshot(Some(name.clone()));
         let l = format!("snapshot.name={name}");
         check_against_qemu(&image, &["-l", &l], &opts);
     }
@@ -292,9 +289,6 @@ fn qcow_v1_backing_file_with_assumed_format() {
         qcow::open(&top, &OpenOptions::trusted()),
         Err(qcow::Error::BackingFormatUnknown { .. })
     ));
-    let opts = OpenOptions {
-        assume_backing_format: Some(qcow::ImageFormat::Raw),
-        ..OpenOptions::trusted()
-    };
+    let opts = OpenOptions::trusted().assume_backing_format(Some(qcow::ImageFormat::Raw));
     check_against_qemu(&top, &[], &opts);
 }

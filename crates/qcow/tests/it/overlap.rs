@@ -9,10 +9,7 @@ const REFTABLE_AT: usize = field::REFCOUNT_TABLE_OFFSET as usize;
 const FEATURES_AT: usize = field::INCOMPATIBLE_FEATURES as usize;
 
 fn writable() -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        ..OpenOptions::default()
-    }
+    OpenOptions::default().writable(true)
 }
 
 #[test]

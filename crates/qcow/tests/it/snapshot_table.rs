@@ -75,10 +75,7 @@ fn snapshot_contents(path: &Path) -> Vec<Vec<u8>> {
     ["one", "two"]
         .iter()
         .map(|name| {
-            let options = OpenOptions {
-                snapshot: Some((*name).to_owned()),
-                ..OpenOptions::default()
-            };
+            let options = OpenOptions::default().snapshot(Some((*name).to_owned()));
             let image = qcow::open(path, &options)
                 .unwrap_or_else(|e| panic!("snapshot {name} does not open: {e}"));
             read_all(&image, 1 << 20)
@@ -207,14 +204,7 @@ fn a_repair_failing_at_any_write_leaves_an_image_a_second_repair_finishes() {
             expected,
             "failure at write {fail_at}"
         );
-        let opened = qcow::open(
-            &path,
-            &OpenOptions {
-                repair: true,
-                check: true,
-                ..OpenOptions::default()
-            },
-        );
+        let opened = qcow::open(&path, &OpenOptions::default().repair(true).check(true));
         let Ok(qcow::Image::Qcow2(mut image)) = opened else {
             panic!("failure at write {fail_at}: no qcow2 image to repair");
         };

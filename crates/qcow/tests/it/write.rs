@@ -250,14 +250,7 @@ fn writes_over_qemu_written_images_with_compression_snapshots_and_backing() {
         drop(create(&top, &options));
         let mut m = qemu_raw(&backing, &[]);
         m.resize(5 << 20, 0);
-        let image = qcow::open(
-            &top,
-            &OpenOptions {
-                writable: true,
-                ..OpenOptions::trusted()
-            },
-        )
-        .expect("open overlay");
+        let image = qcow::open(&top, &OpenOptions::trusted().writable(true)).expect("open overlay");
         let mut rng = Rng::new(5);
         for _ in 0..100 {
             let len = 1 + rng.below(100_000);
@@ -569,10 +562,7 @@ fn writes_into_external_data_files() {
         options.data_file = Some(s(&data).into());
         options.data_file_raw = raw;
         qcow::create(&path, &options).expect("create");
-        let writable = OpenOptions {
-            writable: true,
-            ..OpenOptions::trusted()
-        };
+        let writable = OpenOptions::trusted().writable(true);
         let mut model = vec![0u8; size as usize];
         let mut rng = Rng::new(60 + u64::from(raw));
         for round in 0..2 {
@@ -683,11 +673,9 @@ fn qcow_version_1_create_write_and_compress() {
         } else {
             vec![0u8; 3 << 20]
         };
-        let opts = OpenOptions {
-            writable: true,
-            assume_backing_format: Some(qcow::ImageFormat::Raw),
-            ..OpenOptions::trusted()
-        };
+        let opts = OpenOptions::trusted()
+            .writable(true)
+            .assume_backing_format(Some(qcow::ImageFormat::Raw));
         let image = qcow::open(&path, &opts).expect("open");
         let qcow::Image::Qcow(v1) = &image else {
             panic!("qcow v1")
