@@ -18,7 +18,10 @@ use std::process::ExitCode;
 use anyhow::Result;
 use qcow::{Allocation, BlockDevice};
 
+use qcow::copy::CopyObserver;
+
 use crate::open::{OpenFlags, open_image};
+use crate::progress::Progress;
 use qcow::copy::is_zero;
 
 /// Bytes read from each image at a time (qemu-img's buffer size).
@@ -38,9 +41,15 @@ pub(crate) struct CompareArgs {
     /// Strict mode: sizes and block status must match too.
     #[arg(short = 's')]
     strict: bool,
-    /// Show a progress bar (accepted for compatibility).
+    /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: only the exit code says the verdict.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode (accepted for compatibility with qemu-img).
+    #[arg(short = 'T', value_name = "CACHE")]
+    cache: Option<String>,
     #[command(flatten)]
     open: OpenFlags,
     /// The first image.
@@ -57,20 +66,32 @@ enum Verdict {
 
 /// Runs `qcow compare`.
 pub(crate) fn run(args: &CompareArgs) -> Result<ExitCode> {
-    match compare(args) {
+    let mut progress = None;
+    let verdict = compare(args, &mut progress);
+    let code = match verdict {
         Ok(Verdict::Identical) => {
-            println!("Images are identical.");
-            Ok(ExitCode::SUCCESS)
+            if !args.quiet {
+                println!("Images are identical.");
+            }
+            ExitCode::SUCCESS
         }
         Ok(Verdict::Differs(message)) => {
-            println!("{message}");
-            Ok(ExitCode::from(1))
+            if !args.quiet {
+                println!("{message}");
+            }
+            ExitCode::from(1)
         }
         Err(error) => {
             eprintln!("qcow: {error:#}");
-            Ok(ExitCode::from(2))
+            ExitCode::from(2)
         }
+    };
+    // As qemu-img: the verdict stands on the last progress line, which
+    // ends after it.
+    if let Some(p) = progress {
+        p.close();
     }
+    Ok(code)
 }
 
 /// The block status of a run, looking through the whole backing chain, in
@@ -152,7 +173,7 @@ fn status(image: &dyn BlockDevice, pos: u64) -> Result<(u64, Status)> {
     Ok((len, status))
 }
 
-fn compare(args: &CompareArgs) -> Result<Verdict> {
+fn compare(args: &CompareArgs, progress: &mut Option<Progress>) -> Result<Verdict> {
     let a = open_image(
         &args.file1,
         args.format1.as_deref(),
@@ -173,13 +194,30 @@ fn compare(args: &CompareArgs) -> Result<Verdict> {
     if size_a != size_b && args.strict {
         return Ok(Verdict::Differs("Strict mode: Image size mismatch!".into()));
     }
+    *progress = (args.progress && !args.quiet).then(|| Progress::new(size_a.max(size_b)));
+    let verdict = compare_contents(args, &a, &b, progress.as_ref());
+    if let (Some(p), Ok(Verdict::Identical)) = (progress.as_ref(), &verdict) {
+        p.complete();
+    }
+    verdict
+}
+
+/// Compares the disks of `a` and `b`, as qemu-img compare does.
+fn compare_contents(
+    args: &CompareArgs,
+    a: &qcow::Image,
+    b: &qcow::Image,
+    progress: Option<&Progress>,
+) -> Result<Verdict> {
+    let (size_a, size_b) = (a.virtual_size(), b.virtual_size());
     let common = size_a.min(size_b);
+    let total = size_a.max(size_b);
     let mut buf_a = vec![0u8; CHUNK as usize];
     let mut buf_b = vec![0u8; CHUNK as usize];
     let mut pos = 0;
     while pos < common {
-        let (len_a, status_a) = status(&a, pos)?;
-        let (len_b, status_b) = status(&b, pos)?;
+        let (len_a, status_a) = status(a, pos)?;
+        let (len_b, status_b) = status(b, pos)?;
         // Both runs end within their image; one of them within `common`.
         let mut len = len_a.min(len_b);
         if args.strict && status_a != status_b {
@@ -205,17 +243,20 @@ fn compare(args: &CompareArgs) -> Result<Verdict> {
             }
         } else {
             len = len.min(CHUNK);
-            let side: &dyn BlockDevice = if status_a.allocated { &a } else { &b };
+            let side: &dyn BlockDevice = if status_a.allocated { a } else { b };
             if let Some(verdict) = check_zeros(side, pos, len, &mut buf_a)? {
                 return Ok(verdict);
             }
         }
         pos += len;
+        if let Some(p) = progress {
+            p.progress(pos, total);
+        }
     }
-    if size_a != size_b {
+    if size_a != size_b && !args.quiet {
         println!("Warning: Image size mismatch!");
     }
-    let longer: &dyn BlockDevice = if size_a > size_b { &a } else { &b };
+    let longer: &dyn BlockDevice = if size_a > size_b { a } else { b };
     while pos < longer.virtual_size() {
         let (mut len, status) = status(longer, pos)?;
         if status.allocated && !status.zero {

@@ -23,6 +23,16 @@ pub(crate) struct MapArgs {
     /// Image format (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
+    /// Map from this guest offset.
+    #[arg(
+        long = "start-offset",
+        value_name = "OFFSET",
+        allow_hyphen_values = true
+    )]
+    start_offset: Option<String>,
+    /// Map at most this many bytes.
+    #[arg(long = "max-length", value_name = "LENGTH", allow_hyphen_values = true)]
+    max_length: Option<String>,
     #[command(flatten)]
     open: OpenFlags,
     /// The image.
@@ -174,6 +184,14 @@ pub(crate) fn run(args: &MapArgs) -> Result<ExitCode> {
         "human" => false,
         other => bail!("--output must be human or json, not {other:?}"),
     };
+    let start = match &args.start_offset {
+        Some(text) => crate::size::cvtnum("start offset", text)?,
+        None => 0,
+    };
+    let max_length = match &args.max_length {
+        Some(text) => Some(crate::size::cvtnum("max length", text)?),
+        None => None,
+    };
     let image = open_image(
         &args.file,
         args.format.as_deref(),
@@ -182,12 +200,14 @@ pub(crate) fn run(args: &MapArgs) -> Result<ExitCode> {
         true,
         false,
     )?;
+    let size = image.virtual_size();
+    let end = max_length.map_or(size, |n| start.saturating_add(n).min(size));
     let mut printer = Printer {
         out: BufWriter::new(std::io::stdout().lock()),
         json,
         names: chain_names(&image),
     };
-    let result = walk(&image, &mut printer);
+    let result = walk(&image, &mut printer, start, end);
     // What was printed before a failure stays printed, as with qemu-img.
     let flushed = printer.out.flush().context("writing the map");
     result?;
@@ -197,10 +217,17 @@ pub(crate) fn run(args: &MapArgs) -> Result<ExitCode> {
 
 /// Walks the image from start to end, printing each merged entry as soon
 /// as it is complete: memory does not grow with the number of entries.
-fn walk<W: Write>(image: &dyn BlockDevice, printer: &mut Printer<W>) -> Result<()> {
-    let size = image.virtual_size();
+fn walk<W: Write>(
+    image: &dyn BlockDevice,
+    printer: &mut Printer<W>,
+    start: u64,
+    size: u64,
+) -> Result<()> {
     printer.start()?;
-    let mut curr = MapEntry::default();
+    let mut curr = MapEntry {
+        start,
+        ..MapEntry::default()
+    };
     while curr.start + curr.length < size {
         let pos = curr.start + curr.length;
         let extent = image.block_status(pos, size - pos)?;

@@ -1,30 +1,102 @@
-//! `-p`: a progress bar fed by the library's copy engine.
+//! `-p`: progress of a copy. On a terminal, a bar with the fraction done
+//! to two decimals; elsewhere qemu-img's own lines on standard output
+//! (`    (12.34/100%)` each ended by a carriage return, a newline at the
+//! end), so that scripts and log parsers written for qemu-img keep working.
+
+use std::io::{IsTerminal, Write};
+use std::sync::{Mutex, PoisonError};
 
 use qcow::copy::CopyObserver;
 
-/// A progress bar over a copy of `total` bytes.
-pub(crate) struct Progress(indicatif::ProgressBar);
+/// Percent points between two printed lines (qemu-img's convert uses 1).
+const MIN_STEP: f64 = 1.0;
+
+/// Progress over `total` bytes.
+pub(crate) enum Progress {
+    /// A terminal's bar.
+    Bar(indicatif::ProgressBar, u64),
+    /// qemu-img's lines, and the last percentage printed.
+    Lines(Mutex<f64>, u64),
+}
 
 impl Progress {
-    /// A bar at 0 of `total` bytes.
+    /// Progress at 0 of `total` bytes.
     pub(crate) fn new(total: u64) -> Self {
-        let bar = indicatif::ProgressBar::new(total);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "    ({percent:>3}.00/100%) [{bar:40}] {bytes}/{total_bytes}",
-        ) {
-            bar.set_style(style);
+        if std::io::stdout().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "    ({msg}/100%) [{bar:40}] {bytes}/{total_bytes}",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_message("0.00");
+            Progress::Bar(bar, total)
+        } else {
+            print_line(0.0);
+            Progress::Lines(Mutex::new(0.0), total)
         }
-        Progress(bar)
     }
 
-    /// Shows the bar full and leaves it.
+    /// Shows 100% and ends the output.
     pub(crate) fn finish(self) {
-        self.0.finish();
+        self.complete();
+        self.close();
     }
+
+    /// Shows 100%, leaving the line open (qemu-img's compare prints its
+    /// verdict there, then ends the progress output).
+    pub(crate) fn complete(&self) {
+        match self {
+            Progress::Bar(bar, _) => bar.set_message("100.00"),
+            Progress::Lines(last, _) => {
+                let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
+                if *last < 100.0 {
+                    *last = 100.0;
+                    print_line(100.0);
+                }
+            }
+        }
+    }
+
+    /// Ends the progress output.
+    pub(crate) fn close(self) {
+        match self {
+            Progress::Bar(bar, _) => bar.finish(),
+            Progress::Lines(..) => println!(),
+        }
+    }
+}
+
+fn percent(done: u64, total: u64) -> f64 {
+    if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    }
+}
+
+fn print_line(percent: f64) {
+    let mut out = std::io::stdout().lock();
+    // Progress output that cannot be written is no reason to fail a copy.
+    let _ = write!(out, "    ({percent:.2}/100%)\r");
+    let _ = out.flush();
 }
 
 impl CopyObserver for Progress {
     fn progress(&self, done: u64, _total: u64) {
-        self.0.set_position(done);
+        match self {
+            Progress::Bar(bar, total) => {
+                bar.set_position(done);
+                bar.set_message(format!("{:.2}", percent(done, *total)));
+            }
+            Progress::Lines(last, total) => {
+                let now = percent(done, *total);
+                let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
+                if now - *last >= MIN_STEP || (now >= 100.0 && *last < 100.0) {
+                    *last = now;
+                    print_line(now);
+                }
+            }
+        }
     }
 }

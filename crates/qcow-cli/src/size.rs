@@ -29,12 +29,18 @@ impl std::error::Error for SizeError {}
 /// A new image's size (`qemu-img create FILE SIZE`), refused with
 /// qemu-img's messages.
 pub(crate) fn image_size(text: &str) -> anyhow::Result<u64> {
+    cvtnum("image size", text)
+}
+
+/// A size or offset named `what` on qemu-img's command line, refused with
+/// its messages (qemu-img's `cvtnum`).
+pub(crate) fn cvtnum(what: &str, text: &str) -> anyhow::Result<u64> {
     match parse_size(text) {
         Ok(n) if i64::try_from(n).is_ok() => Ok(n),
-        Ok(_) | Err(SizeError::Range) => anyhow::bail!(
-            "Invalid image size specified. Must be between 0 and 9223372036854775807."
-        ),
-        Err(SizeError::Syntax) => anyhow::bail!("Invalid image size specified: '{text}'."),
+        Ok(_) | Err(SizeError::Range) => {
+            anyhow::bail!("Invalid {what} specified. Must be between 0 and 9223372036854775807.")
+        }
+        Err(SizeError::Syntax) => anyhow::bail!("Invalid {what} specified: '{text}'."),
     }
 }
 

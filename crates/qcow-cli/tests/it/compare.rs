@@ -167,3 +167,44 @@ fn strict_compare_of_every_fixture_with_itself_and_its_raw_copy_matches_qemu_img
         }
     }
 }
+
+#[test]
+fn quiet_and_progress_output_is_qemu_img_output_byte_for_byte() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    let (pa, pb) = (a.to_str().expect("utf-8"), b.to_str().expect("utf-8"));
+    assert!(
+        super::qemu_img(&["create", "-q", "-f", "qcow2", pa, "64M"])
+            .status
+            .success()
+    );
+    let io = |path: &str, cmd: &str| {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-c", cmd, path])
+            .output()
+            .expect("qemu-io is required");
+        assert!(out.status.success());
+    };
+    io(pa, "write -P 1 0 40M");
+    std::fs::copy(&a, &b).expect("copy");
+    for round in ["identical", "different"] {
+        if round == "different" {
+            io(pb, "write -P 9 30M 4k");
+        }
+        for flags in [vec!["-q"], vec!["-p"], vec!["-q", "-p"], vec![]] {
+            let args: Vec<&str> = [&["compare"], flags.as_slice(), &[pa, pb]].concat();
+            let (ours, theirs) = (super::qcow(&args), super::qemu_img(&args));
+            assert_eq!(
+                ours.status.code(),
+                theirs.status.code(),
+                "{round} {flags:?}"
+            );
+            assert!(
+                ours.stdout == theirs.stdout,
+                "{round} {flags:?}: {:?}",
+                String::from_utf8_lossy(&ours.stdout)
+            );
+        }
+    }
+}

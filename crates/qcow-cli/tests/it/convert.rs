@@ -369,3 +369,33 @@ fn salvage_data_files_backing_names_and_raw_preallocation_like_qemu_img() {
         assert!(blocks >= 4 << 20, "{mode}: only {blocks} bytes allocated");
     }
 }
+
+#[test]
+fn progress_lines_are_qemu_img_lines_when_not_on_a_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = image(dir.path(), "p.qcow2", "16M", &["write -P 1 0 16M"]);
+    let parse = |out: &[u8]| -> Vec<f64> {
+        let text = String::from_utf8_lossy(out).into_owned();
+        assert!(text.ends_with("\r\n"), "{text:?}");
+        text.trim_end_matches('\n')
+            .split_terminator('\r')
+            .map(|line| {
+                let inner = line
+                    .strip_prefix("    (")
+                    .and_then(|l| l.strip_suffix("/100%)"))
+                    .unwrap_or_else(|| panic!("not a progress line: {line:?}"));
+                assert_eq!(inner.split('.').nth(1).map(str::len), Some(2), "{line:?}");
+                inner.parse().expect("a percentage")
+            })
+            .collect()
+    };
+    for tool in [qcow as fn(&[&str]) -> std::process::Output, qemu_img] {
+        let out_path = dir.path().join("p.raw");
+        let out = tool(&["convert", "-p", "-O", "raw", p(&src), p(&out_path)]);
+        assert!(out.status.success());
+        let steps = parse(&out.stdout);
+        assert_eq!(steps.first(), Some(&0.0));
+        assert_eq!(steps.last(), Some(&100.0));
+        assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    }
+}

@@ -132,3 +132,58 @@ fn map_of_an_empty_image_matches_qemu_img() {
         }
     }
 }
+
+#[test]
+fn map_ranges_and_their_refusals_follow_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("r.qcow2");
+    let img_s = img.to_str().expect("utf-8");
+    assert!(
+        super::qemu_img(&["create", "-q", "-f", "qcow2", img_s, "64M"])
+            .status
+            .success()
+    );
+    let io = std::process::Command::new("qemu-io")
+        .args(["-c", "write 0 8M", "-c", "write -z 10M 1M", img_s])
+        .output()
+        .expect("qemu-io is required");
+    assert!(io.status.success());
+    for args in [
+        vec!["--start-offset", "1M", "--max-length", "2M"],
+        vec!["--start-offset", "100M"],
+        vec![
+            "--start-offset=1000",
+            "--max-length",
+            "5000",
+            "--output=json",
+        ],
+        vec!["--start-offset", "100M", "--output=json"],
+        vec![
+            "--start-offset",
+            "9M",
+            "--max-length",
+            "3M",
+            "--output=json",
+        ],
+        vec![
+            "--start-offset",
+            "1000",
+            "--max-length",
+            "0",
+            "--output=json",
+        ],
+        vec!["--max-length", "1G", "--output=json"],
+        vec!["--start-offset", "-5"],
+        vec!["--max-length", "abc"],
+    ] {
+        let full: Vec<&str> = [&["map"], args.as_slice(), &[img_s]].concat();
+        let (a, b) = (super::qcow(&full), super::qemu_img(&full));
+        assert_eq!(a.status.code(), b.status.code(), "{args:?}");
+        assert_eq!(super::stdout(&a), super::stdout(&b), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&a.stderr).replacen("qcow:", "", 1),
+            String::from_utf8_lossy(&b.stderr).replacen("qemu-img:", "", 1),
+            "{args:?}"
+        );
+    }
+}
