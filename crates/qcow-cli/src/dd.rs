@@ -11,7 +11,7 @@ use qcow::{BlockDevice, OpenOptions};
 use qcow_io::Storage;
 
 use crate::open::{OpenFlags, open_image, refuse_overwriting_source};
-use crate::size::parse_size;
+use crate::size::{cvtnum, parse_size};
 
 /// Arguments of `qcow dd`.
 #[derive(Debug, clap::Args)]
@@ -19,7 +19,7 @@ pub(crate) struct DdArgs {
     /// Input format (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
-    /// Output format: raw (default) or qcow2.
+    /// Output format: raw (default), qcow2 or qcow.
     #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
     output_format: String,
     #[command(flatten)]
@@ -42,23 +42,30 @@ fn parse_operands(operands: &[String]) -> Result<Operands> {
     let (mut input, mut output, mut block, mut count, mut skip) = (None, None, 512, None, 0);
     for operand in operands {
         let Some((key, value)) = operand.split_once('=') else {
-            bail!("invalid operand {operand:?} (expected key=value)");
+            bail!("unrecognized operand {operand}");
         };
         match key {
             "if" => input = Some(PathBuf::from(value)),
             "of" => output = Some(PathBuf::from(value)),
-            "bs" => block = parse_size(value)?,
-            "count" => count = Some(parse_size(value)?),
-            "skip" => skip = parse_size(value)?,
-            other => bail!("unknown operand {other:?}"),
+            "bs" => {
+                block = parse_size(value)
+                    .ok()
+                    .filter(|n| (1..=i32::MAX as u64).contains(n))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("Invalid bs specified. Must be between 1 and 2147483647.")
+                    })?
+            }
+            "count" => count = Some(cvtnum("count", value)?),
+            "skip" => skip = cvtnum("skip", value)?,
+            other => bail!("unrecognized operand {other}"),
         }
     }
-    if block == 0 {
-        bail!("bs must be at least 1");
-    }
+    let (Some(input), Some(output)) = (input, output) else {
+        bail!("Must specify both input and output files");
+    };
     Ok(Operands {
-        input: input.context("missing if=FILE")?,
-        output: output.context("missing of=FILE")?,
+        input,
+        output,
         block,
         count,
         skip,
@@ -115,7 +122,16 @@ pub(crate) fn run(args: &DdArgs) -> Result<ExitCode> {
                     .format(Some(qcow::ImageFormat::Qcow2)),
             )?)
         }
-        other => bail!("output format {other:?} is not supported (raw or qcow2)"),
+        "qcow" => {
+            qcow::create_qcow(&ops.output, &qcow::CreateOptions::new(len))?;
+            Box::new(qcow::open(
+                &ops.output,
+                &OpenOptions::default()
+                    .writable(true)
+                    .format(Some(qcow::ImageFormat::Qcow)),
+            )?)
+        }
+        other => bail!("Unknown file format '{other}'"),
     };
     let options = qcow::copy::CopyOptions::default()
         .range(start, Some(len))

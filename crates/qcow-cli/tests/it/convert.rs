@@ -399,3 +399,48 @@ fn progress_lines_are_qemu_img_lines_when_not_on_a_terminal() {
         assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
     }
 }
+
+#[test]
+fn dd_formats_block_sizes_and_refusals_follow_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = image(
+        dir.path(),
+        "dd.qcow2",
+        "8M",
+        &["write -P 3 0 3M", "write -P 4 5M 1M"],
+    );
+    let src_s = p(&src).to_owned();
+    for extra in [
+        vec!["-O", "qcow"],
+        vec!["bs=1000"],
+        vec!["bs=513", "count=3"],
+        vec!["bs=4k", "count=300", "skip=1", "-O", "qcow"],
+        vec!["-O", "qcow2", "bs=1M", "skip=2"],
+        vec!["bs=0"],
+        vec!["foo=1"],
+        vec!["count=-1"],
+        vec!["skip=abc"],
+        vec!["bs=3G"],
+    ] {
+        let ours = dir.path().join("dd-ours");
+        let theirs = dir.path().join("dd-theirs");
+        let _ = std::fs::remove_file(&ours);
+        let _ = std::fs::remove_file(&theirs);
+        let run = |tool: fn(&[&str]) -> std::process::Output, out: &Path| {
+            let iff = format!("if={src_s}");
+            let of = format!("of={}", p(out));
+            let args: Vec<&str> = [&["dd", iff.as_str(), of.as_str()], extra.as_slice()].concat();
+            tool(&args)
+        };
+        let (a, b) = (run(qcow, &ours), run(qemu_img, &theirs));
+        assert_eq!(a.status.code(), b.status.code(), "{extra:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&a.stderr).replacen("qcow: ", "", 1),
+            String::from_utf8_lossy(&b.stderr).replacen("qemu-img: ", "", 1),
+            "{extra:?}"
+        );
+        if a.status.success() {
+            same_disk(&ours, &theirs);
+        }
+    }
+}
