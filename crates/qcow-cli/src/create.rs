@@ -38,11 +38,11 @@ pub(crate) struct CreateArgs {
 
 /// Runs `qcow create`.
 pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
+    if args.format == "raw" {
+        return create_raw(args);
+    }
     if args.format != "qcow2" && args.format != "qcow" {
-        bail!(
-            "creating {:?} images is not supported (qcow2 or qcow)",
-            args.format
-        );
+        bail!("Unknown file format '{}'", args.format);
     }
     let mut list = OptionList::parse(&args.options)?;
     if let Some(b) = &args.backing {
@@ -143,4 +143,71 @@ pub(crate) fn create_qcow2(file: &Path, options: &qcow::CreateOptions) -> Result
         }
     }
     made
+}
+
+/// `create -f raw`: a file of the size (whole 512-byte sectors), with
+/// `preallocation` off, falloc or full.
+fn create_raw(args: &CreateArgs) -> Result<ExitCode> {
+    let name = args.file.display().to_string();
+    if args.backing.is_some() {
+        bail!("{name}: Backing file not supported for file format 'raw'");
+    }
+    let list = OptionList::parse(&args.options)?;
+    let mut preallocation = None;
+    let mut size = args.size.as_deref().map(image_size).transpose()?;
+    for (key, value) in list.pairs() {
+        match key.as_str() {
+            "preallocation" => preallocation = Some(value.clone()),
+            "size" if size.is_none() => size = Some(option_size("size", value)?),
+            "size" => bail!("{name}: The image size must be specified only once"),
+            other => bail!("{name}: Invalid parameter '{other}'"),
+        }
+    }
+    let Some(size) = size else {
+        bail!("{name}: Image creation needs a size parameter");
+    };
+    let mode = match preallocation.as_deref() {
+        None => qcow::Preallocation::Off,
+        Some(p) => qcow::Preallocation::from_name(p)?,
+    };
+    if !args.quiet {
+        let mut line = format!("Formatting '{name}', fmt=raw size={size}");
+        if let Some(p) = &preallocation {
+            line.push_str(&format!(" preallocation={p}"));
+        }
+        println!("{line}");
+    }
+    if mode == qcow::Preallocation::Metadata {
+        bail!("{name}: Unsupported preallocation mode: metadata");
+    }
+    let file = qcow::create_file(&args.file)?;
+    let len = size.div_ceil(512) * 512;
+    let made = (|| -> Result<()> {
+        qcow_io::Storage::set_len(&file, len)?;
+        match mode {
+            qcow::Preallocation::Falloc => qcow_io::Storage::allocate(&file, 0, len)?,
+            qcow::Preallocation::Full => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(zeros.len() as u64) as usize;
+                    qcow_io::Storage::write_at(&file, &zeros[..n], at)?;
+                    at += n as u64;
+                }
+            }
+            _ => {
+                // As QEMU: the first block is written, so that the file
+                // system has allocated it (and says its alignment).
+                let first = len.min(4096) as usize;
+                qcow_io::Storage::write_at(&file, &vec![0u8; first], 0)?;
+            }
+        }
+        qcow_io::Storage::flush(&file)?;
+        Ok(())
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&args.file);
+    }
+    made?;
+    Ok(ExitCode::SUCCESS)
 }

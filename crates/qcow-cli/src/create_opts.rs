@@ -111,12 +111,19 @@ impl OptionList {
     pub(crate) fn formatting_line(&self, file: &str, o: &CreateOptions) -> String {
         let on = |b: bool| if b { "on" } else { "off" };
         let mut line = format!(
-            "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={}",
+            "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={}",
             o.cluster_size,
             on(o.extended_l2),
+        );
+        // Shown when given, where qemu-img shows it.
+        if let Some(p) = self.get("preallocation") {
+            line.push_str(&format!(" preallocation={p}"));
+        }
+        line.push_str(&format!(
+            " compression_type={} size={}",
             o.compression_type.name(),
             o.size
-        );
+        ));
         if let Some(b) = &o.backing_file {
             line.push_str(&format!(" backing_file={b}"));
         }
@@ -125,6 +132,9 @@ impl OptionList {
         }
         if let Some(d) = &o.data_file {
             line.push_str(&format!(" data_file={d}"));
+        }
+        if self.get("data_file_raw").is_some() {
+            line.push_str(&format!(" data_file_raw={}", on(o.data_file_raw)));
         }
         if let Some(c) = self.get("compat") {
             line.push_str(&format!(" compat={c}"));

@@ -11,6 +11,7 @@ mod check;
 mod commit;
 mod compare;
 mod convert;
+mod create;
 mod guards;
 mod locking;
 mod map;
