@@ -73,14 +73,14 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         other => other.into(),
     })?;
     let Image::Qcow2(mut image) = image else {
-        eprintln!("qcow: This image format does not support checks");
+        crate::report!("This image format does not support checks");
         return Ok(ExitCode::from(63));
     };
     let mut log = |line: &str| eprintln!("{line}");
     let first = match image.check_with(&check, &mut log) {
         Ok(report) => report,
         Err(e) => {
-            eprintln!("qcow: Check failed: {e}");
+            crate::report!("Check failed: {e}");
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -98,7 +98,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         ) {
             Ok(report) => report,
             Err(e) => {
-                eprintln!("qcow: Check failed: {e}");
+                crate::report!("Check failed: {e}");
                 return Ok(ExitCode::FAILURE);
             }
         };
@@ -114,7 +114,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         }
     }
     if report.check_errors > 0 {
-        eprintln!("qcow: Check failed");
+        crate::report!("Check failed");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::from(if report.corruptions > 0 {

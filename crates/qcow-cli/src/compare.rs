@@ -82,7 +82,7 @@ pub(crate) fn run(args: &CompareArgs) -> Result<ExitCode> {
             ExitCode::from(1)
         }
         Err(error) => {
-            eprintln!("qcow: {error:#}");
+            crate::report!("{}", crate::describe(&error));
             ExitCode::from(2)
         }
     };

@@ -227,7 +227,7 @@ impl CopyObserver for Warner<'_> {
                 qcow::Error::Io { source, .. } => source.to_string(),
                 other => other.to_string(),
             };
-            eprintln!("qcow: warning: error while reading offset {offset}: {cause}");
+            crate::report!("warning: error while reading offset {offset}: {cause}");
         }
     }
 }
@@ -269,7 +269,7 @@ fn raw_output(args: &ConvertArgs, dest_path: &Path, size: u64, sync: bool) -> Re
             "preallocation" => preallocation = qcow::Preallocation::from_name(value)?,
             "size" => {}
             other => {
-                eprintln!("qcow: Invalid parameter '{other}'");
+                crate::report!("Invalid parameter '{other}'");
                 bail!("Invalid options for file format 'raw'");
             }
         }

@@ -6,7 +6,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod amend;
 mod bench;
@@ -69,10 +69,57 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// The name the program was invoked by (`qcow`, or `qemu-img` through a
+/// link of that name): messages and usage start with it.
+pub(crate) fn prog() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args_os()
+            .next()
+            .and_then(|a| {
+                std::path::Path::new(&a)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "qcow".to_owned())
+    })
+}
+
+/// Prints a message on standard error after the program's name.
+#[macro_export]
+macro_rules! report {
+    ($($arg:tt)*) => {
+        eprintln!("{}: {}", $crate::prog(), format!($($arg)*))
+    };
+}
+
+/// An error and its causes on one line, as qemu-img words system errors
+/// ("No such file or directory", without Rust's "(os error 2)").
+pub(crate) fn describe(error: &anyhow::Error) -> String {
+    let text = format!("{error:#}");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find(" (os error ") {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        match rest.find(')') {
+            Some(end) => rest = &rest[end + 1..],
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn main() -> ExitCode {
     // Usage errors exit 1, as qemu-img's do (2 means "corruptions found"
     // to scripts that run check).
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command()
+        .name(prog())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() {
@@ -103,7 +150,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("qcow: {error:#}");
+            report!("{}", describe(&error));
             ExitCode::FAILURE
         }
     }

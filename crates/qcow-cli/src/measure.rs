@@ -80,14 +80,14 @@ pub(crate) fn run(args: &MeasureArgs) -> Result<ExitCode> {
     let measured = match args.output_format.as_str() {
         "raw" => {
             if let Some((key, _)) = list.pairs().iter().find(|(k, _)| k != "size") {
-                eprintln!("qcow: Invalid parameter '{key}'");
+                crate::report!("Invalid parameter '{key}'");
                 bail!("Invalid options for file format 'raw'");
             }
             measure_raw(list_size(&list, size)?, device)
         }
         "qcow2" => {
             let options = list.qcow2_options(list_size(&list, size)?).map_err(|e| {
-                eprintln!("qcow: {e}");
+                crate::report!("{e}");
                 anyhow::anyhow!("Invalid options for file format 'qcow2'")
             })?;
             // Bitmaps are counted for sources that can hold them.

@@ -55,9 +55,9 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
         _ => bail!("New image size must be positive"),
     };
     if new_size < current && !args.shrink {
-        eprintln!("qcow: Use the --shrink option to perform a shrink operation.");
-        eprintln!(
-            "qcow: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
+        crate::report!("Use the --shrink option to perform a shrink operation.");
+        crate::report!(
+            "warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there."
         );
         return Ok(ExitCode::FAILURE);
     }

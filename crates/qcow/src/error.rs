@@ -14,7 +14,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// A file could not be opened.
-    #[error("{path}: could not open")]
+    #[error("Could not open '{}'", path.display())]
     Open {
         /// The file.
         path: PathBuf,

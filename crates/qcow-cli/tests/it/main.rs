@@ -12,6 +12,7 @@ mod commit;
 mod compare;
 mod convert;
 mod create;
+mod dropin;
 mod guards;
 mod locking;
 mod map;
