@@ -16,6 +16,12 @@ pub(crate) struct ResizeArgs {
     /// Allow shrinking: what lies past the new end is lost.
     #[arg(long)]
     shrink: bool,
+    /// Preallocate the grown part: off, metadata (qcow2), falloc or full.
+    #[arg(long, value_name = "MODE")]
+    preallocation: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
     /// Image format (probed when omitted).
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
@@ -33,6 +39,11 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
     if args.open.force_share {
         bail!("force-share (-U) can only be used with read-only images");
     }
+    let mode = match args.preallocation.as_deref() {
+        None => qcow::Preallocation::Off,
+        Some(name) => qcow::Preallocation::from_name(name)
+            .map_err(|_| anyhow::anyhow!("Invalid preallocation mode '{name}'"))?,
+    };
     let mut options = open_options(&args.open, args.format.as_deref())?;
     options.writable = true;
     // As qemu-img: one leading sign is relative, the rest is an option
@@ -63,12 +74,14 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
     }
     match image {
         Image::Qcow2(mut image) => {
-            image.resize(new_size)?;
+            image.resize_preallocated(new_size, mode)?;
             image.close()?;
         }
         Image::Qcow(_) => bail!("Image format driver does not support resize"),
-        Image::Raw(mut image) => image.resize(new_size)?,
+        Image::Raw(mut image) => image.resize_preallocated(new_size, mode)?,
     }
-    println!("Image resized.");
+    if !args.quiet {
+        println!("Image resized.");
+    }
     Ok(ExitCode::SUCCESS)
 }

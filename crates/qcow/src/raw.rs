@@ -53,6 +53,38 @@ impl RawImage {
         }
     }
 
+    /// [`RawImage::resize`], with the grown part's space reserved
+    /// (`falloc`) or written with zeros (`full`).
+    pub fn resize_preallocated(&mut self, new_size: u64, mode: crate::Preallocation) -> Result<()> {
+        let old = self.size;
+        if new_size < old && mode != crate::Preallocation::Off {
+            return Err(Error::InvalidOptions(format!(
+                "{}: Preallocation can't be used for shrinking an image",
+                self.name
+            )));
+        }
+        if mode == crate::Preallocation::Metadata {
+            return Err(Error::InvalidOptions(
+                "Unsupported preallocation mode: metadata".into(),
+            ));
+        }
+        self.resize(new_size)?;
+        let grown = new_size.saturating_sub(old);
+        let io = |e| Error::io(&self.name, "preallocating", old, e);
+        match mode {
+            crate::Preallocation::Falloc if grown > 0 => {
+                self.storage.allocate(old, grown).map_err(io)?
+            }
+            crate::Preallocation::Full if grown > 0 => {
+                self.storage.write_zeroes(old, grown).map_err(io)?
+            }
+            _ => {}
+        }
+        self.storage
+            .flush()
+            .map_err(|e| Error::io(&self.name, "flushing", 0, e))
+    }
+
     /// Changes the disk's size to `new_size` bytes, as qemu-img resizes a
     /// raw image (any byte size; new bytes read as zeros).
     pub fn resize(&mut self, new_size: u64) -> Result<()> {

@@ -115,3 +115,57 @@ fn shrinking_needs_the_flag_and_then_grows_back_as_zeros() {
     let out = String::from_utf8_lossy(&io.stdout);
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
+
+#[test]
+fn growing_with_preallocation_lays_out_what_qemu_img_lays_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for mode in ["off", "metadata", "falloc", "full"] {
+        for options in ["cluster_size=65536", "cluster_size=4k,extended_l2=off"] {
+            let ours = dir.path().join("ours.qcow2");
+            let theirs = dir.path().join("theirs.qcow2");
+            for f in [&ours, &theirs] {
+                let out = qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, p(f), "1M"]);
+                assert!(out.status.success());
+                let io = Command::new("qemu-io")
+                    .args(["-c", "write -P 1 0 700k"])
+                    .arg(f)
+                    .output()
+                    .expect("qemu-io");
+                assert!(io.status.success());
+            }
+            let flag = format!("--preallocation={mode}");
+            let a = qcow(&["resize", &flag, p(&ours), "8M"]);
+            let b = qemu_img(&["resize", &flag, p(&theirs), "8M"]);
+            assert_eq!(a.status.code(), b.status.code(), "{mode} {options}: {a:?}");
+            assert_check_clean(&ours);
+            let cmp = qemu_img(&["compare", p(&ours), p(&theirs)]);
+            assert!(cmp.status.success(), "{mode} {options}");
+            // falloc and full: QEMU sets room for new metadata aside before
+            // the data; qcow's clusters follow each other (same disk, same
+            // allocation, another layout).
+            if mode == "off" || mode == "metadata" {
+                let map = |f: &Path| stdout(&qemu_img(&["map", "--output=json", p(f)]));
+                assert_eq!(map(&ours), map(&theirs), "{mode} {options}");
+                let len = |f: &Path| std::fs::metadata(f).expect("meta").len();
+                assert_eq!(len(&ours), len(&theirs), "{mode} {options}");
+            } else {
+                use std::os::unix::fs::MetadataExt;
+                let blocks = std::fs::metadata(&ours).expect("meta").blocks() * 512;
+                assert!(
+                    blocks >= 7 << 20,
+                    "{mode} {options}: {blocks} bytes allocated"
+                );
+            }
+        }
+    }
+    // Not for a shrink.
+    let img = dir.path().join("s.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "8M"])
+            .status
+            .success()
+    );
+    let a = qcow(&["resize", "--shrink", "--preallocation=full", p(&img), "4M"]);
+    let b = qemu_img(&["resize", "--shrink", "--preallocation=full", p(&img), "4M"]);
+    assert_eq!((a.status.code(), b.status.code()), (Some(1), Some(1)));
+}

@@ -652,9 +652,9 @@ impl Allocation<'_> {
     fn take_clusters(&mut self, start: u64, n: u64) -> Result<u64> {
         self.check_clusters_end(start.saturating_add(n))?;
         self.check_overlap(start, n, "new clusters")?;
-        if n == 1 || start == self.meta.free_hint {
-            self.meta.free_hint = start + n;
-        }
+        // As QEMU's search index: past every cluster looked at, so free
+        // holes too small for a run stay behind until a free lowers it.
+        self.meta.free_hint = start + n;
         self.meta.end = self.meta.end.max(start + n);
         for cluster in start..start + n {
             if let Err(e) = self.change_refcount(cluster, 1) {

@@ -14,8 +14,19 @@ impl Qcow2Image {
     /// does: L2 tables and data clusters (`metadata`), with the file's space
     /// reserved (`falloc`) or written with zeros (`full`).
     pub fn preallocate(&self, mode: super::Preallocation) -> Result<()> {
+        self.preallocate_range(0, self.virtual_size, mode)
+    }
+
+    /// Allocates every unallocated cluster of guest bytes `start..end` as
+    /// [`Qcow2Image::preallocate`] does (after a resize, the grown part).
+    pub(super) fn preallocate_range(
+        &self,
+        start: u64,
+        end: u64,
+        mode: super::Preallocation,
+    ) -> Result<()> {
         use super::Preallocation;
-        if mode == Preallocation::Off {
+        if mode == Preallocation::Off || start >= end {
             return Ok(());
         }
         let mut meta = self.lock_meta()?;
@@ -26,9 +37,13 @@ impl Qcow2Image {
         } else {
             0
         };
-        let mut guest = 0;
-        while guest < self.virtual_size {
-            let left = (self.virtual_size - guest).div_ceil(cluster_size);
+        let mut guest = start - start % cluster_size;
+        // The cluster holding the old end may be allocated already.
+        if guest < start && self.in_place_host(guest, Some(&meta))?.is_some() {
+            guest += cluster_size;
+        }
+        while guest < end {
+            let left = (end - guest).div_ceil(cluster_size);
             let n = (entries - (guest >> self.header.cluster_bits) % entries).min(left);
             let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
             let host = self.alloc_data(&mut meta, guest, n)?;

@@ -27,7 +27,23 @@ impl Qcow2Image {
     /// Every limit is checked before anything changes; the size in the
     /// header changes last, so a failure leaves the old disk as it was.
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
-        let result = self.change_size(new_size);
+        self.resize_preallocated(new_size, super::Preallocation::Off)
+    }
+
+    /// [`Qcow2Image::resize`], with the grown part preallocated as `mode`
+    /// says (see [`Qcow2Image::preallocate`]); refused for a shrink, as
+    /// QEMU refuses it.
+    pub fn resize_preallocated(&mut self, new_size: u64, mode: super::Preallocation) -> Result<()> {
+        let old_size = self.virtual_size;
+        if new_size < old_size && mode != super::Preallocation::Off {
+            return Err(Error::InvalidOptions(format!(
+                "{}: Preallocation can't be used for shrinking an image",
+                self.name
+            )));
+        }
+        let result = self
+            .change_size(new_size)
+            .and_then(|()| self.preallocate_range(old_size, new_size, mode));
         self.guard(result)
     }
 
@@ -103,19 +119,19 @@ impl Qcow2Image {
     /// Moves the L1 table to a new one of at least `entries` entries.
     fn grow_l1(&mut self, entries: u64) -> Result<()> {
         let cluster_size = self.header.cluster_size();
-        // Room to grow again without moving each time, as QEMU leaves it.
-        let entries = (entries + entries / 2)
-            .next_multiple_of(cluster_size / 8)
-            .min(MAX_L1_BYTES / 8);
+        // Exactly as many entries as the size needs, as QEMU's resize makes
+        // the table, and only they are written: the file's length comes out
+        // as qemu-img's.
+        let entries = entries.min(MAX_L1_BYTES / 8);
         let bytes = entries * 8;
         let old_offset = self.header.l1_table_offset;
         let old_clusters = (u64::from(self.header.l1_size) * 8).div_ceil(cluster_size);
         let new_offset = {
             let mut meta = self.lock_meta()?;
-            let clusters = bytes / cluster_size;
+            let clusters = bytes.div_ceil(cluster_size);
             let offset = meta.clusters(clusters)?;
             // Marked before it is written (a give-back unmarks it again).
-            super::allocator::Owner::metadata_placed(self, offset, bytes);
+            super::allocator::Owner::metadata_placed(self, offset, clusters * cluster_size);
             let table: Vec<u8> = (0..entries)
                 .flat_map(|i| self.l1_entry(i).to_be_bytes())
                 .collect();
