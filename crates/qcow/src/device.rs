@@ -149,6 +149,16 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Lays out now, in this call's order, the space the range will take,
+    /// for a caller that writes the whole range next (from any thread)
+    /// before anything reads it: a copy that wants the file laid out in the
+    /// disk's order while its data is written in parallel. The default does
+    /// nothing (formats without allocation).
+    fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// The unit the image allocates in (its cluster size), for formats that
     /// have one; writes of part of a unit allocate all of it.
     fn cluster_size(&self) -> Option<u64> {

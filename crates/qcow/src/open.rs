@@ -79,6 +79,9 @@ impl BlockDevice for Image {
     fn is_writable(&self) -> bool {
         self.device().is_writable()
     }
+    fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        self.device().reserve(offset, len)
+    }
 }
 
 impl Image {

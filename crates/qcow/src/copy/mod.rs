@@ -302,7 +302,8 @@ fn start(
         workers: options.workers.max(1),
         observer,
     };
-    if options.in_order {
+    // Without clusters there is no layout to keep: every worker writes.
+    if options.in_order && target.cluster_size().is_some() {
         job.run_in_order()
     } else {
         job.run_unordered()

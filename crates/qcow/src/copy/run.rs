@@ -105,16 +105,32 @@ impl Job<'_> {
         self.observer.progress(done, self.len);
     }
 
-    /// Workers plan chunks; this thread writes them in guest order.
+    /// Workers plan chunks; this thread takes them in guest order. A
+    /// compressed target gets them written here, packed in order; a target
+    /// with clusters gets each chunk's space reserved here, in order, and
+    /// its data written by a pool of writers in parallel (the file is laid
+    /// out as the disk, the writes do not wait for each other).
     pub(super) fn run_in_order(&self) -> Result<CopyStats> {
         let chunks = self.chunks();
         let counters = Counters::default();
+        let pipelined = self.planner.compressor.is_none() && self.target.cluster_size().is_some();
         let (tx, rx) = sync_channel::<(u64, Result<Chunk>)>(self.workers * 2);
-        // Buffers go back from the writer to the workers, so no chunk is
-        // copied and no fresh memory is touched per chunk.
+        // Buffers go back to the planners, so no chunk is copied and no
+        // fresh memory is touched per chunk.
         let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
         let next = AtomicU64::new(0);
         let stop = AtomicBool::new(false);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        // Chunks whose space is reserved, on their way to the writers.
+        let (wtx, wrx) = sync_channel::<(u64, Chunk)>(self.workers * 2);
+        let wrx = Mutex::new(wrx);
+        let fail = |e: Error| {
+            stop.store(true, Ordering::Relaxed);
+            failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert(e);
+        };
         std::thread::scope(|scope| -> Result<()> {
             for _ in 0..self.workers {
                 let tx = tx.clone();
@@ -139,24 +155,80 @@ impl Job<'_> {
                 });
             }
             drop(tx);
-            let result = self.write_in_order(rx, chunks, &pool, &counters);
-            if result.is_err() {
-                stop.store(true, Ordering::Relaxed);
+            if !pipelined {
+                drop(wtx);
+                let result = self.take_in_order(rx, chunks, |index, chunk| {
+                    self.write(&chunk, &counters)?;
+                    self.recycle(&pool, chunk.buf);
+                    let (start, end) = self.bounds(index);
+                    self.advance(&counters, end - start);
+                    Ok(())
+                });
+                if result.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                return result;
             }
-            result
+            for _ in 0..self.workers {
+                let (wrx, pool, counters, fail) = (&wrx, &pool, &counters, &fail);
+                scope.spawn(move || {
+                    loop {
+                        let received = wrx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                        let Ok((index, chunk)) = received else {
+                            return;
+                        };
+                        // Every chunk handed on is written, also after a
+                        // failure: all before it is then on disk.
+                        match self.write(&chunk, counters) {
+                            Ok(()) => {
+                                self.recycle(pool, chunk.buf);
+                                let (start, end) = self.bounds(index);
+                                self.advance(counters, end - start);
+                            }
+                            Err(e) => fail(e),
+                        }
+                    }
+                });
+            }
+            let result = self.take_in_order(rx, chunks, |index, chunk| {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                for piece in &chunk.pieces {
+                    if let Piece::Data { at, start, end } = piece {
+                        self.target.reserve(*at, (end - start) as u64)?;
+                    }
+                }
+                wtx.send((index, chunk)).map_err(|_| Error::Cancelled)
+            });
+            drop(wtx);
+            if let Err(e) = result {
+                fail(e);
+            }
+            Ok(())
         })?;
-        Ok(counters.stats())
+        // A writer's failure comes first: the reserving loop stopped for it.
+        match failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            Some(e) => Err(e),
+            None => Ok(counters.stats()),
+        }
     }
 
-    fn write_in_order(
+    fn recycle(&self, pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
+        pool.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(buf);
+    }
+
+    /// Hands the planned chunks to `take` in guest order, as they come in.
+    /// A chunk that failed fails the copy in its turn, so that all before
+    /// it is handed on, as a sequential copy would have handed it.
+    fn take_in_order(
         &self,
         rx: Receiver<(u64, Result<Chunk>)>,
         chunks: u64,
-        pool: &Mutex<Vec<Vec<u8>>>,
-        counters: &Counters,
+        mut take: impl FnMut(u64, Chunk) -> Result<()>,
     ) -> Result<()> {
-        // A chunk that failed fails the copy in its turn, so that all
-        // before it is written, as a sequential copy would have written it.
         let mut waiting: BTreeMap<u64, Result<Chunk>> = BTreeMap::new();
         let mut expected = 0u64;
         while expected < chunks {
@@ -168,13 +240,7 @@ impl Job<'_> {
             };
             waiting.insert(index, chunk);
             while let Some(chunk) = waiting.remove(&expected) {
-                let chunk = chunk?;
-                self.write(&chunk, counters)?;
-                pool.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(chunk.buf);
-                let (start, end) = self.bounds(expected);
-                self.advance(counters, end - start);
+                take(expected, chunk?)?;
                 expected += 1;
             }
         }

@@ -32,6 +32,7 @@ mod preallocate;
 mod read;
 mod rebuild;
 mod references;
+mod reserve;
 mod resize;
 mod shrink;
 mod snapshot_table;

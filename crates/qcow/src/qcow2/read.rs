@@ -317,6 +317,10 @@ impl BlockDevice for Qcow2Image {
         self.writer.is_some()
     }
 
+    fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        Qcow2Image::reserve(self, offset, len)
+    }
+
     fn virtual_size(&self) -> u64 {
         self.virtual_size
     }

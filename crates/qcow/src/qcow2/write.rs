@@ -398,6 +398,15 @@ impl Qcow2Image {
                 done += n;
                 continue;
             }
+            if in_cluster == 0 && n as u64 == cluster_size {
+                // Whole clusters the image owns at consecutive host offsets
+                // (as reserved or preallocated) go down in one write.
+                let written = self.write_in_place_run(&buf[done..], guest)?;
+                if written > 0 {
+                    done += written;
+                    continue;
+                }
+            }
             match self.write_in_place(piece, guest)? {
                 true => {}
                 false if in_cluster == 0 && n as u64 == cluster_size => {
@@ -412,6 +421,27 @@ impl Qcow2Image {
             done += n;
         }
         Ok(())
+    }
+
+    /// Writes the whole clusters at the start of `data` that the image owns
+    /// at consecutive host offsets, in place, with one write. Returns the
+    /// bytes written (0 when the first cluster is not owned).
+    fn write_in_place_run(&self, data: &[u8], guest: u64) -> Result<usize> {
+        let cluster_size = self.header.cluster_size();
+        let whole = data.len() as u64 / cluster_size;
+        let _gate = self.data_io_guard();
+        let Some(host) = self.in_place_host(guest, None)? else {
+            return Ok(0);
+        };
+        let mut n = 1;
+        while n < whole
+            && self.in_place_host(guest + n * cluster_size, None)? == Some(host + n * cluster_size)
+        {
+            n += 1;
+        }
+        let len = (n * cluster_size) as usize;
+        self.write_data(&data[..len], host)?;
+        Ok(len)
     }
 
     /// Writes `piece` (within one cluster) in place if the image owns the
