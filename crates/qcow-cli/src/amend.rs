@@ -92,9 +92,10 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
             other => bail!("Invalid parameter '{other}'"),
         }
     }
-    let mut options = open_options(&args.open, args.format.as_deref())?;
+    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let mut options = open_options(&args.open, format.as_deref())?;
     options.writable = true;
-    let image = qcow::open(&args.file, &options)?;
+    let image = qcow::open(&file, &options)?;
     let Image::Qcow2(mut image) = image else {
         let name = match image {
             Image::Raw(_) => "raw",

@@ -61,10 +61,11 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
     if let Some(text) = &args.max_memory {
         check = check.max_memory(option_size("max-memory", text)?);
     }
-    let mut options = open_options(&args.open, args.format.as_deref())?;
+    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let mut options = open_options(&args.open, format.as_deref())?;
     options.repair = repair != Repair::None;
     options.check = true;
-    let image = qcow::open(&args.file, &options).map_err(|e| match e {
+    let image = qcow::open(&file, &options).map_err(|e| match e {
         qcow::Error::InvalidOptions(m) => anyhow::anyhow!(
             "Could not open '{}': {}",
             args.file.display(),

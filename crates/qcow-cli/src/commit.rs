@@ -52,15 +52,16 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
     if args.open.force_share {
         bail!("force-share (-U) can only be used with read-only images");
     }
-    let options = open_options(&args.open, args.format.as_deref())?;
+    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let options = open_options(&args.open, format.as_deref())?;
     let filename = args.file.display().to_string();
     // Find the base's depth in the chain, and its size.
     let (depth, base_path, base_size, size) = {
-        let chain = qcow::open(&args.file, &options)?;
+        let chain = qcow::open(&file, &options)?;
         let size = chain.virtual_size();
         let mut layer = chain.backing();
         let mut depth = 1;
-        let wanted = args.base.as_deref().map(|b| base_candidates(&args.file, b));
+        let wanted = args.base.as_deref().map(|b| base_candidates(&file, b));
         let found = loop {
             let Some(image) = layer else {
                 break None;
@@ -102,7 +103,7 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
     let mut chain_options = options.clone();
     chain_options.writable = !keep;
     chain_options.writable_backing = Some(depth);
-    let chain = qcow::open(&args.file, &chain_options)?;
+    let chain = qcow::open(&file, &chain_options)?;
     let mut base: &dyn BlockDevice = &chain;
     for _ in 0..depth {
         base = base.backing().context("the backing chain changed")?;

@@ -39,11 +39,14 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode> {
         other => anyhow::bail!("--output must be human or json, not {other:?}"),
     };
     let mut infos = Vec::new();
-    let mut path = args.file.clone();
-    let mut format = args.format.clone();
+    let (mut path, mut format) =
+        crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    // Backing files are plain names: options apply to the named image only.
+    let mut flags = args.open.clone();
+    flags.image_opts = false;
     loop {
         // info reports names of files an image refers to but opens none.
-        let image = open_image(&path, format.as_deref(), &args.open, None, false, false)?;
+        let image = open_image(&path, format.as_deref(), &flags, None, false, false)?;
         let info = image_info(&path, &image)?;
         let next = if args.backing_chain && !args.open.untrusted {
             backing_of(&path, &image)

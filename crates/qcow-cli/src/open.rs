@@ -1,6 +1,6 @@
 //! Opening images the way qemu-img's command line does.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use qcow::{BlockDevice, Image, ImageFormat, OpenOptions};
@@ -19,6 +19,126 @@ pub(crate) struct OpenFlags {
     /// (qemu-img's force-share): what is read may be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     pub(crate) force_share: bool,
+    /// The file name is a list of image options (`driver=qcow2,
+    /// file.filename=FILE`), as qemu-img's --image-opts.
+    #[arg(long = "image-opts")]
+    pub(crate) image_opts: bool,
+    /// QEMU objects (`secret,id=...,data=...`): accepted, as scripts pass
+    /// them; qcow opens no encrypted image, so no secret is used.
+    #[arg(long = "object", value_name = "OBJECT")]
+    pub(crate) object: Vec<String>,
+}
+
+/// Drivers an image name may ask for.
+const DRIVERS: [&str; 4] = ["qcow2", "qcow", "raw", "file"];
+
+/// The file and format an image name on the command line means: a path,
+/// a `json:{...}` name, or (with `--image-opts`) an option list, for the
+/// drivers qcow2, qcow, raw and file. A `json:` name found inside an image
+/// is never followed; this is only for names the user gives.
+pub(crate) fn resolve_name(
+    arg: &Path,
+    flags: &OpenFlags,
+    format: Option<&str>,
+) -> Result<(PathBuf, Option<String>)> {
+    let text = arg.to_string_lossy();
+    let options: Vec<(String, String)> = if flags.image_opts {
+        if format.is_some() {
+            bail!("--image-opts and --format are mutually exclusive");
+        }
+        crate::create_opts::OptionList::parse(&[text.to_string()])?
+            .pairs()
+            .to_vec()
+    } else if let Some(json) = text.strip_prefix("json:") {
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+            anyhow::anyhow!("Could not open '{text}': Could not parse the JSON options: {e}")
+        })?;
+        let mut pairs = Vec::new();
+        flatten("", &value, &mut pairs)
+            .map_err(|m| anyhow::anyhow!("Could not open '{text}': {m}"))?;
+        pairs
+    } else {
+        return Ok((arg.to_owned(), format.map(str::to_owned)));
+    };
+    let get = |key: &str| {
+        options
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let Some(driver) = get("driver") else {
+        bail!("Could not open '{text}': A block device must be specified by \"driver\"");
+    };
+    if !DRIVERS.contains(&driver.as_str()) {
+        bail!(
+            "Could not open '{text}': driver '{driver}' is not one qcow opens (qcow2, qcow, raw, file)"
+        );
+    }
+    if let Some(f) = format {
+        if f != driver && !(driver == "file" && f == "raw") {
+            bail!("Could not open '{text}': Cannot use format '{f}' with driver '{driver}'");
+        }
+    }
+    let (path_key, allowed): (&str, &[&str]) = if driver == "file" {
+        ("filename", &["driver", "filename"])
+    } else {
+        ("file.filename", &["driver", "file.filename", "file.driver"])
+    };
+    if let Some((key, _)) = options.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        bail!(
+            "Could not open '{text}': Block format '{driver}' does not support the option '{key}'"
+        );
+    }
+    if let Some(protocol) = get("file.driver") {
+        if protocol != "file" {
+            bail!("Could not open '{text}': protocol '{protocol}' is not one qcow opens (file)");
+        }
+    }
+    let Some(path) = get(path_key) else {
+        bail!("Could not open '{text}': The option '{path_key}' is required");
+    };
+    let format = if driver == "file" {
+        "raw".to_owned()
+    } else {
+        driver
+    };
+    Ok((PathBuf::from(path), Some(format)))
+}
+
+/// JSON options as qemu's dotted keys (`file.filename`).
+fn flatten(
+    prefix: &str,
+    value: &serde_json::Value,
+    out: &mut Vec<(String, String)>,
+) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out)?;
+            }
+            Ok(())
+        }
+        Value::String(s) if !prefix.is_empty() => {
+            out.push((prefix.to_owned(), s.clone()));
+            Ok(())
+        }
+        Value::Bool(b) if !prefix.is_empty() => {
+            out.push((prefix.to_owned(), b.to_string()));
+            Ok(())
+        }
+        Value::Number(n) if !prefix.is_empty() => {
+            out.push((prefix.to_owned(), n.to_string()));
+            Ok(())
+        }
+        _ => Err("the options must be a JSON object of strings, numbers and booleans".into()),
+    }
 }
 
 /// Refuses an output that is one of the files `source` reads (its image
@@ -75,7 +195,9 @@ pub(crate) fn open_image(
     follow: bool,
     copy_source: bool,
 ) -> Result<Image> {
-    let mut options = open_options(flags, format)?;
+    let (path, format) = resolve_name(path, flags, format)?;
+    let path = path.as_path();
+    let mut options = open_options(flags, format.as_deref())?;
     if !follow {
         options.follow_backing = false;
         options.open_data_file = false;

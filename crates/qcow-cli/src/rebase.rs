@@ -69,14 +69,15 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
         ),
         None => None,
     };
-    let mut options = open_options(&args.open, args.format.as_deref())?;
+    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let mut options = open_options(&args.open, format.as_deref())?;
     if args.open.force_share {
         // The image is written; -U applies to the backing files only.
         options.force_share = false;
     }
     options.writable = true;
     options.follow_backing = safe;
-    let image = qcow::open(&args.file, &options)?;
+    let image = qcow::open(&file, &options)?;
     let Image::Qcow2(mut image) = image else {
         bail!("Could not change the backing file to '{backing}': Operation not supported");
     };
@@ -103,7 +104,7 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
             Some((name, _)) => {
                 let mut backing_options = open_options(&args.open, None)?;
                 backing_options.format = backing_format;
-                let path = qcow::relative_to(&args.file, name);
+                let path = qcow::relative_to(&file, name);
                 let opened = qcow::open(&path, &backing_options).map_err(|e| {
                     anyhow::anyhow!("Could not open new backing file '{name}': {e}")
                 })?;

@@ -44,7 +44,8 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
         Some(name) => qcow::Preallocation::from_name(name)
             .map_err(|_| anyhow::anyhow!("Invalid preallocation mode '{name}'"))?,
     };
-    let mut options = open_options(&args.open, args.format.as_deref())?;
+    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let mut options = open_options(&args.open, format.as_deref())?;
     options.writable = true;
     // As qemu-img: one leading sign is relative, the rest is an option
     // value (checked before the image is opened), and the result must be
@@ -55,7 +56,7 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
         _ => (0, args.size.as_str()),
     };
     let n = i128::from(option_size("size", value)?);
-    let image = qcow::open(&args.file, &options)?;
+    let image = qcow::open(&file, &options)?;
     let current = image.virtual_size();
     let total = match sign {
         0 => n,

@@ -35,3 +35,70 @@ fn messages_carry_the_invoked_name_and_qemu_img_wording() {
     assert_eq!(usage.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&usage.stderr).contains("qemu-img info"));
 }
+
+#[test]
+fn json_names_and_image_opts_open_what_qemu_img_opens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("j.qcow2");
+    let path = img.to_str().expect("utf-8");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", path, "4M"])
+            .status
+            .success()
+    );
+    let io = Command::new("qemu-io")
+        .args(["-c", "write -P 3 0 1M", path])
+        .output()
+        .expect("qemu-io is required");
+    assert!(io.status.success());
+    let json =
+        format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{path}"}}}}"#);
+    let opts = format!("driver=qcow2,file.filename={path}");
+    let raw = format!("driver=file,filename={path}");
+    for args in [
+        vec!["info", json.as_str()],
+        vec!["info", "--output=json", json.as_str()],
+        vec!["map", "--output=json", json.as_str()],
+        vec!["check", json.as_str()],
+        vec!["check", "--output=json", json.as_str()],
+        vec!["info", "--image-opts", opts.as_str()],
+        vec!["map", "--image-opts", opts.as_str()],
+        vec!["check", "--image-opts", opts.as_str()],
+        vec!["measure", "-O", "qcow2", "--image-opts", opts.as_str()],
+        vec!["compare", "--image-opts", opts.as_str(), opts.as_str()],
+        vec!["map", "--image-opts", raw.as_str()],
+        vec!["info", "--object", "secret,id=sec0,data=123456", path],
+    ] {
+        let (a, b) = (super::qcow(&args), qemu_img(&args));
+        assert_eq!(a.status.code(), b.status.code(), "{args:?}: {a:?}");
+        assert_eq!(super::stdout(&a), super::stdout(&b), "{args:?}");
+    }
+    for args in [
+        vec![
+            "info",
+            "--image-opts",
+            "driver=qcow2,file.filename=x,bogus=1",
+        ],
+        vec![
+            "info",
+            r#"json:{"driver":"vmdk","file":{"driver":"file","filename":"x"}}"#,
+        ],
+        vec!["info", "--image-opts", "-f", "qcow2", opts.as_str()],
+    ] {
+        let (a, b) = (super::qcow(&args), qemu_img(&args));
+        assert_eq!(a.status.code(), Some(1), "{args:?}");
+        assert_eq!(b.status.code(), Some(1), "{args:?}");
+    }
+    // A convert from a JSON name reads the same disk.
+    let out = dir.path().join("out.raw");
+    let a = super::qcow(&[
+        "convert",
+        "-O",
+        "raw",
+        json.as_str(),
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(a.status.success(), "{a:?}");
+    let cmp = qemu_img(&["compare", path, out.to_str().expect("utf-8")]);
+    assert!(cmp.status.success());
+}
