@@ -28,6 +28,10 @@ pub(crate) struct CreateArgs {
     /// Quiet: print nothing.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Unsafe: do not open the backing file (its format must be given,
+    /// and the size).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
     #[command(flatten)]
     open: OpenFlags,
     /// The new image.
@@ -67,12 +71,19 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     } else {
         list.qcow2_options(size.unwrap_or(0))?
     };
-    if let Some(backing) = &options.backing_file {
-        if options.backing_format.is_none() {
-            bail!("backing format (-F) must be given with a backing file (-b)");
-        }
-        if size.is_none() {
-            let path = qcow::relative_to(&args.file, backing);
+    let name = args.file.display().to_string();
+    if let Some(backing) = options.backing_file.clone() {
+        if args.unsafe_backing {
+            if options.backing_format.is_none() {
+                bail!("{name}: Backing file specified without backing format");
+            }
+            if size.is_none() {
+                bail!("{name}: Image creation needs a size parameter");
+            }
+        } else {
+            // As qemu-img: the backing file must open, from the new image's
+            // directory, whatever is given.
+            let path = qcow::relative_to(&args.file, &backing);
             let image = open_image(
                 &path,
                 options.backing_format.as_deref(),
@@ -81,22 +92,30 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
                 true,
                 false,
             )
-            .context("could not open the backing file to learn its size")?;
-            options.size = image.virtual_size();
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{name}: {}\nCould not open backing image.",
+                    crate::describe(&e)
+                )
+            })?;
+            if options.backing_format.is_none() {
+                bail!(
+                    "{name}: Backing file specified without backing format\nDetected format of {}.",
+                    image.format().name()
+                );
+            }
+            if size.is_none() {
+                options.size = image.virtual_size();
+            }
         }
     } else if size.is_none() {
-        bail!("size must be given for an image without a backing file");
+        bail!("{name}: Image creation needs a size parameter");
     }
-    // Everything is checked before any file is touched.
-    if args.format == "qcow" {
-        qcow::QcowImage::validate_create(&options)
-    } else {
-        options.validate()
-    }
-    .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     let name = args.file.display().to_string();
-    if args.format == "qcow" {
-        if !args.quiet {
+    // As qemu-img: the Formatting line comes first, then the format's own
+    // checks; all of them before any file is touched.
+    if !args.quiet {
+        if args.format == "qcow" {
             let mut line = format!("Formatting '{name}', fmt=qcow size={}", options.size);
             if let Some(b) = &options.backing_file {
                 line.push_str(&format!(" backing_file={b}"));
@@ -105,12 +124,19 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
                 line.push_str(&format!(" backing_fmt={f}"));
             }
             println!("{line}");
+        } else {
+            println!("{}", list.formatting_line(&name, &options));
         }
+    }
+    if args.format == "qcow" {
+        qcow::QcowImage::validate_create(&options)
+    } else {
+        options.validate()
+    }
+    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    if args.format == "qcow" {
         qcow::create_qcow(&args.file, &options)?;
         return Ok(ExitCode::SUCCESS);
-    }
-    if !args.quiet {
-        println!("{}", list.formatting_line(&name, &options));
     }
     create_qcow2(&args.file, &options)?;
     Ok(ExitCode::SUCCESS)

@@ -67,11 +67,9 @@ impl OptionList {
                         other => bail!("invalid compat {other:?} (0.10 or 1.1)"),
                     }
                 }
-                "refcount_bits" => {
-                    o.refcount_bits = value
-                        .parse()
-                        .map_err(|_| anyhow::anyhow!("invalid refcount_bits {value:?}"))?
-                }
+                // A width that is no number is refused with the others, as
+                // QEMU refuses it (after its Formatting line).
+                "refcount_bits" => o.refcount_bits = value.parse().unwrap_or(0),
                 "lazy_refcounts" => o.lazy_refcounts = on_off(key, value)?,
                 "extended_l2" => o.extended_l2 = on_off(key, value)?,
                 "data_file_raw" => o.data_file_raw = on_off(key, value)?,
@@ -139,10 +137,13 @@ impl OptionList {
         if let Some(c) = self.get("compat") {
             line.push_str(&format!(" compat={c}"));
         }
+        // The width as given (qemu-img shows what it was told).
+        let refcount_bits = self
+            .get("refcount_bits")
+            .map_or_else(|| o.refcount_bits.to_string(), str::to_owned);
         line.push_str(&format!(
-            " lazy_refcounts={} refcount_bits={}",
+            " lazy_refcounts={} refcount_bits={refcount_bits}",
             on(o.lazy_refcounts),
-            o.refcount_bits
         ));
         line
     }

@@ -44,7 +44,16 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode> {
     // Backing files are plain names: options apply to the named image only.
     let mut flags = args.open.clone();
     flags.image_opts = false;
+    let mut seen = std::collections::HashSet::new();
     loop {
+        if let Ok(canonical) = path.canonicalize() {
+            if !seen.insert(canonical) {
+                anyhow::bail!(
+                    "Backing file '{}' creates an infinite loop.",
+                    path.display()
+                );
+            }
+        }
         // info reports names of files an image refers to but opens none.
         let image = open_image(&path, format.as_deref(), &flags, None, false, false)?;
         let info = image_info(&path, &image)?;

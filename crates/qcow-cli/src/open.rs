@@ -50,9 +50,12 @@ pub(crate) fn resolve_name(
             .pairs()
             .to_vec()
     } else if let Some(json) = text.strip_prefix("json:") {
-        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
-            anyhow::anyhow!("Could not open '{text}': Could not parse the JSON options: {e}")
-        })?;
+        // QEMU's JSON parser also takes single-quoted strings.
+        let value: serde_json::Value = serde_json::from_str(json)
+            .or_else(|_| serde_json::from_str(&json.replace('\'', "\"")))
+            .map_err(|e| {
+                anyhow::anyhow!("Could not open '{text}': Could not parse the JSON options: {e}")
+            })?;
         let mut pairs = Vec::new();
         flatten("", &value, &mut pairs)
             .map_err(|m| anyhow::anyhow!("Could not open '{text}': {m}"))?;
@@ -85,7 +88,35 @@ pub(crate) fn resolve_name(
     } else {
         ("file.filename", &["driver", "file.filename", "file.driver"])
     };
-    if let Some((key, _)) = options.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+    // Cache and tuning options change nothing qcow does: taken and ignored.
+    let tuning = |k: &str| {
+        k.starts_with("cache")
+            || k.starts_with("file.cache")
+            || k.starts_with("file.aio")
+            || k.starts_with("file.locking")
+            || matches!(
+                k,
+                "l2-cache-size"
+                    | "l2-cache-entry-size"
+                    | "refcount-cache-size"
+                    | "cache-clean-interval"
+                    | "discard"
+                    | "detect-zeroes"
+                    | "read-only"
+                    | "auto-read-only"
+                    | "force-share"
+                    | "node-name"
+                    | "pass-discard-request"
+                    | "pass-discard-snapshot"
+                    | "pass-discard-other"
+                    | "lazy-refcounts"
+                    | "overlap-check"
+            )
+    };
+    if let Some((key, _)) = options
+        .iter()
+        .find(|(k, _)| !allowed.contains(&k.as_str()) && !tuning(k))
+    {
         bail!(
             "Could not open '{text}': Block format '{driver}' does not support the option '{key}'"
         );

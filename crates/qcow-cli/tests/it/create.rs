@@ -71,3 +71,87 @@ fn formatting_lines_and_raw_images_match_qemu_img() {
         }
     }
 }
+
+#[test]
+fn backing_files_and_refusals_are_answered_as_qemu_img_answers_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run_in = |tool: &str, args: &[&str]| {
+        let program = if tool == "qcow" {
+            env!("CARGO_BIN_EXE_qcow")
+        } else {
+            "qemu-img"
+        };
+        let out = std::process::Command::new(program)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr).replacen(&format!("{tool}: "), "", 1);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            err,
+        )
+    };
+    assert!(
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            p(&dir.path().join("base.qcow2")),
+            "1M"
+        ])
+        .status
+        .success()
+    );
+    for args in [
+        vec!["-b", "inexistent.qcow2"],
+        vec!["-b", "inexistent.qcow2", "-F", "qcow2"],
+        vec!["-u", "-b", "inexistent.qcow2", "-F", "qcow2"],
+        vec!["-u", "-b", "inexistent.qcow2"],
+        vec!["-b", "base.qcow2"],
+        vec!["-o", "refcount_bits=3"],
+        vec!["-o", "refcount_bits=-1"],
+        vec!["-o", "compat=0.10,lazy_refcounts=on"],
+        vec!["-o", "cluster_size=4k,extended_l2=on"],
+    ] {
+        let mut full = vec!["create", "-f", "qcow2"];
+        full.extend(&args);
+        full.push("new.qcow2");
+        if !args.contains(&"base.qcow2") {
+            full.push("1M");
+        }
+        let _ = std::fs::remove_file(dir.path().join("new.qcow2"));
+        let ours = run_in("qcow", &full);
+        let _ = std::fs::remove_file(dir.path().join("new.qcow2"));
+        let theirs = run_in("qemu-img", &full);
+        assert_eq!(ours, theirs, "{args:?}");
+    }
+}
+
+#[test]
+fn a_backing_loop_is_named_as_qemu_img_names_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&a), "1M"])
+            .status
+            .success()
+    );
+    // Make the image its own backing file, as iotest 043 does.
+    let out = qemu_img(&["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", p(&a)]);
+    assert!(out.status.success());
+    let ours = qcow(&["info", "--backing-chain", p(&a)]);
+    let theirs = qemu_img(&["info", "--backing-chain", p(&a)]);
+    assert_eq!(ours.status.code(), theirs.status.code());
+    let message = format!("Backing file '{}' creates an infinite loop.", p(&a));
+    assert!(
+        String::from_utf8_lossy(&ours.stderr).contains(&message),
+        "{ours:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&theirs.stderr).contains(&message),
+        "{theirs:?}"
+    );
+}

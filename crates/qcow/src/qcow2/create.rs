@@ -119,39 +119,46 @@ impl CreateOptions {
         {
             return bad("Cluster size must be a power of two between 512 and 2048k".into());
         }
-        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
-            return bad(format!(
-                "refcount_bits {} must be a power of two up to 64",
-                self.refcount_bits
-            ));
+        if self.extended_l2 && cluster_bits < 14 {
+            return bad(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+                    .into(),
+            );
         }
-        let refcount_order = self.refcount_bits.trailing_zeros();
         if self.version != 2 && self.version != 3 {
             return bad(format!("version {} is not 2 or 3", self.version));
         }
-        if self.version == 2 {
-            let v3_only = [
-                (self.refcount_bits != 16, "refcount_bits other than 16"),
-                (self.lazy_refcounts, "lazy_refcounts"),
-                (self.extended_l2, "extended_l2"),
-                (
-                    self.compression_type != CompressionType::Zlib,
-                    "compression_type",
-                ),
-                (self.data_file.is_some(), "data_file"),
-            ];
-            if let Some((_, what)) = v3_only.iter().find(|(set, _)| *set) {
-                return bad(format!("{what} requires compat=1.1"));
-            }
+        // QEMU's words, in QEMU's order.
+        let v3 = "compatibility level 1.1 and above (use version=v3 or greater)";
+        if self.version == 2 && self.extended_l2 {
+            return bad(format!("Extended L2 entries are only supported with {v3}"));
         }
-        if self.extended_l2 && cluster_bits < 14 {
-            return bad("extended_l2 requires a cluster size of at least 16K".into());
+        if self.version == 2 && self.lazy_refcounts {
+            return bad(format!("Lazy refcounts only supported with {v3}"));
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return bad("Refcount width must be a power of two and may not exceed 64 bits".into());
+        }
+        let refcount_order = self.refcount_bits.trailing_zeros();
+        if self.version == 2 && self.refcount_bits != 16 {
+            return bad(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"
+                    .into(),
+            );
         }
         if self.data_file_raw && self.data_file.is_none() {
-            return bad("data_file_raw requires data_file".into());
+            return bad("data-file-raw requires data-file".into());
+        }
+        if self.version == 2 && self.data_file.is_some() {
+            return bad(format!("External data files are only supported with {v3}"));
+        }
+        if self.version == 2 && self.compression_type != CompressionType::Zlib {
+            return bad(format!(
+                "Non-zlib compression type is only supported with {v3}"
+            ));
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
-            return bad("backing_fmt requires backing_file".into());
+            return bad("Backing format cannot be used without backing file".into());
         }
         let too_large = || {
             bad("The image size is too large for file format 'qcow2' (try using a larger cluster size)".into())
