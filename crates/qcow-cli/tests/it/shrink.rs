@@ -169,3 +169,63 @@ fn growing_with_preallocation_lays_out_what_qemu_img_lays_out() {
     let b = qemu_img(&["resize", "--shrink", "--preallocation=full", p(&img), "4M"]);
     assert_eq!((a.status.code(), b.status.code()), (Some(1), Some(1)));
 }
+
+#[test]
+fn preallocation_over_a_backing_file_keeps_what_it_shows() {
+    // iotest 271: with extended L2, preallocating over a backing file sets
+    // host clusters aside but leaves the backing file showing; without
+    // extended L2, qemu-img refuses to create such an image.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0x11u8; 1 << 20]).expect("base");
+    for (label, create, resize) in [
+        (
+            "create metadata",
+            vec!["-o", "extended_l2=on,preallocation=metadata"],
+            None,
+        ),
+        (
+            "create falloc",
+            vec!["-o", "extended_l2=on,preallocation=falloc"],
+            None,
+        ),
+        (
+            "resize metadata",
+            vec!["-o", "extended_l2=on"],
+            Some("metadata"),
+        ),
+        ("resize full", vec!["-o", "extended_l2=on"], Some("full")),
+        ("resize metadata, no subclusters", vec![], Some("metadata")),
+        ("refused", vec!["-o", "preallocation=metadata"], None),
+    ] {
+        let ours = dir.path().join("ours.qcow2");
+        let theirs = dir.path().join("theirs.qcow2");
+        let size = if resize.is_some() { "503k" } else { "512k" };
+        let mut codes = Vec::new();
+        for (tool, f) in [
+            (qcow as fn(&[&str]) -> std::process::Output, &ours),
+            (qemu_img, &theirs),
+        ] {
+            let _ = std::fs::remove_file(f);
+            let args: Vec<&str> = [
+                &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw"],
+                create.as_slice(),
+                &[p(f), size],
+            ]
+            .concat();
+            let mut code = tool(&args).status.code();
+            if let (Some(mode), Some(0)) = (resize, code) {
+                let flag = format!("--preallocation={mode}");
+                code = tool(&["resize", "-q", &flag, p(f), "1013k"]).status.code();
+            }
+            codes.push(code);
+        }
+        assert_eq!(codes[0], codes[1], "{label}");
+        if codes[0] != Some(0) {
+            continue;
+        }
+        assert_check_clean(&ours);
+        let cmp = qemu_img(&["compare", p(&ours), p(&theirs)]);
+        assert!(cmp.status.success(), "{label}: {}", stdout(&cmp));
+    }
+}

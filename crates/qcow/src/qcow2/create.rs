@@ -157,6 +157,15 @@ impl CreateOptions {
                 "Non-zlib compression type is only supported with {v3}"
             ));
         }
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
+            return bad(
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+                    .into(),
+            );
+        }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return bad("Backing format cannot be used without backing file".into());
         }
