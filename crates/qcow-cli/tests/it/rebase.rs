@@ -227,3 +227,41 @@ fn refused_rebases_change_nothing_and_exit_like_qemu_img() {
     );
     assert!(std::fs::read(&small).expect("read") == small_bytes);
 }
+
+#[test]
+fn zeros_past_the_old_chain_become_zero_clusters_as_in_qemu_img() {
+    // iotest 252: rebasing an image without a backing file onto one that
+    // has data where the image reads zeros writes zero clusters there.
+    let strip = |path: &Path| {
+        map(path)
+            .split(", \"offset\"")
+            .map(|part| {
+                part.split_once('}')
+                    .map_or(part.to_owned(), |(_, rest)| format!("}}{rest}"))
+            })
+            .collect::<String>()
+    };
+    let mut maps = Vec::new();
+    for tool in [qcow as fn(&[&str]) -> Output, qemu_img] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("img.qcow2");
+        let new = dir.path().join("new.qcow2");
+        create(&img, None, "384k");
+        create(&new, None, "384k");
+        qemu_io(&img, &["write -P 0x22 0 128k", "write -P 0x11 128k 128k"]);
+        qemu_io(
+            &new,
+            &[
+                "write -P 0x11 0 64k",
+                "write -P 0x11 128k 64k",
+                "write -P 0x11 256k 64k",
+            ],
+        );
+        assert!(tool(&["rebase", "-b", "", p(&img)]).status.success());
+        let out = tool(&["rebase", "-b", "new.qcow2", "-F", "qcow2", p(&img)]);
+        assert!(out.status.success(), "{out:?}");
+        assert_check_clean(&img);
+        maps.push(strip(&img));
+    }
+    assert_eq!(maps[0], maps[1]);
+}

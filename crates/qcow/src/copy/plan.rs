@@ -204,6 +204,19 @@ impl Planner<'_> {
                 i = end;
                 continue;
             }
+            // Past the end of the old backing chain the source read zeros
+            // it holds nowhere: they are written as zeros, as qemu-img's
+            // rebase writes them (elsewhere the old data is copied).
+            let old_end = self.source.backing().map_or(0, |b| b.virtual_size());
+            let at = start + (a + i) as u64;
+            if self.source_offset + at >= old_end && is_zero(&buf[a + i..a + end]) {
+                pieces.push(Piece::Zero {
+                    at,
+                    len: (end - i) as u64,
+                });
+                i = end;
+                continue;
+            }
             let packed = self.compressor.and_then(|c| {
                 let mut whole = buf[a + i..a + end].to_vec();
                 whole.resize(block, 0);
