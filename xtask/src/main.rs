@@ -7,11 +7,14 @@
 //!   or check that the committed fixtures still match their manifest;
 //! * `bench [--size-gib N] [--runs N] [--qcow PATH]`: time `qcow convert`
 //!   against `qemu-img convert` on large images, then `qcow check` against
-//!   `qemu-img check`.
+//!   `qemu-img check`;
+//! * `iotests --qemu-source DIR [--jobs N] [--qcow PATH]`: QEMU's qcow2
+//!   iotests with qemu-img and with qcow in its place, and how many pass.
 
 mod bench;
 mod bench_check;
 mod fixtures;
+mod iotests;
 mod util;
 
 use std::process::ExitCode;
@@ -30,6 +33,9 @@ commands:
                                    N timed runs each (default 5); builds the release
                                    qcow-cli first unless --qcow names a binary to use;
                                    then the write jobs and `check` beside qemu-img check
+  iotests --qemu-source DIR [--jobs N] [--qcow PATH]
+                                   run QEMU's qcow2 iotests from DIR with qemu-img, then
+                                   with qcow in its place; report how many pass with each
   help                             print this message";
 
 fn main() -> ExitCode {
@@ -41,6 +47,7 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "fixtures" => fixtures::run(rest),
         "bench" => bench::run(rest),
+        "iotests" => iotests::run(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())
