@@ -275,7 +275,7 @@ impl Qcow2Image {
 
     /// The backing image, `None` when the image has none, and an error when
     /// it names one that was not opened.
-    fn backing_device(&self) -> Result<Option<&dyn BlockDevice>> {
+    pub(super) fn backing_device(&self) -> Result<Option<&dyn BlockDevice>> {
         crate::backing_layer(
             &self.name,
             self.backing.as_deref(),

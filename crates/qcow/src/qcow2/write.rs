@@ -647,15 +647,23 @@ impl Qcow2Image {
         }
         let cluster_size = self.header.cluster_size();
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-        let merged;
-        let contents = if piece.len() as u64 == cluster_size {
-            piece
-        } else {
-            merged = self.merged_cluster(piece, guest)?;
-            &merged
-        };
+        let partial = (piece.len() as u64) < cluster_size;
+        // A cluster that read as zeros and lands past the end of the file
+        // needs only the piece written: the rest of it reads as zeros there
+        // (QEMU zeroes the rest without writing it, too).
+        let zeros_before = partial && self.reads_as_zeros(guest, &table)?;
+        let end_before = Owner::file_len(self);
         let host = self.alloc_data(&mut meta, guest, 1)?;
-        if let Err(e) = self.write_data(contents, host) {
+        let fresh = !self.header.has_data_file() && host >= end_before;
+        let written = if zeros_before && fresh {
+            self.write_data(piece, host + in_cluster)
+        } else if partial {
+            self.merged_cluster(piece, guest)
+                .and_then(|merged| self.write_data(&merged, host))
+        } else {
+            self.write_data(piece, host)
+        };
+        if let Err(e) = written {
             self.give_back_data(&mut meta, host, 1);
             return Err(e);
         }
@@ -665,6 +673,31 @@ impl Qcow2Image {
     /// The whole guest cluster holding `guest` as it reads now, with
     /// `piece` written over it at `guest` (zeros past the end of the disk):
     /// the contents of a copy-on-write.
+    /// Whether the cluster of `guest` reads as zeros now: unallocated in
+    /// `table` (not even a zero cluster with space kept) with nothing of a
+    /// backing file beneath it.
+    fn reads_as_zeros(&self, guest: u64, table: &L2Table) -> Result<bool> {
+        let words = self.geometry.l2_entry_words();
+        let index = self.geometry.l2_index(guest) * words;
+        let entry = table
+            .get(index)
+            .map_or(u64::MAX, |e| e.load(Ordering::Acquire));
+        // A zero cluster without space kept (version 3) hides any backing
+        // file.
+        let zero_flag =
+            words == 1 && self.header.version >= 3 && entry == qcow_format::table::OFLAG_ZERO;
+        if zero_flag {
+            return Ok(true);
+        }
+        if entry != 0 {
+            return Ok(false);
+        }
+        let cluster_start = guest - self.geometry.in_cluster(guest);
+        Ok(self
+            .backing_device()?
+            .is_none_or(|b| b.virtual_size() <= cluster_start))
+    }
+
     fn merged_cluster(&self, piece: &[u8], guest: u64) -> Result<Vec<u8>> {
         let cluster_size = self.header.cluster_size();
         let in_cluster = self.geometry.in_cluster(guest);
