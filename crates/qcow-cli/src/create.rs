@@ -13,9 +13,10 @@ use crate::size::{image_size, option_size};
 /// Arguments of `qcow create`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct CreateArgs {
-    /// Image format: qcow2 (default).
-    #[arg(short = 'f', value_name = "FMT", default_value = "qcow2")]
-    format: String,
+    /// Image format: qcow2 (the default, but raw when invoked as
+    /// qemu-img, as qemu-img's default is), qcow or raw.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
     /// Format options, `key=value,...` (qemu-img's names).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -42,11 +43,17 @@ pub(crate) struct CreateArgs {
 
 /// Runs `qcow create`.
 pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
-    if args.format == "raw" {
+    let default = if crate::prog() == "qemu-img" {
+        "raw"
+    } else {
+        "qcow2"
+    };
+    let format = args.format.as_deref().unwrap_or(default);
+    if format == "raw" {
         return create_raw(args);
     }
-    if args.format != "qcow2" && args.format != "qcow" {
-        bail!("Unknown file format '{}'", args.format);
+    if format != "qcow2" && format != "qcow" {
+        bail!("Unknown file format '{format}'");
     }
     let mut list = OptionList::parse(&args.options)?;
     if let Some(b) = &args.backing {
@@ -66,7 +73,7 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
         ),
         (None, None) => None,
     };
-    let mut options = if args.format == "qcow" {
+    let mut options = if format == "qcow" {
         list.qcow_options(size.unwrap_or(0))?
     } else {
         list.qcow2_options(size.unwrap_or(0))?
@@ -115,7 +122,7 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     // As qemu-img: the Formatting line comes first, then the format's own
     // checks; all of them before any file is touched.
     if !args.quiet {
-        if args.format == "qcow" {
+        if format == "qcow" {
             let mut line = format!("Formatting '{name}', fmt=qcow size={}", options.size);
             if let Some(b) = &options.backing_file {
                 line.push_str(&format!(" backing_file={b}"));
@@ -128,13 +135,13 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
             println!("{}", list.formatting_line(&name, &options));
         }
     }
-    if args.format == "qcow" {
+    if format == "qcow" {
         qcow::QcowImage::validate_create(&options)
     } else {
         options.validate()
     }
     .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    if args.format == "qcow" {
+    if format == "qcow" {
         qcow::create_qcow(&args.file, &options)?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -102,3 +102,27 @@ fn json_names_and_image_opts_open_what_qemu_img_opens() {
     let cmp = qemu_img(&["compare", path, out.to_str().expect("utf-8")]);
     assert!(cmp.status.success());
 }
+
+#[test]
+fn create_without_a_format_makes_what_the_invoked_name_makes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = dir.path().join("qemu-img");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_qcow"), &link).expect("symlink");
+    let ours = dir.path().join("ours.img");
+    let theirs = dir.path().join("theirs.img");
+    let a = Command::new(&link)
+        .args(["create", ours.to_str().expect("utf-8"), "1M"])
+        .output()
+        .expect("run through the link");
+    let b = qemu_img(&["create", theirs.to_str().expect("utf-8"), "1M"]);
+    assert!(a.status.success() && b.status.success());
+    assert_eq!(
+        super::stdout(&a).replace("ours", "X"),
+        super::stdout(&b).replace("theirs", "X")
+    );
+    assert_eq!(std::fs::metadata(&ours).expect("ours").len(), 1 << 20);
+    // As qcow, the default stays qcow2.
+    let q = dir.path().join("q.img");
+    let c = super::qcow(&["create", q.to_str().expect("utf-8"), "1M"]);
+    assert!(super::stdout(&c).contains("fmt=qcow2"), "{c:?}");
+}
