@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use qcow::{AmendOptions, Image};
 
-use crate::create_opts::OptionList;
+use crate::create_opts::{OptionList, on_off};
 use crate::open::{OpenFlags, open_options};
 use crate::size::option_size;
 
@@ -112,12 +112,4 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
     image.amend(&amend)?;
     image.close()?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn on_off(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => bail!("Parameter '{key}' expects 'on' or 'off'"),
-    }
 }

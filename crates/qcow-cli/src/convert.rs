@@ -290,16 +290,9 @@ fn raw_output(args: &ConvertArgs, dest_path: &Path, size: u64, sync: bool) -> Re
             qcow::Preallocation::Falloc => dest
                 .allocate(0, size)
                 .with_context(|| format!("could not preallocate '{name}'"))?,
-            qcow::Preallocation::Full => {
-                let zeros = vec![0u8; (size.min(1 << 20)) as usize];
-                let mut at = 0;
-                while at < size {
-                    let n = (size - at).min(zeros.len() as u64) as usize;
-                    dest.write_at(&zeros[..n], at)
-                        .with_context(|| format!("could not preallocate '{name}'"))?;
-                    at += n as u64;
-                }
-            }
+            qcow::Preallocation::Full => dest
+                .write_zeroes(0, size)
+                .with_context(|| format!("could not preallocate '{name}'"))?,
             _ => {}
         }
         Ok(Image::Raw(RawImage::open(&name, Arc::new(dest))?))

@@ -219,15 +219,7 @@ fn create_raw(args: &CreateArgs) -> Result<ExitCode> {
         qcow_io::Storage::set_len(&file, len)?;
         match mode {
             qcow::Preallocation::Falloc => qcow_io::Storage::allocate(&file, 0, len)?,
-            qcow::Preallocation::Full => {
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut at = 0;
-                while at < len {
-                    let n = (len - at).min(zeros.len() as u64) as usize;
-                    qcow_io::Storage::write_at(&file, &zeros[..n], at)?;
-                    at += n as u64;
-                }
-            }
+            qcow::Preallocation::Full => qcow_io::Storage::write_zeroes(&file, 0, len)?,
             _ => {
                 // As QEMU: the first block is written, so that the file
                 // system has allocated it (and says its alignment).

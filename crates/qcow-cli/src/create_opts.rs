@@ -149,11 +149,12 @@ impl OptionList {
     }
 }
 
-fn on_off(key: &str, value: &str) -> Result<bool> {
+/// A boolean option's value, refused with QEMU's words.
+pub(crate) fn on_off(key: &str, value: &str) -> Result<bool> {
     match value {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
-        other => bail!("invalid value {other:?} for {key} (on or off)"),
+        _ => bail!("Parameter '{key}' expects 'on' or 'off'"),
     }
 }
 

@@ -197,6 +197,10 @@ impl Planner<'_> {
         } else {
             self.cluster as usize
         };
+        // Past the end of the old backing chain the source reads zeros it
+        // holds nowhere: they are written as zeros, as qemu-img's rebase
+        // writes them (elsewhere the old data is copied).
+        let old_end = self.source.backing().map_or(0, |b| b.virtual_size());
         let mut i = 0;
         while i < b - a {
             let end = (i + block).min(b - a);
@@ -204,10 +208,6 @@ impl Planner<'_> {
                 i = end;
                 continue;
             }
-            // Past the end of the old backing chain the source read zeros
-            // it holds nowhere: they are written as zeros, as qemu-img's
-            // rebase writes them (elsewhere the old data is copied).
-            let old_end = self.source.backing().map_or(0, |b| b.virtual_size());
             let at = start + (a + i) as u64;
             if self.source_offset + at >= old_end && is_zero(&buf[a + i..a + end]) {
                 pieces.push(Piece::Zero {

@@ -25,7 +25,7 @@ use qcow_format::header::{
 };
 use qcow_format::table::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, refcount_get};
 
-use super::{Qcow2Image, decode_be_words, read_l1};
+use super::{Qcow2Image, read_l1};
 use crate::{Error, Result};
 
 /// What [`Qcow2Image::amend`] changes; `None` keeps the current value.
@@ -273,7 +273,7 @@ impl Qcow2Image {
                 if !seen.insert(l2) {
                     continue;
                 }
-                let table = self.read_table_cluster(l2)?;
+                let table = self.read_l2_words(l2)?;
                 if table
                     .iter()
                     .step_by(words)
@@ -284,24 +284,6 @@ impl Qcow2Image {
             }
         }
         Ok(false)
-    }
-
-    fn read_table_cluster(&self, offset: u64) -> Result<Vec<u64>> {
-        let cs = self.header.cluster_size();
-        if offset % cs != 0 || offset.saturating_add(cs) > self.file_len() {
-            return Err(Error::Corrupt {
-                image: self.name.clone(),
-                table: "L2 table",
-                offset,
-                reason: "misaligned or past the end of the file".into(),
-            });
-        }
-        // One cluster: at most 2 MiB.
-        let mut bytes = vec![0u8; cs as usize];
-        self.file
-            .read_at(&mut bytes, offset)
-            .map_err(|e| Error::io(&self.name, "reading an L2 table", offset, e))?;
-        Ok(decode_be_words(&bytes))
     }
 
     /// Version 3 to 2 (checked beforehand): zero clusters become clusters
@@ -341,7 +323,7 @@ impl Qcow2Image {
                 if !seen.insert(l2) {
                     continue;
                 }
-                let mut table = self.read_table_cluster(l2)?;
+                let mut table = self.read_l2_words(l2)?;
                 let mut changed = false;
                 let mut meta = self.lock_meta()?;
                 let l2_refcount = meta.refcount(l2 >> self.header.cluster_bits)?;
@@ -414,8 +396,10 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Every cluster's stored refcount, for the clusters of the file.
+    /// Every cluster's stored refcount, for the clusters of the file (the
+    /// cached refcount blocks written first).
     fn stored_refcounts(&self) -> Result<Vec<u64>> {
+        self.flush_refcounts()?;
         let cs = self.header.cluster_size();
         let order = self.header.refcount_order;
         let per_block = (cs * 8) >> order;
@@ -426,13 +410,19 @@ impl Qcow2Image {
             if block == 0 {
                 continue;
             }
-            let bytes = self.read_table_cluster(block).map_err(|_| Error::Corrupt {
-                image: self.name.clone(),
-                table: "refcount table",
-                offset: self.header.refcount_table_offset,
-                reason: format!("refcount block {block:#x} is invalid"),
-            })?;
-            let raw: Vec<u8> = bytes.iter().flat_map(|w| w.to_be_bytes()).collect();
+            if block % cs != 0 || block.saturating_add(cs) > self.file_len() {
+                return Err(Error::Corrupt {
+                    image: self.name.clone(),
+                    table: "refcount table",
+                    offset: self.header.refcount_table_offset,
+                    reason: format!("refcount block {block:#x} is invalid"),
+                });
+            }
+            // One cluster: at most 2 MiB.
+            let mut raw = vec![0u8; cs as usize];
+            self.file
+                .read_at(&mut raw, block)
+                .map_err(|e| Error::io(&self.name, "reading a refcount block", block, e))?;
             for j in 0..per_block {
                 let cluster = i as u64 * per_block + j;
                 if cluster >= clusters {

@@ -94,14 +94,16 @@ impl Qcow2Image {
             .map_err(|e| Error::io(&self.name, "flushing", 0, e))
     }
 
-    fn read_l2_words(&self, offset: u64) -> Result<Vec<u64>> {
+    /// The L2 table at `offset` as stored, refused when misaligned or past
+    /// the end of the file (it is written back where it was read).
+    pub(super) fn read_l2_words(&self, offset: u64) -> Result<Vec<u64>> {
         let cs = self.header.cluster_size();
-        if offset.saturating_add(cs) > self.file_len() {
+        if offset % cs != 0 || offset.saturating_add(cs) > self.file_len() {
             return Err(Error::Corrupt {
                 image: self.name.clone(),
                 table: "L2 table",
                 offset,
-                reason: "past the end of the file".into(),
+                reason: "misaligned or past the end of the file".into(),
             });
         }
         // One cluster: at most 2 MiB.
