@@ -3,30 +3,9 @@
 //! deterministic), a clean check, and every refusal alike.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use super::{assert_check_clean, qcow, qemu_img, stdout};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn qemu_io(path: &Path, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(path).output().expect("qemu-io is required");
-    assert!(
-        out.status.success(),
-        "qemu-io {commands:?}: {}",
-        stderr(&out)
-    );
-}
+use super::{p, qemu_io, stderr};
 
 /// Two copies of an image made by `make`: ours and qemu-img's.
 fn pair(dir: &Path, make: impl Fn(&Path)) -> (PathBuf, PathBuf) {

@@ -5,11 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use super::p;
 use super::{assert_check_clean, qcow, qemu_img, stdout};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 fn image(path: &Path) {
     assert!(

@@ -5,32 +5,12 @@
 //! `qemu-img compare` finds identical to qemu-img's own repair.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use qcow::format::header::field;
 
+use super::{p, qemu_io, stderr};
 use super::{qcow, qemu_img, stdout};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn qemu_io(path: &Path, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(path).output().expect("qemu-io is required");
-    assert!(
-        out.status.success(),
-        "qemu-io {commands:?}: {}",
-        stderr(&out)
-    );
-}
 
 /// An image file's bytes with helpers to find and poke its structures.
 struct Bytes {

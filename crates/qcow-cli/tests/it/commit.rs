@@ -3,32 +3,12 @@
 //! map, and passes its check; the image's view never changes.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
 use super::{assert_check_clean, qcow, qemu_img, stdout};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn qemu_io(path: &Path, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(path).output().expect("qemu-io is required");
-    assert!(
-        out.status.success(),
-        "qemu-io {commands:?}: {}",
-        stderr(&out)
-    );
-}
+use super::{p, qemu_io, stderr};
 
 /// base (8 MiB) <- mid (8 MiB) <- top (12 MiB), each layer writing over
 /// the one below, with zeroed ranges, and data in top past the end of the

@@ -4,18 +4,9 @@
 //! compressed clusters from plain ones, run by run, as qemu-img does.
 
 use std::path::Path;
-use std::process::Command;
 
+use super::qemu_io;
 use super::{fixtures, qcow, qemu_img, stdout};
-
-fn qemu_io(image: &Path, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(image).output().expect("qemu-io is required");
-    assert!(out.status.success(), "qemu-io {commands:?}: {out:?}");
-}
 
 fn qemu_img_ok(args: &[&str]) {
     let out = qemu_img(args);

@@ -8,10 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{assert_check_clean, qcow, qemu_img};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
+use super::{p, qemu_io};
 
 /// A 24 MiB raw disk with four runs of data (pseudo-random, so that
 /// neither zero detection nor compression removes them) between holes.
@@ -124,15 +121,6 @@ fn out_of_order_writes_make_the_same_disk() {
     assert_check_clean(&out);
     let cmp = qemu_img(&["compare", p(&source), p(&out)]);
     assert!(cmp.status.success(), "contents differ");
-}
-
-fn qemu_io(path: &Path, commands: &[&str]) {
-    let mut cmd = std::process::Command::new("qemu-io");
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(path).output().expect("qemu-io is required");
-    assert!(out.status.success(), "qemu-io {commands:?}");
 }
 
 fn image(dir: &Path, name: &str, size: &str, writes: &[&str]) -> std::path::PathBuf {

@@ -5,11 +5,8 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use super::p;
 use super::{qcow, qemu_img, stdout};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 #[test]
 fn formatting_lines_and_raw_images_match_qemu_img() {

@@ -8,14 +8,7 @@ use std::path::{Path, PathBuf};
 use qcow::format::header::field;
 
 use super::{assert_check_clean, qcow, qemu_img, stdout};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use super::{p, stderr};
 
 /// A 1 GiB qcow2 image (64 KiB clusters, 16-bit refcounts) with data in
 /// its first cluster, so that it has one L2 table.

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::{p, stderr};
 use super::{qcow, qemu_img, stdout};
 
 /// A QEMU process that holds an image open until dropped.
@@ -96,14 +97,6 @@ impl Drop for Holder {
     }
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn sample_copy(dir: &Path, name: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     let out = qemu_img(&["convert", "-O", "qcow2", "sample.qcow2", p(&path)]);
@@ -146,6 +139,10 @@ fn qcow_refuses_images_qemu_io_writes() {
     assert_lock_refused(&repair, "Failed to get \"write\" lock", &img);
     let rebase = qcow(&["rebase", "-b", "", p(&img)]);
     assert_lock_refused(&rebase, "Failed to get \"write\" lock", &img);
+    let amend = qcow(&["amend", "-o", "lazy_refcounts=on", p(&img)]);
+    assert_lock_refused(&amend, "Failed to get \"write\" lock", &img);
+    let bench = qcow(&["bench", "-w", "-c", "10", p(&img)]);
+    assert_lock_refused(&bench, "Failed to get \"write\" lock", &img);
     for args in [
         vec!["check", p(&img)],
         vec!["info", p(&img)],

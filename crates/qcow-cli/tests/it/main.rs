@@ -43,6 +43,31 @@ fn qemu_img(args: &[&str]) -> Output {
     run("qemu-img", args, &testdata())
 }
 
+/// A path as the `&str` the command lines take.
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// Standard error as text.
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs qemu-io's `commands` on `path`, failing the test (and saying so)
+/// if qemu-io is missing or a command fails.
+fn qemu_io(path: &Path, commands: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(path).output().expect("qemu-io is required");
+    assert!(
+        out.status.success(),
+        "qemu-io {commands:?}: {}",
+        stderr(&out)
+    );
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -7,11 +7,8 @@ use std::process::{Command, Output};
 
 use qcow::format::header::field;
 
+use super::p;
 use super::{qemu_img, stdout};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 fn be32(bytes: &[u8], at: u64) -> u32 {
     let at = at as usize;

@@ -2,23 +2,8 @@
 //! for empty disks and for sources of every kind, over the options that
 //! change the answer.
 
-use std::path::Path;
-use std::process::Command;
-
+use super::{p, qemu_io};
 use super::{qcow, qemu_img, stdout};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn qemu_io(path: &Path, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(path).output().expect("qemu-io is required");
-    assert!(out.status.success(), "qemu-io {commands:?}");
-}
 
 fn make(args: &[&str]) {
     let out = qemu_img(args);

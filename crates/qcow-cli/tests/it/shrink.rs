@@ -6,11 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use super::p;
 use super::{assert_check_clean, qcow, qemu_img, stdout};
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 fn prepare(path: &Path, options: &str, snapshot: bool) {
     let out = qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, p(path), "64M"]);
