@@ -114,7 +114,7 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
         Some(p) => p,
         None => &(),
     };
-    qcow::copy::copy(&chain, base, &copy, observer)?;
+    qcow::copy::copy(&chain, base, &copy, observer).context("Block job failed")?;
     base.flush()?;
     if !keep {
         // Formats that cannot be emptied keep their data, as with qemu-img.

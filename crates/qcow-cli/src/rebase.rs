@@ -106,7 +106,8 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
                 backing_options.format = backing_format;
                 let path = qcow::relative_to(&file, name);
                 let opened = qcow::open(&path, &backing_options).map_err(|e| {
-                    anyhow::anyhow!("Could not open new backing file '{name}': {e}")
+                    anyhow::Error::new(e)
+                        .context(format!("Could not open new backing file '{name}'"))
                 })?;
                 Box::new(opened)
             }
@@ -127,14 +128,14 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
         };
         let image_ref: &dyn BlockDevice = &*image;
         qcow::copy::copy_differences(image_ref, image_ref, &*baseline, &copy, observer)
-            .map_err(|e| anyhow::anyhow!("Error while writing to COW image: {e}"))?;
+            .map_err(|e| anyhow::Error::new(e).context("Error while writing to COW image"))?;
         if let Some(p) = progress {
             p.finish();
         }
     }
-    image
-        .set_backing_file(new)
-        .map_err(|e| anyhow::anyhow!("Could not change the backing file to '{backing}': {e}"))?;
+    image.set_backing_file(new).map_err(|e| {
+        anyhow::Error::new(e).context(format!("Could not change the backing file to '{backing}'"))
+    })?;
     image.close()?;
     Ok(ExitCode::SUCCESS)
 }

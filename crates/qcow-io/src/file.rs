@@ -5,7 +5,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::lock::{LockError, Perms, lock_file, unlock_file};
 use crate::{Storage, StorageExtent};
@@ -21,6 +22,61 @@ pub struct FileStorage {
     durable: bool,
     /// Whether QEMU's lock bytes were taken through this file.
     locked: AtomicBool,
+    /// The last data or hole run the file system reported.
+    extents: ExtentCache,
+}
+
+/// Remembers the last run `SEEK_DATA`/`SEEK_HOLE` found, so that asking
+/// about each chunk of a long run does not seek again: each `SEEK_HOLE`
+/// scans from the chunk to the end of the run, which on tmpfs walks the
+/// page cache, so a fully written 1 GiB file asked about 4 MiB at a time
+/// cost a second of system time. Any change through this `FileStorage`
+/// forgets the run. Changes by other processes are not seen until then;
+/// QEMU's locks keep writers away unless the user shares the file.
+#[derive(Debug, Default)]
+struct ExtentCache {
+    /// Bumped after every change to the file through this handle.
+    generation: AtomicU64,
+    /// The last run, with the generation it was found in.
+    last: Mutex<Option<(Run, u64)>>,
+}
+
+/// A run of a file: `start..end`, data or hole.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    start: u64,
+    end: u64,
+    data: bool,
+}
+
+impl ExtentCache {
+    /// The remembered run holding `offset`, if it is still current.
+    fn lookup(&self, offset: u64) -> Option<Run> {
+        let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (run, generation) = last?;
+        (generation == self.generation.load(Ordering::Acquire)
+            && (run.start..run.end).contains(&offset))
+        .then_some(run)
+    }
+
+    /// The generation to pass to [`ExtentCache::remember`] for a run about
+    /// to be looked up.
+    fn current(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Remembers `run`, found in `generation`, unless the file changed since.
+    fn remember(&self, run: Run, generation: u64) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if generation == self.generation.load(Ordering::Acquire) {
+            *last = Some((run, generation));
+        }
+    }
+
+    /// Forgets any run: the file changed.
+    fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl FileStorage {
@@ -32,6 +88,7 @@ impl FileStorage {
             writable,
             durable: true,
             locked: AtomicBool::new(false),
+            extents: ExtentCache::default(),
         })
     }
 
@@ -80,6 +137,7 @@ impl FileStorage {
             writable: true,
             durable: true,
             locked,
+            extents: ExtentCache::default(),
         })
     }
 
@@ -97,6 +155,7 @@ impl FileStorage {
             writable,
             durable: true,
             locked: AtomicBool::new(false),
+            extents: ExtentCache::default(),
         }
     }
 
@@ -139,7 +198,9 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         // write_all_at loops on short writes and EINTR.
-        self.file.write_all_at(buf, offset)
+        let written = self.file.write_all_at(buf, offset);
+        self.extents.invalidate();
+        written
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -147,7 +208,9 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+        let done = self.file.set_len(len);
+        self.extents.invalidate();
+        done
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -160,7 +223,9 @@ impl Storage for FileStorage {
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::{FallocateFlags, fallocate};
-        fallocate(&self.file, FallocateFlags::empty(), offset, len).map_err(io::Error::from)
+        let done = fallocate(&self.file, FallocateFlags::empty(), offset, len);
+        self.extents.invalidate();
+        done.map_err(io::Error::from)
     }
 
     fn allocated_size(&self) -> io::Result<Option<u64>> {
@@ -168,37 +233,62 @@ impl Storage for FileStorage {
         Ok(Some(self.file.metadata()?.blocks() * 512))
     }
 
-    /// Finds holes with `SEEK_DATA`/`SEEK_HOLE`. The file position moves,
-    /// which nothing here depends on (all I/O is positional).
+    /// Finds holes with `SEEK_DATA`/`SEEK_HOLE`, remembering the last run
+    /// found until the file changes through this handle. The file position
+    /// moves, which nothing here depends on (all I/O is positional).
     fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {
-        use rustix::fs::{SeekFrom, seek};
         let all_data = StorageExtent { data: true, len };
         if len == 0 {
             return Ok(all_data);
         }
+        let run = match self.extents.lookup(offset) {
+            Some(run) => run,
+            None => {
+                let generation = self.extents.current();
+                let Some(run) = self.seek_run(offset)? else {
+                    return Ok(all_data);
+                };
+                self.extents.remember(run, generation);
+                run
+            }
+        };
+        Ok(StorageExtent {
+            data: run.data,
+            len: run.end.saturating_sub(offset).clamp(1, len),
+        })
+    }
+}
+
+impl FileStorage {
+    /// Asks the file system for the data or hole run starting at `offset`
+    /// (`None`: it cannot tell).
+    fn seek_run(&self, offset: u64) -> io::Result<Option<Run>> {
+        use rustix::fs::{SeekFrom, seek};
         let data_start = match seek(&self.file, SeekFrom::Data(offset)) {
             Ok(start) => start,
             // Past the last data: a hole to the end.
             Err(rustix::io::Errno::NXIO) => u64::MAX,
             // The file system cannot tell: call it all data.
-            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => return Ok(all_data),
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         if data_start > offset {
-            return Ok(StorageExtent {
+            return Ok(Some(Run {
+                start: offset,
+                end: data_start,
                 data: false,
-                len: (data_start - offset).min(len),
-            });
+            }));
         }
         let hole_start = match seek(&self.file, SeekFrom::Hole(offset)) {
             Ok(start) => start,
             Err(rustix::io::Errno::NXIO) => u64::MAX,
             Err(e) => return Err(e.into()),
         };
-        Ok(StorageExtent {
+        Ok(Some(Run {
+            start: offset,
+            end: hole_start.max(offset.saturating_add(1)),
             data: true,
-            len: hole_start.saturating_sub(offset).clamp(1, len),
-        })
+        }))
     }
 }
 
@@ -293,6 +383,28 @@ mod tests {
             assert!(!s.extent((2 << 20) + data.len, 1 << 20)?.data);
         }
         assert_eq!(s.extent(0, 0)?.len, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn remembered_runs_are_forgotten_on_writes() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = FileStorage::create(&dir.path().join("sparse"))?;
+        s.set_len(8 << 20)?;
+        let before = s.extent(1 << 20, 1 << 20)?;
+        // File systems without hole reporting call it all data.
+        if !before.data {
+            // The run is remembered: asking again further in agrees.
+            assert!(!s.extent(2 << 20, 1 << 20)?.data);
+            s.write_at(&[7u8; 4096], 3 << 20)?;
+            let data = s.extent(3 << 20, 1 << 20)?;
+            assert!(data.data, "a write into a remembered hole reads as data");
+            assert!(!s.extent(2 << 20, 4 << 20)?.data);
+            assert_eq!(s.extent(2 << 20, 4 << 20)?.len, 1 << 20);
+            s.set_len(0)?;
+            s.set_len(8 << 20)?;
+            assert!(!s.extent(3 << 20, 1 << 20)?.data, "truncated away");
+        }
         Ok(())
     }
 

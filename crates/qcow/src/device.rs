@@ -154,8 +154,21 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// before anything reads it: a copy that wants the file laid out in the
     /// disk's order while its data is written in parallel. The default does
     /// nothing (formats without allocation).
-    fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+    ///
+    /// Returns what was laid out: should the writes not all happen (one
+    /// failed, the copy stopped), hand it to [`BlockDevice::release`], or
+    /// the image keeps space mapped that was never written.
+    fn reserve(&self, offset: u64, len: u64) -> Result<Reservation> {
         let _ = (offset, len);
+        Ok(Reservation::default())
+    }
+
+    /// Unmaps and frees what `reservation` laid out and writes have not
+    /// replaced since (those parts read as unallocated again), once the
+    /// tables that stopped pointing at it are on disk. The default does
+    /// nothing (formats without allocation).
+    fn release(&self, reservation: Reservation) -> Result<()> {
+        let _ = reservation;
         Ok(())
     }
 
@@ -169,6 +182,43 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// clusters (and that are open for writing).
     fn compressed_writes(&self) -> Option<&dyn CompressedWrites> {
         None
+    }
+}
+
+/// Space [`BlockDevice::reserve`] laid out: runs of guest clusters mapped
+/// to new host clusters.
+#[derive(Debug, Default)]
+#[must_use = "a reservation whose writes fail must be released"]
+pub struct Reservation {
+    runs: Vec<ReservedRun>,
+}
+
+/// `clusters` guest clusters from guest byte `guest`, mapped to as many
+/// host clusters from host byte `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReservedRun {
+    pub(crate) guest: u64,
+    pub(crate) host: u64,
+    pub(crate) clusters: u64,
+}
+
+impl Reservation {
+    /// Whether nothing was laid out.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Adds the runs of `other`.
+    pub fn append(&mut self, mut other: Reservation) {
+        self.runs.append(&mut other.runs);
+    }
+
+    pub(crate) fn push(&mut self, run: ReservedRun) {
+        self.runs.push(run);
+    }
+
+    pub(crate) fn runs(&self) -> &[ReservedRun] {
+        &self.runs
     }
 }
 

@@ -79,8 +79,11 @@ impl BlockDevice for Image {
     fn is_writable(&self) -> bool {
         self.device().is_writable()
     }
-    fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+    fn reserve(&self, offset: u64, len: u64) -> Result<crate::Reservation> {
         self.device().reserve(offset, len)
+    }
+    fn release(&self, reservation: crate::Reservation) -> Result<()> {
+        self.device().release(reservation)
     }
 }
 

@@ -14,6 +14,7 @@ mod convert;
 mod create;
 mod dropin;
 mod guards;
+mod halfway;
 mod locking;
 mod map;
 mod measure;

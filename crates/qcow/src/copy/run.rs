@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::{Mutex, PoisonError};
 
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, Reservation};
 use crate::{Error, Result};
 
 use super::plan::{Chunk, Piece, Planner};
@@ -122,7 +122,7 @@ impl Job<'_> {
         let stop = AtomicBool::new(false);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         // Chunks whose space is reserved, on their way to the writers.
-        let (wtx, wrx) = sync_channel::<(u64, Chunk)>(self.workers * 2);
+        let (wtx, wrx) = sync_channel::<(u64, Chunk, Reservation)>(self.workers * 2);
         let wrx = Mutex::new(wrx);
         let fail = |e: Error| {
             stop.store(true, Ordering::Relaxed);
@@ -174,7 +174,7 @@ impl Job<'_> {
                 scope.spawn(move || {
                     loop {
                         let received = wrx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                        let Ok((index, chunk)) = received else {
+                        let Ok((index, chunk, reserved)) = received else {
                             return;
                         };
                         // Every chunk handed on is written, also after a
@@ -185,7 +185,14 @@ impl Job<'_> {
                                 let (start, end) = self.bounds(index);
                                 self.advance(counters, end - start);
                             }
-                            Err(e) => fail(e),
+                            Err(e) => {
+                                // Nothing may stay mapped to space that
+                                // was not written.
+                                fail(e);
+                                if let Err(e) = self.target.release(reserved) {
+                                    fail(e);
+                                }
+                            }
                         }
                     }
                 });
@@ -194,12 +201,25 @@ impl Job<'_> {
                 if stop.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
+                let mut reserved = Reservation::default();
                 for piece in &chunk.pieces {
                     if let Piece::Data { at, start, end } = piece {
-                        self.target.reserve(*at, (end - start) as u64)?;
+                        match self.target.reserve(*at, (end - start) as u64) {
+                            Ok(more) => reserved.append(more),
+                            Err(e) => {
+                                // Best effort: the reservation's error is
+                                // the one to report.
+                                let _ = self.target.release(reserved);
+                                return Err(e);
+                            }
+                        }
                     }
                 }
-                wtx.send((index, chunk)).map_err(|_| Error::Cancelled)
+                wtx.send((index, chunk, reserved)).map_err(|e| {
+                    let (_, _, reserved) = e.0;
+                    let _ = self.target.release(reserved);
+                    Error::Cancelled
+                })
             });
             drop(wtx);
             if let Err(e) = result {

@@ -14,16 +14,71 @@ impl Qcow2Image {
     /// does: L2 tables and data clusters (`metadata`), with the file's space
     /// reserved (`falloc`) or written with zeros (`full`).
     pub fn preallocate(&self, mode: super::Preallocation) -> Result<()> {
-        self.preallocate_range(0, self.virtual_size, mode)
+        self.preallocate_range(0, self.virtual_size, mode, None)
+    }
+
+    /// Before a resize that preallocates `old_size..new_size` as `mode`
+    /// (`falloc` or `full`): grows the image file by at least what the
+    /// grown part will take (data clusters, L2 tables, refcount blocks and
+    /// tables, a larger L1 table), reserved or written with zeros, before
+    /// anything refers to it. A full disk or a file size limit then fails
+    /// here, with the file cut back and the image as it was, rather than
+    /// after the header names the new size (QEMU also grows the file before
+    /// it links the new clusters). Returns the old end of the file: the
+    /// space past it reads as zeros and is already reserved. `None` when
+    /// there is nothing to take (other modes, a shrink, or an external data
+    /// file, which holds the data clusters).
+    pub(super) fn take_space_for_preallocation(
+        &self,
+        old_size: u64,
+        new_size: u64,
+        mode: super::Preallocation,
+    ) -> Result<Option<u64>> {
+        use super::Preallocation;
+        if !matches!(mode, Preallocation::Falloc | Preallocation::Full)
+            || new_size <= old_size
+            || self.header.has_data_file()
+        {
+            return Ok(None);
+        }
+        let cluster_size = self.header.cluster_size();
+        let eof = self
+            .file
+            .len()
+            .map_err(|e| Error::io(&self.name, "sizing", 0, e))?
+            .next_multiple_of(cluster_size);
+        let bytes = preallocation_bound(
+            eof,
+            old_size,
+            new_size,
+            cluster_size,
+            self.header.l2_entries(),
+            u64::from(self.header.refcount_bits()),
+        );
+        let taken = match mode {
+            Preallocation::Falloc => self.file.allocate(eof, bytes),
+            _ => self.file.write_zeroes(eof, bytes),
+        };
+        if let Err(e) = taken {
+            // Best effort: the error to report is the one that stopped us.
+            let _ = self.file.set_len(eof);
+            return Err(Error::io(&self.name, "preallocating", eof, e));
+        }
+        Ok(Some(eof))
     }
 
     /// Allocates every unallocated cluster of guest bytes `start..end` as
     /// [`Qcow2Image::preallocate`] does (after a resize, the grown part).
+    /// Host bytes from `zeroed_from` on were already reserved and read as
+    /// zeros ([`Qcow2Image::take_space_for_preallocation`]): they are not
+    /// reserved or written again, and the file is cut after the last
+    /// cluster used.
     pub(super) fn preallocate_range(
         &self,
         start: u64,
         end: u64,
         mode: super::Preallocation,
+        zeroed_from: Option<u64>,
     ) -> Result<()> {
         use super::Preallocation;
         if mode == Preallocation::Off || start >= end {
@@ -74,27 +129,77 @@ impl Qcow2Image {
             }
             let data = self.data_storage()?;
             let bytes = n * cluster_size;
+            // Only the part below space already taken.
+            let todo = zeroed_from.map_or(bytes, |z| z.saturating_sub(host).min(bytes));
             let io = |e| Error::io(&self.name, "preallocating", host, e);
             match mode {
-                Preallocation::Falloc => data.allocate(host, bytes).map_err(io)?,
-                Preallocation::Full => data.write_zeroes(host, bytes).map_err(io)?,
+                _ if todo == 0 => {}
+                Preallocation::Falloc => data.allocate(host, todo).map_err(io)?,
+                Preallocation::Full => data.write_zeroes(host, todo).map_err(io)?,
                 _ => {}
             }
             guest += bytes;
         }
-        // The file covers every cluster, allocated on disk or not.
+        // The file covers every cluster, allocated on disk or not, and ends
+        // with the last one when space was taken beforehand.
         let end = meta.end << self.header.cluster_bits;
-        if self
+        let len = self
             .file
             .len()
-            .map_err(|e| Error::io(&self.name, "sizing", 0, e))?
-            < end
-        {
+            .map_err(|e| Error::io(&self.name, "sizing", 0, e))?;
+        if len < end {
             self.file
                 .set_len(end)
                 .map_err(|e| Error::io(&self.name, "sizing the image", end, e))?;
+        } else if len > end && zeroed_from.is_some() {
+            let clusters = meta.end;
+            meta.truncate_file(clusters)?;
         }
         drop(meta);
         self.flush()
+    }
+}
+
+/// At most how many bytes preallocating guest bytes `old_size..new_size`
+/// adds to a file ending at `eof`: every data cluster of the range, the L2
+/// tables over it, a new L1 table, and refcount blocks and a refcount table
+/// for all of that, each counted with room to spare (the excess is cut off
+/// afterwards).
+fn preallocation_bound(
+    eof: u64,
+    old_size: u64,
+    new_size: u64,
+    cluster_size: u64,
+    l2_entries: u64,
+    refcount_bits: u64,
+) -> u64 {
+    let data = new_size.div_ceil(cluster_size) - old_size / cluster_size + 1;
+    let l2_tables = data.div_ceil(l2_entries) + 1;
+    let l1_clusters = (new_size.div_ceil(cluster_size * l2_entries) * 8).div_ceil(cluster_size) + 1;
+    let refs_per_block = cluster_size * 8 / refcount_bits;
+    let counted = eof / cluster_size + data + l2_tables + l1_clusters;
+    // Blocks for everything, a table for them, and blocks for those.
+    let blocks = counted.div_ceil(refs_per_block) + 1;
+    let table = (blocks * 8).div_ceil(cluster_size) + 1;
+    let blocks = (counted + blocks + table).div_ceil(refs_per_block) + 2;
+    let new_clusters = data + l2_tables + l1_clusters + 2 * (blocks + table);
+    new_clusters.saturating_mul(cluster_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::preallocation_bound;
+
+    #[test]
+    fn the_bound_covers_data_and_metadata() {
+        // 1 GiB in 64 KiB clusters: 16384 data clusters, 2 L2 tables.
+        let bytes = preallocation_bound(0x50000, 0, 1 << 30, 65536, 8192, 16);
+        assert!(bytes >= (16384 + 2 + 1 + 1) * 65536);
+        // Not wildly more.
+        assert!(bytes < (16384 + 64) * 65536);
+        // 1-bit refcounts in 512-byte clusters need many blocks.
+        let bytes = preallocation_bound(0, 0, 64 << 20, 512, 64, 1);
+        let data = (64 << 20) / 512;
+        assert!(bytes / 512 >= data + data / 64 + data / 4096);
     }
 }

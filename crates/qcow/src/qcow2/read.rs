@@ -317,8 +317,12 @@ impl BlockDevice for Qcow2Image {
         self.writer.is_some()
     }
 
-    fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+    fn reserve(&self, offset: u64, len: u64) -> Result<crate::Reservation> {
         Qcow2Image::reserve(self, offset, len)
+    }
+
+    fn release(&self, reservation: crate::Reservation) -> Result<()> {
+        Qcow2Image::release(self, reservation)
     }
 
     fn virtual_size(&self) -> u64 {

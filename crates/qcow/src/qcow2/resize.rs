@@ -41,9 +41,19 @@ impl Qcow2Image {
                 self.name
             )));
         }
-        let result = self
-            .change_size(new_size)
-            .and_then(|()| self.preallocate_range(old_size, new_size, mode));
+        // The file's new space is taken before anything changes, so that a
+        // full disk or a file size limit refuses the resize as it was.
+        let zeroed_from = self.take_space_for_preallocation(old_size, new_size, mode)?;
+        let result = match self.change_size(new_size) {
+            Ok(()) => self.preallocate_range(old_size, new_size, mode, zeroed_from),
+            Err(e) => {
+                // Nothing points into the space taken: give it back.
+                if let Some(eof) = zeroed_from {
+                    let _ = self.file.set_len(eof);
+                }
+                Err(e)
+            }
+        };
         self.guard(result)
     }
 
