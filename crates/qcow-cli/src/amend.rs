@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
+use qcow::copy::CopyObserver;
 use qcow::{AmendOptions, Image};
 
 use crate::create_opts::{OptionList, on_off};
 use crate::open::{OpenFlags, open_options};
+use crate::progress::Progress;
 use crate::size::option_size;
 
 /// Arguments of `qcow amend`.
@@ -26,7 +28,7 @@ pub(crate) struct AmendArgs {
     /// Accepted for compatibility with qemu-img (for encryption changes).
     #[arg(long)]
     force: bool,
-    /// Accepted for compatibility with qemu-img (progress).
+    /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
@@ -109,7 +111,15 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
             bail!("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.");
         }
     }
-    image.amend(&amend)?;
+    let progress = (args.progress && !args.quiet).then(|| Progress::new(100));
+    let observer: &dyn CopyObserver = match &progress {
+        Some(p) => p,
+        None => &(),
+    };
+    image.amend_observed(&amend, observer)?;
+    if let Some(p) = progress {
+        p.finish();
+    }
     image.close()?;
     Ok(ExitCode::SUCCESS)
 }

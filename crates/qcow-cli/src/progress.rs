@@ -14,13 +14,14 @@ const MIN_STEP: f64 = 1.0;
 /// Progress over `total` bytes.
 pub(crate) enum Progress {
     /// A terminal's bar.
-    Bar(indicatif::ProgressBar, u64),
+    Bar(indicatif::ProgressBar),
     /// qemu-img's lines, and the last percentage printed.
-    Lines(Mutex<f64>, u64),
+    Lines(Mutex<f64>),
 }
 
 impl Progress {
-    /// Progress at 0 of `total` bytes.
+    /// Progress at 0 of `total` bytes (the bar's length until the job
+    /// says its own total).
     pub(crate) fn new(total: u64) -> Self {
         if std::io::stdout().is_terminal() {
             let bar = indicatif::ProgressBar::new(total);
@@ -30,10 +31,10 @@ impl Progress {
                 bar.set_style(style);
             }
             bar.set_message("0.00");
-            Progress::Bar(bar, total)
+            Progress::Bar(bar)
         } else {
             print_line(0.0);
-            Progress::Lines(Mutex::new(0.0), total)
+            Progress::Lines(Mutex::new(0.0))
         }
     }
 
@@ -47,8 +48,8 @@ impl Progress {
     /// verdict there, then ends the progress output).
     pub(crate) fn complete(&self) {
         match self {
-            Progress::Bar(bar, _) => bar.set_message("100.00"),
-            Progress::Lines(last, _) => {
+            Progress::Bar(bar) => bar.set_message("100.00"),
+            Progress::Lines(last) => {
                 let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
                 if *last < 100.0 {
                     *last = 100.0;
@@ -61,8 +62,8 @@ impl Progress {
     /// Ends the progress output.
     pub(crate) fn close(self) {
         match self {
-            Progress::Bar(bar, _) => bar.finish(),
-            Progress::Lines(..) => println!(),
+            Progress::Bar(bar) => bar.finish(),
+            Progress::Lines(_) => println!(),
         }
     }
 }
@@ -83,14 +84,16 @@ fn print_line(percent: f64) {
 }
 
 impl CopyObserver for Progress {
-    fn progress(&self, done: u64, _total: u64) {
+    /// `done` of the observed job's `total`.
+    fn progress(&self, done: u64, total: u64) {
         match self {
-            Progress::Bar(bar, total) => {
+            Progress::Bar(bar) => {
+                bar.set_length(total);
                 bar.set_position(done);
-                bar.set_message(format!("{:.2}", percent(done, *total)));
+                bar.set_message(format!("{:.2}", percent(done, total)));
             }
-            Progress::Lines(last, total) => {
-                let now = percent(done, *total);
+            Progress::Lines(last) => {
+                let now = percent(done, total);
                 let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
                 if now - *last >= MIN_STEP || (now >= 100.0 && *last < 100.0) {
                     *last = now;

@@ -202,3 +202,30 @@ fn refusals_match_qemu_img_and_change_nothing() {
     let b = qemu_img(&["amend", "-f", "raw", "-o", "size=1M", p(&raw)]);
     assert_eq!((a.status.code(), b.status.code()), (Some(1), Some(1)));
 }
+
+#[test]
+fn progress_lines_start_and_end_as_qemu_img_s() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for options in ["refcount_bits=8", "compat=0.10", "lazy_refcounts=on"] {
+        let (ours, theirs) = pair(dir.path(), |path| {
+            let out = qemu_img(&["create", "-q", "-f", "qcow2", p(path), "64M"]);
+            assert!(out.status.success());
+            qemu_io(path, &["write -P 1 0 4M"]);
+        });
+        let a = qcow(&["amend", "-p", "-o", options, p(&ours)]);
+        let b = qemu_img(&["amend", "-p", "-o", options, p(&theirs)]);
+        assert!(a.status.success(), "{options}: {}", stderr(&a));
+        assert!(b.status.success(), "{options}: {}", stderr(&b));
+        let lines = |o: &std::process::Output| {
+            let text = stdout(o);
+            assert!(text.ends_with("\r\n"), "{options}: {text:?}");
+            let lines: Vec<String> = text.trim_end().split('\r').map(str::to_owned).collect();
+            let last = lines.last().cloned().unwrap_or_default();
+            (lines[0].clone(), last)
+        };
+        assert_eq!(lines(&a), lines(&b), "{options}");
+        let quiet = qcow(&["amend", "-p", "-q", "-o", "lazy_refcounts=off", p(&ours)]);
+        assert!(quiet.status.success() && quiet.stdout.is_empty());
+        assert_check_clean(&ours);
+    }
+}

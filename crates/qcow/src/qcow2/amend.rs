@@ -62,6 +62,18 @@ impl Qcow2Image {
     /// Changes the image's options as `options` say (see the module
     /// documentation). The image must be open for writing.
     pub fn amend(&mut self, options: &AmendOptions) -> Result<()> {
+        self.amend_observed(options, &())
+    }
+
+    /// [`Qcow2Image::amend`], telling `observer` how many of the steps it
+    /// takes are done (`progress(done, steps)`: a version change, the
+    /// refcount width, the header, the size), as qemu-img amend `-p`
+    /// shows them. Checks come first and report nothing.
+    pub fn amend_observed(
+        &mut self,
+        options: &AmendOptions,
+        observer: &dyn crate::copy::CopyObserver,
+    ) -> Result<()> {
         self.check_writable()?;
         let old_version = self.header.version;
         let version = options.version.unwrap_or(old_version);
@@ -102,17 +114,28 @@ impl Qcow2Image {
         if refcount_bits < self.header.refcount_bits() {
             self.check_refcounts_fit(refcount_bits)?;
         }
-        let result = self.apply_amend(options, version, refcount_bits);
+        let result = self.apply_amend(options, version, refcount_bits, observer);
         self.guard(result)
     }
 
-    fn apply_amend(&mut self, options: &AmendOptions, version: u32, bits: u32) -> Result<()> {
+    fn apply_amend(
+        &mut self,
+        options: &AmendOptions,
+        version: u32,
+        bits: u32,
+        observer: &dyn crate::copy::CopyObserver,
+    ) -> Result<()> {
+        // Upgrade, refcount width, header fields, size, downgrade.
+        const STEPS: u64 = 5;
+        let step = |done: u64| observer.progress(done, STEPS);
         if version > self.header.version {
             self.upgrade()?;
         }
+        step(1);
         if bits != self.header.refcount_bits() {
             self.change_refcount_width(bits)?;
         }
+        step(2);
         let data_file_raw = options.data_file_raw;
         let data_file = options.data_file.clone();
         if data_file_raw.is_some() || data_file.is_some() {
@@ -144,14 +167,17 @@ impl Qcow2Image {
                 })?;
             }
         }
+        step(3);
         if let Some(size) = options.size {
             if size != self.virtual_size {
                 self.resize(size)?;
             }
         }
+        step(4);
         if version < self.header.version {
             self.downgrade()?;
         }
+        step(STEPS);
         Ok(())
     }
 
