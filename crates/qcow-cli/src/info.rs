@@ -216,7 +216,45 @@ fn image_info(path: &Path, image: &Image) -> Result<Value> {
     Ok(Value::Object(info))
 }
 
-fn snapshot_json(s: &Snapshot) -> Value {
+/// qemu-img's snapshot table (`info`, and `snapshot -l`): a title line, a
+/// header, one row per snapshot (values as [`snapshot_json`] makes them).
+pub(crate) fn snapshot_list(out: &mut String, snaps: &[Value]) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "Snapshot list:");
+    let _ = writeln!(
+        out,
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for snap in snaps {
+        let sn = |k: &str| snap.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let secs = sn("vm-clock-sec");
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            sn("vm-clock-nsec") / 1_000_000
+        );
+        let icount = snap
+            .get("icount")
+            .and_then(Value::as_u64)
+            .map_or(String::new(), |i| i.to_string());
+        let _ = writeln!(
+            out,
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            snap.get("id").and_then(Value::as_str).unwrap_or(""),
+            snap.get("name").and_then(Value::as_str).unwrap_or(""),
+            size_to_str(sn("vm-state-size")),
+            format_date(sn("date-sec")),
+            clock,
+            icount
+        );
+    }
+}
+
+/// A snapshot as `info --output json` shows it.
+pub(crate) fn snapshot_json(s: &Snapshot) -> Value {
     let mut v = Map::new();
     if let Some(icount) = s.icount {
         v.insert("icount".into(), json!(icount));
@@ -309,37 +347,7 @@ fn human(info: &Value) -> String {
         let _ = writeln!(out, "backing file format: {f}");
     }
     if let Some(Value::Array(snaps)) = get("snapshots") {
-        let _ = writeln!(out, "Snapshot list:");
-        let _ = writeln!(
-            out,
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        );
-        for snap in snaps {
-            let sn = |k: &str| snap.get(k).and_then(Value::as_u64).unwrap_or(0);
-            let secs = sn("vm-clock-sec");
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                secs / 3600,
-                (secs / 60) % 60,
-                secs % 60,
-                sn("vm-clock-nsec") / 1_000_000
-            );
-            let icount = snap
-                .get("icount")
-                .and_then(Value::as_u64)
-                .map_or(String::new(), |i| i.to_string());
-            let _ = writeln!(
-                out,
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-                snap.get("id").and_then(Value::as_str).unwrap_or(""),
-                snap.get("name").and_then(Value::as_str).unwrap_or(""),
-                size_to_str(sn("vm-state-size")),
-                format_date(sn("date-sec")),
-                clock,
-                icount
-            );
-        }
+        snapshot_list(&mut out, snaps);
     }
     if let Some(data) = get("format-specific").and_then(|f| f.get("data")) {
         let _ = writeln!(out, "Format specific information:");

@@ -26,6 +26,7 @@ mod progress;
 mod rebase;
 mod resize;
 mod size;
+mod snapshot;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
@@ -67,6 +68,8 @@ enum Command {
     Amend(amend::AmendArgs),
     /// Time reads or writes of an image, as qemu-img bench does.
     Bench(bench::BenchArgs),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// The name the program was invoked by (`qcow`, or `qemu-img` through a
@@ -146,6 +149,7 @@ fn main() -> ExitCode {
         Command::Measure(args) => measure::run(&args),
         Command::Amend(args) => amend::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Snapshot(args) => snapshot::run(&args),
     };
     match result {
         Ok(code) => code,

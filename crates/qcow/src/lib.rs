@@ -37,8 +37,8 @@ pub use qcow_format as format;
 pub use qcow_io as io;
 pub use qcow_io::{FileStorage, MemStorage, Storage};
 pub use qcow2::{
-    AmendOptions, CheckOptions, CheckReport, CreateOptions, DEFAULT_CHECK_MEMORY, Preallocation,
-    Qcow2Image, Repair,
+    AmendOptions, CheckOptions, CheckReport, CreateOptions, DEFAULT_CHECK_MEMORY, NewSnapshot,
+    Preallocation, Qcow2Image, Repair,
 };
 pub use raw::RawImage;
 pub use v1::QcowImage;

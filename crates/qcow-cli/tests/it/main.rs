@@ -15,6 +15,7 @@ mod create;
 mod dropin;
 mod guards;
 mod halfway;
+mod internal_snapshots;
 mod locking;
 mod map;
 mod measure;

@@ -51,7 +51,7 @@ impl Qcow2Image {
             return Ok(());
         };
         self.flush()?;
-        if ws.incompatible.load(Ordering::Acquire) & INCOMPAT_DIRTY != 0 {
+        if ws.incompatible.load(Ordering::Acquire) & INCOMPAT_DIRTY != 0 && !ws.dirty_kept() {
             self.update_incompatible(|bits| {
                 if bits & INCOMPAT_CORRUPT == 0 {
                     bits & !INCOMPAT_DIRTY

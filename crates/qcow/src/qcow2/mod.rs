@@ -12,8 +12,9 @@
 //! the refcount [`rebuild`](self::rebuild); the snapshot table's part of
 //! the check is [`check_snapshots`](self::check_snapshots). The snapshot
 //! table is read in [`snapshots`](self::snapshots) and written in
-//! [`snapshot_table`](self::snapshot_table); bitmaps have their own
-//! module.
+//! [`snapshot_table`](self::snapshot_table); snapshots are made, applied
+//! and deleted in [`internal_snapshots`](self::internal_snapshots);
+//! bitmaps have their own module.
 
 mod allocator;
 mod amend;
@@ -25,6 +26,7 @@ mod compressed_write;
 mod create;
 mod entry_seq;
 mod flush;
+mod internal_snapshots;
 mod l2_tables;
 mod metadata_map;
 mod overlap;
@@ -46,6 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use amend::AmendOptions;
 pub use check::{CheckOptions, CheckReport, DEFAULT_CHECK_MEMORY, Repair};
 pub use create::{CreateOptions, Preallocation};
+pub use internal_snapshots::NewSnapshot;
 
 use qcow_format::bitmap::BitmapEntry;
 use qcow_format::header::{Encryption, Header, header_cluster_size};

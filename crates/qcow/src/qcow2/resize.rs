@@ -127,7 +127,7 @@ impl Qcow2Image {
     }
 
     /// Moves the L1 table to a new one of at least `entries` entries.
-    fn grow_l1(&mut self, entries: u64) -> Result<()> {
+    pub(super) fn grow_l1(&mut self, entries: u64) -> Result<()> {
         let cluster_size = self.header.cluster_size();
         // Exactly as many entries as the size needs, as QEMU's resize makes
         // the table, and only they are written: the file's length comes out

@@ -12,7 +12,7 @@
 //! the L1 entries that point at them, and references are dropped from L2
 //! tables on disk before the clusters they named are released.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use qcow_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
@@ -50,6 +50,21 @@ pub(crate) struct WriteState {
     /// cluster is never handed out again while I/O that found it mapped is
     /// still under way in it.
     data_io: RwLock<()>,
+    /// An operation failed with the image marked dirty on purpose (its
+    /// refcounts may be off): the mark stays when the image is closed.
+    dirty_kept: AtomicBool,
+}
+
+impl WriteState {
+    /// Keeps the dirty mark on close (see [`WriteState::dirty_kept`]).
+    pub(super) fn keep_dirty(&self) {
+        self.dirty_kept.store(true, Ordering::Release);
+    }
+
+    /// Whether the dirty mark must stay on close.
+    pub(super) fn dirty_kept(&self) -> bool {
+        self.dirty_kept.load(Ordering::Acquire)
+    }
 }
 
 impl Owner for Qcow2Image {
@@ -208,6 +223,7 @@ impl Qcow2Image {
             incompatible: AtomicU64::new(self.header.incompatible_features),
             header_lock: Mutex::new(()),
             data_io: RwLock::new(()),
+            dirty_kept: AtomicBool::new(false),
         });
         let meta = self.lock_meta()?;
         self.map_metadata(&meta, &self.write_state()?.metadata);

@@ -1,0 +1,286 @@
+//! `qcow snapshot` beside `qemu-img snapshot` on copies of the same images:
+//! exit codes, messages, `-l` listings, the disks after `-a`, and
+//! `qemu-img check` after every step; snapshots made by one tool applied
+//! and deleted by the other.
+
+use std::path::{Path, PathBuf};
+
+use super::{assert_check_clean, p, qcow, qemu_img, qemu_io, stderr, stdout};
+
+fn create(path: &Path, args: &[&str]) {
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend(args);
+    all.insert(all.len() - 1, p(path));
+    let out = qemu_img(&all);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// `snapshot ARGS` with both tools, on their own copies; the outcomes must
+/// agree (exit code, standard error with the program's name replaced).
+fn both(ours: &Path, theirs: &Path, args: &[&str]) -> String {
+    let mut a_args = vec!["snapshot"];
+    a_args.extend(args);
+    let mut b_args = a_args.clone();
+    a_args.push(p(ours));
+    b_args.push(p(theirs));
+    let a = qcow(&a_args);
+    let b = qemu_img(&b_args);
+    assert_eq!(a.status.code(), b.status.code(), "{args:?}: {}", stderr(&a));
+    assert_eq!(
+        stderr(&a)
+            .replace(p(ours), "IMAGE")
+            .replacen("qcow", "qemu-img", 2),
+        stderr(&b).replace(p(theirs), "IMAGE"),
+        "{args:?}"
+    );
+    stdout(&a)
+}
+
+/// A `-l` listing without its dates (the two tools ran at other moments).
+fn undated(listing: &str) -> Vec<Vec<String>> {
+    listing
+        .lines()
+        .map(|line| {
+            let fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+            // ID TAG VM_SIZE(2 words) DATE(2 words) VM_CLOCK ICOUNT
+            if fields.len() == 8 && fields[4].len() == 10 && fields[4].contains('-') {
+                [&fields[..4], &fields[6..]].concat()
+            } else {
+                fields
+            }
+        })
+        .collect()
+}
+
+fn list(path: &Path) -> String {
+    stdout(&qemu_img(&["snapshot", "-l", "-U", p(path)]))
+}
+
+fn identical(a: &Path, b: &Path) -> bool {
+    qemu_img(&["compare", "-q", "-U", p(a), p(b)])
+        .status
+        .success()
+}
+
+fn snapshot_raw(path: &Path, name: &str) -> Vec<u8> {
+    let raw = path.with_extension(format!("{name}.raw"));
+    let out = qemu_img(&["convert", "-U", "-l", name, "-O", "raw", p(path), p(&raw)]);
+    assert!(out.status.success(), "{name}: {}", stderr(&out));
+    let bytes = std::fs::read(&raw).expect("raw");
+    let _ = std::fs::remove_file(&raw);
+    bytes
+}
+
+fn pair(dir: &Path, args: &[&str]) -> (PathBuf, PathBuf) {
+    let ours = dir.join("ours.qcow2");
+    let theirs = dir.join("theirs.qcow2");
+    create(&ours, args);
+    std::fs::copy(&ours, &theirs).expect("copy");
+    (ours, theirs)
+}
+
+#[test]
+fn create_list_apply_delete_as_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for options in [
+        &["-o", "compat=1.1", "4M"][..],
+        &["-o", "compat=0.10", "4M"][..],
+        &["-o", "cluster_size=4096,refcount_bits=8", "4M"][..],
+        &["-o", "extended_l2=on,lazy_refcounts=on", "4M"][..],
+    ] {
+        let (ours, theirs) = pair(dir.path(), options);
+        let write = |commands: &[&str]| {
+            qemu_io(&ours, commands);
+            qemu_io(&theirs, commands);
+        };
+        write(&["write -P 1 0 1M", "write -c -P 5 2M 64k"]);
+        both(&ours, &theirs, &["-c", "one"]);
+        assert_check_clean(&ours);
+        write(&["write -P 2 512k 1M", "write -z 2M 64k"]);
+        both(&ours, &theirs, &["-c", "two"]);
+        both(&ours, &theirs, &["-c", "one"]);
+        write(&["discard 0 256k", "write -P 3 3M 4k"]);
+        assert_check_clean(&ours);
+        assert_eq!(
+            undated(&both(&ours, &theirs, &["-l"])),
+            undated(&list(&theirs)),
+            "{options:?}"
+        );
+        assert_eq!(
+            undated(&list(&ours)),
+            undated(&list(&theirs)),
+            "{options:?}"
+        );
+        for name in ["one", "two"] {
+            assert_eq!(
+                snapshot_raw(&ours, name),
+                snapshot_raw(&theirs, name),
+                "{options:?} {name}"
+            );
+        }
+        // By ID (2), then by name; then the duplicate name "one" (ID 1).
+        for target in ["2", "one"] {
+            both(&ours, &theirs, &["-a", target]);
+            assert_check_clean(&ours);
+            assert!(identical(&ours, &theirs), "{options:?}: after -a {target}");
+            write(&["write -P 4 1M 128k"]);
+        }
+        for gone in ["one", "two", "nothing"] {
+            both(&ours, &theirs, &["-d", gone]);
+            assert_check_clean(&ours);
+            assert_eq!(undated(&list(&ours)), undated(&list(&theirs)), "-d {gone}");
+        }
+        assert_eq!(
+            snapshot_raw(&ours, "one"),
+            snapshot_raw(&theirs, "one"),
+            "{options:?}: the second 'one'"
+        );
+        both(&ours, &theirs, &["-d", "one"]);
+        assert!(list(&ours).is_empty());
+        assert!(identical(&ours, &theirs), "{options:?}");
+        // Every cluster a snapshot kept is free again.
+        let info = |path: &Path| {
+            let out = qemu_img(&["check", "--output=json", p(path)]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            v["allocated-clusters"].as_u64()
+        };
+        assert_eq!(info(&ours), info(&theirs), "{options:?}");
+    }
+}
+
+#[test]
+fn refusals_and_messages_match_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ours, theirs) = pair(dir.path(), &["4M"]);
+    both(&ours, &theirs, &["-c", "one"]);
+    for args in [
+        &["-a", "missing"][..],
+        &["-d", "missing"][..],
+        &["-d", "1"][..],
+        &["-l", "-c", "x"][..],
+        &["-c", "x", "-d", "y"][..],
+        &["-U", "-c", "x"][..],
+        &[][..],
+    ] {
+        both(&ours, &theirs, args);
+    }
+    assert_check_clean(&ours);
+    assert_eq!(undated(&list(&ours)), undated(&list(&theirs)));
+
+    // Refcounts too narrow for one more reference: refused, as by
+    // qemu-img, but before anything changes (qemu-img leaks the new L1
+    // table). Two-bit refcounts take the active disk and two snapshots.
+    for (bits, allowed) in [("1", 0), ("2", 2)] {
+        let (ours, theirs) = pair(
+            dir.path(),
+            &[
+                "-o",
+                &format!("cluster_size=4096,refcount_bits={bits}"),
+                "4M",
+            ],
+        );
+        qemu_io(&ours, &["write -P 1 0 64k", "write -c -P 2 1M 64k"]);
+        std::fs::copy(&ours, &theirs).expect("copy");
+        for n in 0..allowed {
+            both(&ours, &theirs, &["-c", &format!("s{n}")]);
+        }
+        let before = std::fs::read(&ours).expect("read");
+        both(&ours, &theirs, &["-c", "one too many"]);
+        assert_eq!(std::fs::read(&ours).expect("read"), before, "{bits} bits");
+        assert_check_clean(&ours);
+    }
+
+    // An external data file: no internal snapshots, as QEMU refuses them.
+    let data = dir.path().join("data.raw");
+    let (ours, theirs) = pair(
+        dir.path(),
+        &["-o", &format!("data_file={}", p(&data)), "4M"],
+    );
+    for args in [
+        &["-c", "x"][..],
+        &["-a", "x"][..],
+        &["-d", "x"][..],
+        &["-l"][..],
+    ] {
+        both(&ours, &theirs, args);
+    }
+}
+
+#[test]
+fn applying_a_snapshot_of_another_disk_size_resizes_as_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ours, theirs) = pair(dir.path(), &["4M"]);
+    for (path, tool) in [(&ours, "qcow"), (&theirs, "qemu-img")] {
+        let run = |args: &[&str]| {
+            let out = if tool == "qcow" {
+                qcow(args)
+            } else {
+                qemu_img(args)
+            };
+            assert!(out.status.success(), "{tool} {args:?}: {}", stderr(&out));
+        };
+        qemu_io(path, &["write -P 1 0 4M"]);
+        run(&["snapshot", "-c", "small", p(path)]);
+        run(&["resize", p(path), "64M"]);
+        qemu_io(path, &["write -P 2 60M 1M"]);
+        run(&["snapshot", "-c", "large", p(path)]);
+        run(&["resize", "--shrink", p(path), "2M"]);
+        run(&["snapshot", "-a", "small", p(path)]);
+        assert_check_clean(path);
+    }
+    assert!(identical(&ours, &theirs));
+    for (ours_name, theirs_path) in [("large", &theirs), ("small", &theirs)] {
+        assert_eq!(
+            snapshot_raw(&ours, ours_name),
+            snapshot_raw(theirs_path, ours_name)
+        );
+    }
+    both(&ours, &theirs, &["-a", "large"]);
+    assert!(identical(&ours, &theirs));
+    assert_check_clean(&ours);
+}
+
+#[test]
+fn snapshots_cross_between_qemu_img_and_qcow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("mixed.qcow2");
+    create(&image, &["8M"]);
+    let step = |tool: &str, args: &[&str]| {
+        let mut all = vec!["snapshot"];
+        all.extend(args);
+        all.push(p(&image));
+        let out = if tool == "qcow" {
+            qcow(&all)
+        } else {
+            qemu_img(&all)
+        };
+        assert!(out.status.success(), "{tool} {args:?}: {}", stderr(&out));
+        assert_check_clean(&image);
+    };
+    qemu_io(&image, &["write -P 1 0 2M"]);
+    step("qemu-img", &["-c", "a"]);
+    qemu_io(&image, &["write -P 2 1M 2M"]);
+    step("qcow", &["-c", "b"]);
+    qemu_io(&image, &["write -P 3 0 512k"]);
+    let a = snapshot_raw(&image, "a");
+    let b = snapshot_raw(&image, "b");
+    step("qcow", &["-a", "a"]);
+    assert_eq!(snapshot_raw(&image, "a"), a);
+    step("qemu-img", &["-a", "b"]);
+    let current = dir.path().join("current.raw");
+    let out = qemu_img(&["convert", "-O", "raw", p(&image), p(&current)]);
+    assert!(out.status.success());
+    assert_eq!(std::fs::read(&current).expect("read"), b);
+    step("qcow", &["-d", "a"]);
+    step("qemu-img", &["-c", "c"]);
+    step("qcow", &["-d", "b"]);
+    step("qemu-img", &["-d", "c"]);
+    assert!(list(&image).is_empty());
+    let out = qemu_img(&["convert", "-O", "raw", p(&image), p(&current)]);
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read(&current).expect("read"),
+        b,
+        "the disk changed"
+    );
+}
