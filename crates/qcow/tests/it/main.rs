@@ -9,6 +9,7 @@ mod crash;
 mod embedding;
 mod fixtures;
 mod fuzz_seeds;
+mod internal_snapshots;
 mod locking;
 mod malformed;
 mod model;
