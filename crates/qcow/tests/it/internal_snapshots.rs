@@ -179,7 +179,7 @@ fn every_crash_point(compat: &str) {
 /// documentation.
 fn verify(path: &Path, bytes: &[u8], compat: &str, before: &View, after: &View, when: &str) {
     let crashed = bytes;
-    let seen = view(&path);
+    let seen = view(path);
     for (snapshot, data) in &seen.snapshots {
         let expected = before
             .snapshots
@@ -189,7 +189,7 @@ fn verify(path: &Path, bytes: &[u8], compat: &str, before: &View, after: &View, 
     }
     let names = |v: &View| v.snapshots.keys().cloned().collect::<Vec<_>>();
     assert!(
-        names(&seen) == names(&before) || names(&seen) == names(&after),
+        names(&seen) == names(before) || names(&seen) == names(after),
         "{when}: snapshots {:?}",
         names(&seen)
     );
@@ -197,14 +197,14 @@ fn verify(path: &Path, bytes: &[u8], compat: &str, before: &View, after: &View, 
         seen.disk == before.disk || seen.disk == after.disk,
         "{when}: the disk is neither the old nor the new one"
     );
-    let (code, errors) = check(&path, &[]);
+    let (code, errors) = check(path, &[]);
     if code == 0 || code == 3 {
         return;
     }
-    if dirty(&crashed) {
+    if dirty(crashed) {
         // The next writer rebuilds the refcounts.
         let storage: Arc<dyn Storage> =
-            Arc::new(qcow_io::FileStorage::open(&path, true).expect("open the file"));
+            Arc::new(qcow_io::FileStorage::open(path, true).expect("open the file"));
         let image = Qcow2Image::open_writable("crashed", storage, None)
             .unwrap_or_else(|e| panic!("{when}: reopening: {e}"));
         image.close().expect("close");
@@ -220,10 +220,10 @@ fn verify(path: &Path, bytes: &[u8], compat: &str, before: &View, after: &View, 
                 "{when}: {error}"
             );
         }
-        check(&path, &["-r", "all"]);
+        check(path, &["-r", "all"]);
     }
-    assert_eq!(check_code(&path), 0, "{when}: after the repair");
-    assert_eq!(view(&path), seen, "{when}: the repair changed data");
+    assert_eq!(check_code(path), 0, "{when}: after the repair");
+    assert_eq!(view(path), seen, "{when}: the repair changed data");
 }
 
 #[test]
