@@ -75,14 +75,29 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
     }
     match image {
         Image::Qcow2(mut image) => {
-            image.resize_preallocated(new_size, mode)?;
+            image
+                .resize_preallocated(new_size, mode)
+                .map_err(|e| as_qemu_img_says(e, &file))?;
             image.close()?;
         }
         Image::Qcow(_) => bail!("Image format driver does not support resize"),
-        Image::Raw(mut image) => image.resize_preallocated(new_size, mode)?,
+        Image::Raw(mut image) => image
+            .resize_preallocated(new_size, mode)
+            .map_err(|e| as_qemu_img_says(e, &file))?,
     }
     if !args.quiet {
         println!("Image resized.");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A refusal worded as qemu-img words it: without the image's name.
+fn as_qemu_img_says(error: qcow::Error, file: &std::path::Path) -> anyhow::Error {
+    match error {
+        qcow::Error::InvalidOptions(m) => {
+            let prefix = format!("{}: ", file.display());
+            anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
+        }
+        other => other.into(),
+    }
 }

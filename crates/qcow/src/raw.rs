@@ -59,7 +59,7 @@ impl RawImage {
         let old = self.size;
         if new_size < old && mode != crate::Preallocation::Off {
             return Err(Error::InvalidOptions(format!(
-                "{}: Preallocation can't be used for shrinking an image",
+                "{}: Preallocation can only be used for growing images",
                 self.name
             )));
         }

@@ -37,7 +37,7 @@ impl Qcow2Image {
         let old_size = self.virtual_size;
         if new_size < old_size && mode != super::Preallocation::Off {
             return Err(Error::InvalidOptions(format!(
-                "{}: Preallocation can't be used for shrinking an image",
+                "{}: Preallocation can only be used for growing images",
                 self.name
             )));
         }
@@ -58,10 +58,6 @@ impl Qcow2Image {
     }
 
     fn change_size(&mut self, new_size: u64) -> Result<()> {
-        let unsupported = |what: &str| Error::Unsupported {
-            image: self.name.clone(),
-            what: what.to_owned(),
-        };
         let invalid = |what: String| Error::InvalidOptions(format!("{}: {what}", self.name));
         let old_size = self.virtual_size;
         if new_size % 512 != 0 {
@@ -69,7 +65,9 @@ impl Qcow2Image {
         }
         // Snapshots record their own disk size only from version 3 on.
         if !self.snapshots.is_empty() && self.header.version < 3 {
-            return Err(unsupported("resizing a v2 image which has snapshots"));
+            return Err(invalid(
+                "Can't resize a v2 image which has snapshots".into(),
+            ));
         }
         if new_size < old_size {
             self.check_writable()?;
