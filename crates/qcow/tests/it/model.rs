@@ -1,7 +1,9 @@
 //! Model-based property tests: random sequences of write, write_zeroes,
-//! discard, compressed writes, flush and reopen, on random image options,
-//! compared with a plain `Vec<u8>` after every step; after each sequence
-//! `qemu-img check` finds nothing and qemu-img reads what the model holds.
+//! discard, compressed writes, flush, reopen, and internal snapshots made,
+//! applied and deleted, on random image options, compared with a plain
+//! `Vec<u8>` (and a copy of it per snapshot) after every step; after each
+//! sequence `qemu-img check` finds nothing and qemu-img reads what the
+//! model holds, on the disk and in every snapshot.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +26,9 @@ enum Op {
     Compressed { cluster: u64, seed: u8 },
     Flush,
     Reopen,
+    Snapshot,
+    Apply { pick: usize },
+    Delete { pick: usize },
 }
 
 fn range() -> impl Strategy<Value = (u64, u64)> {
@@ -38,6 +43,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u64..64, any::<u8>()).prop_map(|(cluster, seed)| Op::Compressed { cluster, seed }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Snapshot),
+        1 => any::<usize>().prop_map(|pick| Op::Apply { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Delete { pick }),
     ]
 }
 
@@ -122,6 +130,9 @@ fn run(config: &Config, ops: &[Op]) {
     }
     qcow::create(&path, &options).expect("create");
     let mut image = open(&path);
+    // Snapshots taken so far: name and the disk it kept.
+    let mut snapshots: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut taken = 0;
     for op in ops {
         match *op {
             Op::Write { offset, len, seed } => {
@@ -164,6 +175,37 @@ fn run(config: &Config, ops: &[Op]) {
                 image.close().expect("close");
                 image = open(&path);
             }
+            Op::Snapshot => {
+                taken += 1;
+                let name = format!("s{taken}");
+                match image.create_snapshot(&qcow::NewSnapshot::new(&name)) {
+                    Ok(_) => snapshots.push((name, model.clone())),
+                    // Narrow refcounts cannot take one more reference;
+                    // refused before anything changed.
+                    Err(e) if e.kind() == qcow::ErrorKind::Limit => {
+                        assert!(config.refcount_bits < 16, "{config:?}: {e}");
+                    }
+                    Err(e) => panic!("{config:?}: snapshot: {e}"),
+                }
+            }
+            Op::Apply { pick } => {
+                if !snapshots.is_empty() {
+                    let (name, kept) = &snapshots[pick % snapshots.len()];
+                    match image.apply_snapshot(name) {
+                        Ok(()) => model.clone_from(kept),
+                        Err(e) if e.kind() == qcow::ErrorKind::Limit => {
+                            assert!(config.refcount_bits < 16, "{config:?}: {e}");
+                        }
+                        Err(e) => panic!("{config:?}: apply: {e}"),
+                    }
+                }
+            }
+            Op::Delete { pick } => {
+                if !snapshots.is_empty() {
+                    let (name, _) = snapshots.remove(pick % snapshots.len());
+                    image.delete_snapshot(&name).expect("delete");
+                }
+            }
         }
         let ours = read_all(&image, 1 << 20);
         assert!(ours == model, "{config:?}: contents differ after {op:?}");
@@ -175,6 +217,12 @@ fn run(config: &Config, ops: &[Op]) {
         qemu_raw(&path, &extra) == model,
         "{config:?}: qemu-img reads other contents"
     );
+    for (name, kept) in &snapshots {
+        assert!(
+            qemu_raw(&path, &["-l", name]) == *kept,
+            "{config:?}: qemu-img reads other contents in snapshot {name}"
+        );
+    }
     let raw = dir.path().join("model.raw");
     std::fs::write(&raw, &model).expect("model raw");
     qemu(
