@@ -10,6 +10,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;
@@ -70,6 +71,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// Add, remove, clear, enable, disable or merge persistent bitmaps.
+    Bitmap(bitmap::BitmapArgs),
 }
 
 /// The name the program was invoked by (`qcow`, or `qemu-img` through a
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
         Command::Amend(args) => amend::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
+        Command::Bitmap(args) => bitmap::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -217,6 +217,16 @@ pub enum Error {
     /// Invalid creation options.
     #[error("{0}")]
     InvalidOptions(String),
+    /// A persistent bitmap operation was refused (`reason` in QEMU's
+    /// words: a missing or inconsistent bitmap, a name or granularity
+    /// QEMU would not take).
+    #[error("{image}: {reason}")]
+    Bitmap {
+        /// The image.
+        image: String,
+        /// Why.
+        reason: String,
+    },
     /// The image was opened read-only.
     #[error("{image}: image is read-only")]
     ReadOnly {
@@ -282,6 +292,7 @@ impl Error {
             | Error::NotOpened { .. } => ErrorKind::Chain,
             Error::OutOfRange { .. }
             | Error::SnapshotNotFound { .. }
+            | Error::Bitmap { .. }
             | Error::InvalidOptions(_) => ErrorKind::InvalidInput,
             Error::RefcountOverflow { .. } | Error::NoSpace { .. } => ErrorKind::Limit,
             Error::ReadOnly { .. } => ErrorKind::ReadOnly,

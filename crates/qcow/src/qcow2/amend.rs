@@ -185,10 +185,7 @@ impl Qcow2Image {
     /// current one (its feature bits as they are now), after everything
     /// written so far is on disk.
     pub(super) fn rewrite_header(&mut self, change: impl FnOnce(&mut Header)) -> Result<()> {
-        let mut header = self.header.clone();
-        if let Some(ws) = &self.writer {
-            header.incompatible_features = ws.incompatible.load(Ordering::Acquire);
-        }
+        let mut header = self.current_header();
         change(&mut header);
         let bytes = header.encode().map_err(|e| Error::format(&self.name, e))?;
         self.flush()?;

@@ -13,11 +13,7 @@ impl Qcow2Image {
     /// no backing file, refused when it does not fit in the header cluster.
     /// Changes nothing: [`Qcow2Image::set_backing_file`] writes it.
     pub fn header_with_backing(&self, backing: Option<(&str, &str)>) -> Result<Header> {
-        let mut header = self.header.clone();
-        if let Some(ws) = &self.writer {
-            header.incompatible_features =
-                ws.incompatible.load(std::sync::atomic::Ordering::Acquire);
-        }
+        let mut header = self.current_header();
         header
             .extensions
             .retain(|e| !matches!(e, HeaderExtension::BackingFormat(_)));

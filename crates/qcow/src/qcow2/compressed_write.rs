@@ -56,7 +56,18 @@ impl Qcow2Image {
     /// order and written with as few calls as their placement allows.
     pub fn write_packed_clusters(&self, items: &[(u64, &[u8])]) -> Result<()> {
         self.check_writable()?;
-        let result = self.store_packed(items);
+        // The bitmaps record the span of the clusters (one range: the
+        // items are in guest order, and a copy's chunk is contiguous).
+        let start = items.iter().map(|(g, _)| *g).min().unwrap_or(0);
+        let end = items
+            .iter()
+            .map(|(g, _)| g + self.header.cluster_size())
+            .max()
+            .unwrap_or(0)
+            .min(self.virtual_size);
+        let result = self.recorded(start, end.saturating_sub(start), || {
+            self.store_packed(items)
+        });
         self.guard(result)
     }
 

@@ -13,8 +13,16 @@ use crate::{Error, Result};
 
 impl Qcow2Image {
     /// Makes everything written so far durable: refcounts, then L2 tables,
-    /// then the release of clusters they stopped using, then the file.
+    /// then the release of clusters they stopped using, then the file; then
+    /// the persistent bitmaps that changed are stored and their in-use marks
+    /// cleared (see [`dirty_bitmaps`](super::dirty_bitmaps)).
     pub fn flush(&self) -> Result<()> {
+        self.flush_metadata()?;
+        self.store_bitmaps()
+    }
+
+    /// [`Qcow2Image::flush`] without storing the bitmaps.
+    pub(super) fn flush_metadata(&self) -> Result<()> {
         let Some(ws) = &self.writer else {
             return Ok(());
         };

@@ -157,6 +157,13 @@ impl Qcow2Image {
     pub fn apply_snapshot(&mut self, id_or_name: &str) -> Result<()> {
         self.check_snapshot_target()?;
         let index = self.find_snapshot(id_or_name, true)?;
+        if !self.bitmaps.is_empty() {
+            // QEMU refuses too: the bitmaps would describe another disk.
+            return Err(Error::Bitmap {
+                image: self.name.clone(),
+                reason: "Device has active dirty bitmaps".into(),
+            });
+        }
         let snapshot = self.snapshots[index].clone();
         let snapshot_l1 = self.read_snapshot_l1(&snapshot)?;
         self.flush()?;

@@ -19,11 +19,13 @@
 mod allocator;
 mod amend;
 mod backing_file;
+mod bitmap_ops;
 mod bitmaps;
 mod check;
 mod check_snapshots;
 mod compressed_write;
 mod create;
+mod dirty_bitmaps;
 mod entry_seq;
 mod flush;
 mod internal_snapshots;

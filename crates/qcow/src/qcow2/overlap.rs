@@ -82,7 +82,7 @@ impl Qcow2Image {
                 return Some(s);
             }
         }
-        let ext = self.header.bitmaps()?;
+        let ext = self.bitmap_directory()?;
         test(ext.directory_offset, ext.directory_size, "bitmap directory")
     }
 

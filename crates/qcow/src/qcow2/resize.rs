@@ -69,9 +69,13 @@ impl Qcow2Image {
                 "Can't resize a v2 image which has snapshots".into(),
             ));
         }
+        // Bitmaps found in use cannot be resized (QEMU refuses too).
+        self.check_bitmaps_usable()?;
         if new_size < old_size {
             self.check_writable()?;
-            return self.shrink(new_size);
+            self.shrink(new_size)?;
+            self.resize_bitmaps();
+            return self.flush();
         }
         let needed = new_size.div_ceil(self.header.bytes_per_l2_table());
         if new_size > MAX_VIRTUAL_SIZE || needed > MAX_L1_BYTES / 8 {
@@ -121,6 +125,7 @@ impl Qcow2Image {
         }
         self.header.virtual_size = new_size;
         self.virtual_size = new_size;
+        self.resize_bitmaps();
         self.flush()
     }
 

@@ -53,6 +53,9 @@ pub(crate) struct WriteState {
     /// An operation failed with the image marked dirty on purpose (its
     /// refcounts may be off): the mark stays when the image is closed.
     dirty_kept: AtomicBool,
+    /// The persistent bitmaps (`None` until loaded, and for check's
+    /// repairs).
+    pub(super) bitmaps: Option<super::dirty_bitmaps::BitmapTracker>,
 }
 
 impl WriteState {
@@ -149,17 +152,10 @@ impl Qcow2Image {
     }
 
     fn enable_writes(&mut self, cache_bytes: Option<u64>) -> Result<()> {
-        let unsupported = |what: &str| Error::Unsupported {
-            image: self.name.clone(),
-            what: what.to_owned(),
-        };
         if self.header.corrupt() {
             return Err(Error::MarkedCorrupt {
                 image: self.name.clone(),
             });
-        }
-        if self.header.bitmaps().is_some() {
-            return Err(unsupported("writing an image with persistent bitmaps"));
         }
         if self.header.dirty() {
             // Refcounts may be stale after a crash with lazy refcounts. The
@@ -169,6 +165,12 @@ impl Qcow2Image {
             self.rebuild_refcounts()?;
         }
         self.install_write_state(cache_bytes)?;
+        if !self.bitmaps.is_empty() {
+            let tracker = self.load_bitmap_tracker()?;
+            if let Some(ws) = self.writer.as_mut() {
+                ws.bitmaps = Some(tracker);
+            }
+        }
         // Metadata sharing bytes with other metadata would be overwritten by
         // the first update: refuse to write, and mark the image corrupt as
         // QEMU does when it meets such a write.
@@ -224,6 +226,7 @@ impl Qcow2Image {
             header_lock: Mutex::new(()),
             data_io: RwLock::new(()),
             dirty_kept: AtomicBool::new(false),
+            bitmaps: None,
         });
         let meta = self.lock_meta()?;
         self.map_metadata(&meta, &self.write_state()?.metadata);
@@ -396,7 +399,7 @@ impl Qcow2Image {
     /// Writes `buf` at guest offset `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        let result = self.write_range(buf, offset);
+        let result = self.recorded(offset, buf.len() as u64, || self.write_range(buf, offset));
         self.guard(result)
     }
 

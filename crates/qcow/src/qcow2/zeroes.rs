@@ -19,7 +19,7 @@ impl Qcow2Image {
     /// Partial clusters are written with zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
-        let result = self.zero_range(offset, len, unmap);
+        let result = self.recorded(offset, len, || self.zero_range(offset, len, unmap));
         self.guard(result)
     }
 
@@ -37,7 +37,9 @@ impl Qcow2Image {
                     return Ok(());
                 }
                 let len = per_table.min(self.virtual_size - start);
-                self.for_cluster_spans(start, len, |guest, _, _| self.deallocate(guest))
+                self.recorded(start, len, || {
+                    self.for_cluster_spans(start, len, |guest, _, _| self.deallocate(guest))
+                })
             });
         self.guard(result)
     }
@@ -109,12 +111,14 @@ impl Qcow2Image {
         if self.header.version < 3 && self.header.backing_file.is_some() {
             return Ok(());
         }
-        self.for_cluster_spans(offset, len, |guest, _, whole| {
-            if whole {
-                self.write_zeroes(guest, self.header.cluster_size(), true)
-            } else {
-                Ok(())
-            }
+        self.recorded(offset, len, || {
+            self.for_cluster_spans(offset, len, |guest, _, whole| {
+                if whole {
+                    self.write_zeroes(guest, self.header.cluster_size(), true)
+                } else {
+                    Ok(())
+                }
+            })
         })
     }
 
