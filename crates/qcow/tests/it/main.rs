@@ -2,6 +2,7 @@
 //! qemu-img at test time, and malformed images.
 
 mod amend;
+mod bitmaps;
 mod common;
 mod concurrency;
 mod copy;
