@@ -98,6 +98,7 @@ fn as_qemu_img_says(error: qcow::Error, file: &std::path::Path) -> anyhow::Error
             let prefix = format!("{}: ", file.display());
             anyhow::anyhow!("{}", m.strip_prefix(&prefix).unwrap_or(&m))
         }
+        qcow::Error::Bitmap { reason, .. } => anyhow::anyhow!("{reason}"),
         other => other.into(),
     }
 }

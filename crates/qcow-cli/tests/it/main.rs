@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 mod amend;
 mod bench;
+mod bitmaps;
 mod check;
 mod commit;
 mod compare;

@@ -37,8 +37,14 @@ impl Qcow2Image {
         if name.is_empty() {
             return refuse("Bitmap name cannot be empty");
         }
+        let persistent = |why: &str| {
+            Err(self.bitmap_error(format!(
+                "Can't make bitmap '{name}' persistent in '{}': {why}",
+                self.name
+            )))
+        };
         if self.header.version < 3 {
-            return refuse("Cannot store dirty bitmaps in qcow2 v2 files");
+            return persistent("Cannot store dirty bitmaps in qcow2 v2 files");
         }
         if !granularity.is_power_of_two()
             || !(1 << MIN_GRANULARITY_BITS..=1 << MAX_GRANULARITY_BITS).contains(&granularity)
@@ -46,8 +52,8 @@ impl Qcow2Image {
             return refuse("Granularity must be power of 2 and at least 512");
         }
         if name.len() > MAX_NAME_BYTES {
-            return refuse(&format!(
-                "Can't make bitmap '{name}' persistent: Name length exceeds maximum ({MAX_NAME_BYTES} characters)"
+            return persistent(&format!(
+                "Name length exceeds maximum ({MAX_NAME_BYTES} characters)"
             ));
         }
         let granularity_bits = granularity.trailing_zeros() as u8;
@@ -57,9 +63,9 @@ impl Qcow2Image {
             self.header.cluster_size(),
         );
         if table > qcow_format::bitmap::MAX_TABLE_ENTRIES {
-            return refuse(&format!(
-                "Can't make bitmap '{name}' persistent: Too much space will be occupied by the bitmap. Use larger granularity"
-            ));
+            return persistent(
+                "Too much space will be occupied by the bitmap. Use larger granularity",
+            );
         }
         self.flush()?;
         self.ensure_bitmap_tracker();
@@ -69,7 +75,8 @@ impl Qcow2Image {
             }
             if set.bitmaps.len() >= MAX_BITMAPS as usize {
                 return Err(format!(
-                    "Can't make bitmap '{name}' persistent: Maximum number of persistent bitmaps is already reached"
+                    "Can't make bitmap '{name}' persistent in '{}': Maximum number of persistent bitmaps is already reached",
+                    self.name
                 ));
             }
             set.bitmaps.push(Bitmap {
