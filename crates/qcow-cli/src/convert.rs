@@ -80,6 +80,12 @@ pub(crate) struct ConvertArgs {
     /// zeros, each with a warning.
     #[arg(long)]
     salvage: bool,
+    /// Copy the source's persistent bitmaps (qcow2 to qcow2).
+    #[arg(long)]
+    bitmaps: bool,
+    /// With --bitmaps: leave out bitmaps found in use, with a warning.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
@@ -136,6 +142,12 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     if snapshot.is_some() && sources.len() > 1 {
         bail!("No support for concatenating multiple snapshot");
     }
+    if args.skip_broken_bitmaps && !args.bitmaps {
+        bail!("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
+    if args.bitmaps && sources.len() > 1 {
+        bail!("Copying bitmaps only possible with single source");
+    }
     let mut opened = Vec::with_capacity(sources.len());
     for path in sources {
         let source = open_image(
@@ -148,6 +160,17 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         )?;
         refuse_overwriting_source(&source, dest)?;
         opened.push(source);
+    }
+    let bitmaps = match (&opened[..], args.bitmaps) {
+        (_, false) => Vec::new(),
+        ([source], true) => source_bitmaps(source, args.skip_broken_bitmaps, args.quiet)?,
+        _ => Vec::new(),
+    };
+    if args.bitmaps && args.output_format != "qcow2" {
+        bail!(
+            "Format driver '{}' does not support bitmaps",
+            args.output_format
+        );
     }
     let source: Box<dyn BlockDevice> = if opened.len() == 1 {
         Box::new(opened.remove(0))
@@ -201,11 +224,73 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     };
     qcow::copy::copy(&*source, &target, &options, &warner)
         .with_context(|| format!("converting '{}'", sources[0].display()))?;
+    let mut target = target;
+    copy_bitmaps(&mut target, &bitmaps)?;
     close(target).with_context(|| format!("could not close '{}'", dest.display()))?;
     if let Some(bar) = progress {
         bar.finish();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A source bitmap to copy: name, granularity, enabled, dirty ranges.
+type SourceBitmap = (String, u64, bool, Vec<(u64, u64)>);
+
+/// The persistent bitmaps of `source` for `--bitmaps`, refusing one found
+/// in use unless `skip_broken` (then it is left out with a warning), as
+/// qemu-img does before it copies anything.
+fn source_bitmaps(source: &Image, skip_broken: bool, quiet: bool) -> Result<Vec<SourceBitmap>> {
+    let Image::Qcow2(image) = source else {
+        bail!("Source lacks bitmap support");
+    };
+    let mut out = Vec::new();
+    for entry in image.bitmaps() {
+        if entry.in_use() {
+            if skip_broken {
+                if !quiet {
+                    crate::report!("warning: Skipping inconsistent bitmap '{}'", entry.name);
+                }
+                continue;
+            }
+            bail!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                entry.name
+            );
+        }
+        let ranges = image.bitmap_ranges(&entry.name)?;
+        out.push((
+            entry.name.clone(),
+            entry.granularity(),
+            entry.auto(),
+            ranges,
+        ));
+    }
+    Ok(out)
+}
+
+/// Adds each source bitmap to the output and sets its bits, as qemu-img
+/// convert --bitmaps does once the data is copied.
+fn copy_bitmaps(target: &mut Image, bitmaps: &[SourceBitmap]) -> Result<()> {
+    if bitmaps.is_empty() {
+        return Ok(());
+    }
+    let Image::Qcow2(image) = target else {
+        bail!("Format driver does not support bitmaps");
+    };
+    let reason = |e: qcow::Error| match e {
+        qcow::Error::Bitmap { reason, .. } => reason,
+        other => crate::describe(&other.into()),
+    };
+    for (name, granularity, enabled, ranges) in bitmaps {
+        image
+            .add_bitmap(name, Some(*granularity), *enabled)
+            .map_err(|e| anyhow::anyhow!("Failed to create bitmap {name}: {}", reason(e)))?;
+        if let Err(e) = image.merge_into_bitmap(name, ranges) {
+            let _ = image.remove_bitmap(name);
+            bail!("Failed to populate bitmap {name}: {}", reason(e));
+        }
+    }
+    Ok(())
 }
 
 /// Progress, and qemu-img's warning for each salvaged sector.

@@ -261,3 +261,166 @@ fn mark_first_bitmap_in_use(path: &Path) {
     b[directory + 15] |= 1;
     std::fs::write(path, &b).expect("write");
 }
+
+#[test]
+fn convert_copies_bitmaps_as_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source.qcow2");
+    create(&source, "cluster_size=65536");
+    for args in [
+        &["--add", "FILE", "a"][..],
+        &["--add", "-g", "4096", "--disable", "FILE", "b"][..],
+    ] {
+        let args: Vec<&str> = std::iter::once("bitmap")
+            .chain(
+                args.iter()
+                    .map(|a| if *a == "FILE" { p(&source) } else { a }),
+            )
+            .collect();
+        assert!(qemu_img(&args).status.success());
+    }
+    qemu_io(&source, &["write -P 1 1M 100k", "write -z 3M 64k"]);
+    let enable = qemu_img(&["bitmap", "--enable", p(&source), "b"]);
+    assert!(enable.status.success());
+    qemu_io(&source, &["write -P 2 5M 10k"]);
+    let ours = dir.path().join("ours.qcow2");
+    let theirs = dir.path().join("theirs.qcow2");
+    let convert = |extra: &[&str], out: &Path, tool: &str| {
+        let mut args = vec!["convert"];
+        args.extend(extra);
+        args.extend([p(&source), p(out)]);
+        if tool == "qcow" {
+            qcow(&args)
+        } else {
+            qemu_img(&args)
+        }
+    };
+    for extra in [
+        &["--bitmaps", "-O", "qcow2"][..],
+        &["--bitmaps", "-O", "qcow2", "-c"][..],
+        &["--bitmaps", "-O", "raw"][..],
+        &["--skip-broken-bitmaps", "-O", "qcow2"][..],
+    ] {
+        let _ = std::fs::remove_file(&ours);
+        let _ = std::fs::remove_file(&theirs);
+        let a = convert(extra, &ours, "qcow");
+        let b = convert(extra, &theirs, "qemu-img");
+        assert_eq!(
+            a.status.code(),
+            b.status.code(),
+            "{extra:?}: {}",
+            stderr(&a)
+        );
+        assert_eq!(
+            stderr(&a).replacen("qcow", "qemu-img", 1),
+            stderr(&b),
+            "{extra:?}"
+        );
+        if a.status.success() {
+            assert_check_clean(&ours);
+            assert_eq!(listed(&ours), listed(&theirs), "{extra:?}");
+            assert_eq!(dirty(&ours), dirty(&theirs), "{extra:?}");
+            assert_eq!(dirty(&ours).len(), 2);
+        }
+    }
+    // A bitmap found in use stops the copy, or is left out.
+    mark_first_bitmap_in_use(&source);
+    for extra in [
+        &["--bitmaps", "-O", "qcow2"][..],
+        &["--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2"][..],
+    ] {
+        let _ = std::fs::remove_file(&ours);
+        let _ = std::fs::remove_file(&theirs);
+        let a = convert(extra, &ours, "qcow");
+        let b = convert(extra, &theirs, "qemu-img");
+        assert_eq!(
+            a.status.code(),
+            b.status.code(),
+            "{extra:?}: {}",
+            stderr(&a)
+        );
+        assert_eq!(
+            stderr(&a).replacen("qcow", "qemu-img", 1),
+            stderr(&b),
+            "{extra:?}"
+        );
+        if a.status.success() {
+            assert_eq!(listed(&ours), listed(&theirs), "{extra:?}");
+            assert_eq!(dirty(&ours), dirty(&theirs), "{extra:?}");
+        }
+    }
+}
+
+#[test]
+fn check_counts_bitmap_clusters_as_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ours, _) = pair(dir.path(), "cluster_size=4096");
+    for args in [&["--add", "-g", "512"][..], &["--add", "--disable"][..]] {
+        let name = if args.len() == 3 { "fine" } else { "frozen" };
+        let mut all = vec!["bitmap"];
+        all.extend(args);
+        all.extend([p(&ours), name]);
+        let out = qcow(&all);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = qcow(&[
+        "bench",
+        "-w",
+        "-c",
+        "64",
+        "-s",
+        "4k",
+        "-S",
+        "64k",
+        "-t",
+        "none",
+        p(&ours),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a = qcow(&["check", "--output=json", p(&ours)]);
+    let b = qemu_img(&["check", "--output=json", p(&ours)]);
+    assert_eq!(stdout(&a), stdout(&b));
+    assert_eq!(a.status.code(), Some(0));
+    // A leaked bitmap data cluster (its table entry cleared) is found
+    // and repaired as qemu-img finds and repairs it.
+    let copy = dir.path().join("leak.qcow2");
+    std::fs::copy(&ours, &copy).expect("copy");
+    let theirs = dir.path().join("leak2.qcow2");
+    clear_first_bitmap_table_entry(&copy);
+    std::fs::copy(&copy, &theirs).expect("copy");
+    for repair in [&[][..], &["-r", "leaks"][..]] {
+        let mut a_args = vec!["check"];
+        a_args.extend(repair);
+        let mut b_args = a_args.clone();
+        a_args.push(p(&copy));
+        b_args.push(p(&theirs));
+        let a = qcow(&a_args);
+        let b = qemu_img(&b_args);
+        assert_eq!(a.status.code(), b.status.code(), "{repair:?}");
+        assert_eq!(stdout(&a), stdout(&b), "{repair:?}");
+    }
+    assert_check_clean(&copy);
+}
+
+/// Clears the first data cluster entry of the first bitmap's table (its
+/// cluster leaks).
+fn clear_first_bitmap_table_entry(path: &Path) {
+    let mut b = std::fs::read(path).expect("read");
+    let be32 =
+        |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4")) as usize;
+    let be64 =
+        |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8")) as usize;
+    let mut at = be32(&b, 100);
+    while be32(&b, at) != 0x2385_2875 {
+        at += 8 + be32(&b, at + 4).next_multiple_of(8);
+    }
+    let directory = be64(&b, at + 8 + 16);
+    let table = be64(&b, directory);
+    let size = be32(&b, directory + 8);
+    let entry = (0..size)
+        .map(|i| table + 8 * i)
+        .find(|&e| be64(&b, e) != 0)
+        .expect("a data cluster");
+    b[entry..entry + 8].fill(0);
+    std::fs::write(path, &b).expect("write");
+}
