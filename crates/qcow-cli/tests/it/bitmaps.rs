@@ -424,3 +424,63 @@ fn clear_first_bitmap_table_entry(path: &Path) {
     b[entry..entry + 8].fill(0);
     std::fs::write(path, &b).expect("write");
 }
+
+#[test]
+fn bitmaps_cross_between_qcow_and_qemu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("mixed.qcow2");
+    create(&image, "cluster_size=65536");
+    let step = |tool: &str, args: &[&str]| {
+        let mut all = vec!["bitmap"];
+        all.extend(
+            args.iter()
+                .map(|a| if *a == "FILE" { p(&image) } else { a }),
+        );
+        let out = if tool == "qcow" {
+            qcow(&all)
+        } else {
+            qemu_img(&all)
+        };
+        assert!(out.status.success(), "{tool} {args:?}: {}", stderr(&out));
+        assert_check_clean(&image);
+    };
+    // qcow makes a bitmap; QEMU records into it, merges and disables it.
+    step("qcow", &["--add", "-g", "4096", "FILE", "ours"]);
+    qemu_io(&image, &["write -P 1 1M 64k"]);
+    step("qemu-img", &["--add", "FILE", "theirs"]);
+    step("qemu-img", &["--merge", "ours", "FILE", "theirs"]);
+    step("qemu-img", &["--disable", "FILE", "ours"]);
+    // qcow writes: only the enabled bitmap, made by QEMU, records it.
+    let out = qcow(&[
+        "bench",
+        "-w",
+        "-c",
+        "1",
+        "-s",
+        "4k",
+        "-o",
+        "6M",
+        "-t",
+        "none",
+        p(&image),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ranges = dirty(&image);
+    assert_eq!(ranges.len(), 2);
+    let holes = |map: &str| {
+        map.lines()
+            .filter(|l| l.contains("\"data\": false"))
+            .count()
+    };
+    assert_eq!(holes(&ranges[0].1), 1, "ours: {}", ranges[0].1);
+    assert_eq!(holes(&ranges[1].1), 2, "theirs: {}", ranges[1].1);
+    step("qcow", &["--clear", "--enable", "FILE", "ours"]);
+    qemu_io(&image, &["write -P 2 7M 4k"]);
+    step("qemu-img", &["--remove", "FILE", "theirs"]);
+    let ranges = dirty(&image);
+    assert_eq!(ranges.len(), 1);
+    assert_eq!(holes(&ranges[0].1), 1);
+    assert!(ranges[0].1.contains("\"start\": 7340032"));
+    step("qcow", &["--remove", "FILE", "ours"]);
+    assert!(listed(&image).is_null());
+}

@@ -327,7 +327,14 @@ impl Qcow2Image {
                     HeaderExtension::FeatureNames(_) | HeaderExtension::Bitmaps(_)
                 )
             });
-        })
+        })?;
+        // Version 2 cannot keep bitmaps: their clusters leak, as with
+        // QEMU (check -r leaks frees them), and writes record nothing.
+        if let Some(ws) = self.writer.as_mut() {
+            ws.bitmaps = None;
+        }
+        self.bitmaps.clear();
+        Ok(())
     }
 
     /// Turns every zero cluster (active and snapshot L2 tables alike) into
