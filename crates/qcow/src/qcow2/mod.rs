@@ -13,8 +13,10 @@
 //! the check is [`check_snapshots`](self::check_snapshots). The snapshot
 //! table is read in [`snapshots`](self::snapshots) and written in
 //! [`snapshot_table`](self::snapshot_table); snapshots are made, applied
-//! and deleted in [`internal_snapshots`](self::internal_snapshots);
-//! bitmaps have their own module.
+//! and deleted in [`internal_snapshots`](self::internal_snapshots). The
+//! bitmap directory is read in [`bitmaps`](self::bitmaps), bitmaps are kept
+//! while writing in [`dirty_bitmaps`](self::dirty_bitmaps) and managed in
+//! [`bitmap_ops`](self::bitmap_ops).
 
 mod allocator;
 mod amend;
