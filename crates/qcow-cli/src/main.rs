@@ -26,6 +26,7 @@ mod open;
 mod progress;
 mod rebase;
 mod resize;
+mod serve;
 mod size;
 mod snapshot;
 
@@ -73,6 +74,8 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Add, remove, clear, enable, disable or merge persistent bitmaps.
     Bitmap(bitmap::BitmapArgs),
+    /// Serve an image over NBD, as qemu-nbd does.
+    Serve(serve::ServeArgs),
 }
 
 /// The name the program was invoked by (`qcow`, or `qemu-img` through a
@@ -154,6 +157,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
         Command::Bitmap(args) => bitmap::run(&args),
+        Command::Serve(args) => serve::run(&args),
     };
     match result {
         Ok(code) => code,

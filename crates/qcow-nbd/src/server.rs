@@ -1,0 +1,225 @@
+//! Accepting clients on a TCP or Unix socket and serving each on its own
+//! thread, as qemu-nbd does: at most `shared` clients at once, and (unless
+//! `persistent`) the server ends when its last client leaves. A stop
+//! request (SIGTERM and SIGINT in the CLI) stops accepting, ends every
+//! connection after the requests in flight, and returns, so that the
+//! caller can flush and close the image.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crate::export::Export;
+use crate::handshake::{HandshakeError, handshake};
+use crate::transmission::transmission;
+
+/// Where clients connect.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP socket.
+    Tcp(TcpListener),
+    /// A Unix socket.
+    Unix(UnixListener),
+}
+
+/// How the server treats its clients.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerOptions {
+    /// Clients served at once (qemu-nbd's `-e`, 1 by default).
+    pub shared: usize,
+    /// Keep serving after the last client leaves (qemu-nbd's `-t`).
+    pub persistent: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            shared: 1,
+            persistent: false,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Sets [`ServerOptions::shared`] (at least 1).
+    pub fn shared(mut self, n: usize) -> Self {
+        self.shared = n.max(1);
+        self
+    }
+
+    /// Sets [`ServerOptions::persistent`].
+    pub fn persistent(mut self, on: bool) -> Self {
+        self.persistent = on;
+        self
+    }
+}
+
+/// A connected client's socket.
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+        };
+    }
+
+    fn set_blocking(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_nodelay(true)?;
+                s.set_nonblocking(false)
+            }
+            Stream::Unix(s) => s.set_nonblocking(false),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// Serves `exports` to clients of `listener` until `stop` is set, or
+/// (unless persistent) until the last client has left. Connection errors
+/// end that connection only; `log` hears about them.
+pub fn serve(
+    listener: Listener,
+    exports: Vec<Arc<Export>>,
+    options: &ServerOptions,
+    stop: &AtomicBool,
+    log: &(dyn Fn(&str) + Sync),
+) -> io::Result<()> {
+    match &listener {
+        Listener::Tcp(l) => l.set_nonblocking(true)?,
+        Listener::Unix(l) => l.set_nonblocking(true)?,
+    }
+    let active = AtomicUsize::new(0);
+    let served = AtomicBool::new(false);
+    // The connections open now, to end them on a stop.
+    let open: Mutex<HashMap<u64, Stream>> = Mutex::new(HashMap::new());
+    let mut next_id = 0u64;
+    std::thread::scope(|scope| -> io::Result<()> {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            if !options.persistent
+                && served.load(Ordering::Acquire)
+                && active.load(Ordering::Acquire) == 0
+            {
+                break;
+            }
+            if active.load(Ordering::Acquire) >= options.shared {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let accepted = match &listener {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+                Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            };
+            let stream = match accepted {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            stream.set_blocking()?;
+            let id = next_id;
+            next_id += 1;
+            if let Ok(copy) = stream.try_clone() {
+                open.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(id, copy);
+            }
+            active.fetch_add(1, Ordering::AcqRel);
+            served.store(true, Ordering::Release);
+            let (exports, active, open) = (&exports, &active, &open);
+            scope.spawn(move || {
+                if let Err(e) = serve_client(stream, exports) {
+                    log(&e);
+                }
+                open.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                active.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+        // Stop: end every connection once its requests in flight are done
+        // (the reader fails, the workers finish what they took).
+        for s in open.lock().unwrap_or_else(PoisonError::into_inner).values() {
+            s.shutdown(Shutdown::Read);
+        }
+        Ok(())
+    })
+}
+
+/// One client: the handshake, then requests until it leaves.
+fn serve_client(mut stream: Stream, exports: &[Arc<Export>]) -> Result<(), String> {
+    let negotiated = match handshake(&mut stream, exports) {
+        Ok(n) => n,
+        Err(HandshakeError::Aborted) => return Ok(()),
+        Err(HandshakeError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+        Err(e) => {
+            stream.shutdown(Shutdown::Both);
+            return Err(e.to_string());
+        }
+    };
+    let writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let end = transmission(&mut stream, writer, &negotiated);
+    stream.shutdown(Shutdown::Both);
+    match end {
+        crate::transmission::ConnectionEnd::Disconnect => Ok(()),
+        crate::transmission::ConnectionEnd::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            Ok(())
+        }
+        other => Err(other.to_string()),
+    }
+}

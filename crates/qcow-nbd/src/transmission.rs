@@ -1,0 +1,332 @@
+//! The transmission phase: requests are read in order, run by a few
+//! workers at once (several in flight per connection), and answered as
+//! they complete. Every bad request gets an NBD error; only a stream that
+//! cannot be trusted any more (a bad magic, a write payload too large to
+//! skip, a closed connection) ends the connection.
+
+use std::io::{self, Read, Write};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Mutex, PoisonError};
+
+use qcow::ErrorKind;
+
+use crate::export::Context;
+use crate::handshake::Negotiated;
+use crate::protocol::{
+    MAX_BUFFER, Request, RequestError, chunk, chunk_header, cmd, cmd_flag, errno, simple_reply,
+};
+
+/// Requests run at once per connection.
+const WORKERS: usize = 4;
+/// Requests read ahead of the workers.
+const QUEUE: usize = 16;
+/// Block status descriptors per context in one reply, at most.
+const MAX_DESCRIPTORS: usize = 1 << 16;
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionEnd {
+    /// The client sent NBD_CMD_DISC.
+    #[error("the client disconnected")]
+    Disconnect,
+    /// The connection closed or failed.
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    /// The client broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// Serves requests from `reader`, replying on `writer`, until the client
+/// disconnects or the stream fails. Requests in flight are finished first.
+pub fn transmission(
+    reader: &mut impl Read,
+    writer: impl Write + Send,
+    negotiated: &Negotiated,
+) -> ConnectionEnd {
+    let writer = Mutex::new(writer);
+    let (tx, rx) = sync_channel::<(Request, Vec<u8>)>(QUEUE);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            let (rx, writer) = (&rx, &writer);
+            scope.spawn(move || {
+                loop {
+                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let Ok((request, payload)) = job else {
+                        return;
+                    };
+                    // A reply that cannot be sent ends the connection; the
+                    // reader notices when its next read fails.
+                    let _ = answer(negotiated, &request, &payload, writer);
+                }
+            });
+        }
+        let end = read_requests(reader, negotiated, &tx, &writer);
+        drop(tx);
+        end
+    })
+}
+
+/// Reads requests and hands them to the workers; returns why it stopped.
+fn read_requests(
+    reader: &mut impl Read,
+    negotiated: &Negotiated,
+    tx: &std::sync::mpsc::SyncSender<(Request, Vec<u8>)>,
+    writer: &Mutex<impl Write>,
+) -> ConnectionEnd {
+    loop {
+        let request = match Request::read_from(reader) {
+            Ok(r) => r,
+            Err(RequestError::Io(e)) => return ConnectionEnd::Io(e),
+            Err(RequestError::Magic(m)) => {
+                return ConnectionEnd::Protocol(format!("bad request magic {m:#x}"));
+            }
+        };
+        let mut payload = Vec::new();
+        if request.kind == cmd::WRITE {
+            if request.len > MAX_BUFFER {
+                // The payload cannot be skipped safely: answer, then hang up.
+                let _ = send_error(
+                    negotiated,
+                    &request,
+                    errno::EINVAL,
+                    "request too large",
+                    writer,
+                );
+                return ConnectionEnd::Protocol(format!("write of {} bytes", request.len));
+            }
+            payload = vec![0u8; request.len as usize];
+            if let Err(e) = reader.read_exact(&mut payload) {
+                return ConnectionEnd::Io(e);
+            }
+        }
+        if request.kind == cmd::DISC {
+            return ConnectionEnd::Disconnect;
+        }
+        if tx.send((request, payload)).is_err() {
+            return ConnectionEnd::Protocol("the workers stopped".into());
+        }
+    }
+}
+
+/// The NBD error for an engine error.
+fn errno_of(error: &qcow::Error) -> u32 {
+    match error.kind() {
+        ErrorKind::InvalidInput => errno::EINVAL,
+        ErrorKind::ReadOnly => errno::EPERM,
+        ErrorKind::Limit => errno::ENOSPC,
+        ErrorKind::Unsupported => errno::ENOTSUP,
+        _ => errno::EIO,
+    }
+}
+
+/// Runs one request and sends its reply.
+fn answer(
+    negotiated: &Negotiated,
+    request: &Request,
+    payload: &[u8],
+    writer: &Mutex<impl Write>,
+) -> io::Result<()> {
+    let export = &negotiated.export;
+    let device = &*export.device;
+    let size = device.virtual_size();
+    let len = u64::from(request.len);
+    let in_range = request
+        .offset
+        .checked_add(len)
+        .is_some_and(|end| end <= size);
+    let fail = |code: u32, why: &str| send_error(negotiated, request, code, why, writer);
+    let known_flags =
+        cmd_flag::FUA | cmd_flag::NO_HOLE | cmd_flag::DF | cmd_flag::REQ_ONE | cmd_flag::FAST_ZERO;
+    if request.flags & !known_flags != 0 {
+        return fail(errno::EINVAL, "unknown command flags");
+    }
+    let writes = matches!(request.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    if writes && export.read_only {
+        return fail(errno::EPERM, "the export is read-only");
+    }
+    let needs_range = matches!(
+        request.kind,
+        cmd::READ | cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE | cmd::BLOCK_STATUS
+    );
+    if needs_range && !in_range {
+        return fail(errno::EINVAL, "request past the end of the export");
+    }
+    let fua = |done: qcow::Result<()>| {
+        done.and_then(|()| {
+            if request.flags & cmd_flag::FUA != 0 {
+                device.flush()
+            } else {
+                Ok(())
+            }
+        })
+    };
+    let done = match request.kind {
+        cmd::READ => {
+            if request.len > MAX_BUFFER {
+                return fail(errno::EINVAL, "request too large");
+            }
+            let mut data = vec![0u8; request.len as usize];
+            return match device.read_at(&mut data, request.offset) {
+                Ok(()) => send_data(negotiated, request, &data, writer),
+                Err(e) => fail(errno_of(&e), &e.to_string()),
+            };
+        }
+        cmd::WRITE => fua(device.write_at(payload, request.offset)),
+        cmd::FLUSH => device.flush(),
+        cmd::TRIM => {
+            if export.discard {
+                fua(device.discard(request.offset, len))
+            } else {
+                Ok(())
+            }
+        }
+        cmd::WRITE_ZEROES => {
+            let unmap = request.flags & cmd_flag::NO_HOLE == 0 && export.discard;
+            fua(device.write_zeroes(request.offset, len, unmap))
+        }
+        cmd::CACHE => Ok(()),
+        cmd::BLOCK_STATUS => {
+            if !negotiated.structured || negotiated.contexts.is_empty() {
+                return fail(errno::EINVAL, "no metadata context was selected");
+            }
+            if len == 0 {
+                return fail(errno::EINVAL, "empty block status request");
+            }
+            return send_status(negotiated, request, writer);
+        }
+        _ => return fail(errno::EINVAL, "unknown command"),
+    };
+    match done {
+        Ok(()) => send_ok(negotiated, request, writer),
+        Err(e) => fail(errno_of(&e), &e.to_string()),
+    }
+}
+
+fn send(writer: &Mutex<impl Write>, parts: &[&[u8]]) -> io::Result<()> {
+    let mut w = writer.lock().unwrap_or_else(PoisonError::into_inner);
+    for part in parts {
+        w.write_all(part)?;
+    }
+    w.flush()
+}
+
+fn send_ok(
+    negotiated: &Negotiated,
+    request: &Request,
+    writer: &Mutex<impl Write>,
+) -> io::Result<()> {
+    if negotiated.structured {
+        send(
+            writer,
+            &[&chunk_header(
+                chunk::FLAG_DONE,
+                chunk::NONE,
+                request.cookie,
+                0,
+            )],
+        )
+    } else {
+        send(writer, &[&simple_reply(0, request.cookie)])
+    }
+}
+
+fn send_data(
+    negotiated: &Negotiated,
+    request: &Request,
+    data: &[u8],
+    writer: &Mutex<impl Write>,
+) -> io::Result<()> {
+    if negotiated.structured {
+        // At most MAX_BUFFER bytes of data.
+        let header = chunk_header(
+            chunk::FLAG_DONE,
+            chunk::OFFSET_DATA,
+            request.cookie,
+            8 + data.len() as u32,
+        );
+        send(writer, &[&header, &request.offset.to_be_bytes(), data])
+    } else {
+        send(writer, &[&simple_reply(0, request.cookie), data])
+    }
+}
+
+fn send_error(
+    negotiated: &Negotiated,
+    request: &Request,
+    code: u32,
+    message: &str,
+    writer: &Mutex<impl Write>,
+) -> io::Result<()> {
+    if negotiated.structured {
+        let message = &message.as_bytes()[..message.len().min(4096)];
+        let mut payload = Vec::with_capacity(6 + message.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        payload.extend_from_slice(message);
+        let header = chunk_header(
+            chunk::FLAG_DONE,
+            chunk::ERROR,
+            request.cookie,
+            payload.len() as u32,
+        );
+        send(writer, &[&header, &payload])
+    } else {
+        send(writer, &[&simple_reply(code, request.cookie)])
+    }
+}
+
+/// One BLOCK_STATUS chunk per selected context, the last one marked done.
+fn send_status(
+    negotiated: &Negotiated,
+    request: &Request,
+    writer: &Mutex<impl Write>,
+) -> io::Result<()> {
+    let max = if request.flags & cmd_flag::REQ_ONE != 0 {
+        1
+    } else {
+        MAX_DESCRIPTORS
+    };
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    for context in &negotiated.contexts {
+        let descriptors = match status(negotiated, context, request, max) {
+            Ok(d) => d,
+            Err(e) => {
+                return send_error(negotiated, request, errno_of(&e), &e.to_string(), writer);
+            }
+        };
+        let mut payload = Vec::with_capacity(4 + 8 * descriptors.len());
+        payload.extend_from_slice(&context.id().to_be_bytes());
+        for (len, flags) in descriptors {
+            payload.extend_from_slice(&len.to_be_bytes());
+            payload.extend_from_slice(&flags.to_be_bytes());
+        }
+        chunks.push(payload);
+    }
+    let count = chunks.len();
+    let mut w = writer.lock().unwrap_or_else(PoisonError::into_inner);
+    for (i, payload) in chunks.iter().enumerate() {
+        let flags = if i + 1 == count { chunk::FLAG_DONE } else { 0 };
+        // At most MAX_DESCRIPTORS descriptors: well under 4 GiB.
+        w.write_all(&chunk_header(
+            flags,
+            chunk::BLOCK_STATUS,
+            request.cookie,
+            payload.len() as u32,
+        ))?;
+        w.write_all(payload)?;
+    }
+    w.flush()
+}
+
+fn status(
+    negotiated: &Negotiated,
+    context: &Context,
+    request: &Request,
+    max: usize,
+) -> qcow::Result<Vec<(u32, u32)>> {
+    negotiated
+        .export
+        .status(context, request.offset, u64::from(request.len), max)
+}
