@@ -244,7 +244,8 @@ fn source_bitmaps(source: &Image, skip_broken: bool, quiet: bool) -> Result<Vec<
         bail!("Source lacks bitmap support");
     };
     let mut out = Vec::new();
-    for entry in image.bitmaps() {
+    // QEMU goes through an image's bitmaps last to first.
+    for entry in image.bitmaps().iter().rev() {
         if entry.in_use() {
             if skip_broken {
                 if !quiet {
@@ -265,6 +266,8 @@ fn source_bitmaps(source: &Image, skip_broken: bool, quiet: bool) -> Result<Vec<
             ranges,
         ));
     }
+    // Added to the output in the source's order, as qemu-img's end up.
+    out.reverse();
     Ok(out)
 }
 

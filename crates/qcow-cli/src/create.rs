@@ -102,7 +102,7 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
             .map_err(|e| {
                 anyhow::anyhow!(
                     "{name}: {}\nCould not open backing image.",
-                    crate::describe(&e)
+                    crate::describe_once(&e)
                 )
             })?;
             if options.backing_format.is_none() {

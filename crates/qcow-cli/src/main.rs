@@ -106,7 +106,29 @@ macro_rules! report {
 /// An error and its causes on one line, as qemu-img words system errors
 /// ("No such file or directory", without Rust's "(os error 2)").
 pub(crate) fn describe(error: &anyhow::Error) -> String {
-    let text = format!("{error:#}");
+    describe_as(error, true)
+}
+
+/// [`describe`], naming a file that cannot be opened once (qemu-img's
+/// words for a backing file named in a message of its own).
+pub(crate) fn describe_once(error: &anyhow::Error) -> String {
+    describe_as(error, false)
+}
+
+fn describe_as(error: &anyhow::Error, double_open: bool) -> String {
+    let mut text = format!("{error:#}");
+    // qemu-img names an image it cannot open twice (the image layer, then
+    // the file layer); not a backing file named in a message of its own.
+    if let (true, Some(qcow::Error::Open { path, .. })) = (
+        double_open,
+        error
+            .chain()
+            .next()
+            .and_then(|e| e.downcast_ref::<qcow::Error>()),
+    ) {
+        let once = format!("Could not open '{}': ", path.display());
+        text = text.replacen(&once, &format!("{once}{once}"), 1);
+    }
     let mut out = String::with_capacity(text.len());
     let mut rest = text.as_str();
     while let Some(at) = rest.find(" (os error ") {
