@@ -21,6 +21,7 @@ mod locking;
 mod map;
 mod measure;
 mod rebase;
+mod serve;
 mod shrink;
 mod tidy;
 

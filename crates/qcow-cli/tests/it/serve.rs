@@ -1,0 +1,565 @@
+//! `qcow serve` with real clients: qemu-img and qemu-io over `nbd+unix://`
+//! and `nbd://127.0.0.1`, block status beside qemu-nbd's on the same
+//! image, hostile clients written here, and a clean stop on SIGTERM.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{fixtures, p, qemu_img, qemu_io, stderr, stdout, testdata};
+
+/// A server process, stopped (SIGTERM, then waited for) when dropped.
+struct Server {
+    child: Option<Child>,
+    socket: Option<PathBuf>,
+}
+
+impl Server {
+    /// Starts `program args` and waits until `socket` exists or `port`
+    /// accepts connections.
+    fn start(program: &str, args: &[&str], socket: Option<&Path>, port: Option<u16>) -> Server {
+        let child = Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} could not be started (it is required): {e}"));
+        let mut server = Server {
+            child: Some(child),
+            socket: socket.map(Path::to_path_buf),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = match (socket, port) {
+                (Some(s), _) => s.exists(),
+                (None, Some(port)) => std::net::TcpStream::connect(("127.0.0.1", port))
+                    .map(|c| drop(c))
+                    .is_ok(),
+                _ => true,
+            };
+            if ready {
+                break;
+            }
+            if let Some(status) = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let mut err = String::new();
+                if let Some(mut e) = server.child.as_mut().and_then(|c| c.stderr.take()) {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("{program} {args:?} exited ({status}): {err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{program} did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server
+    }
+
+    /// `qcow serve ARGS`.
+    fn qcow(args: &[&str], socket: Option<&Path>, port: Option<u16>) -> Server {
+        Server::start(env!("CARGO_BIN_EXE_qcow"), args, socket, port)
+    }
+
+    /// Sends SIGTERM and waits; returns the exit code and standard error.
+    fn stop(&mut self) -> (Option<i32>, String) {
+        let Some(mut child) = self.child.take() else {
+            return (None, String::new());
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().expect("wait");
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (status.code(), err)
+    }
+
+    fn uri(&self) -> String {
+        format!(
+            "nbd+unix:///?socket={}",
+            p(self.socket.as_ref().expect("a unix socket"))
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A TCP port free on the loopback address (for a moment).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn raw_of(source: &[&str], out: &Path) -> Vec<u8> {
+    let mut args = vec!["convert"];
+    args.extend(source);
+    args.extend(["-O", "raw", p(out)]);
+    let o = qemu_img(&args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    std::fs::read(out).expect("raw")
+}
+
+#[test]
+fn every_fixture_reads_over_nbd_as_it_reads_locally() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("s");
+    let mut served = 0;
+    for name in fixtures() {
+        if super::encrypted(&name) {
+            continue;
+        }
+        let path = testdata().join(&name);
+        let mut server = Server::qcow(
+            &["serve", "-r", "-k", p(&socket), p(&path)],
+            Some(&socket),
+            None,
+        );
+        let remote = raw_of(
+            &["-f", "raw", &server.uri()],
+            &dir.path().join("remote.raw"),
+        );
+        let local = raw_of(&[p(&path)], &dir.path().join("local.raw"));
+        assert!(remote == local, "{name}: the served disk differs");
+        let (code, err) = server.stop();
+        assert_eq!(code, Some(0), "{name}: {err}");
+        assert!(!socket.exists(), "{name}: the socket stayed");
+        served += 1;
+    }
+    assert!(served >= 10, "only {served} fixtures");
+}
+
+#[test]
+fn writes_over_nbd_land_as_qemu_io_writes_them_locally() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let commands = [
+        "write -P 1 0 1M",
+        "write -P 2 3M 12k",
+        "write -z 512k 64k",
+        "write -z -u 2M 128k",
+        "discard 3M 4k",
+        "write -P 3 16773120 4096",
+        "flush",
+        "write -P 4 100 1000",
+        "write -z 5M 7",
+    ];
+    for (transport, discard) in [("unix", "unmap"), ("tcp", "ignore")] {
+        let served = dir.path().join(format!("{transport}.qcow2"));
+        let local = dir.path().join(format!("{transport}.local.qcow2"));
+        let o = qemu_img(&["create", "-q", "-f", "qcow2", p(&served), "16M"]);
+        assert!(o.status.success());
+        std::fs::copy(&served, &local).expect("copy");
+        let socket = dir.path().join("w.sock");
+        let port = free_port();
+        let port_text = port.to_string();
+        let discard_flag = format!("--discard={discard}");
+        let (mut server, uri) = if transport == "unix" {
+            let s = Server::qcow(
+                &["serve", "-k", p(&socket), &discard_flag, p(&served)],
+                Some(&socket),
+                None,
+            );
+            let uri = s.uri();
+            (s, uri)
+        } else {
+            let s = Server::qcow(
+                &[
+                    "serve",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    &port_text,
+                    &discard_flag,
+                    p(&served),
+                ],
+                None,
+                Some(port),
+            );
+            // The readiness probe took the one client a non-persistent
+            // server serves: start again, persistent.
+            drop(s);
+            let s = Server::qcow(
+                &[
+                    "serve",
+                    "-t",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    &port_text,
+                    &discard_flag,
+                    p(&served),
+                ],
+                None,
+                Some(port),
+            );
+            (s, format!("nbd://127.0.0.1:{port}"))
+        };
+        let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+        for c in commands {
+            args.push("-c".into());
+            args.push(c.into());
+        }
+        args.push(uri.clone());
+        let out = Command::new("qemu-io")
+            .args(&args)
+            .output()
+            .expect("qemu-io is required");
+        assert!(
+            out.status.success(),
+            "{transport}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("error"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let (code, err) = server.stop();
+        assert_eq!(code, Some(0), "{transport}: {err}");
+        qemu_io(&local, &commands);
+        super::assert_check_clean(&served);
+        let cmp = qemu_img(&["compare", p(&served), p(&local)]);
+        assert!(cmp.status.success(), "{transport}: {}", stdout(&cmp));
+        let info = stdout(&qemu_img(&["info", "--output=json", p(&served)]));
+        assert!(info.contains("\"dirty-flag\": false"), "{info}");
+    }
+}
+
+/// `qemu-img map` of the export `uri`, through the metadata context
+/// `context` when given (qemu's x-dirty-bitmap), offsets left out (they
+/// are the export's own).
+fn map(uri: &str, context: Option<&str>) -> String {
+    let spec = match context {
+        None => uri.to_owned(),
+        Some(c) => {
+            let socket = uri.split("socket=").nth(1).expect("unix uri");
+            format!("driver=nbd,server.type=unix,server.path={socket},x-dirty-bitmap={c}")
+        }
+    };
+    let o = if context.is_some() {
+        qemu_img(&["map", "--output=json", "--image-opts", &spec])
+    } else {
+        qemu_img(&["map", "--output=json", "-f", "raw", &spec])
+    };
+    assert!(o.status.success(), "{spec}: {}", stderr(&o));
+    stdout(&o)
+}
+
+#[test]
+fn block_status_and_metadata_contexts_match_qemu_nbd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "8M"])
+            .status
+            .success()
+    );
+    qemu_io(&base, &["write -P 1 0 2M", "write -c -P 2 4M 64k"]);
+    assert!(
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            p(&top)
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        qemu_img(&["bitmap", "--add", p(&top), "b"])
+            .status
+            .success()
+    );
+    qemu_io(
+        &top,
+        &[
+            "write -P 3 1M 128k",
+            "write -z 6M 64k",
+            "write -z 1536k 64k",
+        ],
+    );
+    let ours_sock = dir.path().join("ours");
+    let theirs_sock = dir.path().join("theirs");
+    let flags = ["-r", "-t", "-A", "-B", "b"];
+    let mut ours_args = vec!["serve", "-k", p(&ours_sock)];
+    ours_args.extend(flags);
+    ours_args.push(p(&top));
+    let mut theirs_args = vec!["-k", p(&theirs_sock), "-f", "qcow2"];
+    theirs_args.extend(flags);
+    theirs_args.push(p(&top));
+    let mut ours = Server::qcow(&ours_args, Some(&ours_sock), None);
+    let mut theirs = Server::start("qemu-nbd", &theirs_args, Some(&theirs_sock), None);
+    for context in [
+        None,
+        Some("qemu:dirty-bitmap:b"),
+        Some("qemu:allocation-depth"),
+    ] {
+        assert_eq!(
+            map(&ours.uri(), context),
+            map(&theirs.uri(), context),
+            "{context:?}"
+        );
+    }
+    // The export list, as nbd clients see it through qemu-img info.
+    let a = stdout(&qemu_img(&["info", "-f", "raw", &ours.uri()]));
+    let b = stdout(&qemu_img(&["info", "-f", "raw", &theirs.uri()]));
+    assert_eq!(
+        a.replace(p(&ours_sock), "S"),
+        b.replace(p(&theirs_sock), "S")
+    );
+    assert_eq!(ours.stop().0, Some(0));
+    theirs.stop();
+}
+
+/// A client that speaks just enough NBD to misbehave.
+struct RawClient(UnixStream);
+
+impl RawClient {
+    /// Connects and selects the default export with NBD_OPT_GO (simple
+    /// replies).
+    fn connect(socket: &Path) -> RawClient {
+        let mut s = UnixStream::connect(socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).expect("greeting");
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).expect("flags");
+        let mut go = Vec::new();
+        go.extend_from_slice(b"IHAVEOPT");
+        go.extend_from_slice(&7u32.to_be_bytes());
+        go.extend_from_slice(&6u32.to_be_bytes());
+        go.extend_from_slice(&0u32.to_be_bytes());
+        go.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&go).expect("go");
+        loop {
+            let mut header = [0u8; 20];
+            s.read_exact(&mut header).expect("option reply");
+            let kind = u32::from_be_bytes(header[12..16].try_into().expect("4"));
+            let len = u32::from_be_bytes(header[16..20].try_into().expect("4"));
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data).expect("option data");
+            if kind == 1 {
+                break;
+            }
+            assert!(kind < 1 << 31, "GO refused: {kind:#x}");
+        }
+        RawClient(s)
+    }
+
+    fn request(&mut self, kind: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) {
+        let mut r = Vec::with_capacity(28 + payload.len());
+        r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        r.extend_from_slice(&flags.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&7u64.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r.extend_from_slice(payload);
+        self.0.write_all(&r).expect("request");
+    }
+
+    /// The error of a simple reply (reading `data` bytes after it).
+    fn reply(&mut self, data: usize) -> u32 {
+        let mut header = [0u8; 16];
+        self.0.read_exact(&mut header).expect("reply");
+        assert_eq!(&header[..4], &0x6744_6698u32.to_be_bytes());
+        let error = u32::from_be_bytes(header[4..8].try_into().expect("4"));
+        if error == 0 && data > 0 {
+            let mut buf = vec![0u8; data];
+            self.0.read_exact(&mut buf).expect("data");
+        }
+        error
+    }
+
+    /// Whether the server closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn hostile_clients_get_errors_and_the_server_survives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("h.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&image), "4M"])
+            .status
+            .success()
+    );
+    let socket = dir.path().join("h.sock");
+    let mut server = Server::qcow(
+        &["serve", "-t", "-e", "8", "-k", p(&socket), p(&image)],
+        Some(&socket),
+        None,
+    );
+    const EINVAL: u32 = 22;
+    // Garbage instead of the client's flags: the server hangs up.
+    {
+        let mut s = UnixStream::connect(&socket).expect("connect");
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).expect("greeting");
+        s.write_all(b"garbage garbage garbage").expect("write");
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    }
+    // Requests past the end, too large, unknown, with unknown flags.
+    let mut c = RawClient::connect(&socket);
+    c.request(0, 0, 4 << 20, 512, &[]);
+    assert_eq!(c.reply(512), EINVAL);
+    c.request(0, 0, u64::MAX - 10, 512, &[]);
+    assert_eq!(c.reply(512), EINVAL);
+    c.request(0, 0, 0, 64 << 20, &[]);
+    assert_eq!(c.reply(64 << 20), EINVAL);
+    c.request(42, 0, 0, 512, &[]);
+    assert_eq!(c.reply(0), EINVAL);
+    c.request(0, 1 << 9, 0, 512, &[]);
+    assert_eq!(c.reply(512), EINVAL);
+    c.request(1, 0, 4 << 20, 4, &[1, 2, 3, 4]);
+    assert_eq!(c.reply(0), EINVAL);
+    // Block status without structured replies.
+    c.request(7, 0, 0, 4096, &[]);
+    assert_eq!(c.reply(0), EINVAL);
+    // Still serving on this connection.
+    c.request(1, 1, 4096, 4, &[9, 9, 9, 9]);
+    assert_eq!(c.reply(0), 0);
+    c.request(0, 0, 4096, 4, &[]);
+    assert_eq!(c.reply(4), 0);
+    // A bad magic: the connection ends.
+    c.0.write_all(&[0u8; 28]).expect("write");
+    assert!(c.closed());
+    // A write far too large to skip: an error, then the connection ends.
+    let mut c = RawClient::connect(&socket);
+    c.request(1, 0, 0, u32::MAX, &[]);
+    assert_eq!(c.reply(0), EINVAL);
+    assert!(c.closed());
+    // Disconnects in the middle of a request and of a payload.
+    for cut in [10usize, 28 + 100] {
+        let mut c = RawClient::connect(&socket);
+        let mut r = Vec::new();
+        r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&1u16.to_be_bytes());
+        r.extend_from_slice(&1u64.to_be_bytes());
+        r.extend_from_slice(&0u64.to_be_bytes());
+        r.extend_from_slice(&4096u32.to_be_bytes());
+        r.resize(28 + 4096, 5);
+        c.0.write_all(&r[..cut]).expect("partial");
+    }
+    // Many clients at once, coming and going.
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut c = RawClient::connect(&socket);
+                c.request(1, 0, i * 4096, 4096, &[i as u8; 4096]);
+                assert_eq!(c.reply(0), 0);
+                c.request(2, 0, 0, 0, &[]);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client");
+    }
+    // The server still serves, and the image is whole.
+    let o = qemu_img(&["info", "-f", "raw", &server.uri()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (code, err) = server.stop();
+    assert_eq!(code, Some(0), "{err}");
+    super::assert_check_clean(&image);
+    let raw = raw_of(&[p(&image)], &dir.path().join("h.raw"));
+    // The clients' writes came after the single one above.
+    for i in 0..32usize {
+        assert!(
+            raw[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8),
+            "client {i}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_stores_bitmaps_and_clears_the_dirty_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("t.qcow2");
+    assert!(
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            p(&image),
+            "8M"
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        qemu_img(&["bitmap", "--add", p(&image), "b"])
+            .status
+            .success()
+    );
+    let socket = dir.path().join("t.sock");
+    let mut server = Server::qcow(
+        &["serve", "-t", "-k", p(&socket), p(&image)],
+        Some(&socket),
+        None,
+    );
+    let uri = server.uri();
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 2M 64k", &uri])
+        .output()
+        .expect("qemu-io");
+    assert!(out.status.success());
+    // While served, the image is locked against other writers.
+    let o = Command::new("qemu-io")
+        .args(["-c", "write 0 512", p(&image)])
+        .output()
+        .expect("qemu-io");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lock"));
+    let (code, err) = server.stop();
+    assert_eq!(code, Some(0), "{err}");
+    let info = stdout(&qemu_img(&["info", "--output=json", p(&image)]));
+    assert!(info.contains("\"dirty-flag\": false"), "{info}");
+    assert!(!info.contains("in-use"), "{info}");
+    super::assert_check_clean(&image);
+    let sock = dir.path().join("check.sock");
+    let mut check = Server::start(
+        "qemu-nbd",
+        &["-r", "-f", "qcow2", "-B", "b", "-k", p(&sock), p(&image)],
+        Some(&sock),
+        None,
+    );
+    let dirty = map(&check.uri(), Some("qemu:dirty-bitmap:b"));
+    assert!(
+        dirty.contains("\"start\": 2097152, \"length\": 65536, \"depth\": 0, \"present\": false"),
+        "{dirty}"
+    );
+    check.stop();
+}
