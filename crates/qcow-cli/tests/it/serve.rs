@@ -35,7 +35,7 @@ impl Server {
             let ready = match (socket, port) {
                 (Some(s), _) => s.exists(),
                 (None, Some(port)) => std::net::TcpStream::connect(("127.0.0.1", port))
-                    .map(|c| drop(c))
+                    .map(drop)
                     .is_ok(),
                 _ => true,
             };
