@@ -206,7 +206,11 @@ fn serve_client(mut stream: Stream, exports: &[Arc<Export>]) -> Result<(), Strin
         }
     };
     let writer = stream.try_clone().map_err(|e| e.to_string())?;
-    let end = transmission(&mut stream, writer, &negotiated);
+    // Request headers come buffered: a client that sends many at once
+    // costs one read, not one per header.
+    let mut reader =
+        io::BufReader::with_capacity(256 << 10, stream.try_clone().map_err(|e| e.to_string())?);
+    let end = transmission(&mut reader, writer, &negotiated);
     stream.shutdown(Shutdown::Both);
     match end {
         crate::transmission::ConnectionEnd::Disconnect => Ok(()),

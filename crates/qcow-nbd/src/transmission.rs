@@ -5,7 +5,6 @@
 //! skip, a closed connection) ends the connection.
 
 use std::io::{self, Read, Write};
-use std::sync::mpsc::sync_channel;
 use std::sync::{Mutex, PoisonError};
 
 use qcow::ErrorKind;
@@ -16,10 +15,12 @@ use crate::protocol::{
     MAX_BUFFER, Request, RequestError, chunk, chunk_header, cmd, cmd_flag, errno, simple_reply,
 };
 
-/// Requests run at once per connection.
-const WORKERS: usize = 4;
-/// Requests read ahead of the workers.
-const QUEUE: usize = 16;
+/// Requests run at once per connection: as many as there are processors,
+/// at least 2 (a slow request must not stall the others) and at most 8
+/// (beyond the processors, workers only contend for the reader).
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
 /// Block status descriptors per context in one reply, at most.
 const MAX_DESCRIPTORS: usize = 1 << 16;
 
@@ -39,75 +40,101 @@ pub enum ConnectionEnd {
 
 /// Serves requests from `reader`, replying on `writer`, until the client
 /// disconnects or the stream fails. Requests in flight are finished first.
+///
+/// Each worker takes the reader in turn, reads one request (and its
+/// payload), lets go of the reader and runs the request: the next request
+/// is read by the next free worker, with no hand-over between threads.
 pub fn transmission(
-    reader: &mut impl Read,
+    reader: &mut (impl Read + Send),
     writer: impl Write + Send,
     negotiated: &Negotiated,
 ) -> ConnectionEnd {
     let writer = Mutex::new(writer);
-    let (tx, rx) = sync_channel::<(Request, Vec<u8>)>(QUEUE);
-    let rx = Mutex::new(rx);
+    let reader = Mutex::new(reader);
+    let ended: Mutex<Option<ConnectionEnd>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..WORKERS {
-            let (rx, writer) = (&rx, &writer);
+        for _ in 0..workers() {
+            let (reader, writer, ended) = (&reader, &writer, &ended);
             scope.spawn(move || {
                 loop {
-                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    let Ok((request, payload)) = job else {
+                    let next = {
+                        let mut reader = reader.lock().unwrap_or_else(PoisonError::into_inner);
+                        if ended
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .is_some()
+                        {
+                            return;
+                        }
+                        let next = read_request(&mut **reader, negotiated, writer);
+                        if let Err(end) = &next {
+                            let mut slot = ended.lock().unwrap_or_else(PoisonError::into_inner);
+                            if slot.is_none() {
+                                *slot = Some(match end {
+                                    ConnectionEnd::Disconnect => ConnectionEnd::Disconnect,
+                                    ConnectionEnd::Io(e) => {
+                                        ConnectionEnd::Io(io::Error::new(e.kind(), e.to_string()))
+                                    }
+                                    ConnectionEnd::Protocol(m) => {
+                                        ConnectionEnd::Protocol(m.clone())
+                                    }
+                                });
+                            }
+                        }
+                        next
+                    };
+                    let Ok((request, payload)) = next else {
                         return;
                     };
-                    // A reply that cannot be sent ends the connection; the
-                    // reader notices when its next read fails.
+                    // A reply that cannot be sent ends the connection: the
+                    // next read fails.
                     let _ = answer(negotiated, &request, &payload, writer);
                 }
             });
         }
-        let end = read_requests(reader, negotiated, &tx, &writer);
-        drop(tx);
-        end
-    })
+    });
+    ended
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+        .unwrap_or(ConnectionEnd::Disconnect)
 }
 
-/// Reads requests and hands them to the workers; returns why it stopped.
-fn read_requests(
+/// Reads one request and its payload.
+fn read_request(
     reader: &mut impl Read,
     negotiated: &Negotiated,
-    tx: &std::sync::mpsc::SyncSender<(Request, Vec<u8>)>,
     writer: &Mutex<impl Write>,
-) -> ConnectionEnd {
-    loop {
-        let request = match Request::read_from(reader) {
-            Ok(r) => r,
-            Err(RequestError::Io(e)) => return ConnectionEnd::Io(e),
-            Err(RequestError::Magic(m)) => {
-                return ConnectionEnd::Protocol(format!("bad request magic {m:#x}"));
-            }
-        };
-        let mut payload = Vec::new();
-        if request.kind == cmd::WRITE {
-            if request.len > MAX_BUFFER {
-                // The payload cannot be skipped safely: answer, then hang up.
-                let _ = send_error(
-                    negotiated,
-                    &request,
-                    errno::EINVAL,
-                    "request too large",
-                    writer,
-                );
-                return ConnectionEnd::Protocol(format!("write of {} bytes", request.len));
-            }
-            payload = vec![0u8; request.len as usize];
-            if let Err(e) = reader.read_exact(&mut payload) {
-                return ConnectionEnd::Io(e);
-            }
+) -> Result<(Request, Vec<u8>), ConnectionEnd> {
+    let request = match Request::read_from(reader) {
+        Ok(r) => r,
+        Err(RequestError::Io(e)) => return Err(ConnectionEnd::Io(e)),
+        Err(RequestError::Magic(m)) => {
+            return Err(ConnectionEnd::Protocol(format!("bad request magic {m:#x}")));
         }
-        if request.kind == cmd::DISC {
-            return ConnectionEnd::Disconnect;
+    };
+    let mut payload = Vec::new();
+    if request.kind == cmd::WRITE {
+        if request.len > MAX_BUFFER {
+            // The payload cannot be skipped safely: answer, then hang up.
+            let _ = send_error(
+                negotiated,
+                &request,
+                errno::EINVAL,
+                "request too large",
+                writer,
+            );
+            return Err(ConnectionEnd::Protocol(format!(
+                "write of {} bytes",
+                request.len
+            )));
         }
-        if tx.send((request, payload)).is_err() {
-            return ConnectionEnd::Protocol("the workers stopped".into());
-        }
+        payload = vec![0u8; request.len as usize];
+        reader.read_exact(&mut payload)?;
     }
+    if request.kind == cmd::DISC {
+        return Err(ConnectionEnd::Disconnect);
+    }
+    Ok((request, payload))
 }
 
 /// The NBD error for an engine error.
@@ -204,10 +231,20 @@ fn answer(
     }
 }
 
+/// Sends one reply's parts with as few system calls as the socket takes
+/// (one `writev` in the usual case), under the writer's lock so that
+/// replies never interleave.
 fn send(writer: &Mutex<impl Write>, parts: &[&[u8]]) -> io::Result<()> {
     let mut w = writer.lock().unwrap_or_else(PoisonError::into_inner);
-    for part in parts {
-        w.write_all(part)?;
+    let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     w.flush()
 }
