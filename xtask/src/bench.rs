@@ -264,7 +264,7 @@ fn run_write_jobs(work: &Path, qcow: &Path, size: u64, runs: usize) -> Result<Ve
 }
 
 /// Builds the release CLI and returns the path of the `qcow` binary.
-fn build_qcow(root: &Path) -> Result<PathBuf> {
+pub(crate) fn build_qcow(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)

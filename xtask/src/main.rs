@@ -8,11 +8,14 @@
 //! * `bench [--size-gib N] [--runs N] [--qcow PATH]`: time `qcow convert`
 //!   against `qemu-img convert` on large images, then `qcow check` against
 //!   `qemu-img check`;
+//! * `bench-serve [--runs N] [--qcow PATH]`: `qcow serve` against
+//!   `qemu-nbd` with the same client;
 //! * `iotests --qemu-source DIR [--jobs N] [--qcow PATH]`: QEMU's qcow2
 //!   iotests with qemu-img and with qcow in its place, and how many pass.
 
 mod bench;
 mod bench_check;
+mod bench_serve;
 mod fixtures;
 mod iotests;
 mod util;
@@ -33,6 +36,10 @@ commands:
                                    N timed runs each (default 5); builds the release
                                    qcow-cli first unless --qcow names a binary to use;
                                    then the write jobs and `check` beside qemu-img check
+  bench-serve [--runs N] [--qcow PATH]
+                                   time `qcow serve` against qemu-nbd on a cached 1 GiB
+                                   qcow2 with qemu-img bench as the client: sequential
+                                   reads, 4 KiB reads and writes at queue depth 32
   iotests --qemu-source DIR [--jobs N] [--qcow PATH]
                                    run QEMU's qcow2 iotests from DIR with qemu-img, then
                                    with qcow in its place; report how many pass with each
@@ -47,6 +54,7 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "fixtures" => fixtures::run(rest),
         "bench" => bench::run(rest),
+        "bench-serve" => bench_serve::run(rest),
         "iotests" => iotests::run(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
