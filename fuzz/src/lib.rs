@@ -6,3 +6,4 @@
 //! `cargo test` replays every committed seed in `seeds/` without a fuzzer.
 
 pub mod harness;
+pub mod nbd_harness;
