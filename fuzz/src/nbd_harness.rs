@@ -50,7 +50,8 @@ pub fn nbd(data: &[u8]) {
             .description("fuzzed")
             .discard(true)
             .bitmap("b", vec![(4096, 8192), (65536, 512)])
-            .allocation_depth(true),
+            .allocation_depth(true)
+            .multi_conn(true),
     );
     let mut stream = Duplex {
         input: Cursor::new(data),

@@ -151,7 +151,8 @@ pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
         .description(&args.description)
         .read_only(read_only)
         .discard(discard)
-        .allocation_depth(args.allocation_depth);
+        .allocation_depth(args.allocation_depth)
+        .multi_conn(args.shared > 1);
     if let Some((name, ranges)) = bitmap {
         export = export.bitmap(&name, ranges);
     }

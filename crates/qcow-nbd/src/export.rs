@@ -35,8 +35,9 @@ pub struct Export {
     /// Export `qemu:allocation-depth` (qemu-nbd's `-A`).
     pub allocation_depth: bool,
     /// Advertise that several connections see one consistent disk (a
-    /// flush on one makes every acknowledged write durable): true here,
-    /// where every connection shares one device.
+    /// flush on one makes every acknowledged write durable, as it does
+    /// here, where every connection shares one device). qemu-nbd
+    /// advertises it when it serves more than one client at once.
     pub multi_conn: bool,
 }
 
@@ -52,7 +53,7 @@ impl Export {
             discard: false,
             bitmap: None,
             allocation_depth: false,
-            multi_conn: true,
+            multi_conn: false,
         }
     }
 
@@ -81,35 +82,46 @@ impl Export {
         self
     }
 
+    /// Sets [`Export::multi_conn`].
+    pub fn multi_conn(mut self, on: bool) -> Self {
+        self.multi_conn = on;
+        self
+    }
+
     /// Sets [`Export::allocation_depth`].
     pub fn allocation_depth(mut self, on: bool) -> Self {
         self.allocation_depth = on;
         self
     }
 
-    /// The transmission flags of this export.
-    pub fn transmission_flags(&self) -> u16 {
-        let mut flags = flag::HAS_FLAGS | flag::SEND_FLUSH | flag::SEND_DF | flag::SEND_CACHE;
+    /// The transmission flags of this export, for a client that has
+    /// negotiated extended headers or not.
+    pub fn transmission_flags(&self, extended: bool) -> u16 {
+        // As qemu-nbd: FUA (a no-op on a read-only export) always.
+        let mut flags =
+            flag::HAS_FLAGS | flag::SEND_FLUSH | flag::SEND_FUA | flag::SEND_DF | flag::SEND_CACHE;
         if self.read_only {
             flags |= flag::READ_ONLY;
         } else {
-            flags |=
-                flag::SEND_FUA | flag::SEND_TRIM | flag::SEND_WRITE_ZEROES | flag::SEND_FAST_ZERO;
+            flags |= flag::SEND_TRIM | flag::SEND_WRITE_ZEROES | flag::SEND_FAST_ZERO;
         }
         if self.multi_conn {
             flags |= flag::CAN_MULTI_CONN;
         }
+        if extended {
+            flags |= flag::BLOCK_STAT_PAYLOAD;
+        }
         flags
     }
 
-    /// Every metadata context this export offers.
+    /// Every metadata context this export offers, in qemu-nbd's order.
     pub fn contexts(&self) -> Vec<Context> {
         let mut out = vec![Context::Allocation];
-        if let Some((name, _)) = &self.bitmap {
-            out.push(Context::DirtyBitmap(name.clone()));
-        }
         if self.allocation_depth {
             out.push(Context::AllocationDepth);
+        }
+        if let Some((name, _)) = &self.bitmap {
+            out.push(Context::DirtyBitmap(name.clone()));
         }
         out
     }

@@ -20,6 +20,9 @@ pub struct Negotiated {
     pub export: Arc<Export>,
     /// Whether replies are structured.
     pub structured: bool,
+    /// Whether requests and replies use extended headers (64-bit lengths;
+    /// replies are then structured).
+    pub extended: bool,
     /// The metadata contexts selected for BLOCK_STATUS.
     pub contexts: Vec<Context>,
 }
@@ -61,6 +64,7 @@ pub fn handshake(
     }
     let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
     let mut structured = false;
+    let mut extended = false;
     let mut contexts: Vec<Context> = Vec::new();
     loop {
         let magic = read_u64(stream)?;
@@ -98,7 +102,7 @@ pub fn handshake(
                 };
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.device.virtual_size().to_be_bytes());
-                reply.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                reply.extend_from_slice(&export.transmission_flags(extended).to_be_bytes());
                 if !no_zeroes {
                     reply.extend_from_slice(&[0u8; 124]);
                 }
@@ -106,6 +110,7 @@ pub fn handshake(
                 return Ok(Negotiated {
                     export: export.clone(),
                     structured,
+                    extended,
                     contexts,
                 });
             }
@@ -141,7 +146,7 @@ pub fn handshake(
                     )?;
                     continue;
                 };
-                send_info(stream, option, export, &requests)?;
+                send_info(stream, option, export, &requests, extended)?;
                 write_option_reply(stream, option, rep::ACK, &[])?;
                 if option == opt::GO {
                     // Contexts chosen for another export do not carry over.
@@ -149,6 +154,7 @@ pub fn handshake(
                     return Ok(Negotiated {
                         export: export.clone(),
                         structured,
+                        extended,
                         contexts,
                     });
                 }
@@ -215,6 +221,23 @@ pub fn handshake(
                     contexts = chosen;
                 }
             }
+            opt::EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    write_option_reply(stream, option, rep::ERR_INVALID, b"no data expected")?;
+                } else if extended {
+                    write_option_reply(
+                        stream,
+                        option,
+                        rep::ERR_INVALID,
+                        b"extended headers already negotiated",
+                    )?;
+                } else {
+                    // Extended headers bring structured replies with them.
+                    extended = true;
+                    structured = true;
+                    write_option_reply(stream, option, rep::ACK, &[])?;
+                }
+            }
             opt::STARTTLS => {
                 write_option_reply(stream, option, rep::ERR_POLICY, b"TLS is not offered")?;
             }
@@ -233,11 +256,12 @@ fn send_info(
     option: u32,
     export: &Export,
     requests: &[u16],
+    extended: bool,
 ) -> io::Result<()> {
     let mut data = Vec::new();
     data.extend_from_slice(&info::EXPORT.to_be_bytes());
     data.extend_from_slice(&export.device.virtual_size().to_be_bytes());
-    data.extend_from_slice(&export.transmission_flags().to_be_bytes());
+    data.extend_from_slice(&export.transmission_flags(extended).to_be_bytes());
     write_option_reply(stream, option, rep::INFO, &data)?;
     if requests.contains(&info::NAME) {
         let mut data = info::NAME.to_be_bytes().to_vec();

@@ -17,6 +17,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// The prefix of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// The prefix of a request with extended headers.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// The prefix of a reply chunk with extended headers.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Handshake flag: fixed newstyle.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -103,6 +107,9 @@ pub mod flag {
     pub const SEND_CACHE: u16 = 1 << 10;
     /// FAST_ZERO is supported.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
+    /// BLOCK_STATUS may carry a payload naming its contexts (extended
+    /// headers only).
+    pub const BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 }
 
 /// Commands.
@@ -137,6 +144,8 @@ pub mod cmd_flag {
     pub const REQ_ONE: u16 = 1 << 3;
     /// WRITE_ZEROES: fail rather than be slow.
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// The length is the payload's (BLOCK_STATUS with a payload).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk types.
@@ -147,6 +156,8 @@ pub mod chunk {
     pub const OFFSET_DATA: u16 = 1;
     /// Block status descriptors.
     pub const BLOCK_STATUS: u16 = 5;
+    /// Block status descriptors with 64-bit lengths (extended headers).
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     /// An error.
     pub const ERROR: u16 = (1 << 15) + 1;
     /// The chunk is the reply's last.
@@ -187,7 +198,8 @@ pub const MAX_OPTION: u32 = 64 << 10;
 /// Longest export or context name (the spec's limit).
 pub const MAX_NAME: usize = 4096;
 
-/// One request of the transmission phase (28 bytes on the wire).
+/// One request of the transmission phase (28 bytes on the wire, 32 with
+/// extended headers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     /// Command flags.
@@ -198,8 +210,8 @@ pub struct Request {
     pub cookie: u64,
     /// Offset.
     pub offset: u64,
-    /// Length.
-    pub len: u32,
+    /// Length (32 bits unless extended headers were negotiated).
+    pub len: u64,
 }
 
 /// Why a request header could not be read.
@@ -225,15 +237,36 @@ impl Request {
             kind: u16::from_be_bytes(array(&bytes[6..8])),
             cookie: u64::from_be_bytes(array(&bytes[8..16])),
             offset: u64::from_be_bytes(array(&bytes[16..24])),
-            len: u32::from_be_bytes(array(&bytes[24..28])),
+            len: u64::from(u32::from_be_bytes(array(&bytes[24..28]))),
         })
     }
 
-    /// Reads one request header.
-    pub fn read_from(stream: &mut impl Read) -> Result<Request, RequestError> {
-        let mut bytes = [0u8; 28];
-        stream.read_exact(&mut bytes)?;
-        Request::parse(&bytes)
+    /// Parses an extended request header.
+    pub fn parse_extended(bytes: &[u8; 32]) -> Result<Request, RequestError> {
+        let magic = u32::from_be_bytes(array(&bytes[0..4]));
+        if magic != EXTENDED_REQUEST_MAGIC {
+            return Err(RequestError::Magic(magic));
+        }
+        Ok(Request {
+            flags: u16::from_be_bytes(array(&bytes[4..6])),
+            kind: u16::from_be_bytes(array(&bytes[6..8])),
+            cookie: u64::from_be_bytes(array(&bytes[8..16])),
+            offset: u64::from_be_bytes(array(&bytes[16..24])),
+            len: u64::from_be_bytes(array(&bytes[24..32])),
+        })
+    }
+
+    /// Reads one request header, extended or not.
+    pub fn read_from(stream: &mut impl Read, extended: bool) -> Result<Request, RequestError> {
+        if extended {
+            let mut bytes = [0u8; 32];
+            stream.read_exact(&mut bytes)?;
+            Request::parse_extended(&bytes)
+        } else {
+            let mut bytes = [0u8; 28];
+            stream.read_exact(&mut bytes)?;
+            Request::parse(&bytes)
+        }
     }
 
     /// The header as sent (for clients and tests).
@@ -244,7 +277,8 @@ impl Request {
         out[6..8].copy_from_slice(&self.kind.to_be_bytes());
         out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         out[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        out[24..28].copy_from_slice(&self.len.to_be_bytes());
+        // Compact headers carry 32 bits of length.
+        out[24..28].copy_from_slice(&(self.len as u32).to_be_bytes());
         out
     }
 }
@@ -273,6 +307,19 @@ pub fn chunk_header(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; 20] {
     out[6..8].copy_from_slice(&kind.to_be_bytes());
     out[8..16].copy_from_slice(&cookie.to_be_bytes());
     out[16..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// A reply chunk header with extended headers: the request's offset and a
+/// 64-bit payload length.
+pub fn extended_header(flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&flags.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..24].copy_from_slice(&offset.to_be_bytes());
+    out[24..32].copy_from_slice(&len.to_be_bytes());
     out
 }
 

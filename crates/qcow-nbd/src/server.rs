@@ -199,7 +199,18 @@ fn serve_client(mut stream: Stream, exports: &[Arc<Export>]) -> Result<(), Strin
     let negotiated = match handshake(&mut stream, exports) {
         Ok(n) => n,
         Err(HandshakeError::Aborted) => return Ok(()),
-        Err(HandshakeError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+        // A client that leaves during the handshake (qemu-nbd --list does
+        // after its ABORT) is no error.
+        Err(HandshakeError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Ok(());
+        }
         Err(e) => {
             stream.shutdown(Shutdown::Both);
             return Err(e.to_string());

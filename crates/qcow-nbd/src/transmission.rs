@@ -12,7 +12,8 @@ use qcow::ErrorKind;
 use crate::export::Context;
 use crate::handshake::Negotiated;
 use crate::protocol::{
-    MAX_BUFFER, Request, RequestError, chunk, chunk_header, cmd, cmd_flag, errno, simple_reply,
+    MAX_BUFFER, Request, RequestError, chunk, chunk_header, cmd, cmd_flag, errno, extended_header,
+    simple_reply,
 };
 
 /// Requests run at once per connection: as many as there are processors,
@@ -23,6 +24,8 @@ fn workers() -> usize {
 }
 /// Block status descriptors per context in one reply, at most.
 const MAX_DESCRIPTORS: usize = 1 << 16;
+/// Largest BLOCK_STATUS payload read (a length and context IDs).
+const MAX_STATUS_PAYLOAD: u64 = 64 << 10;
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +108,7 @@ fn read_request(
     negotiated: &Negotiated,
     writer: &Mutex<impl Write>,
 ) -> Result<(Request, Vec<u8>), ConnectionEnd> {
-    let request = match Request::read_from(reader) {
+    let request = match Request::read_from(reader, negotiated.extended) {
         Ok(r) => r,
         Err(RequestError::Io(e)) => return Err(ConnectionEnd::Io(e)),
         Err(RequestError::Magic(m)) => {
@@ -114,7 +117,7 @@ fn read_request(
     };
     let mut payload = Vec::new();
     if request.kind == cmd::WRITE {
-        if request.len > MAX_BUFFER {
+        if request.len > u64::from(MAX_BUFFER) {
             // The payload cannot be skipped safely: answer, then hang up.
             let _ = send_error(
                 negotiated,
@@ -125,6 +128,26 @@ fn read_request(
             );
             return Err(ConnectionEnd::Protocol(format!(
                 "write of {} bytes",
+                request.len
+            )));
+        }
+        payload = vec![0u8; request.len as usize];
+        reader.read_exact(&mut payload)?;
+    } else if negotiated.extended
+        && request.kind == cmd::BLOCK_STATUS
+        && request.flags & cmd_flag::PAYLOAD_LEN != 0
+    {
+        // The contexts to report: a length and a few context IDs.
+        if request.len > MAX_STATUS_PAYLOAD {
+            let _ = send_error(
+                negotiated,
+                &request,
+                errno::EINVAL,
+                "payload too large",
+                writer,
+            );
+            return Err(ConnectionEnd::Protocol(format!(
+                "block status payload of {} bytes",
                 request.len
             )));
         }
@@ -158,14 +181,47 @@ fn answer(
     let export = &negotiated.export;
     let device = &*export.device;
     let size = device.virtual_size();
-    let len = u64::from(request.len);
+    // A BLOCK_STATUS payload says the length and which contexts.
+    let mut contexts: Vec<Context> = negotiated.contexts.clone();
+    let mut request = *request;
+    if request.kind == cmd::BLOCK_STATUS && !payload.is_empty() {
+        let ids: Vec<u32> = payload
+            .get(8..)
+            .unwrap_or(&[])
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let well_formed = payload.len() >= 12 && (payload.len() - 8) % 4 == 0;
+        let known = ids
+            .iter()
+            .all(|id| negotiated.contexts.iter().any(|c| c.id() == *id));
+        if !well_formed || !known {
+            return send_error(
+                negotiated,
+                &request,
+                errno::EINVAL,
+                "bad block status payload",
+                writer,
+            );
+        }
+        let mut effect = [0u8; 8];
+        effect.copy_from_slice(&payload[..8]);
+        request.len = u64::from_be_bytes(effect);
+        contexts.retain(|c| ids.contains(&c.id()));
+    }
+    let request = &request;
+    let len = request.len;
     let in_range = request
         .offset
         .checked_add(len)
         .is_some_and(|end| end <= size);
     let fail = |code: u32, why: &str| send_error(negotiated, request, code, why, writer);
-    let known_flags =
-        cmd_flag::FUA | cmd_flag::NO_HOLE | cmd_flag::DF | cmd_flag::REQ_ONE | cmd_flag::FAST_ZERO;
+    let known_flags = cmd_flag::FUA
+        | cmd_flag::NO_HOLE
+        | cmd_flag::DF
+        | cmd_flag::REQ_ONE
+        | cmd_flag::FAST_ZERO
+        | cmd_flag::PAYLOAD_LEN;
     if request.flags & !known_flags != 0 {
         return fail(errno::EINVAL, "unknown command flags");
     }
@@ -191,7 +247,7 @@ fn answer(
     };
     let done = match request.kind {
         cmd::READ => {
-            if request.len > MAX_BUFFER {
+            if request.len > u64::from(MAX_BUFFER) {
                 return fail(errno::EINVAL, "request too large");
             }
             let mut data = vec![0u8; request.len as usize];
@@ -221,7 +277,7 @@ fn answer(
             if len == 0 {
                 return fail(errno::EINVAL, "empty block status request");
             }
-            return send_status(negotiated, request, writer);
+            return send_status(negotiated, &contexts, request, writer);
         }
         _ => return fail(errno::EINVAL, "unknown command"),
     };
@@ -249,6 +305,24 @@ fn send(writer: &Mutex<impl Write>, parts: &[&[u8]]) -> io::Result<()> {
     w.flush()
 }
 
+/// The header of a reply chunk: compact, or extended (with the request's
+/// offset and a 64-bit length) when extended headers were negotiated.
+fn header(
+    negotiated: &Negotiated,
+    flags: u16,
+    kind: u16,
+    request: &Request,
+    len: usize,
+) -> Vec<u8> {
+    if negotiated.extended {
+        extended_header(flags, kind, request.cookie, request.offset, len as u64).to_vec()
+    } else {
+        // Payloads are bounded well under 4 GiB (MAX_BUFFER of data, or
+        // MAX_DESCRIPTORS descriptors).
+        chunk_header(flags, kind, request.cookie, len as u32).to_vec()
+    }
+}
+
 fn send_ok(
     negotiated: &Negotiated,
     request: &Request,
@@ -257,10 +331,11 @@ fn send_ok(
     if negotiated.structured {
         send(
             writer,
-            &[&chunk_header(
+            &[&header(
+                negotiated,
                 chunk::FLAG_DONE,
                 chunk::NONE,
-                request.cookie,
+                request,
                 0,
             )],
         )
@@ -276,12 +351,12 @@ fn send_data(
     writer: &Mutex<impl Write>,
 ) -> io::Result<()> {
     if negotiated.structured {
-        // At most MAX_BUFFER bytes of data.
-        let header = chunk_header(
+        let header = header(
+            negotiated,
             chunk::FLAG_DONE,
             chunk::OFFSET_DATA,
-            request.cookie,
-            8 + data.len() as u32,
+            request,
+            8 + data.len(),
         );
         send(writer, &[&header, &request.offset.to_be_bytes(), data])
     } else {
@@ -302,11 +377,12 @@ fn send_error(
         payload.extend_from_slice(&code.to_be_bytes());
         payload.extend_from_slice(&(message.len() as u16).to_be_bytes());
         payload.extend_from_slice(message);
-        let header = chunk_header(
+        let header = header(
+            negotiated,
             chunk::FLAG_DONE,
             chunk::ERROR,
-            request.cookie,
-            payload.len() as u32,
+            request,
+            payload.len(),
         );
         send(writer, &[&header, &payload])
     } else {
@@ -314,9 +390,11 @@ fn send_error(
     }
 }
 
-/// One BLOCK_STATUS chunk per selected context, the last one marked done.
+/// One BLOCK_STATUS chunk per selected context (BLOCK_STATUS_EXT with 64-bit
+/// descriptors under extended headers), the last one marked done.
 fn send_status(
     negotiated: &Negotiated,
+    contexts: &[Context],
     request: &Request,
     writer: &Mutex<impl Write>,
 ) -> io::Result<()> {
@@ -326,32 +404,40 @@ fn send_status(
         MAX_DESCRIPTORS
     };
     let mut chunks: Vec<Vec<u8>> = Vec::new();
-    for context in &negotiated.contexts {
+    for context in contexts {
         let descriptors = match status(negotiated, context, request, max) {
             Ok(d) => d,
             Err(e) => {
                 return send_error(negotiated, request, errno_of(&e), &e.to_string(), writer);
             }
         };
-        let mut payload = Vec::with_capacity(4 + 8 * descriptors.len());
+        let mut payload = Vec::with_capacity(8 + 16 * descriptors.len());
         payload.extend_from_slice(&context.id().to_be_bytes());
-        for (len, flags) in descriptors {
-            payload.extend_from_slice(&len.to_be_bytes());
-            payload.extend_from_slice(&flags.to_be_bytes());
+        if negotiated.extended {
+            // At most MAX_DESCRIPTORS.
+            payload.extend_from_slice(&(descriptors.len() as u32).to_be_bytes());
+            for (len, flags) in descriptors {
+                payload.extend_from_slice(&u64::from(len).to_be_bytes());
+                payload.extend_from_slice(&u64::from(flags).to_be_bytes());
+            }
+        } else {
+            for (len, flags) in descriptors {
+                payload.extend_from_slice(&len.to_be_bytes());
+                payload.extend_from_slice(&flags.to_be_bytes());
+            }
         }
         chunks.push(payload);
     }
+    let kind = if negotiated.extended {
+        chunk::BLOCK_STATUS_EXT
+    } else {
+        chunk::BLOCK_STATUS
+    };
     let count = chunks.len();
     let mut w = writer.lock().unwrap_or_else(PoisonError::into_inner);
     for (i, payload) in chunks.iter().enumerate() {
         let flags = if i + 1 == count { chunk::FLAG_DONE } else { 0 };
-        // At most MAX_DESCRIPTORS descriptors: well under 4 GiB.
-        w.write_all(&chunk_header(
-            flags,
-            chunk::BLOCK_STATUS,
-            request.cookie,
-            payload.len() as u32,
-        ))?;
+        w.write_all(&header(negotiated, flags, kind, request, payload.len()))?;
         w.write_all(payload)?;
     }
     w.flush()
@@ -365,5 +451,5 @@ fn status(
 ) -> qcow::Result<Vec<(u32, u32)>> {
     negotiated
         .export
-        .status(context, request.offset, u64::from(request.len), max)
+        .status(context, request.offset, request.len, max)
 }

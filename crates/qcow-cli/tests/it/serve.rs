@@ -563,3 +563,65 @@ fn sigterm_stores_bitmaps_and_clears_the_dirty_bit() {
     );
     check.stop();
 }
+
+#[test]
+fn exports_list_as_qemu_nbd_lists_its_own() {
+    // qemu-nbd --list negotiates extended headers and lists the export:
+    // name, description, size, flags, block sizes, metadata contexts.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("l.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&image), "4M"])
+            .status
+            .success()
+    );
+    assert!(
+        qemu_img(&["bitmap", "--add", p(&image), "bm"])
+            .status
+            .success()
+    );
+    let socket = dir.path().join("l.sock");
+    for extra in [
+        &["-r", "-e", "1"][..],
+        &[
+            "-r",
+            "-e",
+            "3",
+            "-x",
+            "exp",
+            "-D",
+            "a description",
+            "-A",
+            "-B",
+            "bm",
+        ][..],
+        &["-x", "writable"][..],
+    ] {
+        let list = |program: &str| {
+            let mut args: Vec<&str> = if program == "qemu-nbd" {
+                vec!["-f", "qcow2"]
+            } else {
+                vec!["serve"]
+            };
+            args.extend(["-t", "-k", p(&socket)]);
+            args.extend(extra);
+            args.push(p(&image));
+            let mut server = if program == "qemu-nbd" {
+                Server::start("qemu-nbd", &args, Some(&socket), None)
+            } else {
+                Server::qcow(&args, Some(&socket), None)
+            };
+            let out = Command::new("qemu-nbd")
+                .args(["-L", "-k", p(&socket)])
+                .output()
+                .expect("qemu-nbd");
+            let (code, err) = server.stop();
+            assert!(err.is_empty(), "{program} {extra:?}: {err}");
+            assert!(program == "qemu-nbd" || code == Some(0));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let ours = list("qcow");
+        assert!(ours.contains("exports available: 1"), "{ours}");
+        assert_eq!(ours, list("qemu-nbd"), "{extra:?}");
+    }
+}
