@@ -625,3 +625,153 @@ fn exports_list_as_qemu_nbd_lists_its_own() {
         assert_eq!(ours, list("qemu-nbd"), "{extra:?}");
     }
 }
+
+/// Runs `tool args` (a libnbd tool: libnbd-bin), failing the test, and
+/// saying so, when it is missing.
+fn libnbd(tool: &str, args: &[&str]) -> String {
+    // nbdsh runs the system's python3, which has libnbd's module
+    // (python3-libnbd); another python3 first on PATH would not.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let out = Command::new(tool)
+        .args(args)
+        .env("PATH", path)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} is required (Debian package libnbd-bin): {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The same script of flag queries, good and bad requests, through nbdsh.
+const NBDSH_SCRIPT: &str = r#"
+print("size", h.get_size(), "ro", h.is_read_only(), "trim", h.can_trim(),
+      "zero", h.can_zero(), "fua", h.can_fua(), "flush", h.can_flush(),
+      "multi", h.can_multi_conn(), "cache", h.can_cache(), "df", h.can_df(),
+      "fast_zero", h.can_fast_zero(), "structured", h.get_structured_replies_negotiated())
+tests = [("read past end", lambda: h.pread(512, h.get_size())),
+         ("read across the end", lambda: h.pread(8192, h.get_size() - 4096)),
+         ("write", lambda: h.pwrite(b"a" * 512, 4096)),
+         ("write fua", lambda: h.pwrite(b"b" * 512, 8192, nbd.CMD_FLAG_FUA)),
+         ("zero", lambda: h.zero(4096, 0)),
+         ("zero no hole", lambda: h.zero(4096, 65536, nbd.CMD_FLAG_NO_HOLE)),
+         ("trim", lambda: h.trim(4096, 65536)),
+         ("cache", lambda: h.cache(4096, 0)),
+         ("flush", lambda: h.flush()),
+         ("read back", lambda: h.pread(512, 4096)),
+         ("write past end", lambda: h.pwrite(b"c" * 512, h.get_size()))]
+for name, f in tests:
+    try:
+        r = f()
+        print(name, "ok", r if isinstance(r, (bytes, bytearray)) else "")
+    except nbd.Error as e:
+        print(name, "error", e.errno)
+"#;
+
+#[test]
+fn libnbd_clients_see_what_they_see_of_qemu_nbd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "8M"])
+            .status
+            .success()
+    );
+    qemu_io(&base, &["write -P 1 0 2M"]);
+    assert!(
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            p(&top)
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        qemu_img(&["bitmap", "--add", p(&top), "bm"])
+            .status
+            .success()
+    );
+    qemu_io(&top, &["write -P 2 1M 128k", "write -z 6M 64k"]);
+    let socket = dir.path().join("n.sock");
+    let uri = format!("nbd+unix:///?socket={}", p(&socket));
+    // Reading: nbdinfo's description and maps of every context.
+    let view = |program: &str| -> Vec<String> {
+        let flags = ["-r", "-t", "-A", "-B", "bm", "-k", p(&socket)];
+        let mut server = if program == "qemu-nbd" {
+            let mut args = vec!["-f", "qcow2"];
+            args.extend(flags);
+            args.push(p(&top));
+            Server::start("qemu-nbd", &args, Some(&socket), None)
+        } else {
+            let mut args = vec!["serve"];
+            args.extend(flags);
+            args.push(p(&top));
+            Server::qcow(&args, Some(&socket), None)
+        };
+        let mut seen = vec![libnbd("nbdinfo", &[&uri])];
+        for map in [
+            "--map",
+            "--map=qemu:allocation-depth",
+            "--map=qemu:dirty-bitmap:bm",
+        ] {
+            seen.push(libnbd("nbdinfo", &[map, &uri]));
+        }
+        let copy = dir.path().join(format!("{program}.raw"));
+        libnbd("nbdcopy", &[&uri, p(&copy)]);
+        seen.push(format!(
+            "{:?}",
+            std::fs::read(&copy)
+                .expect("copy")
+                .iter()
+                .map(|&b| b as u64)
+                .sum::<u64>()
+        ));
+        server.stop();
+        seen
+    };
+    let ours = view("qcow");
+    assert_eq!(ours, view("qemu-nbd"));
+    assert!(ours[1].contains("data"), "{}", ours[1]);
+    // Writing: the same nbdsh script against each server, on copies.
+    let script = |program: &str| -> (String, PathBuf) {
+        let image = dir.path().join(format!("{program}.qcow2"));
+        std::fs::copy(&top, &image).expect("copy");
+        let flags = ["-t", "--discard=unmap", "-k", p(&socket)];
+        let mut server = if program == "qemu-nbd" {
+            let mut args = vec!["-f", "qcow2"];
+            args.extend(flags);
+            args.push(p(&image));
+            Server::start("qemu-nbd", &args, Some(&socket), None)
+        } else {
+            let mut args = vec!["serve"];
+            args.extend(flags);
+            args.push(p(&image));
+            Server::qcow(&args, Some(&socket), None)
+        };
+        let out = libnbd("nbdsh", &["-u", &uri, "-c", NBDSH_SCRIPT]);
+        // nbdcopy into the export: a raw file's bytes land at offset 0.
+        let source = dir.path().join("source.raw");
+        std::fs::write(&source, vec![9u8; 3 << 20]).expect("write");
+        libnbd("nbdcopy", &[p(&source), &uri]);
+        let (code, err) = server.stop();
+        assert!(program == "qemu-nbd" || code == Some(0), "{err}");
+        (out, image)
+    };
+    let (ours, our_image) = script("qcow");
+    let (theirs, their_image) = script("qemu-nbd");
+    assert_eq!(ours, theirs);
+    assert!(ours.contains("read past end error"), "{ours}");
+    super::assert_check_clean(&our_image);
+    let cmp = qemu_img(&["compare", p(&our_image), p(&their_image)]);
+    assert!(cmp.status.success(), "{}", stdout(&cmp));
+}
