@@ -1,9 +1,11 @@
 //! `cargo xtask bench-serve [--runs N] [--qcow PATH]`: `qcow serve` beside
-//! `qemu-nbd` on the same cached 1 GiB qcow2 image, the same client
-//! (`qemu-img bench` over `nbd+unix://`, QEMU's own NBD client), in the same
-//! run, servers alternating: sequential 1 MiB reads at queue depth 8, 4 KiB
-//! reads and 4 KiB writes at queue depth 32. Medians and ratios
-//! (qemu-nbd time / qcow time: above 1 means qcow serves faster).
+//! `qemu-nbd` on the same cached 1 GiB qcow2 image, the same client, in the
+//! same run, servers alternating: with `qemu-img bench` over `nbd+unix://`
+//! (QEMU's own NBD client) sequential 1 MiB reads at queue depth 8, 4 KiB
+//! reads and 4 KiB writes at queue depth 32; with fio's nbd engine (when
+//! fio is installed) random 4 KiB reads and writes at queue depth 32.
+//! Medians and ratios (qemu-nbd time / qcow time: above 1 means qcow
+//! serves faster).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,14 +16,15 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::bench::median;
 use crate::util::{require_tool, run_captured, workspace_root};
 
-/// One job: `qemu-img bench` arguments, and whether it writes.
+/// One job: the client's arguments, and whether it writes.
 struct Job {
     label: &'static str,
+    /// `qemu-img bench` arguments, or (first word `fio`) fio's.
     args: &'static [&'static str],
     writes: bool,
 }
 
-const JOBS: [Job; 3] = [
+const JOBS: [Job; 5] = [
     Job {
         label: "sequential reads, 1 MiB, qd 8",
         args: &["-c", "1024", "-d", "8", "-s", "1M"],
@@ -37,7 +40,48 @@ const JOBS: [Job; 3] = [
         args: &["-w", "-c", "100000", "-d", "32", "-s", "4k", "-S", "4k"],
         writes: true,
     },
+    Job {
+        label: "fio random 4 KiB reads, qd 32",
+        args: &["fio", "--rw=randread"],
+        writes: false,
+    },
+    Job {
+        label: "fio random 4 KiB writes, qd 32",
+        args: &["fio", "--rw=randwrite"],
+        writes: true,
+    },
 ];
+
+/// Runs one client job against `uri`; returns its seconds.
+fn client(job: &Job, uri: &str) -> Result<f64> {
+    let started = Instant::now();
+    if job.args.first() == Some(&"fio") {
+        let mut fio = Command::new("fio");
+        fio.args([
+            "--name=nbd",
+            "--ioengine=nbd",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=1G",
+        ])
+        .args(["--io_size=400M", "--randseed=7", "--output-format=json"])
+        .arg(format!("--uri={uri}"))
+        .args(&job.args[1..]);
+        let out = run_captured(&mut fio)?;
+        // fio's own figure: I/O time, without its start-up.
+        let json: serde_json::Value =
+            serde_json::from_str(&out[out.find('{').unwrap_or(0)..]).context("fio's JSON")?;
+        let side = if job.writes { "write" } else { "read" };
+        let ms = json["jobs"][0][side]["runtime"]
+            .as_f64()
+            .context("no runtime in fio's JSON")?;
+        return Ok(ms / 1000.0);
+    }
+    let mut bench = Command::new("qemu-img");
+    bench.args(["bench", "-f", "raw"]).args(job.args).arg(uri);
+    run_captured(&mut bench)?;
+    Ok(started.elapsed().as_secs_f64())
+}
 
 /// A running server, killed when dropped.
 struct Server(Child);
@@ -108,7 +152,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let uri = format!("nbd+unix:///?socket={}", socket.display());
     let qemu_nbd = PathBuf::from("qemu-nbd");
     let mut table = Vec::new();
+    let has_fio = Command::new("fio").arg("--version").output().is_ok();
     for job in &JOBS {
+        if job.args.first() == Some(&"fio") && !has_fio {
+            eprintln!("{}: skipped (fio is not installed)", job.label);
+            continue;
+        }
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for run in 0..=runs {
             for who in ["qcow", "qemu-nbd"] {
@@ -135,11 +184,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
                     a.push(&served_s);
                     start(&qemu_nbd, &a, &socket)?
                 };
-                let mut bench = Command::new("qemu-img");
-                bench.args(["bench", "-f", "raw"]).args(job.args).arg(&uri);
-                let started = Instant::now();
-                run_captured(&mut bench)?;
-                let seconds = started.elapsed().as_secs_f64();
+                let seconds = client(job, &uri)?;
                 // Run 0 warms the cache for both.
                 if run > 0 {
                     eprintln!("{}: run {run}/{runs}: {who} {seconds:.3} s", job.label);
@@ -164,7 +209,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         );
     }
     println!(
-        "(medians; speedup = qemu-nbd time / qcow time; client: qemu-img bench over nbd+unix)"
+        "(medians; speedup = qemu-nbd time / qcow time; clients: qemu-img bench and fio's nbd engine over nbd+unix)"
     );
     let _ = std::fs::remove_file(&scratch);
     Ok(())
