@@ -49,7 +49,10 @@ pub fn nbd(data: &[u8]) {
         Export::new("", device)
             .description("fuzzed")
             .discard(true)
-            .bitmap("b", vec![(4096, 8192), (65536, 512)])
+            .bitmap(
+                "b",
+                qcow_nbd::DirtyRanges::Fixed(vec![(4096, 8192), (65536, 512)]),
+            )
             .allocation_depth(true)
             .multi_conn(true),
     );

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use qcow::{BlockDevice, Image};
-use qcow_nbd::{Export, Listener, ServerOptions};
+use qcow_nbd::{DirtyRanges, Export, Listener, ServerOptions};
 
 use crate::open::{OpenFlags, open_options};
 
@@ -132,21 +132,40 @@ pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
     let mut options = open_options(&args.open, format.as_deref())?;
     options.writable = !read_only;
     options.snapshot = snapshot;
-    let image = qcow::open(&file, &options)?;
-    let bitmap = match &args.bitmap {
-        None => None,
-        Some(name) => {
-            let ranges = match &image {
-                Image::Qcow2(q) => q.bitmap_ranges(name).map_err(|e| match e {
-                    qcow::Error::Bitmap { reason, .. } => anyhow::anyhow!("{reason}"),
-                    other => other.into(),
-                })?,
-                _ => bail!("Bitmap '{name}' is not found"),
-            };
-            Some((name.clone(), ranges))
+    let image = qcow::open(&file, &options).map_err(|e| match e {
+        qcow::Error::SnapshotNotFound { .. } => {
+            anyhow::anyhow!("Failed to load snapshot: Can't find snapshot")
         }
+        other => other.into(),
+    })?;
+    // Check the bitmap now (qemu-nbd's words when it is missing); a
+    // writable export reads it live, as writes through it change it.
+    let bitmap_ranges = match &args.bitmap {
+        None => None,
+        Some(name) => match &image {
+            Image::Qcow2(q) => Some(q.bitmap_ranges(name).map_err(|e| match e {
+                qcow::Error::Bitmap { reason, .. } if reason.ends_with("not found") => {
+                    anyhow::anyhow!("Bitmap '{name}' is not found")
+                }
+                qcow::Error::Bitmap { reason, .. } => anyhow::anyhow!("{reason}"),
+                other => other.into(),
+            })?),
+            _ => bail!("Bitmap '{name}' is not found"),
+        },
     };
     let device: Arc<Image> = Arc::new(image);
+    let bitmap = match (&args.bitmap, bitmap_ranges) {
+        (Some(name), Some(ranges)) if read_only => Some((name.clone(), DirtyRanges::Fixed(ranges))),
+        (Some(name), Some(_)) => {
+            let (image, bitmap) = (device.clone(), name.clone());
+            let live = move |offset: u64, len: u64| match &*image {
+                Image::Qcow2(q) => q.bitmap_ranges_in(&bitmap, offset, len),
+                _ => Ok(Vec::new()),
+            };
+            Some((name.clone(), DirtyRanges::Live(Arc::new(live))))
+        }
+        _ => None,
+    };
     let mut export = Export::new(&args.export_name, device.clone() as Arc<dyn BlockDevice>)
         .description(&args.description)
         .read_only(read_only)
@@ -178,6 +197,12 @@ pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
         let mut out = std::io::stdout();
         let _ = writeln!(out, "ready");
         let _ = out.flush();
+        // The parent is gone from here on: like qemu-nbd, let go of its
+        // standard output and error (pipes nobody reads any more).
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = rustix::stdio::dup2_stdout(&null);
+            let _ = rustix::stdio::dup2_stderr(&null);
+        }
     }
     let server = ServerOptions::default()
         .shared(args.shared)

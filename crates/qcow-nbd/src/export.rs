@@ -29,9 +29,8 @@ pub struct Export {
     /// otherwise TRIM succeeds and changes nothing.
     pub discard: bool,
     /// A dirty bitmap to export as `qemu:dirty-bitmap:NAME` (qemu-nbd's
-    /// `-B`): its name and dirty ranges (`(offset, len)`, sorted), as read
-    /// when the server started.
-    pub bitmap: Option<(String, Vec<(u64, u64)>)>,
+    /// `-B`): its name and where its dirty ranges come from.
+    pub bitmap: Option<(String, DirtyRanges)>,
     /// Export `qemu:allocation-depth` (qemu-nbd's `-A`).
     pub allocation_depth: bool,
     /// Advertise that several connections see one consistent disk (a
@@ -77,7 +76,7 @@ impl Export {
     }
 
     /// Sets [`Export::bitmap`].
-    pub fn bitmap(mut self, name: &str, dirty: Vec<(u64, u64)>) -> Self {
+    pub fn bitmap(mut self, name: &str, dirty: DirtyRanges) -> Self {
         self.bitmap = Some((name.to_owned(), dirty));
         self
     }
@@ -148,6 +147,8 @@ impl Export {
         max: usize,
     ) -> qcow::Result<Vec<(u32, u32)>> {
         let end = offset.saturating_add(len).min(self.device.virtual_size());
+        // The bitmap's ranges over the request, fetched once.
+        let mut dirty: Option<Vec<(u64, u64)>> = None;
         let mut out: Vec<(u32, u32)> = Vec::new();
         let mut at = offset;
         while at < end && out.len() < max {
@@ -162,7 +163,12 @@ impl Export {
                     };
                     (extent.len.clamp(1, want), flags)
                 }
-                Context::DirtyBitmap(_) => self.dirty_run(at, want),
+                Context::DirtyBitmap(_) => {
+                    if dirty.is_none() {
+                        dirty = Some(self.dirty_ranges(offset, end - offset)?);
+                    }
+                    dirty_run(dirty.as_deref().unwrap_or(&[]), at, want)
+                }
             };
             // Each run is under 4 GiB; merged runs stay under it too.
             match out.last_mut() {
@@ -176,16 +182,47 @@ impl Export {
         Ok(out)
     }
 
-    /// The run of the exported bitmap from `at` (at most `want` bytes):
-    /// its length and whether it is dirty.
-    fn dirty_run(&self, at: u64, want: u64) -> (u64, u32) {
-        let ranges = self.bitmap.as_ref().map_or(&[][..], |(_, r)| &r[..]);
-        // The first range ending after `at`.
-        let i = ranges.partition_point(|&(s, l)| s + l <= at);
-        match ranges.get(i) {
-            Some(&(s, l)) if s <= at => ((s + l - at).min(want), STATE_DIRTY),
-            Some(&(s, _)) => ((s - at).min(want), 0),
-            None => (want, 0),
+    /// The exported bitmap's dirty ranges over `offset..offset + len`.
+    fn dirty_ranges(&self, offset: u64, len: u64) -> qcow::Result<Vec<(u64, u64)>> {
+        match self.bitmap.as_ref().map(|(_, source)| source) {
+            Some(DirtyRanges::Fixed(ranges)) => Ok(ranges.clone()),
+            Some(DirtyRanges::Live(read)) => read(offset, len),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// The run of `ranges` (sorted dirty ranges) from `at`, at most `want`
+/// bytes: its length and whether it is dirty.
+fn dirty_run(ranges: &[(u64, u64)], at: u64, want: u64) -> (u64, u32) {
+    // The first range ending after `at`.
+    let i = ranges.partition_point(|&(s, l)| s + l <= at);
+    match ranges.get(i) {
+        Some(&(s, l)) if s <= at => ((s + l - at).min(want), STATE_DIRTY),
+        Some(&(s, _)) => ((s - at).min(want), 0),
+        None => (want, 0),
+    }
+}
+
+/// Reads a bitmap's dirty ranges over `(offset, len)`.
+pub type ReadDirty = dyn Fn(u64, u64) -> qcow::Result<Vec<(u64, u64)>> + Send + Sync;
+
+/// Where an exported bitmap's dirty ranges (`(offset, len)`, sorted) come
+/// from.
+#[derive(Clone)]
+pub enum DirtyRanges {
+    /// Ranges read once (a read-only export, or a disabled bitmap).
+    Fixed(Vec<(u64, u64)>),
+    /// Ranges read for each query over `(offset, len)`: a bitmap that
+    /// records the export's own writes.
+    Live(Arc<ReadDirty>),
+}
+
+impl std::fmt::Debug for DirtyRanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DirtyRanges::Fixed(r) => f.debug_tuple("Fixed").field(&r.len()).finish(),
+            DirtyRanges::Live(_) => f.write_str("Live"),
         }
     }
 }

@@ -20,6 +20,10 @@ impl Server {
     /// Starts `program args` and waits until `socket` exists or `port`
     /// accepts connections.
     fn start(program: &str, args: &[&str], socket: Option<&Path>, port: Option<u16>) -> Server {
+        // A socket file a refused server left behind is no sign of life.
+        if let Some(s) = socket {
+            let _ = std::fs::remove_file(s);
+        }
         let child = Command::new(program)
             .args(args)
             .stdout(Stdio::null())
@@ -774,4 +778,185 @@ fn libnbd_clients_see_what_they_see_of_qemu_nbd() {
     super::assert_check_clean(&our_image);
     let cmp = qemu_img(&["compare", p(&our_image), p(&their_image)]);
     assert!(cmp.status.success(), "{}", stdout(&cmp));
+}
+
+#[test]
+fn a_writable_export_shows_its_bitmap_as_it_changes_as_qemu_nbd_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("live.sock");
+    let uri = format!("nbd+unix:///?socket={}", p(&socket));
+    let mut seen = Vec::new();
+    for program in ["qcow", "qemu-nbd"] {
+        let image = dir.path().join(format!("{program}.qcow2"));
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", p(&image), "8M"])
+                .status
+                .success()
+        );
+        assert!(
+            qemu_img(&["bitmap", "--add", p(&image), "live"])
+                .status
+                .success()
+        );
+        let mut server = if program == "qemu-nbd" {
+            Server::start(
+                "qemu-nbd",
+                &[
+                    "-f",
+                    "qcow2",
+                    "-t",
+                    "-B",
+                    "live",
+                    "-k",
+                    p(&socket),
+                    p(&image),
+                ],
+                Some(&socket),
+                None,
+            )
+        } else {
+            Server::qcow(
+                &["serve", "-t", "-B", "live", "-k", p(&socket), p(&image)],
+                Some(&socket),
+                None,
+            )
+        };
+        let before = libnbd("nbdinfo", &["--map=qemu:dirty-bitmap:live", &uri]);
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 1 1M 4k",
+                "-c",
+                "write -z 5M 64k",
+                &uri,
+            ])
+            .output()
+            .expect("qemu-io");
+        assert!(out.status.success());
+        let after = libnbd("nbdinfo", &["--map=qemu:dirty-bitmap:live", &uri]);
+        server.stop();
+        assert_ne!(before, after, "{program}: the bitmap did not move");
+        seen.push((before, after));
+    }
+    assert_eq!(seen[0], seen[1]);
+}
+
+#[test]
+fn snapshots_names_and_server_lifetimes_as_qemu_nbd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("s.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&image), "4M"])
+            .status
+            .success()
+    );
+    qemu_io(&image, &["write -P 1 0 1M"]);
+    assert!(
+        qemu_img(&["snapshot", "-c", "snap", p(&image)])
+            .status
+            .success()
+    );
+    qemu_io(&image, &["write -P 2 0 1M"]);
+    let socket = dir.path().join("s.sock");
+    // Refusals, in qemu-nbd's words.
+    for args in [&["-l", "nosuch"][..], &["-r", "-B", "nosuch"][..]] {
+        let mut ours = vec!["serve", "-k", p(&socket)];
+        ours.extend(args);
+        ours.push(p(&image));
+        let a = super::qcow(&ours);
+        let mut theirs = vec!["-f", "qcow2", "-k", p(&socket)];
+        theirs.extend(args);
+        theirs.push(p(&image));
+        let b = Command::new("qemu-nbd")
+            .args(&theirs)
+            .output()
+            .expect("qemu-nbd");
+        assert_eq!(a.status.code(), b.status.code(), "{args:?}");
+        assert_eq!(
+            stderr(&a).replacen("qcow", "qemu-nbd", 1),
+            String::from_utf8_lossy(&b.stderr),
+            "{args:?}"
+        );
+    }
+    // A snapshot served read-only: its data, not the disk's.
+    let mut server = Server::qcow(
+        &["serve", "-t", "-l", "snap", "-k", p(&socket), p(&image)],
+        Some(&socket),
+        None,
+    );
+    let snap = raw_of(&["-f", "raw", &server.uri()], &dir.path().join("snap.raw"));
+    assert!(snap[..1 << 20].iter().all(|&b| b == 1));
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512", &server.uri()])
+        .output()
+        .expect("qemu-io");
+    // The export is read-only: writers are refused.
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Permission denied"));
+    server.stop();
+    // An export name: only that name is served.
+    let mut server = Server::qcow(
+        &[
+            "serve",
+            "-t",
+            "-r",
+            "-x",
+            "disk",
+            "-k",
+            p(&socket),
+            p(&image),
+        ],
+        Some(&socket),
+        None,
+    );
+    let named = format!("nbd+unix:///disk?socket={}", p(&socket));
+    assert!(qemu_img(&["info", "-f", "raw", &named]).status.success());
+    assert!(
+        !qemu_img(&["info", "-f", "raw", &server.uri()])
+            .status
+            .success()
+    );
+    server.stop();
+    // Not persistent: the server ends when its client leaves.
+    let _ = std::fs::remove_file(&socket);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qcow"))
+        .args(["serve", "-r", "-k", p(&socket), p(&image)])
+        .spawn()
+        .expect("qcow");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let uri = format!("nbd+unix:///?socket={}", p(&socket));
+    assert!(qemu_img(&["info", "-f", "raw", &uri]).status.success());
+    let status = child.wait().expect("wait");
+    assert!(status.success());
+    assert!(!socket.exists());
+    // --fork returns once it listens; --pid-file names the server.
+    let _ = std::fs::remove_file(&socket);
+    let pid_file = dir.path().join("pid");
+    let fork = super::qcow(&[
+        "serve",
+        "--fork",
+        "-t",
+        "-r",
+        "--pid-file",
+        p(&pid_file),
+        "-k",
+        p(&socket),
+        p(&image),
+    ]);
+    assert!(fork.status.success(), "{}", stderr(&fork));
+    assert!(socket.exists());
+    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+    assert!(qemu_img(&["info", "-f", "raw", &uri]).status.success());
+    let _ = Command::new("kill").args(["-TERM", pid.trim()]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while socket.exists() || pid_file.exists() {
+        assert!(Instant::now() < deadline, "the forked server did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

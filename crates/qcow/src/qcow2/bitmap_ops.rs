@@ -164,6 +164,28 @@ impl Qcow2Image {
         Ok(self.read_bitmap_bits(entry)?.ranges(self.virtual_size))
     }
 
+    /// [`Qcow2Image::bitmap_ranges`] for guest bytes `offset..offset + len`
+    /// only (whole granules: ranges may reach outside): on a writable image
+    /// from the bits recorded so far, without reading the whole bitmap.
+    pub fn bitmap_ranges_in(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        if let Some(tracker) = self.bitmap_tracker() {
+            let set = tracker.read();
+            let index = set
+                .find(name)
+                .ok_or_else(|| self.bitmap_error(not_found(name)))?;
+            return match &set.bitmaps[index].bits {
+                Some(bits) => Ok(bits.ranges_in(offset, len, self.virtual_size)),
+                None => Err(self.bitmap_error(inconsistent(name))),
+            };
+        }
+        let end = offset.saturating_add(len);
+        Ok(self
+            .bitmap_ranges(name)?
+            .into_iter()
+            .filter(|&(s, l)| s < end && offset < s + l)
+            .collect())
+    }
+
     /// Refuses an operation on a bitmap found in use (QEMU's words).
     pub(super) fn check_bitmaps_usable(&self) -> Result<()> {
         match self.bitmaps.iter().find(|b| b.in_use()) {

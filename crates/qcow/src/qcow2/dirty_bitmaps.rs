@@ -145,9 +145,26 @@ impl Bits {
     /// Guest ranges whose bits are set, as `(offset, len)`, merged, within
     /// a disk of `disk_size` bytes.
     pub(super) fn ranges(&self, disk_size: u64) -> Vec<(u64, u64)> {
+        self.ranges_in(0, disk_size, disk_size)
+    }
+
+    /// [`Bits::ranges`] of the bits covering guest bytes `offset..offset +
+    /// len` only (whole bits: ranges may reach outside).
+    pub(super) fn ranges_in(&self, offset: u64, len: u64, disk_size: u64) -> Vec<(u64, u64)> {
         let g = self.granularity();
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (w, word) in self.words.iter().enumerate() {
+        if len == 0 {
+            return out;
+        }
+        let first_word = (offset / g / 64) as usize;
+        let last_word = (offset.saturating_add(len - 1) / g / 64) as usize;
+        let words = self
+            .words
+            .iter()
+            .enumerate()
+            .skip(first_word)
+            .take(last_word + 1 - first_word);
+        for (w, word) in words {
             let mut v = word.load(Ordering::Acquire);
             while v != 0 {
                 let b = u64::from(v.trailing_zeros());
