@@ -722,7 +722,10 @@ fn libnbd_clients_see_what_they_see_of_qemu_nbd() {
             args.push(p(&top));
             Server::qcow(&args, Some(&socket), None)
         };
-        let mut seen = vec![libnbd("nbdinfo", &[&uri])];
+        let mut seen = vec![
+            libnbd("nbdinfo", &[&uri]),
+            libnbd("nbdinfo", &["--list", &uri]),
+        ];
         for map in [
             "--map",
             "--map=qemu:allocation-depth",
