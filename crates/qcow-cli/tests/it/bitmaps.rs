@@ -484,3 +484,118 @@ fn bitmaps_cross_between_qcow_and_qemu() {
     step("qcow", &["--remove", "FILE", "ours"]);
     assert!(listed(&image).is_null());
 }
+
+/// QEMU loads every bitmap of the image (and refuses an image whose
+/// bitmaps it cannot load): a clear it does through qemu-img.
+fn qemu_loads_bitmaps(path: &Path, name: &str) {
+    let out = qemu_img(&["bitmap", "--clear", p(path), name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn header_rewrites_and_refcount_changes_keep_the_bitmaps() {
+    // Reproducers from review: a safe rebase stored the bitmaps and then
+    // wrote a header naming the freed old directory; a refcount width
+    // change dropped the bitmaps before a resize in the same amend.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.qcow2");
+    let other = dir.path().join("other.qcow2");
+    let image = dir.path().join("img.qcow2");
+    // The two backing files differ: the rebase writes into the image.
+    for (path, pattern) in [(&base, "7"), (&other, "8")] {
+        create(path, "cluster_size=65536");
+        qemu_io(path, &[&format!("write -P {pattern} 0 4M")]);
+    }
+    let out = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p(&image),
+    ]);
+    assert!(out.status.success());
+    assert!(
+        qemu_img(&["bitmap", "--add", p(&image), "b"])
+            .status
+            .success()
+    );
+    qemu_io(&image, &["write -P 1 1M 64k"]);
+    let out = qcow(&["rebase", "-b", "other.qcow2", "-F", "qcow2", p(&image)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_check_clean(&image);
+    qemu_loads_bitmaps(&image, "b");
+    assert!(listed(&image).to_string().contains("\"b\""));
+
+    let resized = dir.path().join("resized.qcow2");
+    create(&resized, "cluster_size=65536");
+    assert!(
+        qemu_img(&["bitmap", "--add", p(&resized), "b"])
+            .status
+            .success()
+    );
+    qemu_io(&resized, &["write -P 1 0 64k"]);
+    let out = qcow(&["amend", "-o", "refcount_bits=32,size=1T", p(&resized)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_check_clean(&resized);
+    qemu_loads_bitmaps(&resized, "b");
+}
+
+#[test]
+fn a_bitmap_too_large_for_qemu_is_refused_before_anything_is_allocated() {
+    // A 4 TiB disk with a bitmap of 1 MiB granularity, its granularity
+    // then set to 512 bytes: 1 GiB of bits, over QEMU's 512 MiB limit.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("huge.qcow2");
+    let out = qemu_img(&["create", "-q", "-f", "qcow2", p(&path), "4T"]);
+    assert!(out.status.success());
+    assert!(
+        qemu_img(&["bitmap", "--add", "-g", "1M", p(&path), "b"])
+            .status
+            .success()
+    );
+    let mut b = std::fs::read(&path).expect("read");
+    let be32 =
+        |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4")) as usize;
+    let be64 =
+        |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8")) as usize;
+    let mut at = be32(&b, 100);
+    while be32(&b, at) != 0x2385_2875 {
+        at += 8 + be32(&b, at + 4).next_multiple_of(8);
+    }
+    let directory = be64(&b, at + 8 + 16);
+    assert_eq!(b[directory + 17], 20);
+    b[directory + 17] = 9;
+    std::fs::write(&path, &b).expect("write");
+    let started = std::time::Instant::now();
+    let out = qcow(&["bench", "-w", "-c", "1", "-t", "none", p(&path)]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("bitmap 'b'"), "{}", stderr(&out));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // And a new bitmap that would be as large is refused as QEMU refuses it.
+    let fresh = dir.path().join("fresh.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&fresh), "4T"])
+            .status
+            .success()
+    );
+    let theirs = dir.path().join("fresh2.qcow2");
+    std::fs::copy(&fresh, &theirs).expect("copy");
+    let a = qcow(&["bitmap", "--add", "-g", "512", p(&fresh), "big"]);
+    let b = qemu_img(&["bitmap", "--add", "-g", "512", p(&theirs), "big"]);
+    assert_eq!(a.status.code(), b.status.code());
+    assert_eq!(a.status.code(), Some(1));
+    assert!(
+        stderr(&a).contains("Too much space will be occupied by the bitmap"),
+        "{}",
+        stderr(&a)
+    );
+    assert!(
+        stderr(&b).contains("Too much space will be occupied by the bitmap"),
+        "{}",
+        stderr(&b)
+    );
+}

@@ -20,8 +20,8 @@ use std::sync::atomic::Ordering;
 
 use qcow_format::extension::{HeaderExtension, standard_feature_names};
 use qcow_format::header::{
-    AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, CompressionType, Header, INCOMPAT_COMPRESSION,
-    INCOMPAT_DIRTY, V2_HEADER_LEN, V3_HEADER_LEN,
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, CompressionType, Header,
+    INCOMPAT_COMPRESSION, INCOMPAT_DIRTY, V2_HEADER_LEN, V3_HEADER_LEN,
 };
 use qcow_format::table::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, refcount_get};
 
@@ -185,10 +185,26 @@ impl Qcow2Image {
     /// current one (its feature bits as they are now), after everything
     /// written so far is on disk.
     pub(super) fn rewrite_header(&mut self, change: impl FnOnce(&mut Header)) -> Result<()> {
+        // The flush may store bitmaps and move their directory: the header
+        // is built after it, and names the directory as it is then (also
+        // when `change` started from an older copy).
+        self.flush()?;
         let mut header = self.current_header();
         change(&mut header);
+        if self.bitmap_tracker().is_some() {
+            let live = self.current_header();
+            header
+                .extensions
+                .retain(|e| !matches!(e, HeaderExtension::Bitmaps(_)));
+            header.extensions.extend(
+                live.extensions
+                    .into_iter()
+                    .filter(|e| matches!(e, HeaderExtension::Bitmaps(_))),
+            );
+            header.autoclear_features = (header.autoclear_features & !AUTOCLEAR_BITMAPS)
+                | (live.autoclear_features & AUTOCLEAR_BITMAPS);
+        }
         let bytes = header.encode().map_err(|e| Error::format(&self.name, e))?;
-        self.flush()?;
         let mut cluster = vec![0u8; self.header.cluster_size() as usize];
         cluster[..bytes.len()].copy_from_slice(&bytes);
         self.file
@@ -314,6 +330,14 @@ impl Qcow2Image {
     fn downgrade(&mut self) -> Result<()> {
         self.mark_clean()?;
         self.expand_zero_clusters()?;
+        // Version 2 cannot keep bitmaps: their clusters leak, as with QEMU
+        // (check -r leaks frees them), and writes record nothing. Stored
+        // first, then let go, so the header rewrite drops the extension.
+        self.flush()?;
+        if let Some(ws) = self.writer.as_mut() {
+            ws.bitmaps = None;
+        }
+        self.bitmaps.clear();
         self.rewrite_header(|h| {
             h.version = 2;
             h.header_length = V2_HEADER_LEN;
@@ -328,12 +352,6 @@ impl Qcow2Image {
                 )
             });
         })?;
-        // Version 2 cannot keep bitmaps: their clusters leak, as with
-        // QEMU (check -r leaks frees them), and writes record nothing.
-        if let Some(ws) = self.writer.as_mut() {
-            ws.bitmaps = None;
-        }
-        self.bitmaps.clear();
         Ok(())
     }
 
@@ -503,8 +521,14 @@ impl Qcow2Image {
             // Bounded by MAX_REFCOUNT_TABLE_BYTES.
             h.refcount_table_clusters = table_clusters as u32;
         })?;
-        // The allocator's refcount cache holds the old width: start anew.
+        // The allocator's refcount cache holds the old width: start anew,
+        // keeping the bitmaps.
+        let bitmaps = self.writer.as_mut().and_then(|w| w.bitmaps.take());
         self.writer = None;
-        self.install_write_state(None)
+        self.install_write_state(None)?;
+        if let Some(ws) = self.writer.as_mut() {
+            ws.bitmaps = bitmaps;
+        }
+        Ok(())
     }
 }

@@ -44,6 +44,9 @@ impl Qcow2Image {
     /// first). The open backing layer is detached.
     pub fn set_backing_file(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
         self.check_writable()?;
+        // Bitmaps are stored before the header is built (see
+        // `rewrite_header`).
+        self.flush()?;
         let wanted = self.header_with_backing(backing)?;
         self.rewrite_header(|h| {
             h.backing_file = wanted.backing_file;

@@ -56,17 +56,14 @@ impl Qcow2Image {
                 "Name length exceeds maximum ({MAX_NAME_BYTES} characters)"
             ));
         }
-        let granularity_bits = granularity.trailing_zeros() as u8;
-        let bits = Bits::new(self.virtual_size, granularity_bits);
-        let table = qcow_format::bitmap::table_entries(
-            self.virtual_size.div_ceil(granularity),
-            self.header.cluster_size(),
-        );
-        if table > qcow_format::bitmap::MAX_TABLE_ENTRIES {
+        if !super::dirty_bitmaps::bitmap_fits(self.virtual_size.div_ceil(granularity)) {
             return persistent(
                 "Too much space will be occupied by the bitmap. Use larger granularity",
             );
         }
+        let granularity_bits = granularity.trailing_zeros() as u8;
+        // Bounded just above.
+        let bits = Bits::new(self.virtual_size, granularity_bits);
         self.flush()?;
         self.ensure_bitmap_tracker();
         let result = self.change_bitmaps(|set| {
@@ -149,7 +146,9 @@ impl Qcow2Image {
                 .find(name)
                 .ok_or_else(|| self.bitmap_error(not_found(name)))?;
             return match &set.bitmaps[index].bits {
-                Some(bits) => Ok(bits.ranges(self.virtual_size)),
+                Some(bits) => bits
+                    .ranges(self.virtual_size)
+                    .ok_or_else(|| self.bitmap_error(too_many(name))),
                 None => Err(self.bitmap_error(inconsistent(name))),
             };
         }
@@ -161,7 +160,9 @@ impl Qcow2Image {
         if entry.in_use() {
             return Err(self.bitmap_error(inconsistent(name)));
         }
-        Ok(self.read_bitmap_bits(entry)?.ranges(self.virtual_size))
+        self.read_bitmap_bits(entry)?
+            .ranges(self.virtual_size)
+            .ok_or_else(|| self.bitmap_error(too_many(name)))
     }
 
     /// [`Qcow2Image::bitmap_ranges`] for guest bytes `offset..offset + len`
@@ -174,7 +175,9 @@ impl Qcow2Image {
                 .find(name)
                 .ok_or_else(|| self.bitmap_error(not_found(name)))?;
             return match &set.bitmaps[index].bits {
-                Some(bits) => Ok(bits.ranges_in(offset, len, self.virtual_size)),
+                Some(bits) => bits
+                    .ranges_in(offset, len, self.virtual_size)
+                    .ok_or_else(|| self.bitmap_error(too_many(name))),
                 None => Err(self.bitmap_error(inconsistent(name))),
             };
         }
@@ -184,6 +187,22 @@ impl Qcow2Image {
             .into_iter()
             .filter(|&(s, l)| s < end && offset < s + l)
             .collect())
+    }
+
+    /// Refuses a disk size some bitmap could not be stored for (more than
+    /// QEMU's limit of bits).
+    pub(super) fn check_bitmaps_fit(&self, disk_size: u64) -> Result<()> {
+        match self
+            .bitmaps
+            .iter()
+            .find(|b| !super::dirty_bitmaps::bitmap_fits(disk_size.div_ceil(b.granularity())))
+        {
+            Some(b) => Err(self.bitmap_error(format!(
+                "Bitmap '{}': Too much space will be occupied by the bitmap. Use larger granularity",
+                b.name
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Refuses an operation on a bitmap found in use (QEMU's words).
@@ -237,9 +256,15 @@ impl Qcow2Image {
             return Err(self.bitmap_error("no bitmaps".into()));
         };
         let mut set = tracker.write();
+        let before = set.bitmaps.len();
         let dropped = change(&mut set).map_err(|reason| self.bitmap_error(reason))?;
         tracker.update_recording(&set);
         let result = self.write_bitmaps(tracker, &mut set, dropped.into_iter().collect());
+        if result.is_err() && set.bitmaps.len() > before {
+            // An added bitmap that could not be stored is not added.
+            set.bitmaps.truncate(before);
+            tracker.update_recording(&set);
+        }
         self.guard(result)
     }
 
@@ -266,6 +291,13 @@ impl Qcow2Image {
 
 fn not_found(name: &str) -> String {
     format!("Dirty bitmap '{name}' not found")
+}
+
+fn too_many(name: &str) -> String {
+    format!(
+        "Bitmap '{name}' has more than {} dirty ranges",
+        super::dirty_bitmaps::MAX_RANGES
+    )
 }
 
 fn inconsistent(name: &str) -> String {

@@ -45,6 +45,9 @@ pub(crate) struct BitmapTracker {
     pub(super) set: RwLock<BitmapSet>,
     /// Whether any bitmap records writes (the write path's quick test).
     recording: AtomicBool,
+    /// Stores wait (a resize is under way: every bitmap stays marked in
+    /// use until the bits have the new size).
+    hold: AtomicBool,
     /// The directory as on disk (`None`: no bitmaps extension).
     directory: Mutex<Option<BitmapsExtension>>,
 }
@@ -102,7 +105,7 @@ impl Bits {
             return;
         }
         let first = offset >> self.granularity_bits;
-        let last = ((offset + len - 1) >> self.granularity_bits).min(self.len - 1);
+        let last = (offset.saturating_add(len - 1) >> self.granularity_bits).min(self.len - 1);
         if first > last {
             return;
         }
@@ -143,18 +146,23 @@ impl Bits {
     }
 
     /// Guest ranges whose bits are set, as `(offset, len)`, merged, within
-    /// a disk of `disk_size` bytes.
-    pub(super) fn ranges(&self, disk_size: u64) -> Vec<(u64, u64)> {
+    /// a disk of `disk_size` bytes; `None` past [`MAX_RANGES`] of them.
+    pub(super) fn ranges(&self, disk_size: u64) -> Option<Vec<(u64, u64)>> {
         self.ranges_in(0, disk_size, disk_size)
     }
 
     /// [`Bits::ranges`] of the bits covering guest bytes `offset..offset +
     /// len` only (whole bits: ranges may reach outside).
-    pub(super) fn ranges_in(&self, offset: u64, len: u64, disk_size: u64) -> Vec<(u64, u64)> {
+    pub(super) fn ranges_in(
+        &self,
+        offset: u64,
+        len: u64,
+        disk_size: u64,
+    ) -> Option<Vec<(u64, u64)>> {
         let g = self.granularity();
         let mut out: Vec<(u64, u64)> = Vec::new();
         if len == 0 {
-            return out;
+            return Some(out);
         }
         let first_word = (offset / g / 64) as usize;
         let last_word = (offset.saturating_add(len - 1) / g / 64) as usize;
@@ -177,11 +185,16 @@ impl Bits {
                 let end = ((bit + 1) * g).min(disk_size);
                 match out.last_mut() {
                     Some((s, l)) if *s + *l == start => *l = end - *s,
-                    _ => out.push((start, end - start)),
+                    _ => {
+                        if out.len() == MAX_RANGES {
+                            return None;
+                        }
+                        out.push((start, end - start));
+                    }
                 }
             }
         }
-        out
+        Some(out)
     }
 
     /// The bits for a disk of `disk_size` bytes: bits past the old end
@@ -259,6 +272,7 @@ impl BitmapTracker {
         };
         let tracker = BitmapTracker {
             recording: AtomicBool::new(false),
+            hold: AtomicBool::new(false),
             directory: Mutex::new(directory),
             set: RwLock::new(BitmapSet {
                 bitmaps: Vec::new(),
@@ -344,6 +358,9 @@ impl Qcow2Image {
                     entry.name, entry.kind
                 )));
             }
+            // Every entry, also one found in use (its table is freed when
+            // it is removed): nothing is trusted before it is checked.
+            self.check_bitmap_entry(entry)?;
             let bits = if entry.in_use() {
                 None
             } else {
@@ -362,30 +379,12 @@ impl Qcow2Image {
     /// Reads a bitmap's bits from its table and data clusters, refusing a
     /// table that does not fit the disk, the file or the format.
     pub(super) fn read_bitmap_bits(&self, entry: &BitmapEntry) -> Result<Bits> {
+        self.check_bitmap_entry(entry)?;
         let cluster_size = self.header.cluster_size();
-        if !(qcow_format::bitmap::MIN_GRANULARITY_BITS..=qcow_format::bitmap::MAX_GRANULARITY_BITS)
-            .contains(&entry.granularity_bits)
-        {
-            return Err(self.bitmap_corrupt(entry, "its granularity is out of range".into()));
-        }
+        // Bounded by the checks above (at most MAX_BITMAP_BYTES of bits).
         let bits = Bits::new(self.virtual_size, entry.granularity_bits);
-        let expected = table_entries(bits.len, cluster_size);
-        if u64::from(entry.table_size) != expected {
-            return Err(self.bitmap_corrupt(
-                entry,
-                format!(
-                    "its table has {} entries where the disk needs {expected}",
-                    entry.table_size
-                ),
-            ));
-        }
+        let expected = u64::from(entry.table_size);
         let table_bytes = expected * 8;
-        if expected > 0
-            && (entry.table_offset % cluster_size != 0
-                || entry.table_offset.saturating_add(table_bytes) > self.file_len())
-        {
-            return Err(self.bitmap_corrupt(entry, "its table does not fit in the file".into()));
-        }
         // Bounded by the disk size: one entry per cluster of bitmap data.
         let mut table = vec![0u8; table_bytes as usize];
         self.file
@@ -420,12 +419,77 @@ impl Qcow2Image {
         Ok(bits)
     }
 
+    /// Refuses a directory entry QEMU would not load (its
+    /// `check_dir_entry`), before anything is allocated for it: a
+    /// granularity out of range, a name too long, more than
+    /// [`MAX_BITMAP_BYTES`] of bits for the disk, a table whose size does
+    /// not match the disk, or that is misaligned or outside the file.
+    pub(super) fn check_bitmap_entry(&self, entry: &BitmapEntry) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        if !(qcow_format::bitmap::MIN_GRANULARITY_BITS..=qcow_format::bitmap::MAX_GRANULARITY_BITS)
+            .contains(&entry.granularity_bits)
+        {
+            return Err(self.bitmap_corrupt(entry, "its granularity is out of range".into()));
+        }
+        if entry.name.is_empty() || entry.name.len() > qcow_format::bitmap::MAX_NAME_BYTES {
+            return Err(self.bitmap_corrupt(entry, "its name is empty or too long".into()));
+        }
+        let bits = self.virtual_size.div_ceil(entry.granularity());
+        if !bitmap_fits(bits) {
+            return Err(self.bitmap_corrupt(
+                entry,
+                format!("its {bits} bits take more than {MAX_BITMAP_BYTES} bytes"),
+            ));
+        }
+        let expected = table_entries(bits, cluster_size);
+        if u64::from(entry.table_size) != expected {
+            return Err(self.bitmap_corrupt(
+                entry,
+                format!(
+                    "its table has {} entries where the disk needs {expected}",
+                    entry.table_size
+                ),
+            ));
+        }
+        if expected > 0
+            && (entry.table_offset == 0
+                || entry.table_offset % cluster_size != 0
+                || entry.table_offset.saturating_add(expected * 8) > self.file_len())
+        {
+            return Err(self.bitmap_corrupt(entry, "its table does not fit in the file".into()));
+        }
+        Ok(())
+    }
+
     fn bitmap_corrupt(&self, entry: &BitmapEntry, reason: String) -> Error {
         Error::Corrupt {
             image: self.name.clone(),
             table: "bitmap table",
             offset: entry.table_offset,
             reason: format!("bitmap '{}': {reason}", entry.name),
+        }
+    }
+
+    /// Before a resize: every bitmap marked in use on disk, and stores held
+    /// until [`Qcow2Image::end_bitmap_resize`], so that a crash meanwhile
+    /// leaves bitmaps in use, never ones of the wrong size.
+    pub(super) fn begin_bitmap_resize(&self) -> Result<()> {
+        let Some(tracker) = self.bitmap_tracker() else {
+            return Ok(());
+        };
+        if tracker.read().bitmaps.is_empty() {
+            return Ok(());
+        }
+        self.flush()?;
+        self.mark_in_use(tracker, true)?;
+        tracker.hold.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// After a resize (done or failed): stores may run again.
+    pub(super) fn end_bitmap_resize(&self) {
+        if let Some(tracker) = self.bitmap_tracker() {
+            tracker.hold.store(false, Ordering::Release);
         }
     }
 
@@ -483,14 +547,22 @@ impl Qcow2Image {
     /// their flag words change, so a torn write leaves each entry whole),
     /// and flushes, before the first write they must record.
     fn mark_bitmaps_in_use(&self, tracker: &BitmapTracker) -> Result<()> {
+        self.mark_in_use(tracker, false)
+    }
+
+    /// Marks the enabled bitmaps (with `all`, every bitmap) in use on disk,
+    /// in place and flushed.
+    fn mark_in_use(&self, tracker: &BitmapTracker, all: bool) -> Result<()> {
         let mut set = tracker.write();
-        if set.marked_in_use {
+        if set.marked_in_use && !all {
             return Ok(());
         }
         let Some(directory) = tracker.directory() else {
+            // Nothing on disk yet: the first store writes the directory.
+            set.marked_in_use = true;
             return Ok(());
         };
-        let entries = set.entries(|b| b.enabled || b.entry.in_use());
+        let entries = set.entries(|b| all || b.enabled || b.entry.in_use());
         let bytes = encode_directory(&entries);
         if bytes.len() as u64 != directory.directory_size {
             return Err(Error::Corrupt {
@@ -525,8 +597,16 @@ impl Qcow2Image {
             return Ok(());
         };
         // A flush inside a recorded write leaves the store to a flush of
-        // its own (the write holds the bitmaps shared).
-        if RECORDING.with(|depth| depth.get() > 0) {
+        // its own (the write holds the bitmaps shared); a resize holds the
+        // store until the bits have its size; an image marked corrupt gets
+        // no new metadata (its bitmaps stay marked in use).
+        if RECORDING.with(|depth| depth.get() > 0) || tracker.hold.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self.write_state()?.incompatible.load(Ordering::Acquire)
+            & qcow_format::header::INCOMPAT_CORRUPT
+            != 0
+        {
             return Ok(());
         }
         let mut set = tracker.write();
@@ -567,14 +647,16 @@ impl Qcow2Image {
         // Everything the new directory names is on disk before it.
         self.flush_metadata()?;
         self.switch_bitmap_directory(tracker, &entries)?;
-        // From here on a failure only leaks clusters.
-        self.free_bitmap_tables(&old_tables)?;
+        // The new directory is the one on disk: memory follows at once.
         for (bitmap, entry) in set.bitmaps.iter_mut().zip(entries) {
             bitmap.entry = entry;
             bitmap.changed.store(false, Ordering::Release);
         }
         set.marked_in_use = false;
         tracker.update_recording(set);
+        // From here on a failure only leaks clusters: the old tables are
+        // referenced by nothing any more.
+        let _ = self.free_bitmap_tables(&old_tables);
         self.flush_metadata()
     }
 
@@ -619,7 +701,9 @@ impl Qcow2Image {
             if len == 0 || entry.table_offset == 0 {
                 continue;
             }
-            if entry.table_offset.saturating_add(len) > self.file_len() {
+            if entry.table_offset % cluster_size != 0
+                || entry.table_offset.saturating_add(len) > self.file_len()
+            {
                 continue;
             }
             // Bounded: tables were validated when loaded or written here.
@@ -633,8 +717,15 @@ impl Qcow2Image {
             for raw in table.chunks_exact(8) {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(raw);
-                let host = u64::from_be_bytes(b) & TABLE_ENTRY_OFFSET_MASK;
-                if host != 0 {
+                let value = u64::from_be_bytes(b);
+                let host = value & TABLE_ENTRY_OFFSET_MASK;
+                // An entry that cannot be a data cluster of this image is
+                // left alone: leaking is the safe side.
+                let valid = value & TABLE_ENTRY_RESERVED_MASK == 0
+                    && host % cluster_size == 0
+                    && host.saturating_add(cluster_size)
+                        <= self.file_len().next_multiple_of(cluster_size);
+                if host != 0 && valid {
                     meta.change_refcount(host >> bits, -1)?;
                 }
             }
@@ -806,6 +897,17 @@ impl Qcow2Image {
     }
 }
 
+/// Most bytes of bits a bitmap may have (QEMU's `BME_MAX_PHYS_SIZE`).
+pub(super) const MAX_BITMAP_BYTES: u64 = 0x2000_0000;
+
+/// Most dirty ranges a bitmap's ranges are listed as (16 bytes each).
+pub(super) const MAX_RANGES: usize = 1 << 24;
+
+/// Whether a bitmap of `bits` bits stays within [`MAX_BITMAP_BYTES`].
+pub(super) fn bitmap_fits(bits: u64) -> bool {
+    bits.div_ceil(8) <= MAX_BITMAP_BYTES
+}
+
 #[cfg(test)]
 mod tests {
     use super::Bits;
@@ -818,12 +920,15 @@ mod tests {
         bits.set_range(0, 65_536);
         bits.set_range(1_000_000, 100_000);
         assert!(bits.get(0) && bits.get(1) && !bits.get(2) && bits.get(15));
-        assert_eq!(bits.ranges(1 << 20), vec![(0, 131_072), (983_040, 65_536)]);
+        assert_eq!(
+            bits.ranges(1 << 20),
+            Some(vec![(0, 131_072), (983_040, 65_536)])
+        );
         let big = Bits::new(1 << 30, 9);
         big.set_range(512 * 60, 512 * 10);
-        assert_eq!(big.ranges(1 << 30), vec![(512 * 60, 512 * 10)]);
+        assert_eq!(big.ranges(1 << 30), Some(vec![(512 * 60, 512 * 10)]));
         let small = big.resized(512 * 65);
-        assert_eq!(small.ranges(512 * 65), vec![(512 * 60, 512 * 5)]);
+        assert_eq!(small.ranges(512 * 65), Some(vec![(512 * 60, 512 * 5)]));
     }
 
     #[test]

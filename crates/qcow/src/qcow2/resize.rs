@@ -59,7 +59,6 @@ impl Qcow2Image {
 
     fn change_size(&mut self, new_size: u64) -> Result<()> {
         let invalid = |what: String| Error::InvalidOptions(format!("{}: {what}", self.name));
-        let old_size = self.virtual_size;
         if new_size % 512 != 0 {
             return Err(invalid("The new size must be a multiple of 512".into()));
         }
@@ -69,13 +68,27 @@ impl Qcow2Image {
                 "Can't resize a v2 image which has snapshots".into(),
             ));
         }
-        // Bitmaps found in use cannot be resized (QEMU refuses too).
+        // Bitmaps found in use cannot be resized (QEMU refuses too), nor
+        // ones the new size would make too large.
         self.check_bitmaps_usable()?;
+        self.check_bitmaps_fit(new_size)?;
+        // Every bitmap stays marked in use until its bits have the new size
+        // (a crash meanwhile leaves bitmaps in use, not of the wrong size).
+        self.begin_bitmap_resize()?;
+        let result = self.change_size_unheld(new_size);
+        if result.is_ok() {
+            self.resize_bitmaps();
+        }
+        self.end_bitmap_resize();
+        result.and_then(|()| self.flush())
+    }
+
+    fn change_size_unheld(&mut self, new_size: u64) -> Result<()> {
+        let invalid = |what: String| Error::InvalidOptions(format!("{}: {what}", self.name));
+        let old_size = self.virtual_size;
         if new_size < old_size {
             self.check_writable()?;
-            self.shrink(new_size)?;
-            self.resize_bitmaps();
-            return self.flush();
+            return self.shrink(new_size);
         }
         let needed = new_size.div_ceil(self.header.bytes_per_l2_table());
         if new_size > MAX_VIRTUAL_SIZE || needed > MAX_L1_BYTES / 8 {
@@ -125,7 +138,6 @@ impl Qcow2Image {
         }
         self.header.virtual_size = new_size;
         self.virtual_size = new_size;
-        self.resize_bitmaps();
         self.flush()
     }
 
