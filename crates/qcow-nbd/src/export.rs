@@ -163,12 +163,16 @@ impl Export {
                     };
                     (extent.len.clamp(1, want), flags)
                 }
-                Context::DirtyBitmap(_) => {
-                    if dirty.is_none() {
-                        dirty = Some(self.dirty_ranges(offset, end - offset)?);
+                Context::DirtyBitmap(_) => match self.bitmap.as_ref().map(|(_, s)| s) {
+                    Some(DirtyRanges::Fixed(ranges)) => dirty_run(ranges, at, want),
+                    Some(DirtyRanges::Live(read)) => {
+                        if dirty.is_none() {
+                            dirty = Some(read(offset, end - offset)?);
+                        }
+                        dirty_run(dirty.as_deref().unwrap_or(&[]), at, want)
                     }
-                    dirty_run(dirty.as_deref().unwrap_or(&[]), at, want)
-                }
+                    None => (want, 0),
+                },
             };
             // Each run is under 4 GiB; merged runs stay under it too.
             match out.last_mut() {
@@ -180,15 +184,6 @@ impl Export {
             at += run;
         }
         Ok(out)
-    }
-
-    /// The exported bitmap's dirty ranges over `offset..offset + len`.
-    fn dirty_ranges(&self, offset: u64, len: u64) -> qcow::Result<Vec<(u64, u64)>> {
-        match self.bitmap.as_ref().map(|(_, source)| source) {
-            Some(DirtyRanges::Fixed(ranges)) => Ok(ranges.clone()),
-            Some(DirtyRanges::Live(read)) => read(offset, len),
-            None => Ok(Vec::new()),
-        }
     }
 }
 

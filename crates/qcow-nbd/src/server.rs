@@ -17,6 +17,9 @@ use crate::export::Export;
 use crate::handshake::{HandshakeError, handshake};
 use crate::transmission::transmission;
 
+/// Time a client has for its handshake.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
 /// Where clients connect.
 #[derive(Debug)]
 pub enum Listener {
@@ -79,6 +82,13 @@ impl Stream {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
         };
+    }
+
+    fn set_read_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(limit),
+            Stream::Unix(s) => s.set_read_timeout(limit),
+        }
     }
 
     fn set_blocking(&self) -> io::Result<()> {
@@ -196,7 +206,13 @@ pub fn serve(
 
 /// One client: the handshake, then requests until it leaves.
 fn serve_client(mut stream: Stream, exports: &[Arc<Export>]) -> Result<(), String> {
-    let negotiated = match handshake(&mut stream, exports) {
+    // A client gets 10 seconds for the handshake, as with qemu-nbd.
+    stream
+        .set_read_timeout(Some(HANDSHAKE_LIMIT))
+        .map_err(|e| e.to_string())?;
+    let handshake = handshake(&mut stream, exports);
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    let negotiated = match handshake {
         Ok(n) => n,
         Err(HandshakeError::Aborted) => return Ok(()),
         // A client that leaves during the handshake (qemu-nbd --list does
@@ -207,8 +223,11 @@ fn serve_client(mut stream: Stream, exports: &[Arc<Export>]) -> Result<(), Strin
                 io::ErrorKind::UnexpectedEof
                     | io::ErrorKind::BrokenPipe
                     | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::WouldBlock
+                    | io::ErrorKind::TimedOut
             ) =>
         {
+            stream.shutdown(Shutdown::Both);
             return Ok(());
         }
         Err(e) => {

@@ -134,6 +134,29 @@ fn read_request(
         payload = vec![0u8; request.len as usize];
         reader.read_exact(&mut payload)?;
     } else if negotiated.extended
+        && request.kind != cmd::BLOCK_STATUS
+        && request.flags & cmd_flag::PAYLOAD_LEN != 0
+    {
+        // A payload no other command takes: read past it, then refuse the
+        // request (a payload too large to skip ends the connection).
+        if request.len > u64::from(MAX_BUFFER) {
+            let _ = send_error(
+                negotiated,
+                &request,
+                errno::EINVAL,
+                "payload too large",
+                writer,
+            );
+            return Err(ConnectionEnd::Protocol(format!(
+                "payload of {} bytes",
+                request.len
+            )));
+        }
+        io::copy(&mut Read::by_ref(reader).take(request.len), &mut io::sink())?;
+        let mut refused = request;
+        refused.kind = u16::MAX;
+        return Ok((refused, Vec::new()));
+    } else if negotiated.extended
         && request.kind == cmd::BLOCK_STATUS
         && request.flags & cmd_flag::PAYLOAD_LEN != 0
     {
@@ -234,7 +257,14 @@ fn answer(
         cmd::READ | cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE | cmd::BLOCK_STATUS
     );
     if needs_range && !in_range {
-        return fail(errno::EINVAL, "request past the end of the export");
+        // As qemu-nbd: writes past the end have no space, the rest are
+        // invalid.
+        let code = if matches!(request.kind, cmd::WRITE | cmd::WRITE_ZEROES) {
+            errno::ENOSPC
+        } else {
+            errno::EINVAL
+        };
+        return fail(code, "request past the end of the export");
     }
     let fua = |done: qcow::Result<()>| {
         done.and_then(|()| {
@@ -266,6 +296,14 @@ fn answer(
             }
         }
         cmd::WRITE_ZEROES => {
+            // FAST_ZERO: only whole clusters are zeroed fast (in their
+            // entries); anything else would write zeros, so refuse it.
+            let fast = device.cluster_size().is_some_and(|cs| {
+                request.offset % cs == 0 && (len % cs == 0 || request.offset + len == size)
+            });
+            if request.flags & cmd_flag::FAST_ZERO != 0 && !fast {
+                return fail(errno::ENOTSUP, "zeroing this range would not be fast");
+            }
             let unmap = request.flags & cmd_flag::NO_HOLE == 0 && export.discard;
             fua(device.write_zeroes(request.offset, len, unmap))
         }

@@ -443,8 +443,9 @@ fn hostile_clients_get_errors_and_the_server_survives() {
     assert_eq!(c.reply(0), EINVAL);
     c.request(0, 1 << 9, 0, 512, &[]);
     assert_eq!(c.reply(512), EINVAL);
+    // A write past the end has no space (qemu-nbd's answer).
     c.request(1, 0, 4 << 20, 4, &[1, 2, 3, 4]);
-    assert_eq!(c.reply(0), EINVAL);
+    assert_eq!(c.reply(0), 28);
     // Block status without structured replies.
     c.request(7, 0, 0, 4096, &[]);
     assert_eq!(c.reply(0), EINVAL);

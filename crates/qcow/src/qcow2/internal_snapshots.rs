@@ -492,10 +492,9 @@ impl Qcow2Image {
             else {
                 continue;
             };
-            if entry & OFLAG_COPIED == 0 {
-                // Already shared: its entries carry no flags to clear.
-                continue;
-            }
+            // Every table, also one already shared: a damaged image may
+            // carry OFLAG_COPIED where it should not, and after the
+            // snapshot no entry may keep it.
             let table = self.l2_table(index, l2_offset)?;
             let mut changed = false;
             for word in table.iter().step_by(words) {
