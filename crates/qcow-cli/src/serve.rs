@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use qcow::{BlockDevice, Image};
-use qcow_nbd::{DirtyRanges, Export, Listener, ServerOptions};
+use qcow_nbd::{DetectZeroes, DirtyRanges, Export, Listener, ServerOptions};
 
 use crate::open::{OpenFlags, open_options};
 
@@ -94,7 +94,8 @@ pub(crate) struct ServeArgs {
     /// Discards: `ignore` (default) or `unmap` (passed to the image).
     #[arg(long, value_name = "MODE", default_value = "ignore")]
     discard: String,
-    /// Zero detection (accepted for compatibility with qemu-nbd).
+    /// Writes of zeros become zero writes: `off` (default), `on`, or
+    /// `unmap` (releasing space, with `--discard=unmap`).
     #[arg(long = "detect-zeroes", value_name = "MODE")]
     detect_zeroes: Option<String>,
     #[command(flatten)]
@@ -113,11 +114,12 @@ pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
         "unmap" | "on" => true,
         other => bail!("Invalid discard option '{other}'"),
     };
-    if let Some(mode) = &args.detect_zeroes {
-        if !["off", "on", "unmap"].contains(&mode.as_str()) {
-            bail!("Invalid detect-zeroes option '{mode}'");
-        }
-    }
+    let detect_zeroes = match args.detect_zeroes.as_deref() {
+        None | Some("off") => DetectZeroes::Off,
+        Some("on") => DetectZeroes::On,
+        Some("unmap") => DetectZeroes::Unmap,
+        Some(mode) => bail!("Invalid detect-zeroes option '{mode}'"),
+    };
     let snapshot = args.snapshot.as_deref().map(|s| {
         s.strip_prefix("snapshot.name=")
             .or_else(|| s.strip_prefix("snapshot.id="))
@@ -171,6 +173,7 @@ pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
         .read_only(read_only)
         .discard(discard)
         .allocation_depth(args.allocation_depth)
+        .detect_zeroes(detect_zeroes)
         .multi_conn(args.shared > 1);
     if let Some((name, ranges)) = bitmap {
         export = export.bitmap(&name, ranges);

@@ -33,6 +33,8 @@ pub struct Export {
     pub bitmap: Option<(String, DirtyRanges)>,
     /// Export `qemu:allocation-depth` (qemu-nbd's `-A`).
     pub allocation_depth: bool,
+    /// Turn writes of zeros into zero writes (qemu-nbd's `--detect-zeroes`).
+    pub detect_zeroes: DetectZeroes,
     /// Advertise that several connections see one consistent disk (a
     /// flush on one makes every acknowledged write durable, as it does
     /// here, where every connection shares one device). qemu-nbd
@@ -52,6 +54,7 @@ impl Export {
             discard: false,
             bitmap: None,
             allocation_depth: false,
+            detect_zeroes: DetectZeroes::Off,
             multi_conn: false,
         }
     }
@@ -84,6 +87,12 @@ impl Export {
     /// Sets [`Export::multi_conn`].
     pub fn multi_conn(mut self, on: bool) -> Self {
         self.multi_conn = on;
+        self
+    }
+
+    /// Sets [`Export::detect_zeroes`].
+    pub fn detect_zeroes(mut self, mode: DetectZeroes) -> Self {
+        self.detect_zeroes = mode;
         self
     }
 
@@ -220,6 +229,18 @@ impl std::fmt::Debug for DirtyRanges {
             DirtyRanges::Live(_) => f.write_str("Live"),
         }
     }
+}
+
+/// What writes of zeros become (qemu-nbd's `--detect-zeroes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Written as they come.
+    Off,
+    /// Written as zero writes that keep the space.
+    On,
+    /// Written as zero writes that may release the space (with discards
+    /// passed on).
+    Unmap,
 }
 
 /// `base:allocation` flags of an extent.

@@ -31,5 +31,5 @@ pub mod protocol;
 pub mod server;
 pub mod transmission;
 
-pub use export::{Context, DirtyRanges, Export};
+pub use export::{Context, DetectZeroes, DirtyRanges, Export};
 pub use server::{Listener, ServerOptions, serve};

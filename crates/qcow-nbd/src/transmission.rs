@@ -9,7 +9,7 @@ use std::sync::{Mutex, PoisonError};
 
 use qcow::ErrorKind;
 
-use crate::export::Context;
+use crate::export::{Context, DetectZeroes};
 use crate::handshake::Negotiated;
 use crate::protocol::{
     MAX_BUFFER, Request, RequestError, chunk, chunk_header, cmd, cmd_flag, errno, extended_header,
@@ -183,6 +183,16 @@ fn read_request(
     Ok((request, payload))
 }
 
+/// Whether `data` is all zeros.
+fn is_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    words
+        .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .all(|w| w == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
 /// The NBD error for an engine error.
 fn errno_of(error: &qcow::Error) -> u32 {
     match error.kind() {
@@ -285,6 +295,10 @@ fn answer(
                 Ok(()) => send_data(negotiated, request, &data, writer),
                 Err(e) => fail(errno_of(&e), &e.to_string()),
             };
+        }
+        cmd::WRITE if export.detect_zeroes != DetectZeroes::Off && is_zero(payload) => {
+            let unmap = export.detect_zeroes == DetectZeroes::Unmap && export.discard;
+            fua(device.write_zeroes(request.offset, len, unmap))
         }
         cmd::WRITE => fua(device.write_at(payload, request.offset)),
         cmd::FLUSH => device.flush(),

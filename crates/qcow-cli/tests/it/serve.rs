@@ -964,3 +964,57 @@ fn snapshots_names_and_server_lifetimes_as_qemu_nbd() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn detect_zeroes_lays_out_writes_of_zeros_as_qemu_nbd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("z.sock");
+    for mode in ["off", "on", "unmap"] {
+        let mut maps = Vec::new();
+        for program in ["qcow", "qemu-nbd"] {
+            let image = dir.path().join(format!("{program}-{mode}.qcow2"));
+            assert!(
+                qemu_img(&["create", "-q", "-f", "qcow2", p(&image), "4M"])
+                    .status
+                    .success()
+            );
+            qemu_io(&image, &["write -P 5 0 1M"]);
+            let detect = format!("--detect-zeroes={mode}");
+            let flags = ["-t", "--discard=unmap", detect.as_str(), "-k", p(&socket)];
+            let mut server = if program == "qemu-nbd" {
+                let mut args = vec!["-f", "qcow2"];
+                args.extend(flags);
+                args.push(p(&image));
+                Server::start("qemu-nbd", &args, Some(&socket), None)
+            } else {
+                let mut args = vec!["serve"];
+                args.extend(flags);
+                args.push(p(&image));
+                Server::qcow(&args, Some(&socket), None)
+            };
+            let out = Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 0 0 512k",
+                    "-c",
+                    "write -P 0 2M 256k",
+                ])
+                .arg(server.uri())
+                .output()
+                .expect("qemu-io");
+            assert!(out.status.success());
+            server.stop();
+            super::assert_check_clean(&image);
+            let map = stdout(&qemu_img(&["map", "--output=json", p(&image)]));
+            // Host offsets are each writer's own.
+            let layout: Vec<String> = map
+                .lines()
+                .map(|l| l.split("\"offset\"").next().unwrap_or(l).to_owned())
+                .collect();
+            maps.push(layout);
+        }
+        assert_eq!(maps[0], maps[1], "--detect-zeroes={mode}");
+    }
+}
