@@ -228,31 +228,28 @@ pub enum RequestError {
 impl Request {
     /// Parses a request header.
     pub fn parse(bytes: &[u8; 28]) -> Result<Request, RequestError> {
-        let magic = u32::from_be_bytes(array(&bytes[0..4]));
-        if magic != REQUEST_MAGIC {
-            return Err(RequestError::Magic(magic));
-        }
-        Ok(Request {
-            flags: u16::from_be_bytes(array(&bytes[4..6])),
-            kind: u16::from_be_bytes(array(&bytes[6..8])),
-            cookie: u64::from_be_bytes(array(&bytes[8..16])),
-            offset: u64::from_be_bytes(array(&bytes[16..24])),
-            len: u64::from(u32::from_be_bytes(array(&bytes[24..28]))),
-        })
+        let len = u64::from(u32::from_be_bytes(array(&bytes[24..28])));
+        Request::parse_fields(bytes, REQUEST_MAGIC, len)
     }
 
     /// Parses an extended request header.
     pub fn parse_extended(bytes: &[u8; 32]) -> Result<Request, RequestError> {
-        let magic = u32::from_be_bytes(array(&bytes[0..4]));
-        if magic != EXTENDED_REQUEST_MAGIC {
-            return Err(RequestError::Magic(magic));
+        let len = u64::from_be_bytes(array(&bytes[24..32]));
+        Request::parse_fields(bytes, EXTENDED_REQUEST_MAGIC, len)
+    }
+
+    /// The fields both header forms share, after a magic of `magic`.
+    fn parse_fields(bytes: &[u8], magic: u32, len: u64) -> Result<Request, RequestError> {
+        let found = u32::from_be_bytes(array(&bytes[0..4]));
+        if found != magic {
+            return Err(RequestError::Magic(found));
         }
         Ok(Request {
             flags: u16::from_be_bytes(array(&bytes[4..6])),
             kind: u16::from_be_bytes(array(&bytes[6..8])),
             cookie: u64::from_be_bytes(array(&bytes[8..16])),
             offset: u64::from_be_bytes(array(&bytes[16..24])),
-            len: u64::from_be_bytes(array(&bytes[24..32])),
+            len,
         })
     }
 

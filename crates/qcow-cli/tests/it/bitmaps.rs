@@ -240,24 +240,31 @@ fn bitmaps_qemu_refuses_are_refused_in_its_words() {
     assert_eq!(listed(&ours), listed(&theirs));
 }
 
+/// A big-endian field of an image's bytes.
+fn be(b: &[u8], at: usize, len: usize) -> usize {
+    b[at..at + len]
+        .iter()
+        .fold(0, |v, &x| v << 8 | usize::from(x))
+}
+
+/// Where the bitmap directory of an image's bytes starts.
+fn bitmap_directory(b: &[u8]) -> usize {
+    let mut at = be(b, 100, 4);
+    loop {
+        let (kind, len) = (be(b, at, 4), be(b, at + 4, 4));
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            return be(b, at + 8 + 16, 8);
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
 /// Sets the in-use flag of the first bitmap (as a crash of its writer
 /// leaves it).
 fn mark_first_bitmap_in_use(path: &Path) {
     let mut b = std::fs::read(path).expect("read");
-    let be32 =
-        |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4")) as usize;
-    let be64 =
-        |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8")) as usize;
-    let mut at = be32(&b, 100);
-    loop {
-        let (kind, len) = (be32(&b, at), be32(&b, at + 4));
-        assert_ne!(kind, 0, "no bitmaps extension");
-        if kind == 0x2385_2875 {
-            break;
-        }
-        at += 8 + len.next_multiple_of(8);
-    }
-    let directory = be64(&b, at + 8 + 16);
+    let directory = bitmap_directory(&b);
     b[directory + 15] |= 1;
     std::fs::write(path, &b).expect("write");
 }
@@ -406,20 +413,12 @@ fn check_counts_bitmap_clusters_as_qemu_img() {
 /// cluster leaks).
 fn clear_first_bitmap_table_entry(path: &Path) {
     let mut b = std::fs::read(path).expect("read");
-    let be32 =
-        |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4")) as usize;
-    let be64 =
-        |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8")) as usize;
-    let mut at = be32(&b, 100);
-    while be32(&b, at) != 0x2385_2875 {
-        at += 8 + be32(&b, at + 4).next_multiple_of(8);
-    }
-    let directory = be64(&b, at + 8 + 16);
-    let table = be64(&b, directory);
-    let size = be32(&b, directory + 8);
+    let directory = bitmap_directory(&b);
+    let table = be(&b, directory, 8);
+    let size = be(&b, directory + 8, 4);
     let entry = (0..size)
         .map(|i| table + 8 * i)
-        .find(|&e| be64(&b, e) != 0)
+        .find(|&e| be(&b, e, 8) != 0)
         .expect("a data cluster");
     b[entry..entry + 8].fill(0);
     std::fs::write(path, &b).expect("write");
@@ -558,15 +557,7 @@ fn a_bitmap_too_large_for_qemu_is_refused_before_anything_is_allocated() {
             .success()
     );
     let mut b = std::fs::read(&path).expect("read");
-    let be32 =
-        |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4")) as usize;
-    let be64 =
-        |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8")) as usize;
-    let mut at = be32(&b, 100);
-    while be32(&b, at) != 0x2385_2875 {
-        at += 8 + be32(&b, at + 4).next_multiple_of(8);
-    }
-    let directory = be64(&b, at + 8 + 16);
+    let directory = bitmap_directory(&b);
     assert_eq!(b[directory + 17], 20);
     b[directory + 17] = 9;
     std::fs::write(&path, &b).expect("write");

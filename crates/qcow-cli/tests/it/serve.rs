@@ -71,6 +71,23 @@ impl Server {
         Server::start(env!("CARGO_BIN_EXE_qcow"), args, socket, port)
     }
 
+    /// `qcow serve FLAGS IMAGE`, or `qemu-nbd -f qcow2 FLAGS IMAGE`, on the
+    /// Unix socket `socket` (which `flags` name).
+    fn either(program: &str, flags: &[&str], image: &Path, socket: &Path) -> Server {
+        let mut args = if program == "qemu-nbd" {
+            vec!["-f", "qcow2"]
+        } else {
+            vec!["serve"]
+        };
+        args.extend(flags);
+        args.push(p(image));
+        if program == "qemu-nbd" {
+            Server::start("qemu-nbd", &args, Some(socket), None)
+        } else {
+            Server::qcow(&args, Some(socket), None)
+        }
+    }
+
     /// Sends SIGTERM and waits; returns the exit code and standard error.
     fn stop(&mut self) -> (Option<i32>, String) {
         let Some(mut child) = self.child.take() else {
@@ -603,19 +620,9 @@ fn exports_list_as_qemu_nbd_lists_its_own() {
         &["-x", "writable"][..],
     ] {
         let list = |program: &str| {
-            let mut args: Vec<&str> = if program == "qemu-nbd" {
-                vec!["-f", "qcow2"]
-            } else {
-                vec!["serve"]
-            };
-            args.extend(["-t", "-k", p(&socket)]);
-            args.extend(extra);
-            args.push(p(&image));
-            let mut server = if program == "qemu-nbd" {
-                Server::start("qemu-nbd", &args, Some(&socket), None)
-            } else {
-                Server::qcow(&args, Some(&socket), None)
-            };
+            let mut flags = vec!["-t", "-k", p(&socket)];
+            flags.extend(extra);
+            let mut server = Server::either(program, &flags, &image, &socket);
             let out = Command::new("qemu-nbd")
                 .args(["-L", "-k", p(&socket)])
                 .output()
@@ -712,17 +719,7 @@ fn libnbd_clients_see_what_they_see_of_qemu_nbd() {
     // Reading: nbdinfo's description and maps of every context.
     let view = |program: &str| -> Vec<String> {
         let flags = ["-r", "-t", "-A", "-B", "bm", "-k", p(&socket)];
-        let mut server = if program == "qemu-nbd" {
-            let mut args = vec!["-f", "qcow2"];
-            args.extend(flags);
-            args.push(p(&top));
-            Server::start("qemu-nbd", &args, Some(&socket), None)
-        } else {
-            let mut args = vec!["serve"];
-            args.extend(flags);
-            args.push(p(&top));
-            Server::qcow(&args, Some(&socket), None)
-        };
+        let mut server = Server::either(program, &flags, &top, &socket);
         let mut seen = vec![
             libnbd("nbdinfo", &[&uri]),
             libnbd("nbdinfo", &["--list", &uri]),
@@ -755,17 +752,7 @@ fn libnbd_clients_see_what_they_see_of_qemu_nbd() {
         let image = dir.path().join(format!("{program}.qcow2"));
         std::fs::copy(&top, &image).expect("copy");
         let flags = ["-t", "--discard=unmap", "-k", p(&socket)];
-        let mut server = if program == "qemu-nbd" {
-            let mut args = vec!["-f", "qcow2"];
-            args.extend(flags);
-            args.push(p(&image));
-            Server::start("qemu-nbd", &args, Some(&socket), None)
-        } else {
-            let mut args = vec!["serve"];
-            args.extend(flags);
-            args.push(p(&image));
-            Server::qcow(&args, Some(&socket), None)
-        };
+        let mut server = Server::either(program, &flags, &image, &socket);
         let out = libnbd("nbdsh", &["-u", &uri, "-c", NBDSH_SCRIPT]);
         // nbdcopy into the export: a raw file's bytes land at offset 0.
         let source = dir.path().join("source.raw");
@@ -802,29 +789,8 @@ fn a_writable_export_shows_its_bitmap_as_it_changes_as_qemu_nbd_does() {
                 .status
                 .success()
         );
-        let mut server = if program == "qemu-nbd" {
-            Server::start(
-                "qemu-nbd",
-                &[
-                    "-f",
-                    "qcow2",
-                    "-t",
-                    "-B",
-                    "live",
-                    "-k",
-                    p(&socket),
-                    p(&image),
-                ],
-                Some(&socket),
-                None,
-            )
-        } else {
-            Server::qcow(
-                &["serve", "-t", "-B", "live", "-k", p(&socket), p(&image)],
-                Some(&socket),
-                None,
-            )
-        };
+        let flags = ["-t", "-B", "live", "-k", p(&socket)];
+        let mut server = Server::either(program, &flags, &image, &socket);
         let before = libnbd("nbdinfo", &["--map=qemu:dirty-bitmap:live", &uri]);
         let out = Command::new("qemu-io")
             .args([
@@ -981,17 +947,7 @@ fn detect_zeroes_lays_out_writes_of_zeros_as_qemu_nbd() {
             qemu_io(&image, &["write -P 5 0 1M"]);
             let detect = format!("--detect-zeroes={mode}");
             let flags = ["-t", "--discard=unmap", detect.as_str(), "-k", p(&socket)];
-            let mut server = if program == "qemu-nbd" {
-                let mut args = vec!["-f", "qcow2"];
-                args.extend(flags);
-                args.push(p(&image));
-                Server::start("qemu-nbd", &args, Some(&socket), None)
-            } else {
-                let mut args = vec!["serve"];
-                args.extend(flags);
-                args.push(p(&image));
-                Server::qcow(&args, Some(&socket), None)
-            };
+            let mut server = Server::either(program, &flags, &image, &socket);
             let out = Command::new("qemu-io")
                 .args([
                     "-f",

@@ -383,30 +383,14 @@ impl Qcow2Image {
         let cluster_size = self.header.cluster_size();
         // Bounded by the checks above (at most MAX_BITMAP_BYTES of bits).
         let bits = Bits::new(self.virtual_size, entry.granularity_bits);
-        let expected = u64::from(entry.table_size);
-        let table_bytes = expected * 8;
-        // Bounded by the disk size: one entry per cluster of bitmap data.
-        let mut table = vec![0u8; table_bytes as usize];
-        self.file
-            .read_at(&mut table, entry.table_offset)
-            .map_err(|e| Error::io(&self.name, "reading a bitmap table", entry.table_offset, e))?;
         let mut data = vec![0u8; cluster_size as usize];
-        for (chunk, raw) in table.chunks_exact(8).enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(raw);
-            let value = u64::from_be_bytes(b);
-            let host = value & TABLE_ENTRY_OFFSET_MASK;
-            if value & TABLE_ENTRY_RESERVED_MASK != 0
-                || (host != 0 && value & TABLE_ENTRY_ALL_ONES != 0)
-                || host % cluster_size != 0
-                || host.saturating_add(cluster_size)
-                    > self.file_len().next_multiple_of(cluster_size)
-            {
+        for (chunk, value) in self.read_bitmap_table(entry)?.into_iter().enumerate() {
+            let Some(host) = self.bitmap_data_cluster(value) else {
                 return Err(self.bitmap_corrupt(
                     entry,
                     format!("its table entry {chunk} ({value:#x}) is invalid"),
                 ));
-            }
+            };
             if host != 0 {
                 self.file
                     .read_at(&mut data, host)
@@ -417,6 +401,29 @@ impl Qcow2Image {
             }
         }
         Ok(bits)
+    }
+
+    /// The table of `entry` (its place checked by the caller: at most
+    /// [`MAX_BITMAP_BYTES`] of bits, so a bounded number of entries).
+    fn read_bitmap_table(&self, entry: &BitmapEntry) -> Result<Vec<u64>> {
+        let mut table = vec![0u8; entry.table_size as usize * 8];
+        self.file
+            .read_at(&mut table, entry.table_offset)
+            .map_err(|e| Error::io(&self.name, "reading a bitmap table", entry.table_offset, e))?;
+        Ok(super::decode_be_words(&table))
+    }
+
+    /// The data cluster a bitmap table entry names (0: none, the chunk is
+    /// all zeros or, with the all-ones flag, all ones); `None` for an
+    /// entry that cannot be one of this image's.
+    fn bitmap_data_cluster(&self, value: u64) -> Option<u64> {
+        let cluster_size = self.header.cluster_size();
+        let host = value & TABLE_ENTRY_OFFSET_MASK;
+        let valid = value & TABLE_ENTRY_RESERVED_MASK == 0
+            && (host == 0 || value & TABLE_ENTRY_ALL_ONES == 0)
+            && host % cluster_size == 0
+            && host.saturating_add(cluster_size) <= self.file_len().next_multiple_of(cluster_size);
+        valid.then_some(host)
     }
 
     /// Refuses a directory entry QEMU would not load (its
@@ -707,25 +714,15 @@ impl Qcow2Image {
                 continue;
             }
             // Bounded: tables were validated when loaded or written here.
-            let mut table = vec![0u8; len as usize];
-            self.file
-                .read_at(&mut table, entry.table_offset)
-                .map_err(|e| {
-                    Error::io(&self.name, "reading a bitmap table", entry.table_offset, e)
-                })?;
+            let table = self.read_bitmap_table(entry)?;
             let mut meta = self.lock_meta()?;
-            for raw in table.chunks_exact(8) {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(raw);
-                let value = u64::from_be_bytes(b);
-                let host = value & TABLE_ENTRY_OFFSET_MASK;
-                // An entry that cannot be a data cluster of this image is
-                // left alone: leaking is the safe side.
-                let valid = value & TABLE_ENTRY_RESERVED_MASK == 0
-                    && host % cluster_size == 0
-                    && host.saturating_add(cluster_size)
-                        <= self.file_len().next_multiple_of(cluster_size);
-                if host != 0 && valid {
+            // An entry that cannot be a data cluster of this image is left
+            // alone: leaking is the safe side.
+            for host in table
+                .into_iter()
+                .filter_map(|v| self.bitmap_data_cluster(v))
+            {
+                if host != 0 {
                     meta.change_refcount(host >> bits, -1)?;
                 }
             }
