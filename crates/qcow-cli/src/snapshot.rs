@@ -148,6 +148,8 @@ fn cause(error: &qcow::Error) -> String {
         qcow::Error::Unsupported { .. } => "Operation not supported".into(),
         qcow::Error::NoSpace { .. } => "File too large".into(),
         qcow::Error::RefcountOverflow { .. } => "Invalid argument".into(),
+        // The system's words alone, as qemu-img gives them.
+        qcow::Error::Io { source, .. } => crate::describe(&anyhow::anyhow!("{source}")),
         other => {
             let mut text = other.to_string();
             let mut source = std::error::Error::source(other);

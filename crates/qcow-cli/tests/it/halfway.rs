@@ -280,6 +280,22 @@ fn a_file_size_limit_fails_writes_as_it_fails_qemu_img_and_harms_nothing() {
         );
     }
 
+    // A snapshot or a bitmap that cannot be stored: refused as qemu-img
+    // refuses it, the image clean and without it.
+    for args in [
+        &["snapshot", "-c", "s", "img.qcow2"][..],
+        &["bitmap", "--add", "img.qcow2", "b"][..],
+    ] {
+        let run = Limited::run(32 << 10, |d| full_image(d, "img.qcow2"), args);
+        assert_check_clean(&run.ours("img.qcow2"));
+        let info = qemu_img(&["info", "--output=json", p(&run.ours("img.qcow2"))]);
+        let text = String::from_utf8_lossy(&info.stdout);
+        assert!(
+            !text.contains("\"snapshots\"") && !text.contains("\"bitmaps\""),
+            "{args:?}: {text}"
+        );
+    }
+
     // rebase onto an empty image: FILE must take in all of its old backing
     // file's data, and cannot. It keeps its backing file and guest view.
     let chain = |d: &Path| {

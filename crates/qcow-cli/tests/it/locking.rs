@@ -143,6 +143,18 @@ fn qcow_refuses_images_qemu_io_writes() {
     assert_lock_refused(&amend, "Failed to get \"write\" lock", &img);
     let bench = qcow(&["bench", "-w", "-c", "10", p(&img)]);
     assert_lock_refused(&bench, "Failed to get \"write\" lock", &img);
+    // The commands of snapshots, bitmaps and serving write too.
+    let socket = dir.path().join("held.sock");
+    for args in [
+        vec!["snapshot", "-c", "s", p(&img)],
+        vec!["snapshot", "-d", "s", p(&img)],
+        vec!["bitmap", "--add", p(&img), "b"],
+        vec!["serve", "-k", p(&socket), p(&img)],
+    ] {
+        let out = qcow(&args);
+        assert_lock_refused(&out, "Failed to get \"write\" lock", &img);
+    }
+    assert!(!socket.exists(), "serve listened on a held image");
     for args in [
         vec!["check", p(&img)],
         vec!["info", p(&img)],
