@@ -102,6 +102,14 @@ pub struct Qcow2Image {
     snapshot: Option<String>,
 }
 
+/// A number no other image of this process has had: the key of per-thread
+/// memos of an image's tables, renewed whenever its table cache is replaced
+/// (a new cache counts its generations from the start again).
+pub(super) fn fresh_image_id() -> u64 {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 impl Qcow2Image {
     /// Opens the QCOW2 image in `file`; `name` is used in messages.
     ///
@@ -170,9 +178,8 @@ impl Qcow2Image {
             (allocated_tables.max(1) << header.cluster_bits).min(DEFAULT_MAX_CACHE_BYTES)
         });
         let data = (!header.has_data_file()).then(|| file.clone());
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut image = Qcow2Image {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id: fresh_image_id(),
             name: name.to_owned(),
             virtual_size: header.virtual_size,
             l2: l2_tables::L2Tables::new(

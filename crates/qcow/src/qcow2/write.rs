@@ -199,6 +199,8 @@ impl Qcow2Image {
             cluster_size,
             refcounts.clone(),
         );
+        // Tables remembered by threads came from the old cache.
+        self.id = super::fresh_image_id();
         let reftable: Vec<u64> = self
             .stored_reftable()?
             .into_iter()

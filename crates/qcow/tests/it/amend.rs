@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use qcow::{AmendOptions, Qcow2Image};
+use qcow::{AmendOptions, BlockDevice, Qcow2Image};
 use qcow_io::{FaultyStorage, LoggedOp, Storage};
 
 use crate::common::qemu_raw;
@@ -154,4 +154,30 @@ fn every_crash_point_of_an_amend_leaves_a_consistent_image_that_reads_as_before(
             }
         }
     }
+}
+
+/// A read remembers the last L2 table it used (per thread). A refcount
+/// width change starts the table cache anew: a later write that fills a
+/// new entry of the same table must be seen by the next read, not hidden
+/// by the remembered copy of the table from before the change.
+#[test]
+fn reads_after_a_refcount_width_change_see_later_writes() {
+    let file: Arc<dyn Storage> = Arc::new(qcow_io::MemStorage::new());
+    let mut image = Qcow2Image::create_writable("mem", file, &qcow::CreateOptions::new(1 << 20))
+        .expect("create");
+    let cs = image.cluster_size().expect("qcow2 has clusters");
+    image.write_at(&vec![1u8; cs as usize], 0).expect("write");
+    let mut buf = vec![0u8; cs as usize];
+    image.read_at(&mut buf, 0).expect("read");
+    assert!(buf.iter().all(|&b| b == 1));
+    let mut options = AmendOptions::new();
+    options.refcount_bits = Some(8);
+    image.amend(&options).expect("amend");
+    image.write_at(&vec![2u8; cs as usize], cs).expect("write");
+    image.read_at(&mut buf, cs).expect("read");
+    assert!(
+        buf.iter().all(|&b| b == 2),
+        "the second cluster reads as {:?}, not as written",
+        &buf[..4]
+    );
 }
