@@ -103,7 +103,7 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
     let mut chain_options = options.clone();
     chain_options.writable = !keep;
     chain_options.writable_backing = Some(depth);
-    let chain = qcow::open(&file, &chain_options)?;
+    let mut chain = qcow::open(&file, &chain_options)?;
     let mut base: &dyn BlockDevice = &chain;
     for _ in 0..depth {
         base = base.backing().context("the backing chain changed")?;
@@ -118,7 +118,7 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
     base.flush()?;
     if !keep {
         // Formats that cannot be emptied keep their data, as with qemu-img.
-        if let Image::Qcow2(image) = &chain {
+        if let Image::Qcow2(image) = &mut chain {
             image.make_empty()?;
         }
     }

@@ -28,6 +28,7 @@ mod check_snapshots;
 mod compressed_write;
 mod create;
 mod dirty_bitmaps;
+mod emptying;
 mod entry_seq;
 mod flush;
 mod internal_snapshots;

@@ -1,7 +1,6 @@
 //! Zeroing and discarding: whole clusters get the zero flag (or become
 //! unallocated) and give their space back; partial clusters are written
-//! with zeros. Emptying the whole image (after a commit) makes every
-//! cluster unallocated.
+//! with zeros.
 
 use std::sync::atomic::Ordering;
 
@@ -20,27 +19,6 @@ impl Qcow2Image {
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
         let result = self.recorded(offset, len, || self.zero_range(offset, len, unmap));
-        self.guard(result)
-    }
-
-    /// Empties the image: every cluster becomes unallocated (the backing
-    /// file shows through again) and its space is released, as QEMU's
-    /// `make_empty` does after a commit. The file keeps its length.
-    pub fn make_empty(&self) -> Result<()> {
-        self.check_writable()?;
-        let per_table = self.header.bytes_per_l2_table();
-        let result = (0..self.l1.len() as u64)
-            .filter(|&i| self.l1_entry(i) & OFFSET_MASK != 0)
-            .try_for_each(|i| {
-                let start = i * per_table;
-                if start >= self.virtual_size {
-                    return Ok(());
-                }
-                let len = per_table.min(self.virtual_size - start);
-                self.recorded(start, len, || {
-                    self.for_cluster_spans(start, len, |guest, _, _| self.deallocate(guest))
-                })
-            });
         self.guard(result)
     }
 
@@ -125,7 +103,7 @@ impl Qcow2Image {
     /// Calls `f(guest, len, whole_cluster)` for each cluster-bounded span of
     /// the range. The disk's last cluster counts as whole when the range
     /// covers it to the end of the disk.
-    fn for_cluster_spans(
+    pub(super) fn for_cluster_spans(
         &self,
         offset: u64,
         len: u64,

@@ -8,6 +8,7 @@ mod concurrency;
 mod copy;
 mod crash;
 mod embedding;
+mod emptying;
 mod fixtures;
 mod fuzz_seeds;
 mod internal_snapshots;
