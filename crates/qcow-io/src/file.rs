@@ -228,6 +228,20 @@ impl Storage for FileStorage {
         done.map_err(io::Error::from)
     }
 
+    /// Punches a hole (`FALLOC_FL_PUNCH_HOLE`, the length kept). A file
+    /// system that cannot punch holes keeps the bytes: a discard is
+    /// advice.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        let done = fallocate(&self.file, flags, offset, len);
+        self.extents.invalidate();
+        match done {
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+            other => other.map_err(io::Error::from),
+        }
+    }
+
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         use std::os::unix::fs::MetadataExt;
         Ok(Some(self.file.metadata()?.blocks() * 512))

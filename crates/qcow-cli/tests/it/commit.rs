@@ -145,6 +145,45 @@ fn commits_leave_every_layer_as_qemu_img_leaves_it() {
     }
 }
 
+/// A version 2 top cannot be rebuilt empty: its clusters are deallocated in
+/// place, and their space goes back to the file system, as with qemu-img.
+#[test]
+fn a_version_2_top_is_emptied_in_place_as_qemu_img_empties_it() {
+    use std::os::unix::fs::MetadataExt;
+    let mut used = Vec::new();
+    for program in [env!("CARGO_BIN_EXE_qcow"), "qemu-img"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+        for (path, backing) in [(&base, None), (&top, Some("base.qcow2"))] {
+            let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "compat=0.10"];
+            if let Some(b) = backing {
+                args.extend(["-b", b, "-F", "qcow2"]);
+            }
+            args.extend([p(path), "64M"]);
+            let out = qemu_img(&args);
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+        qemu_io(&base, &["write -P 1 0 8M"]);
+        qemu_io(&top, &["write -P 2 4M 8M", "write -P 3 40M 100k"]);
+        let before = view(&top);
+        let out = Command::new(program)
+            .args(["commit", "-q", p(&top)])
+            .output()
+            .expect("commit");
+        assert!(out.status.success(), "{program}: {}", stderr(&out));
+        assert!(view(&top) == before, "{program}: the view changed");
+        assert_check_clean(&top);
+        let meta = std::fs::metadata(&top).expect("top");
+        used.push((meta.len(), meta.blocks() * 512));
+    }
+    let ((len, ours), (their_len, theirs)) = (used[0], used[1]);
+    assert_eq!(len, their_len, "file length");
+    assert!(
+        ours.abs_diff(theirs) <= 64 << 10,
+        "{ours} bytes used by qcow's top, {theirs} by qemu-img's"
+    );
+}
+
 #[test]
 fn commits_qemu_img_refuses_are_refused_alike() {
     let dir = tempfile::tempdir().expect("tempdir");

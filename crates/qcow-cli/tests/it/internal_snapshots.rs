@@ -143,6 +143,17 @@ fn create_list_apply_delete_as_qemu_img() {
             v["allocated-clusters"].as_u64()
         };
         assert_eq!(info(&ours), info(&theirs), "{options:?}");
+        // And their space went back to the file system, as with qemu-img.
+        let used = |path: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path).expect("metadata").blocks() * 512
+        };
+        assert!(
+            used(&ours).abs_diff(used(&theirs)) <= 64 << 10,
+            "{options:?}: {} bytes used, qemu-img's image {}",
+            used(&ours),
+            used(&theirs)
+        );
     }
 }
 

@@ -509,6 +509,36 @@ impl Allocation<'_> {
         self.alloc.flush_refcounts()
     }
 
+    /// Gives the space of every cluster in the file with no references
+    /// back to the file system (a hole each run), as QEMU passes on the
+    /// discards of clusters a commit or a snapshot deletion frees. Freed
+    /// clusters still pending release are not free yet: flush first.
+    pub(super) fn punch_free_clusters(&self) -> Result<()> {
+        let bits = self.alloc.cluster_bits;
+        let punch = |start: u64, end: u64| {
+            let (at, len) = (start << bits, (end - start) << bits);
+            self.alloc
+                .file
+                .discard(at, len)
+                .map_err(|e| Error::io(&self.alloc.name, "discarding freed clusters", at, e))
+        };
+        let mut run: Option<u64> = None;
+        for cluster in 0..self.meta.end {
+            match (self.refcount(cluster)? == 0, run) {
+                (true, None) => run = Some(cluster),
+                (false, Some(start)) => {
+                    punch(start, cluster)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            punch(start, self.meta.end)?;
+        }
+        Ok(())
+    }
+
     /// Drops the refcount blocks that count nothing but themselves (after
     /// a shrink freed what they counted), as QEMU's `qcow2_shrink_reftable`
     /// does: their table entries are cleared on disk first, then they are

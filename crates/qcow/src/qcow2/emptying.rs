@@ -63,7 +63,10 @@ impl Qcow2Image {
                 self.recorded(start, len, || {
                     self.for_cluster_spans(start, len, |guest, _, _| self.deallocate(guest))
                 })
-            });
+            })
+            // The freed space goes back to the file system, as with QEMU.
+            .and_then(|()| self.flush_metadata())
+            .and_then(|()| self.lock_meta()?.punch_free_clusters());
         self.guard(result)
     }
 

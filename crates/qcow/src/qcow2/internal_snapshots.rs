@@ -198,7 +198,10 @@ impl Qcow2Image {
             }
             image.flush()?;
             image.set_active_copied_flags()?;
-            image.flush()
+            image.flush()?;
+            // What only the snapshot kept goes back to the file system, as
+            // QEMU passes on the discards of a snapshot's clusters.
+            image.lock_meta()?.punch_free_clusters()
         })
     }
 
@@ -247,7 +250,10 @@ impl Qcow2Image {
             }
             image.flush()?;
             image.set_active_copied_flags()?;
-            image.flush()
+            image.flush()?;
+            // What only the snapshot kept goes back to the file system, as
+            // QEMU passes on the discards of a snapshot's clusters.
+            image.lock_meta()?.punch_free_clusters()
         })
     }
 
