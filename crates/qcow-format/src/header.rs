@@ -39,6 +39,9 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Autoclear feature bit 1: the external data file is a valid raw image.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+/// Every autoclear feature bit this implementation knows; a writer clears
+/// the others (the specification's rule for autoclear bits).
+pub const AUTOCLEAR_KNOWN: u64 = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
 
 /// Length of the version 2 header.
 pub const V2_HEADER_LEN: u32 = 72;

@@ -297,6 +297,11 @@ impl Qcow2Image {
         log: &mut dyn FnMut(&str),
     ) -> Result<CheckReport> {
         let repair = options.repair;
+        if repair != Repair::None {
+            // A repair writes the image: as any writer, it clears the
+            // autoclear bits it does not know first.
+            self.clear_unknown_autoclear()?;
+        }
         let window = options.max_memory / size_of::<u32>() as u64;
         let mut snapshot_report = CheckReport::default();
         let pending = self.check_read_snapshot_table(repair, log, &mut snapshot_report)?;

@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use qcow_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use qcow_format::header::{AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use qcow_cache::TableCache;
@@ -165,6 +165,7 @@ impl Qcow2Image {
             self.rebuild_refcounts()?;
         }
         self.install_write_state(cache_bytes)?;
+        self.clear_unknown_autoclear()?;
         if !self.bitmaps.is_empty() {
             let tracker = self.load_bitmap_tracker()?;
             if let Some(ws) = self.writer.as_mut() {
@@ -179,6 +180,24 @@ impl Qcow2Image {
             self.check_structures_apart(&meta)
         };
         self.guard(apart)
+    }
+
+    /// Clears the autoclear feature bits this implementation does not know,
+    /// as the specification asks of a writer (and QEMU does when it opens
+    /// an image for writing): their extensions may no longer be consistent.
+    pub(super) fn clear_unknown_autoclear(&mut self) -> Result<()> {
+        let bits = self.header.autoclear_features;
+        if self.header.version < 3 || bits & !AUTOCLEAR_KNOWN == 0 {
+            return Ok(());
+        }
+        let known = bits & AUTOCLEAR_KNOWN;
+        let at = qcow_format::header::field::AUTOCLEAR_FEATURES;
+        self.file
+            .write_at(&known.to_be_bytes(), at)
+            .and_then(|()| self.file.flush())
+            .map_err(|e| Error::io(&self.name, "writing the header", at, e))?;
+        self.header.autoclear_features = known;
+        Ok(())
     }
 
     /// Gives the image its allocation state (refcount cache, allocator,
