@@ -24,6 +24,7 @@ mod map;
 mod measure;
 mod open;
 mod progress;
+mod qemu_words;
 mod rebase;
 mod resize;
 mod serve;
@@ -116,7 +117,7 @@ pub(crate) fn describe_once(error: &anyhow::Error) -> String {
 }
 
 fn describe_as(error: &anyhow::Error, double_open: bool) -> String {
-    let mut text = format!("{error:#}");
+    let mut text = qemu_worded(error).unwrap_or_else(|| format!("{error:#}"));
     // qemu-img names an image it cannot open twice (the image layer, then
     // the file layer); not a backing file named in a message of its own.
     if let (true, Some(qcow::Error::Open { path, .. })) = (
@@ -141,6 +142,24 @@ fn describe_as(error: &anyhow::Error, double_open: bool) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// The error's chain as `{:#}` shows it, with the first failure to open an
+/// image that qemu-img has words for in those words (its causes then go
+/// unsaid, as qemu-img says none).
+fn qemu_worded(error: &anyhow::Error) -> Option<String> {
+    let mut parts = Vec::new();
+    for cause in error.chain() {
+        if let Some(words) = cause
+            .downcast_ref::<qcow::Error>()
+            .and_then(qemu_words::open_failure)
+        {
+            parts.push(words);
+            return Some(parts.join(": "));
+        }
+        parts.push(cause.to_string());
+    }
+    None
 }
 
 fn main() -> ExitCode {

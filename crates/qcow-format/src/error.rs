@@ -81,8 +81,11 @@ pub enum FormatError {
     UnknownIncompatibleFeatures {
         /// The unknown bits.
         bits: u64,
-        /// Their names from the feature-name table, where present.
+        /// Their names from the feature-name table, where present, in the
+        /// table's order.
         names: Vec<String>,
+        /// The bits among them the table does not name.
+        unnamed: u64,
     },
     /// A metadata structure's offset is not cluster-aligned.
     #[error("{structure} offset {offset:#x} is not aligned to the cluster size {cluster_size}")]

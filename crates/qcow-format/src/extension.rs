@@ -301,8 +301,13 @@ fn decode(kind: u32, len: u32, data: Vec<u8>) -> Result<HeaderExtension, FormatE
             HeaderExtension::ExternalDataFile(utf8(data, "external data file extension")?)
         }
         EXT_FEATURE_NAMES => {
-            let names = data
-                .chunks_exact(size_of::<RawFeatureName>())
+            // A last entry cut short reads as if padded with zeros, as QEMU
+            // reads it.
+            let entry = size_of::<RawFeatureName>();
+            let mut padded = data.to_vec();
+            padded.resize(data.len().next_multiple_of(entry), 0);
+            let names = padded
+                .chunks_exact(entry)
                 .filter_map(|c| RawFeatureName::read_from_bytes(c).ok())
                 .map(|raw| {
                     let name_len = raw.name.iter().position(|&b| b == 0).unwrap_or(46);

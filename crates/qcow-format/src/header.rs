@@ -500,19 +500,24 @@ impl Header {
 
         let unknown = header.incompatible_features & !INCOMPAT_KNOWN;
         if unknown != 0 {
-            let names = header
-                .feature_names()
-                .filter(|f| {
-                    f.kind == FeatureKind::Incompatible
-                        && 1u64
-                            .checked_shl(u32::from(f.bit))
-                            .is_some_and(|bit| unknown & bit != 0)
-                })
-                .map(|f| f.name.clone())
-                .collect();
+            // Names in the table's order, each bit named once, up to the
+            // first entry without a name (as QEMU reports them).
+            let mut unnamed = unknown;
+            let mut names = Vec::new();
+            for f in header.feature_names() {
+                if f.name.is_empty() {
+                    break;
+                }
+                let bit = 1u64.checked_shl(u32::from(f.bit)).unwrap_or(0);
+                if f.kind == FeatureKind::Incompatible && unnamed & bit != 0 {
+                    names.push(f.name.clone());
+                    unnamed &= !bit;
+                }
+            }
             return Err(FormatError::UnknownIncompatibleFeatures {
                 bits: unknown,
                 names,
+                unnamed,
             });
         }
 

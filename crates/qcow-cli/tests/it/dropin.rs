@@ -126,3 +126,91 @@ fn create_without_a_format_makes_what_the_invoked_name_makes() {
     let c = super::qcow(&["create", q.to_str().expect("utf-8"), "1M"]);
     assert!(super::stdout(&c).contains("fmt=qcow2"), "{c:?}");
 }
+
+/// Headers qemu-img refuses to open (after QEMU's iotests 036, 054 and
+/// 080): `qcow info` fails with qemu-img's exit code and, word for word,
+/// its message (the program's name aside).
+#[test]
+fn refused_headers_are_reported_in_qemu_img_s_words() {
+    use qcow::format::header::field;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.qcow2");
+    let name = path.to_str().expect("utf-8");
+    let put = |bytes: &mut Vec<u8>, at: u64, value: &[u8]| {
+        let at = at as usize;
+        bytes[at..at + value.len()].copy_from_slice(value);
+    };
+    // A feature name table (header extension 0x6803f857) at the first
+    // extension's place, `entries` bytes long, then the end marker.
+    let table = |bytes: &mut Vec<u8>, entries: &[u8]| {
+        let at = 104;
+        let mut ext = 0x6803_f857u32.to_be_bytes().to_vec();
+        ext.extend((entries.len() as u32).to_be_bytes());
+        ext.extend(entries);
+        ext.resize(8 + entries.len().next_multiple_of(8) + 8, 0);
+        bytes[at..at + ext.len()].copy_from_slice(&ext);
+    };
+    let entry = |kind: u8, bit: u8, name: &str| {
+        let mut e = vec![kind, bit];
+        e.extend(name.as_bytes());
+        e.resize(48, 0);
+        e
+    };
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let damages: Vec<(&str, Damage)> = vec![
+        ("magic", Box::new(move |b| put(b, 0, b"QFI\0"))),
+        ("version", Box::new(move |b| put(b, 4, &4u32.to_be_bytes()))),
+        (
+            "refcount order",
+            Box::new(move |b| put(b, 96, &7u32.to_be_bytes())),
+        ),
+        (
+            "l1 size",
+            Box::new(move |b| put(b, field::L1_SIZE, &0u32.to_be_bytes())),
+        ),
+        (
+            "size",
+            Box::new(move |b| put(b, 24, &(1u64 << 60).to_be_bytes())),
+        ),
+        (
+            "unknown feature, no table",
+            Box::new(move |b| {
+                put(b, 72, &(1u64 << 63).to_be_bytes());
+                table(b, &[]);
+            }),
+        ),
+        (
+            "unknown feature, a short table entry",
+            Box::new(move |b| {
+                put(b, 72, &(1u64 << 63).to_be_bytes());
+                table(b, b"\x00\x3fTest feature");
+            }),
+        ),
+        (
+            "unknown features, some named",
+            Box::new(move |b| {
+                put(b, 72, &(7u64 << 61).to_be_bytes());
+                let mut entries = entry(1, 61, "test1");
+                entries.extend(entry(0, 62, "test2"));
+                entries.extend(entry(2, 63, "test3"));
+                entries.extend(entry(0, 60, "test4"));
+                table(b, &entries);
+            }),
+        ),
+    ];
+    for (what, damage) in &damages {
+        let out = super::qemu_img(&["create", "-q", "-f", "qcow2", name, "64M"]);
+        assert!(out.status.success(), "{}", super::stderr(&out));
+        let mut bytes = std::fs::read(&path).expect("read");
+        damage(&mut bytes);
+        std::fs::write(&path, &bytes).expect("write");
+        let ours = super::qcow(&["info", "-f", "qcow2", name]);
+        let theirs = qemu_img(&["info", "-f", "qcow2", name]);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{what}");
+        assert_eq!(
+            super::stderr(&ours).replacen("qcow", "qemu-img", 1),
+            super::stderr(&theirs),
+            "{what}: qcow's message, then qemu-img's"
+        );
+    }
+}

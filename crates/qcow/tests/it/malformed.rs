@@ -253,9 +253,14 @@ fn unknown_incompatible_feature_named_from_the_table() {
     c.bytes[121] = 10;
     c.bytes[122..122 + 11].copy_from_slice(b"time travel");
     match format_error(c.open()) {
-        FormatError::UnknownIncompatibleFeatures { bits, names } => {
+        FormatError::UnknownIncompatibleFeatures {
+            bits,
+            names,
+            unnamed,
+        } => {
             assert_eq!(bits, 1 << 10);
             assert_eq!(names, ["time travel"]);
+            assert_eq!(unnamed, 0);
         }
         other => panic!("{other:?}"),
     }
