@@ -77,11 +77,11 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         crate::report!("This image format does not support checks");
         return Ok(ExitCode::from(63));
     };
-    let mut log = |line: &str| eprintln!("{line}");
+    let mut log = |line: &str| eprintln!("{}", as_qemu_img_reports(line));
     let first = match image.check_with(&check, &mut log) {
         Ok(report) => report,
         Err(e) => {
-            crate::report!("Check failed: {e}");
+            crate::report!("Check failed: {}", failure_words(&e));
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -99,7 +99,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         ) {
             Ok(report) => report,
             Err(e) => {
-                crate::report!("Check failed: {e}");
+                crate::report!("Check failed: {}", failure_words(&e));
                 return Ok(ExitCode::FAILURE);
             }
         };
@@ -191,4 +191,48 @@ fn json_report(r: &CheckReport, filename: &str) -> Value {
     map.insert("format".into(), json!("qcow2"));
     optional(&mut map, "fragmented-clusters", r.fragmented_clusters);
     Value::Object(map)
+}
+
+/// A line of the check's report as qemu-img prints it: the errors it
+/// reports through its error channel carry the program's name, and its
+/// hints name the program.
+fn as_qemu_img_reports(line: &str) -> String {
+    let line = line.replace("qemu-img check", &format!("{} check", crate::prog()));
+    let reported = [
+        "ERROR snapshot table too large",
+        "ERROR snapshot table offset invalid",
+    ];
+    if reported.contains(&line.as_str()) || line.starts_with("ERROR failed to read") {
+        format!("{}: {line}", crate::prog())
+    } else {
+        line
+    }
+}
+
+/// Why a check could not go on, in qemu-img's words (the system's name for
+/// the error it stopped on).
+fn failure_words(error: &qcow::Error) -> String {
+    use qcow::format::FormatError;
+    const TOO_LARGE: &str = "File too large";
+    const INVALID: &str = "Invalid argument";
+    match error {
+        qcow::Error::Format { source, .. } => match source {
+            FormatError::TooLarge { .. }
+            | FormatError::TooManySnapshots { .. }
+            | FormatError::SnapshotTableTooBig { .. } => TOO_LARGE,
+            FormatError::Snapshot { reason, .. } if reason.contains("extra metadata") => TOO_LARGE,
+            _ => INVALID,
+        }
+        .to_owned(),
+        qcow::Error::Corrupt { table, reason, .. } if *table == "snapshot table" => {
+            if reason.contains("exceed the limit") {
+                TOO_LARGE
+            } else {
+                INVALID
+            }
+            .to_owned()
+        }
+        qcow::Error::Io { source, .. } => crate::describe(&anyhow::anyhow!("{source}")),
+        other => other.to_string(),
+    }
 }

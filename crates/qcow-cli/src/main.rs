@@ -154,7 +154,8 @@ fn qemu_worded(error: &anyhow::Error) -> Option<String> {
             .downcast_ref::<qcow::Error>()
             .and_then(qemu_words::open_failure)
         {
-            parts.push(words);
+            // Hints name the program, as qemu-img's name qemu-img.
+            parts.push(words.replace("qemu-img check", &format!("{} check", prog())));
             return Some(parts.join(": "));
         }
         parts.push(cause.to_string());

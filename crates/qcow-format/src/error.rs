@@ -195,6 +195,18 @@ pub enum FormatError {
         /// The bound.
         limit: u32,
     },
+    /// The snapshot table is longer than the bound (QEMU's 64 MiB).
+    #[error(
+        "snapshot table of {size} bytes exceeds the limit of {limit} bytes ({overhanging} snapshots do not fit)"
+    )]
+    SnapshotTableTooBig {
+        /// Its length up to the first entry that does not fit.
+        size: u64,
+        /// The bound.
+        limit: u64,
+        /// Entries from the first that does not fit to the end.
+        overhanging: u32,
+    },
     /// A snapshot table entry is malformed.
     #[error("snapshot entry {index}: {reason}")]
     Snapshot {

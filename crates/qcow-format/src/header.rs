@@ -760,17 +760,19 @@ impl Header {
         self.l2_entries() << self.cluster_bits
     }
 
-    /// The backing format from the backing-format extension, if present.
+    /// The backing format from the backing-format extension, if present
+    /// (the last one, where a header has several, as QEMU reads them).
     pub fn backing_format(&self) -> Option<&str> {
-        self.extensions.iter().find_map(|e| match e {
+        self.extensions.iter().rev().find_map(|e| match e {
             HeaderExtension::BackingFormat(f) => Some(f.as_str()),
             _ => None,
         })
     }
 
-    /// The external data file name from its extension, if present.
+    /// The external data file name from its extension, if present (the
+    /// last one, as for [`Header::backing_format`]).
     pub fn data_file_name(&self) -> Option<&str> {
-        self.extensions.iter().find_map(|e| match e {
+        self.extensions.iter().rev().find_map(|e| match e {
             HeaderExtension::ExternalDataFile(f) => Some(f.as_str()),
             _ => None,
         })

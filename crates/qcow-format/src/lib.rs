@@ -24,6 +24,7 @@ mod error;
 pub mod extension;
 pub mod header;
 pub mod limits;
+mod qemu_words;
 pub mod snapshot;
 pub mod table;
 pub mod v1;

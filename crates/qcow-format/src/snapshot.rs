@@ -128,6 +128,9 @@ impl Snapshot {
         let (extra, rest) = rest.split_at(extra_len);
         let (id, rest) = rest.split_at(id_len);
         let name = &rest[..name_len];
+        // QEMU keeps both as C strings: they end at the first zero byte.
+        let c_string = |b: &[u8]| b.split(|&c| c == 0).next().unwrap_or_default().to_vec();
+        let (id, name) = (c_string(id), c_string(name));
         let word = |i: usize| -> Option<u64> {
             let bytes = extra.get(i * 8..i * 8 + 8)?;
             U64::read_from_bytes(bytes).ok().map(|v| v.get())
@@ -136,8 +139,8 @@ impl Snapshot {
         Ok(Snapshot {
             l1_table_offset,
             l1_size,
-            id: String::from_utf8(id.to_vec()).map_err(|_| bad("ID is not UTF-8".into()))?,
-            name: String::from_utf8(name.to_vec()).map_err(|_| bad("name is not UTF-8".into()))?,
+            id: String::from_utf8(id).map_err(|_| bad("ID is not UTF-8".into()))?,
+            name: String::from_utf8(name).map_err(|_| bad("name is not UTF-8".into()))?,
             date_sec: raw.date_sec.get(),
             date_nsec: raw.date_nsec.get(),
             vm_clock_nsec: raw.vm_clock_nsec.get(),
@@ -266,5 +269,22 @@ mod tests {
         let mut snapshot = sample();
         snapshot.extra_data = vec![0; 2000];
         assert!(snapshot.encode(0).is_err());
+    }
+
+    #[test]
+    fn ids_and_names_end_at_their_first_zero_byte_as_qemu_reads_them() {
+        let mut snapshot = sample();
+        snapshot.id = "7\0junk".into();
+        snapshot.name = "\0\0\0".into();
+        let mut bytes = snapshot.encode(0).expect("encode");
+        // Bytes after the zero need not be UTF-8.
+        let at = bytes
+            .windows(4)
+            .position(|w| w == b"junk")
+            .expect("the ID's bytes");
+        bytes[at] = 0xff;
+        let parsed = Snapshot::parse(&bytes, 0, 65536).expect("parse");
+        assert_eq!(parsed.id, "7");
+        assert_eq!(parsed.name, "");
     }
 }

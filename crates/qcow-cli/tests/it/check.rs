@@ -379,7 +379,15 @@ fn check_reports_what_qemu_img_reports() {
             let a = qcow(&["check", "--output", output, p(&ours)]);
             let b = qemu_img(&["check", "--output", output, p(&theirs)]);
             let theirs_out = stdout(&b).replace(p(&theirs), p(&ours));
-            if a.status.code() != b.status.code() || stdout(&a) != theirs_out {
+            // Messages too, the program's name aside.
+            let ours_err = stderr(&a)
+                .replace("qcow: ", "qemu-img: ")
+                .replace("qcow check", "qemu-img check");
+            let theirs_err = stderr(&b).replace(p(&theirs), p(&ours));
+            if a.status.code() != b.status.code()
+                || stdout(&a) != theirs_out
+                || ours_err != theirs_err
+            {
                 failures.push(format!(
                     "{name} ({output}): qcow exit {:?}, qemu-img exit {:?}\n--- qcow:\n{}{}--- qemu-img:\n{}{}",
                     a.status.code(),
@@ -430,7 +438,15 @@ fn checks_in_windows_of_four_clusters_report_and_repair_as_qemu_img() {
                 continue;
             }
             let theirs_out = stdout(&b).replace(p(&theirs), p(&ours));
-            if a.status.code() != b.status.code() || stdout(&a) != theirs_out {
+            // Messages too, the program's name aside.
+            let ours_err = stderr(&a)
+                .replace("qcow: ", "qemu-img: ")
+                .replace("qcow check", "qemu-img check");
+            let theirs_err = stderr(&b).replace(p(&theirs), p(&ours));
+            if a.status.code() != b.status.code()
+                || stdout(&a) != theirs_out
+                || ours_err != theirs_err
+            {
                 failures.push(format!(
                     "{name} {mode:?}: qcow exit {:?}, qemu-img exit {:?}\n--- qcow:\n{}{}--- qemu-img:\n{}{}",
                     a.status.code(),

@@ -48,7 +48,7 @@ impl Qcow2Image {
         if count > MAX_SNAPSHOTS {
             log("ERROR snapshot table too large");
             log(&format!(
-                "You can force-remove all {} overhanging snapshots with qcow check -r all",
+                "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
                 count - MAX_SNAPSHOTS
             ));
             report.check_errors += 1;
@@ -71,7 +71,10 @@ impl Qcow2Image {
         ) {
             Ok(table) => table,
             Err(e) => {
-                log(&format!("ERROR failed to read the snapshot table: {e}"));
+                log(&format!(
+                    "ERROR failed to read the snapshot table: {}",
+                    qemu_text(&e)
+                ));
                 report.check_errors += 1;
                 return Err(e);
             }
@@ -150,12 +153,21 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn snapshot_table_unreadable(&self, reason: String) -> Error {
+    pub(super) fn snapshot_table_unreadable(&self, reason: String) -> Error {
         Error::Corrupt {
             image: self.name.clone(),
             table: "snapshot table",
             offset: self.header.snapshots_offset,
             reason,
         }
+    }
+}
+
+/// An error in QEMU's words where it has some, else in this crate's (the
+/// check's report reads as qemu-img's).
+fn qemu_text(error: &Error) -> String {
+    match error {
+        Error::Format { source, .. } => source.qemu_words().unwrap_or_else(|| source.to_string()),
+        other => other.to_string(),
     }
 }

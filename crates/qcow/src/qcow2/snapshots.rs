@@ -69,7 +69,9 @@ impl Qcow2Image {
                 kept.extra_data_size = MAX_SNAPSHOT_EXTRA_DATA.into();
             }
             let end = entry_start.saturating_add(raw.unpadded_len());
-            if end > self.file_len() {
+            // A repair reads past the end of the file as zeros, as QEMU
+            // reads it; otherwise the entry is refused.
+            if end > self.file_len() && repair.is_none() {
                 return Err(Error::format(
                     &self.name,
                     FormatError::PastEnd {
@@ -85,10 +87,10 @@ impl Qcow2Image {
                 let Some(log) = repair.as_deref_mut() else {
                     return Err(Error::format(
                         &self.name,
-                        FormatError::TooLarge {
-                            structure: "snapshot table",
+                        FormatError::SnapshotTableTooBig {
                             size: measured,
                             limit: MAX_SNAPSHOT_TABLE_BYTES,
+                            overhanging: count - index,
                         },
                     ));
                 };
@@ -119,9 +121,14 @@ impl Qcow2Image {
         Ok(table)
     }
 
+    /// Reads table bytes; those past the end of the file read as zeros
+    /// (only a repair gets that far: see [`Qcow2Image::read_snapshot_table`]).
     fn read_table_bytes(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        let inside = self.file_len().saturating_sub(at).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(inside);
+        tail.fill(0);
         self.file
-            .read_at(buf, at)
+            .read_at(head, at)
             .map_err(|e| Error::io(&self.name, "reading the snapshot table", at, e))
     }
 
