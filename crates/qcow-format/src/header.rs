@@ -863,6 +863,18 @@ mod tests {
         bytes.resize(4 << 16, 0);
         let parsed = Header::parse(&bytes, 4 << 16)?;
         assert_eq!(parsed, header);
+        // Of two backing format extensions the last counts, as in QEMU
+        // (iotest 114 appends one).
+        let mut twice = parsed;
+        twice
+            .extensions
+            .push(HeaderExtension::BackingFormat("foo".into()));
+        let mut bytes = twice.encode()?;
+        bytes.resize(4 << 16, 0);
+        assert_eq!(
+            Header::parse(&bytes, 4 << 16)?.backing_format(),
+            Some("foo")
+        );
         Ok(())
     }
 }
