@@ -94,8 +94,9 @@ pub(crate) struct ConvertArgs {
     rate: Option<String>,
     #[command(flatten)]
     open: OpenFlags,
-    /// Source images (several are concatenated), then the output file.
-    #[arg(num_args = 2.., required = true, value_name = "FILE")]
+    /// Source images (several are concatenated), then the output file
+    /// (options may come between them, as with qemu-img).
+    #[arg(value_name = "FILE")]
     files: Vec<PathBuf>,
 }
 
@@ -107,6 +108,7 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     let (dest, sources) = args
         .files
         .split_last()
+        .filter(|(_, sources)| !sources.is_empty())
         .context("Must specify image file name")?;
     let sparse = parse_size(&args.sparse_size)
         .ok()
