@@ -232,6 +232,9 @@ fn failure_words(error: &qcow::Error) -> String {
             }
             .to_owned()
         }
+        // A check that needs a refcount rebuild it may not make, and
+        // other damage it cannot get past: QEMU's EIO.
+        qcow::Error::Corrupt { .. } => "Input/output error".to_owned(),
         qcow::Error::Io { source, .. } => crate::describe(&anyhow::anyhow!("{source}")),
         other => other.to_string(),
     }

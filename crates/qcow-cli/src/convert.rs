@@ -357,6 +357,9 @@ fn raw_output(args: &ConvertArgs, dest_path: &Path, size: u64, sync: bool) -> Re
     for (key, value) in list.pairs() {
         match key.as_str() {
             "preallocation" => preallocation = qcow::Preallocation::from_name(value)?,
+            "extent_size_hint" => {
+                crate::create_opts::extent_size_hint(value)?;
+            }
             "size" => {}
             other => {
                 crate::report!("Invalid parameter '{other}'");

@@ -62,23 +62,29 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     if let Some(f) = &args.backing_format {
         list.set("backing_fmt", f);
     }
+    let shown = list.clone();
+    let bad_compat = list.take_bad_compat();
     let size = match (&args.size, list.get("size")) {
-        (Some(_), Some(_)) => bail!(
-            "{}: The image size must be specified only once",
-            args.file.display()
-        ),
+        (Some(_), Some(s)) => {
+            option_size("size", s).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+            bail!(
+                "{}: The image size must be specified only once",
+                args.file.display()
+            )
+        }
         (Some(s), None) => Some(image_size(s)?),
         (None, Some(s)) => Some(
             option_size("size", s).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?,
         ),
         (None, None) => None,
     };
-    let mut options = if format == "qcow" {
-        list.qcow_options(size.unwrap_or(0))?
-    } else {
-        list.qcow2_options(size.unwrap_or(0))?
-    };
     let name = args.file.display().to_string();
+    let mut options = if format == "qcow" {
+        list.qcow_options(size.unwrap_or(0))
+    } else {
+        list.qcow2_options(size.unwrap_or(0))
+    }
+    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     if let Some(backing) = options.backing_file.clone() {
         if args.unsafe_backing {
             if options.backing_format.is_none() {
@@ -132,8 +138,11 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
             }
             println!("{line}");
         } else {
-            println!("{}", list.formatting_line(&name, &options));
+            println!("{}", shown.formatting_line(&name, &options));
         }
+    }
+    if let Some(compat) = bad_compat {
+        bail!("{name}: Parameter 'version' does not accept value '{compat}'");
     }
     if format == "qcow" {
         qcow::QcowImage::validate_create(&options)
@@ -141,6 +150,9 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
         options.validate()
     }
     .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    if let Some(hint) = list.get("extent_size_hint") {
+        crate::create_opts::extent_size_hint(hint).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    }
     if format == "qcow" {
         qcow::create_qcow(&args.file, &options)?;
         return Ok(ExitCode::SUCCESS);
@@ -191,6 +203,9 @@ fn create_raw(args: &CreateArgs) -> Result<ExitCode> {
     for (key, value) in list.pairs() {
         match key.as_str() {
             "preallocation" => preallocation = Some(value.clone()),
+            "extent_size_hint" => {
+                option_size(key, value)?;
+            }
             "size" if size.is_none() => size = Some(option_size("size", value)?),
             "size" => bail!("{name}: The image size must be specified only once"),
             other => bail!("{name}: Invalid parameter '{other}'"),
@@ -208,10 +223,17 @@ fn create_raw(args: &CreateArgs) -> Result<ExitCode> {
         if let Some(p) = &preallocation {
             line.push_str(&format!(" preallocation={p}"));
         }
+        if let Some(hint) = list.get("extent_size_hint") {
+            let hint = option_size("extent_size_hint", hint).unwrap_or(0);
+            line.push_str(&format!(" extent_size_hint={hint}"));
+        }
         println!("{line}");
     }
     if mode == qcow::Preallocation::Metadata {
         bail!("{name}: Unsupported preallocation mode: metadata");
+    }
+    if let Some(hint) = list.get("extent_size_hint") {
+        crate::create_opts::extent_size_hint(hint).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     }
     let file = qcow::create_file(&args.file)?;
     let len = size.div_ceil(512) * 512;

@@ -438,11 +438,19 @@ fn checks_in_windows_of_four_clusters_report_and_repair_as_qemu_img() {
                 continue;
             }
             let theirs_out = stdout(&b).replace(p(&theirs), p(&ours));
-            // Messages too, the program's name aside.
-            let ours_err = stderr(&a)
-                .replace("qcow: ", "qemu-img: ")
-                .replace("qcow check", "qemu-img check");
-            let theirs_err = stderr(&b).replace(p(&theirs), p(&ours));
+            // Messages too, the program's name aside; counted in windows,
+            // errors may come in another order.
+            let sorted = |text: String| {
+                let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+                lines.sort();
+                lines
+            };
+            let ours_err = sorted(
+                stderr(&a)
+                    .replace("qcow: ", "qemu-img: ")
+                    .replace("qcow check", "qemu-img check"),
+            );
+            let theirs_err = sorted(stderr(&b).replace(p(&theirs), p(&ours)));
             if a.status.code() != b.status.code()
                 || stdout(&a) != theirs_out
                 || ours_err != theirs_err

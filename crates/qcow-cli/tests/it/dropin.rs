@@ -214,3 +214,47 @@ fn refused_headers_are_reported_in_qemu_img_s_words() {
         );
     }
 }
+
+/// `create -o` values qemu-img accepts or refuses (iotest 243's
+/// `extent_size_hint` among them): the same exit code, Formatting line and
+/// message, in the same order.
+#[test]
+fn create_options_are_taken_and_refused_as_qemu_img_takes_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: [(&str, &str); 12] = [
+        ("qcow2", "extent_size_hint=0"),
+        (
+            "qcow2",
+            "preallocation=metadata,extent_size_hint=1M,compat=0.10",
+        ),
+        ("qcow2", "extent_size_hint=5G"),
+        ("qcow2", "extent_size_hint=abc"),
+        ("qcow2", "compat=9"),
+        ("qcow2", "bogus=1"),
+        ("qcow2", "cluster_size=abc"),
+        ("qcow2", "lazy_refcounts=maybe"),
+        ("qcow2", "size=abc"),
+        ("raw", "preallocation=falloc,extent_size_hint=1M"),
+        ("raw", "extent_size_hint=5G"),
+        ("raw", "bogus=1"),
+    ];
+    for (format, options) in cases {
+        let run = |tool: &str| {
+            let path = dir.path().join(format!("{tool}.img"));
+            let _ = std::fs::remove_file(&path);
+            let args = ["create", "-f", format, "-o", options, super::p(&path), "1M"];
+            let out = if tool == "qcow" {
+                super::qcow(&args)
+            } else {
+                qemu_img(&args)
+            };
+            let text = |bytes: &[u8]| {
+                String::from_utf8_lossy(bytes)
+                    .replace(super::p(&path), "IMAGE")
+                    .replacen("qcow:", "qemu-img:", 1)
+            };
+            (out.status.code(), text(&out.stdout), text(&out.stderr))
+        };
+        assert_eq!(run("qcow"), run("qemu-img"), "-f {format} -o {options}");
+    }
+}
