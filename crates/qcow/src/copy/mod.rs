@@ -36,6 +36,7 @@
 mod concat;
 mod plan;
 mod run;
+mod sparse;
 
 pub use concat::Concat;
 pub use plan::is_zero;

@@ -281,7 +281,16 @@ impl Planner<'_> {
             }
             return;
         }
-        for (offset, len, zero) in runs(&buf[a..b], block) {
+        let min_sectors = (self.min_zero_run / 512) as usize;
+        let runs = if block > 0 && self.min_zero_run > self.cluster {
+            // Clusters smaller than the minimum (or none): qemu-img's rule.
+            let alignment = 1usize << min_sectors.max(1).ilog2();
+            let first_sector = (start + a as u64) / 512;
+            super::sparse::sparse_runs(&buf[a..b], first_sector, min_sectors, alignment)
+        } else {
+            runs(&buf[a..b], block)
+        };
+        for (offset, len, zero) in runs {
             let at = start + (a + offset) as u64;
             if !zero {
                 pieces.push(Piece::Data {
