@@ -27,7 +27,7 @@ pub(super) fn sparse_runs(
             sectors.allocated_min(s, count - s, min_sectors, first_sector, alignment);
         let (from, to) = (s * SECTOR, ((s + n) * SECTOR).min(data.len()));
         match runs.last_mut() {
-            Some((_, len, zero)) if *zero == !data_run => *len += to - from,
+            Some((_, len, zero)) if *zero != data_run => *len += to - from,
             _ => runs.push((from, to - from, !data_run)),
         }
         s += n;
