@@ -2,7 +2,8 @@
 //! clusters past the new end are released, the L1 entries past it are
 //! cleared on disk before their L2 tables are freed (the table keeps its
 //! size), refcount blocks left counting nothing are dropped, the file is
-//! cut after its last cluster in use, and the header's size changes last.
+//! cut after its last cluster in use (free clusters before it become
+//! holes), and the header's size changes last.
 
 use std::sync::atomic::Ordering;
 
@@ -78,6 +79,9 @@ impl Qcow2Image {
             if last + 1 < clusters {
                 meta.truncate_file(last + 1)?;
             }
+            // Freed space short of the end goes back too, as QEMU always
+            // passes on the discards of a shrink.
+            meta.punch_free_clusters()?;
         }
         // 4. The size, last.
         let at = field::SIZE;
