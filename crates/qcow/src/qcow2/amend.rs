@@ -239,10 +239,12 @@ impl Qcow2Image {
         self.rewrite_header(|h| {
             h.version = 3;
             h.header_length = V3_HEADER_LEN;
-            if !h
-                .extensions
-                .iter()
-                .any(|e| matches!(e, HeaderExtension::FeatureNames(_)))
+            // As at creation: none with clusters of 4 KiB and smaller.
+            if h.cluster_size() > 4096
+                && !h
+                    .extensions
+                    .iter()
+                    .any(|e| matches!(e, HeaderExtension::FeatureNames(_)))
             {
                 h.extensions
                     .push(HeaderExtension::FeatureNames(standard_feature_names()));

@@ -228,7 +228,9 @@ impl Qcow2Image {
             extensions.push(HeaderExtension::ExternalDataFile(data_file.clone()));
             incompatible |= INCOMPAT_DATA_FILE;
         }
-        if options.version >= 3 {
+        // QEMU leaves the feature name table out of headers of 4 KiB
+        // clusters and smaller (it would crowd out the backing file name).
+        if options.version >= 3 && cs > 4096 {
             extensions.push(HeaderExtension::FeatureNames(standard_feature_names()));
         }
         if options.extended_l2 {
@@ -310,8 +312,14 @@ impl Qcow2Image {
         }
         file.write_at(&block_bytes, blocks_offset)
             .map_err(io("writing refcount blocks", blocks_offset))?;
-        file.set_len(total * cs)
-            .map_err(io("sizing the image", total * cs))?;
+        // The file ends with the L1 table's last entry, as QEMU's does (it
+        // writes the table at its size, not a whole cluster).
+        let len = if l1_size == 0 {
+            total * cs
+        } else {
+            l1_offset + l1_size * 8
+        };
+        file.set_len(len).map_err(io("sizing the image", len))?;
         file.flush().map_err(io("flushing", 0))?;
         Ok(())
     }
