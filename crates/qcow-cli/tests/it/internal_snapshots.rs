@@ -342,3 +342,48 @@ fn resizing_an_image_with_snapshots_as_qemu_img() {
         }
     }
 }
+
+/// QEMU's iotest 112: a data cluster whose 64-bit refcount is at its
+/// maximum cannot take a snapshot's reference. The snapshot is refused in
+/// qemu-img's words before anything changes: no corruption, no new leak.
+#[test]
+fn a_snapshot_a_full_64_bit_refcount_cannot_take_is_refused_before_any_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut outcomes = Vec::new();
+    for tool in ["qcow", "qemu-img"] {
+        let path = dir.path().join(format!("{tool}.qcow2"));
+        create(&path, &["-o", "refcount_bits=64", "64M"]);
+        qemu_io(&path, &["write 0 512"]);
+        let mut bytes = std::fs::read(&path).expect("read");
+        // The data cluster's refcount (cluster 5, block at 0x20000) at its
+        // maximum, and OFLAG_COPIED cleared in its L2 entry.
+        bytes[0x20028..0x20030].fill(0xff);
+        bytes[0x40000..0x40008].copy_from_slice(&0x5_0000u64.to_be_bytes());
+        std::fs::write(&path, &bytes).expect("write");
+        let out = if tool == "qcow" {
+            qcow(&["snapshot", "-c", "foo", p(&path)])
+        } else {
+            qemu_img(&["snapshot", "-c", "foo", p(&path)])
+        };
+        let check = qemu_img(&["check", "--output=json", p(&path)]);
+        let report: serde_json::Value = serde_json::from_slice(&check.stdout).expect("json");
+        outcomes.push((
+            out.status.code(),
+            stderr(&out)
+                .replace(p(&path), "IMAGE")
+                .replacen("qcow", "qemu-img", 1),
+            // qemu-img leaves out counts of zero.
+            report["corruptions"].as_u64().unwrap_or(0),
+            report["leaks"].as_u64().unwrap_or(0),
+        ));
+    }
+    let (ours, theirs) = (&outcomes[0], &outcomes[1]);
+    assert_eq!(
+        (&ours.0, &ours.1),
+        (&theirs.0, &theirs.1),
+        "exit and message"
+    );
+    assert_eq!(ours.2, 0, "qcow's image has corruptions");
+    // qemu-img leaks the L1 table it copied; qcow copies nothing.
+    assert_eq!(ours.3, 1, "the one leak is the poked refcount");
+}

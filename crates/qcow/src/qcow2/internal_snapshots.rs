@@ -414,7 +414,7 @@ impl Qcow2Image {
         drop(meta);
         match tally
             .iter()
-            .find(|(_, (refcount, n))| refcount.saturating_add(*n) > max)
+            .find(|(_, (refcount, n))| refcount.checked_add(*n).is_none_or(|total| total > max))
         {
             Some((&cluster, _)) => Err(Error::RefcountOverflow {
                 image: self.name.clone(),
