@@ -521,9 +521,11 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Sets `OFLAG_COPIED` on active entries whose cluster is referenced
-    /// once, as QEMU does after a snapshot lets go of clusters. Tables that
-    /// are still shared are left as they are (their entries are shared).
+    /// Makes `OFLAG_COPIED` on every active entry say whether its cluster
+    /// is referenced exactly once, as QEMU's check requires after a snapshot
+    /// lets go of clusters or an applied snapshot's tables become active
+    /// (flags in inactive tables mean nothing and may be stale: a version 2
+    /// downgrade, for one, writes them).
     fn set_active_copied_flags(&self) -> Result<()> {
         let words = self.geometry.l2_entry_words();
         let bits = self.header.cluster_bits;
@@ -538,28 +540,36 @@ impl Qcow2Image {
             else {
                 continue;
             };
-            if meta.refcount(l2_offset >> bits)? != 1 {
-                continue;
-            }
             let table = self.l2_table(index, l2_offset)?;
             let mut changed = false;
             for word in table.iter().step_by(words) {
                 let value = word.load(Ordering::Acquire);
                 let host = value & OFFSET_MASK;
-                if value & (OFLAG_COPIED | OFLAG_COMPRESSED) != 0 || host == 0 {
+                if value & OFLAG_COMPRESSED != 0 || host == 0 {
                     continue;
                 }
-                if meta.refcount(host >> bits)? == 1 {
-                    word.fetch_or(OFLAG_COPIED, Ordering::AcqRel);
+                let alone = meta.refcount(host >> bits)? == 1;
+                if alone != (value & OFLAG_COPIED != 0) {
+                    if alone {
+                        word.fetch_or(OFLAG_COPIED, Ordering::AcqRel);
+                    } else {
+                        word.fetch_and(!OFLAG_COPIED, Ordering::AcqRel);
+                    }
                     changed = true;
                 }
             }
             if changed {
                 self.l2.mark_dirty(l2_offset, table)?;
             }
+            let alone = meta.refcount(l2_offset >> bits)? == 1;
+            let flagged = if alone {
+                entry | OFLAG_COPIED
+            } else {
+                entry & !OFLAG_COPIED
+            };
             if let Some(slot) = self.l1.get(index as usize) {
-                slot.store(entry | OFLAG_COPIED, Ordering::Release);
-                l1_changed |= entry & OFLAG_COPIED == 0;
+                slot.store(flagged, Ordering::Release);
+                l1_changed |= flagged != entry;
             }
         }
         drop(meta);
