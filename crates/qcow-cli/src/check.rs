@@ -78,6 +78,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(63));
     };
     let mut log = |line: &str| eprintln!("{}", as_qemu_img_reports(line));
+    let mut stdout = HeldStdout::new();
     let first = match image.check_with(&check, &mut log) {
         Ok(report) => report,
         Err(e) => {
@@ -88,10 +89,10 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
     let mut report = first.clone();
     if first.corruptions_fixed > 0 || first.leaks_fixed > 0 {
         if !json && !args.quiet {
-            print!(
+            stdout.print(&format!(
                 "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
                 first.leaks_fixed, first.corruptions_fixed
-            );
+            ));
         }
         report = match image.check_with(
             &CheckOptions::new(Repair::None).max_memory(check.max_memory),
@@ -109,9 +110,12 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
     if !args.quiet {
         if json {
             let filename = args.file.display().to_string();
-            println!("{}", to_qemu_json(&json_report(&report, &filename))?);
+            stdout.print(&format!(
+                "{}\n",
+                to_qemu_json(&json_report(&report, &filename))?
+            ));
         } else {
-            print!("{}", human_report(&report));
+            stdout.print(&human_report(&report));
         }
     }
     if report.check_errors > 0 {
@@ -125,6 +129,38 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
     } else {
         0
     }))
+}
+
+/// Standard output as qemu-img's C library writes it: at once to a
+/// terminal, otherwise held until the program ends, so that where it shares
+/// a pipe with standard error the lines come in qemu-img's order (its
+/// errors first).
+struct HeldStdout {
+    held: Option<String>,
+}
+
+impl HeldStdout {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        HeldStdout {
+            held: (!std::io::stdout().is_terminal()).then(String::new),
+        }
+    }
+
+    fn print(&mut self, text: &str) {
+        match &mut self.held {
+            Some(held) => held.push_str(text),
+            None => print!("{text}"),
+        }
+    }
+}
+
+impl Drop for HeldStdout {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            print!("{held}");
+        }
+    }
 }
 
 /// The human summary qemu-img prints.

@@ -178,6 +178,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The smallest unit a write allocates (a subcluster of an image with
+    /// extended L2 entries, else the cluster).
+    fn subcluster_size(&self) -> Option<u64> {
+        self.cluster_size()
+    }
+
     /// Compressed writes, for images whose format stores compressed
     /// clusters (and that are open for writing).
     fn compressed_writes(&self) -> Option<&dyn CompressedWrites> {

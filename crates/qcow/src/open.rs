@@ -73,6 +73,9 @@ impl BlockDevice for Image {
     fn cluster_size(&self) -> Option<u64> {
         self.device().cluster_size()
     }
+    fn subcluster_size(&self) -> Option<u64> {
+        self.device().subcluster_size()
+    }
     fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
         self.device().compressed_writes()
     }

@@ -279,6 +279,7 @@ fn start(
         None
     };
     let cluster = target.cluster_size().unwrap_or(0);
+    let subcluster = target.subcluster_size().unwrap_or(cluster);
     let chunk = match cluster {
         0 => options.chunk_size.max(512),
         c => options.chunk_size.max(c).next_multiple_of(c),
@@ -288,6 +289,7 @@ fn start(
         source_offset: start,
         compressor,
         cluster,
+        subcluster,
         min_zero_run: options.min_zero_run,
         layers: options.layers,
         target_is_zero: options.target_is_zero,

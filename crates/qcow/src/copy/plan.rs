@@ -36,6 +36,8 @@ pub(super) struct Planner<'a> {
     pub(super) compressor: Option<&'a dyn CompressedWrites>,
     /// The target's cluster size (0: none).
     pub(super) cluster: u64,
+    /// The smallest unit a write to the target allocates (0: none).
+    pub(super) subcluster: u64,
     pub(super) min_zero_run: u64,
     pub(super) layers: Layers,
     pub(super) target_is_zero: bool,
@@ -192,10 +194,12 @@ impl Planner<'_> {
             // At most b - a.
             baseline.read_at(&mut other[..inside as usize], from)?;
         }
-        let block = if self.cluster == 0 {
-            512
-        } else {
-            self.cluster as usize
+        // Compressed clusters are written whole; otherwise what differs,
+        // unit by unit of allocation, as qemu-img's rebase writes it.
+        let block = match (self.cluster, self.compressor) {
+            (0, _) => 512,
+            (c, Some(_)) => c as usize,
+            _ => self.subcluster.max(512) as usize,
         };
         // Past the end of the old backing chain the source reads zeros it
         // holds nowhere: they are written as zeros, as qemu-img's rebase

@@ -108,10 +108,12 @@ impl Qcow2Image {
             });
         }
         self.mark_dirty()?;
-        // Place every cluster, then write the data (runs that follow each
+        // Place every cluster (its L2 table first, allocated where missing,
+        // as QEMU lays them out), then write the data (runs that follow each
         // other in one call), then point the L2 entries at it.
         let mut hosts = Vec::with_capacity(items.len());
-        for &(_, packed) in items {
+        for &(guest, packed) in items {
+            self.writable_l2(&mut meta, guest)?;
             hosts.push(self.alloc_bytes(&mut meta, packed.len() as u64)?);
         }
         let mut run: Vec<u8> = Vec::new();

@@ -309,6 +309,11 @@ impl BlockDevice for Qcow2Image {
         Some(self.header.cluster_size())
     }
 
+    fn subcluster_size(&self) -> Option<u64> {
+        let subclusters = if self.geometry.extended_l2 { 32 } else { 1 };
+        Some(self.header.cluster_size() / subclusters)
+    }
+
     fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
         self.writer.is_some().then_some(self)
     }
