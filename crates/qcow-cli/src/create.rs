@@ -96,7 +96,7 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
         } else {
             // As qemu-img: the backing file must open, from the new image's
             // directory, whatever is given.
-            let path = qcow::relative_to(&args.file, &backing);
+            let path = qcow::relative_to(&crate::open::file_path(&args.file), &backing);
             let image = open_image(
                 &path,
                 options.backing_format.as_deref(),
@@ -154,10 +154,10 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
         crate::create_opts::extent_size_hint(hint).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     }
     if format == "qcow" {
-        qcow::create_qcow(&args.file, &options)?;
+        qcow::create_qcow(&crate::open::file_path(&args.file), &options)?;
         return Ok(ExitCode::SUCCESS);
     }
-    create_qcow2(&args.file, &options)?;
+    create_qcow2(&crate::open::file_path(&args.file), &options)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -235,7 +235,7 @@ fn create_raw(args: &CreateArgs) -> Result<ExitCode> {
     if let Some(hint) = list.get("extent_size_hint") {
         crate::create_opts::extent_size_hint(hint).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     }
-    let file = qcow::create_file(&args.file)?;
+    let file = qcow::create_file(&crate::open::file_path(&args.file))?;
     let len = size.div_ceil(512) * 512;
     let made = (|| -> Result<()> {
         qcow_io::Storage::set_len(&file, len)?;
@@ -253,7 +253,7 @@ fn create_raw(args: &CreateArgs) -> Result<ExitCode> {
         Ok(())
     })();
     if made.is_err() {
-        let _ = std::fs::remove_file(&args.file);
+        let _ = std::fs::remove_file(crate::open::file_path(&args.file));
     }
     made?;
     Ok(ExitCode::SUCCESS)

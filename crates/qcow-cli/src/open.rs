@@ -36,6 +36,23 @@ const DRIVERS: [&str; 4] = ["qcow2", "qcow", "raw", "file"];
 /// a `json:{...}` name, or (with `--image-opts`) an option list, for the
 /// drivers qcow2, qcow, raw and file. A `json:` name found inside an image
 /// is never followed; this is only for names the user gives.
+/// The file a name given on the command line names: a `file:` prefix (the
+/// file protocol, named explicitly) is taken off, the rest being the name
+/// however many colons it holds; a relative name that would read as
+/// another protocol's then starts with `./`, as QEMU names it.
+pub(crate) fn file_path(arg: &Path) -> PathBuf {
+    let text = arg.to_string_lossy();
+    let Some(path) = text.strip_prefix("file:") else {
+        return arg.to_owned();
+    };
+    let first = path.split('/').next().unwrap_or_default();
+    if !path.starts_with('/') && first.contains(':') {
+        PathBuf::from(format!("./{path}"))
+    } else {
+        PathBuf::from(path)
+    }
+}
+
 pub(crate) fn resolve_name(
     arg: &Path,
     flags: &OpenFlags,
@@ -61,7 +78,7 @@ pub(crate) fn resolve_name(
             .map_err(|m| anyhow::anyhow!("Could not open '{text}': {m}"))?;
         pairs
     } else {
-        return Ok((arg.to_owned(), format.map(str::to_owned)));
+        return Ok((file_path(arg), format.map(str::to_owned)));
     };
     let get = |key: &str| {
         options
