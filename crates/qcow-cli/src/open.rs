@@ -53,13 +53,15 @@ pub(crate) fn file_path(arg: &Path) -> PathBuf {
     }
 }
 
-pub(crate) fn resolve_name(
+/// The options a name given as `json:{...}` or with `--image-opts` holds,
+/// as flat `key=value` pairs; `None` for a plain file name.
+fn named_options(
     arg: &Path,
     flags: &OpenFlags,
     format: Option<&str>,
-) -> Result<(PathBuf, Option<String>)> {
+) -> Result<Option<Vec<(String, String)>>> {
     let text = arg.to_string_lossy();
-    let options: Vec<(String, String)> = if flags.image_opts {
+    Ok(Some(if flags.image_opts {
         if format.is_some() {
             bail!("--image-opts and --format are mutually exclusive");
         }
@@ -78,6 +80,47 @@ pub(crate) fn resolve_name(
             .map_err(|m| anyhow::anyhow!("Could not open '{text}': {m}"))?;
         pairs
     } else {
+        return Ok(None);
+    }))
+}
+
+/// QEMU's null block driver (`null-co`, `null-aio`) named by `json:{...}`
+/// or `--image-opts`: a raw disk of `size` bytes that reads as zeros
+/// (`read-zeroes` off leaves QEMU's buffer as it was; here it is zeros
+/// too) and keeps nothing written to it. `None` for any other name.
+fn null_image(arg: &Path, flags: &OpenFlags) -> Result<Option<Image>> {
+    let Some(options) = named_options(arg, flags, None)? else {
+        return Ok(None);
+    };
+    let get = |key: &str| {
+        options
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    if !matches!(get("driver"), Some("null-co" | "null-aio")) {
+        return Ok(None);
+    }
+    let text = arg.to_string_lossy();
+    let size = match get("size") {
+        Some(size) => crate::size::option_size("size", size)
+            .map_err(|e| anyhow::anyhow!("Could not open '{text}': {e}"))?,
+        None => 1 << 30,
+    };
+    let storage = std::sync::Arc::new(qcow_io::NullStorage::new(size));
+    Ok(Some(Image::Raw(
+        qcow::RawImage::open_sized(&text, storage, size).with_writes(false),
+    )))
+}
+
+pub(crate) fn resolve_name(
+    arg: &Path,
+    flags: &OpenFlags,
+    format: Option<&str>,
+) -> Result<(PathBuf, Option<String>)> {
+    let text = arg.to_string_lossy();
+    let Some(options) = named_options(arg, flags, format)? else {
         return Ok((file_path(arg), format.map(str::to_owned)));
     };
     let get = |key: &str| {
@@ -243,6 +286,9 @@ pub(crate) fn open_image(
     follow: bool,
     copy_source: bool,
 ) -> Result<Image> {
+    if let Some(image) = null_image(path, flags)? {
+        return Ok(image);
+    }
     let (path, format) = resolve_name(path, flags, format)?;
     let path = path.as_path();
     let mut options = open_options(flags, format.as_deref())?;

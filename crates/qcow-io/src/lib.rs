@@ -13,6 +13,7 @@ mod fault;
 mod file;
 mod lock;
 mod memory;
+mod null;
 
 use std::io;
 
@@ -20,6 +21,7 @@ pub use fault::{FaultyStorage, LoggedOp};
 pub use file::{CreateError, FileStorage};
 pub use lock::{LockError, PERM_BASE, Perms, SHARED_BASE, lock_file, unlock_file};
 pub use memory::MemStorage;
+pub use null::NullStorage;
 
 /// Positional, thread-safe storage for an image file.
 pub trait Storage: Send + Sync + std::fmt::Debug {

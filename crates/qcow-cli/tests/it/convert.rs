@@ -514,3 +514,19 @@ fn minimum_sparse_runs_larger_than_clusters_like_qemu_img() {
         }
     }
 }
+
+/// QEMU's null driver as a source (iotest 150): a disk of zeros, converted
+/// sparse (nothing allocated) or with `-S 0` (everything allocated), as
+/// qemu-img converts it.
+#[test]
+fn null_driver_sources_convert_as_qemu_img_converts_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = "json:{ 'driver': 'null-co', 'size': 1048576, 'read-zeroes': true }";
+    for sparse in ["512", "0"] {
+        let (ours, theirs, code) = both(dir.path(), &["-O", "qcow2", "-S", sparse, source], |_| {});
+        assert_eq!(code, 0, "-S {sparse}");
+        let map = |path: &Path| super::stdout(&qemu_img(&["map", "--output=json", p(path)]));
+        assert_eq!(map(&ours), map(&theirs), "-S {sparse}");
+        assert_check_clean(&ours);
+    }
+}
