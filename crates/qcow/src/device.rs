@@ -184,6 +184,14 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         self.cluster_size()
     }
 
+    /// Whether making a range read as zeros writes zeros into clusters
+    /// (a format version without a zero flag over a backing file, or a
+    /// raw external data file) rather than only changing metadata: a copy
+    /// then lays those clusters out in order as it does data.
+    fn zeroing_allocates(&self) -> bool {
+        false
+    }
+
     /// Compressed writes, for images whose format stores compressed
     /// clusters (and that are open for writing).
     fn compressed_writes(&self) -> Option<&dyn CompressedWrites> {

@@ -76,6 +76,9 @@ impl BlockDevice for Image {
     fn subcluster_size(&self) -> Option<u64> {
         self.device().subcluster_size()
     }
+    fn zeroing_allocates(&self) -> bool {
+        self.device().zeroing_allocates()
+    }
     fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
         self.device().compressed_writes()
     }

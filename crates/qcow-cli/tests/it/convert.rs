@@ -530,3 +530,42 @@ fn null_driver_sources_convert_as_qemu_img_converts_them() {
         assert_check_clean(&ours);
     }
 }
+
+/// `-n` onto an empty image with a backing file (QEMU's iotest 122):
+/// version 3 takes the zeros as zero clusters; version 2 must write them,
+/// and lays them out in the disk's order as qemu-img does.
+#[test]
+fn zeros_onto_a_backed_image_are_laid_out_as_qemu_img_lays_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source.qcow2");
+    let base = dir.path().join("base.qcow2");
+    for path in [&source, &base] {
+        let out = qemu_img(&["create", "-q", "-f", "qcow2", p(path), "64M"]);
+        assert!(out.status.success());
+    }
+    for compat in ["1.1", "0.10"] {
+        let prepare = |path: &Path| {
+            let options = format!("compat={compat}");
+            let out = qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &options,
+                "-b",
+                p(&base),
+                "-F",
+                "qcow2",
+                p(path),
+                "64M",
+            ]);
+            assert!(out.status.success());
+        };
+        let (ours, theirs, code) = both(dir.path(), &["-O", "qcow2", "-n", p(&source)], prepare);
+        assert_eq!(code, 0, "compat={compat}");
+        let map = |path: &Path| super::stdout(&qemu_img(&["map", "--output=json", p(path)]));
+        assert_eq!(map(&ours), map(&theirs), "compat={compat}");
+        assert_check_clean(&ours);
+    }
+}

@@ -202,9 +202,17 @@ impl Job<'_> {
                     return Err(Error::Cancelled);
                 }
                 let mut reserved = Reservation::default();
+                let zeros_allocate = self.target.zeroing_allocates();
                 for piece in &chunk.pieces {
-                    if let Piece::Data { at, start, end } = piece {
-                        match self.target.reserve(*at, (end - start) as u64) {
+                    let range = match piece {
+                        Piece::Data { at, start, end } => Some((*at, (end - start) as u64)),
+                        // Zeros written as data take their clusters in
+                        // order too.
+                        Piece::Zero { at, len } if zeros_allocate => Some((*at, *len)),
+                        _ => None,
+                    };
+                    if let Some((at, len)) = range {
+                        match self.target.reserve(at, len) {
                             Ok(more) => reserved.append(more),
                             Err(e) => {
                                 // Best effort: the reservation's error is

@@ -309,6 +309,12 @@ impl BlockDevice for Qcow2Image {
         Some(self.header.cluster_size())
     }
 
+    fn zeroing_allocates(&self) -> bool {
+        // As zero_range decides it.
+        self.header.data_file_raw()
+            || (self.header.version < 3 && self.header.backing_file.is_some())
+    }
+
     fn subcluster_size(&self) -> Option<u64> {
         let subclusters = if self.geometry.extended_l2 { 32 } else { 1 };
         Some(self.header.cluster_size() / subclusters)
