@@ -13,11 +13,11 @@
 //!   text-like data with periodic zero runs.
 //!
 //! For each image the two tools run alternately (`qcow`, `qemu-img`, `qcow`,
-//! ...): one untimed warm-up each, then `--runs` timed runs each. Each tool
-//! writes its own output file, which is overwritten in place by the next run
-//! rather than deleted (deleting multi-GiB files is slow). After timing, the
-//! two outputs are compared byte for byte so that a fast but wrong result is
-//! reported as such.
+//! ...): one untimed warm-up each, then `--runs` timed runs each, each
+//! after an untimed `sync`. Each tool writes its own output file, which is
+//! overwritten in place by the next run rather than deleted (deleting
+//! multi-GiB files is slow). After timing, the two outputs are compared
+//! byte for byte so that a fast but wrong result is reported as such.
 //!
 //! The write jobs then time `convert -f raw -O qcow2` from raw sources
 //! (`random-<N>g.raw`, `text-<N>g.raw`): uncompressed from incompressible
@@ -397,8 +397,11 @@ fn time_alternately(
     Ok((ours_times, theirs_times))
 }
 
-/// Runs a command once and returns its wall-clock time in seconds.
+/// Runs a command once and returns its wall-clock time in seconds. Dirty
+/// pages of earlier runs are written back first (`sync`, untimed), so that
+/// neither tool pays for the other's writeback.
 fn time_once(cmd: &mut Command) -> Result<f64> {
+    run_captured(&mut Command::new("sync"))?;
     let started = Instant::now();
     run_captured(cmd)?;
     Ok(started.elapsed().as_secs_f64())
