@@ -78,12 +78,13 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
     options.writable = true;
     options.follow_backing = safe;
     let image = qcow::open(&file, &options)?;
-    let Image::Qcow2(mut image) = image else {
-        bail!("Could not change the backing file to '{backing}': Operation not supported");
-    };
+    // As qemu-img: the format's compression is asked about first.
     if args.compress && image.compressed_writes().is_none() {
         bail!("Compression not supported for this file format");
     }
+    let Image::Qcow2(mut image) = image else {
+        bail!("Could not change the backing file to '{backing}': Operation not supported");
+    };
     // Everything that can refuse the change is asked before the image is
     // written.
     let new = if backing.is_empty() {

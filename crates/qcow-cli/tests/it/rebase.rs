@@ -315,3 +315,30 @@ fn images_with_subclusters_rebase_as_qemu_img_rebases_them() {
         assert!(maps[0].1 == maps[1].1, "-c={compress}: the files differ");
     }
 }
+
+/// `rebase -c` on a format without compressed clusters is refused first,
+/// in qemu-img's words (iotest 314).
+#[test]
+fn compression_on_a_raw_image_is_refused_as_qemu_img_refuses_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut outcomes = Vec::new();
+    for tool in ["qcow", "qemu-img"] {
+        let path = dir.path().join(format!("{tool}.raw"));
+        std::fs::write(&path, vec![7u8; 1 << 20]).expect("write");
+        let args = ["rebase", "-c", "-f", "raw", "-b", "", p(&path)];
+        let out = if tool == "qcow" {
+            qcow(&args)
+        } else {
+            qemu_img(&args)
+        };
+        outcomes.push((
+            out.status.code(),
+            stderr(&out).replacen("qcow", "qemu-img", 1),
+        ));
+        assert!(
+            std::fs::read(&path).expect("read") == vec![7u8; 1 << 20],
+            "{tool}"
+        );
+    }
+    assert_eq!(outcomes[0], outcomes[1]);
+}
