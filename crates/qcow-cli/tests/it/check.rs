@@ -359,6 +359,46 @@ fn make(dir: &Path, name: &str, options: &str, damage: Damage) -> PathBuf {
     path
 }
 
+/// How qcow's check (`a`, on `images.0`) and qemu-img's (`b`, on
+/// `images.1`) differ: exit code, standard output, and messages with the
+/// program's name aside (their lines in any order with `any_order`).
+fn difference(
+    what: &str,
+    a: &Output,
+    b: &Output,
+    images: (&Path, &Path),
+    any_order: bool,
+) -> Option<String> {
+    let (ours, theirs) = images;
+    let theirs_out = stdout(b).replace(p(theirs), p(ours));
+    let lines = |text: String| {
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if any_order {
+            lines.sort();
+        }
+        lines
+    };
+    let ours_err = lines(
+        stderr(a)
+            .replace("qcow: ", "qemu-img: ")
+            .replace("qcow check", "qemu-img check"),
+    );
+    let theirs_err = lines(stderr(b).replace(p(theirs), p(ours)));
+    let same =
+        a.status.code() == b.status.code() && stdout(a) == theirs_out && ours_err == theirs_err;
+    (!same).then(|| {
+        format!(
+            "{what}: qcow exit {:?}, qemu-img exit {:?}\n--- qcow:\n{}{}--- qemu-img:\n{}{}",
+            a.status.code(),
+            b.status.code(),
+            stdout(a),
+            stderr(a),
+            theirs_out,
+            stderr(b)
+        )
+    })
+}
+
 #[test]
 fn check_reports_what_qemu_img_reports() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -378,26 +418,8 @@ fn check_reports_what_qemu_img_reports() {
         for output in ["human", "json"] {
             let a = qcow(&["check", "--output", output, p(&ours)]);
             let b = qemu_img(&["check", "--output", output, p(&theirs)]);
-            let theirs_out = stdout(&b).replace(p(&theirs), p(&ours));
-            // Messages too, the program's name aside.
-            let ours_err = stderr(&a)
-                .replace("qcow: ", "qemu-img: ")
-                .replace("qcow check", "qemu-img check");
-            let theirs_err = stderr(&b).replace(p(&theirs), p(&ours));
-            if a.status.code() != b.status.code()
-                || stdout(&a) != theirs_out
-                || ours_err != theirs_err
-            {
-                failures.push(format!(
-                    "{name} ({output}): qcow exit {:?}, qemu-img exit {:?}\n--- qcow:\n{}{}--- qemu-img:\n{}{}",
-                    a.status.code(),
-                    b.status.code(),
-                    stdout(&a),
-                    stderr(&a),
-                    theirs_out,
-                    stderr(&b)
-                ));
-            }
+            let what = format!("{name} ({output})");
+            failures.extend(difference(&what, &a, &b, (&ours, &theirs), false));
         }
     }
     assert!(
@@ -437,34 +459,9 @@ fn checks_in_windows_of_four_clusters_report_and_repair_as_qemu_img() {
                 }
                 continue;
             }
-            let theirs_out = stdout(&b).replace(p(&theirs), p(&ours));
-            // Messages too, the program's name aside; counted in windows,
-            // errors may come in another order.
-            let sorted = |text: String| {
-                let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-                lines.sort();
-                lines
-            };
-            let ours_err = sorted(
-                stderr(&a)
-                    .replace("qcow: ", "qemu-img: ")
-                    .replace("qcow check", "qemu-img check"),
-            );
-            let theirs_err = sorted(stderr(&b).replace(p(&theirs), p(&ours)));
-            if a.status.code() != b.status.code()
-                || stdout(&a) != theirs_out
-                || ours_err != theirs_err
-            {
-                failures.push(format!(
-                    "{name} {mode:?}: qcow exit {:?}, qemu-img exit {:?}\n--- qcow:\n{}{}--- qemu-img:\n{}{}",
-                    a.status.code(),
-                    b.status.code(),
-                    stdout(&a),
-                    stderr(&a),
-                    theirs_out,
-                    stderr(&b)
-                ));
-            }
+            // Counted in windows, errors may come in another order.
+            let what = format!("{name} {mode:?}");
+            failures.extend(difference(&what, &a, &b, (&ours, &theirs), true));
         }
     }
     assert!(
