@@ -15,6 +15,25 @@ use qcow::{BlockDevice, Image, ImageFormat, RawImage};
 use crate::open::{OpenFlags, open_options};
 use crate::progress::Progress;
 
+/// QEMU block drivers that read a file as it is: a backing file named with
+/// one of these is opened as raw.
+const RAW_LIKE_FORMATS: &[&str] = &["file", "host_device", "host_cdrom"];
+
+/// Other formats QEMU knows and qcow does not read: `-u` writes them into
+/// the header as given, as qemu-img does.
+const OTHER_QEMU_FORMATS: &[&str] = &[
+    "bochs",
+    "cloop",
+    "dmg",
+    "luks",
+    "parallels",
+    "qed",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+];
+
 /// Arguments of `qcow rebase`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RebaseArgs {
@@ -62,13 +81,22 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
     else {
         bail!("Must specify backing file (-b) or use unsafe mode (-u)");
     };
-    let backing_format = match &args.backing_format {
-        Some(name) => Some(
-            ImageFormat::from_name(name)
-                .map_err(|_| anyhow::anyhow!("Invalid format name: '{name}'"))?,
-        ),
-        None => None,
+    // The format to open the new backing file with (safe mode), and the
+    // name written in the header.
+    let (backing_format, format_name) = match &args.backing_format {
+        Some(name) => match ImageFormat::from_name(name) {
+            Ok(format) => (Some(format), Some(format.name().to_owned())),
+            Err(_) if RAW_LIKE_FORMATS.contains(&name.as_str()) => {
+                (Some(ImageFormat::Raw), Some(name.clone()))
+            }
+            Err(_) if OTHER_QEMU_FORMATS.contains(&name.as_str()) => (None, Some(name.clone())),
+            Err(_) => bail!("Invalid format name: '{name}'"),
+        },
+        None => (None, None),
     };
+    if let (true, Some(name), None) = (safe, &format_name, backing_format) {
+        bail!("Could not open new backing file: format '{name}' is not one qcow reads");
+    }
     let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
     let mut options = open_options(&args.open, format.as_deref())?;
     if args.open.force_share {
@@ -90,12 +118,12 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
     let new = if backing.is_empty() {
         None
     } else {
-        let Some(format) = backing_format else {
+        let Some(format) = format_name.as_deref() else {
             bail!(
                 "Could not change the backing file to '{backing}': backing format must be specified"
             );
         };
-        Some((backing, format.name()))
+        Some((backing, format))
     };
     if let Err(qcow::Error::NoSpace { .. }) = image.header_with_backing(new) {
         bail!("Could not change the backing file to '{backing}': No space left in the file header");

@@ -342,3 +342,44 @@ fn compression_on_a_raw_image_is_refused_as_qemu_img_refuses_it() {
     }
     assert_eq!(outcomes[0], outcomes[1]);
 }
+
+/// `rebase -u -F` with a format QEMU knows and qcow does not read (QEMU's
+/// iotest 031 names `host_device`) writes it as qemu-img writes it; a name
+/// QEMU does not know is refused in its words.
+#[test]
+fn unsafe_rebase_names_other_qemu_formats_as_qemu_img_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for format in ["host_device", "vmdk", "nonsense"] {
+        let mut outcomes = Vec::new();
+        for tool in ["qcow", "qemu-img"] {
+            let path = dir.path().join(format!("{tool}.qcow2"));
+            let _ = std::fs::remove_file(&path);
+            create(&path, None, "1M");
+            let args = [
+                "rebase",
+                "-u",
+                "-b",
+                "/some/backing/file/path",
+                "-F",
+                format,
+                p(&path),
+            ];
+            let out = if tool == "qcow" {
+                qcow(&args)
+            } else {
+                qemu_img(&args)
+            };
+            outcomes.push((
+                out.status.code(),
+                stderr(&out).replacen("qcow", "qemu-img", 1),
+                std::fs::read(&path).expect("read"),
+            ));
+        }
+        assert_eq!(outcomes[0].0, outcomes[1].0, "{format}");
+        assert_eq!(outcomes[0].1, outcomes[1].1, "{format}");
+        assert!(
+            outcomes[0].2 == outcomes[1].2,
+            "{format}: the images differ"
+        );
+    }
+}
