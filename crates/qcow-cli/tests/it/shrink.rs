@@ -285,3 +285,53 @@ fn preallocation_over_a_backing_file_keeps_what_it_shows() {
         assert!(cmp.status.success(), "{label}: {}", stdout(&cmp));
     }
 }
+
+/// QEMU's iotest 125: after `resize --preallocation=falloc|full`, writing
+/// the grown part takes no more space on the host, also where it begins
+/// inside a cluster metadata preallocation gave no space in the file.
+#[test]
+fn grown_parts_preallocated_need_no_more_space_when_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("grow.qcow2");
+    let created = (2 << 20) - (48 << 10);
+    for growth in ["16K", "48K", "80K"] {
+        for mode in ["falloc", "full"] {
+            let _ = std::fs::remove_file(&path);
+            // Made by qcow, as the iotest makes it with the tool under test.
+            let out = qcow(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "preallocation=metadata,cluster_size=64k",
+                p(&path),
+                &created.to_string(),
+            ]);
+            assert!(out.status.success());
+            let grow = format!("+{growth}");
+            let preallocation = format!("--preallocation={mode}");
+            let out = qcow(&["resize", "-q", &preallocation, p(&path), &grow]);
+            assert!(out.status.success(), "{mode} {growth}: {out:?}");
+            let io = |command: String| {
+                let out = Command::new("qemu-io")
+                    .args(["-c", &command])
+                    .arg(&path)
+                    .output()
+                    .expect("qemu-io is required");
+                assert!(out.status.success(), "{command}: {out:?}");
+            };
+            io(format!("write 0 {created}"));
+            let before = used(&path);
+            io(format!("write {created} {growth}"));
+            // One block of the file system's own (an extent tree split
+            // when preallocated space is first written) is not the image's.
+            assert!(
+                used(&path) <= before + 4096,
+                "{mode} {growth}: the host size grew from {before} to {}",
+                used(&path)
+            );
+            assert_check_clean(&path);
+        }
+    }
+}

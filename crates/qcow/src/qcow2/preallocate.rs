@@ -106,6 +106,22 @@ impl Qcow2Image {
             // Clusters that have a host cluster (or compressed data) keep it.
             let has_host = |g: u64| word(g, 0) & (OFFSET_MASK | OFLAG_COMPRESSED) != 0;
             if has_host(guest) {
+                // A cluster that has one already (metadata preallocation
+                // gave it no space in the file) gets its space for the
+                // grown part, as QEMU's falloc and full growth give it.
+                let entry = word(guest, 0);
+                if entry & OFLAG_COMPRESSED == 0 && guest + cluster_size > start {
+                    let skip = start.saturating_sub(guest);
+                    let len = cluster_size.min(end.next_multiple_of(cluster_size) - guest) - skip;
+                    let at = (entry & OFFSET_MASK) + skip;
+                    let data = self.data_storage()?;
+                    let io = |e| Error::io(&self.name, "preallocating", at, e);
+                    match mode {
+                        Preallocation::Falloc => data.allocate(at, len).map_err(io)?,
+                        Preallocation::Full => data.write_zeroes(at, len).map_err(io)?,
+                        _ => {}
+                    }
+                }
                 guest += cluster_size;
                 continue;
             }
