@@ -655,6 +655,49 @@ fn read_sectors(
     }
 }
 
+/// Most bytes the in-memory image of [`ops`] may grow to.
+const STORAGE_CAP: u64 = 64 << 20;
+
+/// Memory that refuses to grow past [`STORAGE_CAP`]: a damaged image can
+/// map a cluster anywhere in the file, and a write there would otherwise
+/// allocate memory by an offset read from the input (a file would just
+/// grow sparse).
+#[derive(Debug)]
+struct CappedStorage(MemStorage);
+
+impl CappedStorage {
+    fn refuse_past_cap(end: Option<u64>) -> std::io::Result<()> {
+        if end.is_none_or(|end| end > STORAGE_CAP) {
+            return Err(std::io::Error::other("past the harness's storage cap"));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for CappedStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        Self::refuse_past_cap(offset.checked_add(buf.len() as u64))?;
+        self.0.write_at(buf, offset)
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        Self::refuse_past_cap(Some(len))?;
+        self.0.set_len(len)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Whether the image in `bytes` passes `check` with no corruption (leaks
 /// are fine): only then do its refcounts say truly which clusters are free
 /// and which are shared, so that writes cannot land on data in use.
@@ -678,7 +721,7 @@ fn consistent(bytes: Vec<u8>) -> bool {
 pub fn ops(data: &[u8]) {
     let split = data.len().saturating_sub(SCRIPT_BYTES);
     let (image_bytes, script) = data.split_at(split);
-    let storage = Arc::new(MemStorage::from_bytes(image_bytes.to_vec()));
+    let storage = Arc::new(CappedStorage(MemStorage::from_bytes(image_bytes.to_vec())));
     let Ok(image) = Qcow2Image::open_writable("fuzz.qcow2", storage.clone(), Some(CACHE_BYTES))
     else {
         return;
@@ -688,7 +731,7 @@ pub fn ops(data: &[u8]) {
         return;
     }
     // As opened for writing: a dirty image's refcounts are rebuilt by now.
-    let checked = consistent(storage.to_bytes());
+    let checked = consistent(storage.0.to_bytes());
     let cluster = image.header().cluster_size();
     let script = Op::parse(script, size, cluster);
     let mut model = Model::new(&image, &script);
@@ -708,7 +751,7 @@ pub fn ops(data: &[u8]) {
             Err(_) => all_ok = false,
         }
         // Bound the memory the image may grow to: writes allocate clusters.
-        if storage.len().unwrap_or(0) > 64 << 20 {
+        if storage.len().unwrap_or(0) > STORAGE_CAP {
             all_ok = false;
             break;
         }
