@@ -233,7 +233,7 @@ fn json_report(r: &CheckReport, filename: &str) -> Value {
 /// reports through its error channel carry the program's name, and its
 /// hints name the program.
 fn as_qemu_img_reports(line: &str) -> String {
-    let line = line.replace("qemu-img check", &format!("{} check", crate::prog()));
+    let line = crate::in_own_name(line);
     let reported = [
         "ERROR snapshot table too large",
         "ERROR snapshot table offset invalid",
@@ -260,14 +260,7 @@ fn failure_words(error: &qcow::Error) -> String {
             _ => INVALID,
         }
         .to_owned(),
-        qcow::Error::Corrupt { table, reason, .. } if *table == "snapshot table" => {
-            if reason.contains("exceed the limit") {
-                TOO_LARGE
-            } else {
-                INVALID
-            }
-            .to_owned()
-        }
+        qcow::Error::Corrupt { table, .. } if *table == "snapshot table" => INVALID.to_owned(),
         // A check that needs a refcount rebuild it may not make, and
         // other damage it cannot get past: QEMU's EIO.
         qcow::Error::Corrupt { .. } => "Input/output error".to_owned(),

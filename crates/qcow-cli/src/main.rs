@@ -96,6 +96,12 @@ pub(crate) fn prog() -> &'static str {
     })
 }
 
+/// `text` (QEMU's words) with its hints naming this program where they
+/// name qemu-img ("... with qemu-img check -r all").
+pub(crate) fn in_own_name(text: &str) -> String {
+    text.replace("qemu-img check", &format!("{} check", prog()))
+}
+
 /// Prints a message on standard error after the program's name.
 #[macro_export]
 macro_rules! report {
@@ -155,7 +161,7 @@ fn qemu_worded(error: &anyhow::Error) -> Option<String> {
             .and_then(qemu_words::open_failure)
         {
             // Hints name the program, as qemu-img's name qemu-img.
-            parts.push(words.replace("qemu-img check", &format!("{} check", prog())));
+            parts.push(in_own_name(&words));
             return Some(parts.join(": "));
         }
         parts.push(cause.to_string());

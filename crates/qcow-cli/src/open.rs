@@ -88,10 +88,7 @@ fn named_options(
 /// or `--image-opts`: a raw disk of `size` bytes that reads as zeros
 /// (`read-zeroes` off leaves QEMU's buffer as it was; here it is zeros
 /// too) and keeps nothing written to it. `None` for any other name.
-fn null_image(arg: &Path, flags: &OpenFlags) -> Result<Option<Image>> {
-    let Some(options) = named_options(arg, flags, None)? else {
-        return Ok(None);
-    };
+fn null_image(arg: &Path, options: &[(String, String)]) -> Result<Option<Image>> {
     let get = |key: &str| {
         options
             .iter()
@@ -119,10 +116,19 @@ pub(crate) fn resolve_name(
     flags: &OpenFlags,
     format: Option<&str>,
 ) -> Result<(PathBuf, Option<String>)> {
+    match named_options(arg, flags, format)? {
+        Some(options) => resolve_options(arg, &options, format),
+        None => Ok((file_path(arg), format.map(str::to_owned))),
+    }
+}
+
+/// [`resolve_name`] for a name that holds `options`.
+fn resolve_options(
+    arg: &Path,
+    options: &[(String, String)],
+    format: Option<&str>,
+) -> Result<(PathBuf, Option<String>)> {
     let text = arg.to_string_lossy();
-    let Some(options) = named_options(arg, flags, format)? else {
-        return Ok((file_path(arg), format.map(str::to_owned)));
-    };
     let get = |key: &str| {
         options
             .iter()
@@ -286,10 +292,15 @@ pub(crate) fn open_image(
     follow: bool,
     copy_source: bool,
 ) -> Result<Image> {
-    if let Some(image) = null_image(path, flags)? {
-        return Ok(image);
-    }
-    let (path, format) = resolve_name(path, flags, format)?;
+    let (path, format) = match named_options(path, flags, format)? {
+        Some(options) => {
+            if let Some(image) = null_image(path, &options)? {
+                return Ok(image);
+            }
+            resolve_options(path, &options, format)?
+        }
+        None => (file_path(path), format.map(str::to_owned)),
+    };
     let path = path.as_path();
     let mut options = open_options(flags, format.as_deref())?;
     if !follow {

@@ -522,19 +522,42 @@ impl Allocation<'_> {
                 .discard(at, len)
                 .map_err(|e| Error::io(&self.alloc.name, "discarding freed clusters", at, e))
         };
+        let shift = self.refblock_shift();
+        let order = self.alloc.refcount_order;
+        let end = self.meta.end;
         let mut run: Option<u64> = None;
-        for cluster in 0..self.meta.end {
-            match (self.refcount(cluster)? == 0, run) {
-                (true, None) => run = Some(cluster),
-                (false, Some(start)) => {
-                    punch(start, cluster)?;
-                    run = None;
+        let mut cluster = 0;
+        // Block by block: one lookup per refcount block, not per cluster.
+        while cluster < end {
+            let index = cluster >> shift;
+            let block_end = ((index + 1) << shift).min(end);
+            let block_offset = usize::try_from(index)
+                .ok()
+                .and_then(|i| self.meta.reftable.get(i))
+                .copied()
+                .unwrap_or(0);
+            let block = match block_offset {
+                0 => None,
+                offset => Some(self.refblock(offset)?),
+            };
+            for c in cluster..block_end {
+                // No block: nothing counted there, all free.
+                let free = block
+                    .as_ref()
+                    .is_none_or(|b| b.get(c & ((1 << shift) - 1), order) == Some(0));
+                match (free, run) {
+                    (true, None) => run = Some(c),
+                    (false, Some(start)) => {
+                        punch(start, c)?;
+                        run = None;
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
+            cluster = block_end;
         }
         if let Some(start) = run {
-            punch(start, self.meta.end)?;
+            punch(start, end)?;
         }
         Ok(())
     }

@@ -523,14 +523,7 @@ impl Qcow2Image {
             // Bounded by MAX_REFCOUNT_TABLE_BYTES.
             h.refcount_table_clusters = table_clusters as u32;
         })?;
-        // The allocator's refcount cache holds the old width: start anew,
-        // keeping the bitmaps.
-        let bitmaps = self.writer.as_mut().and_then(|w| w.bitmaps.take());
-        self.writer = None;
-        self.install_write_state(None)?;
-        if let Some(ws) = self.writer.as_mut() {
-            ws.bitmaps = bitmaps;
-        }
-        Ok(())
+        // The allocator's refcount cache holds the old width.
+        self.restart_write_state()
     }
 }

@@ -52,9 +52,13 @@ impl Qcow2Image {
                 count - MAX_SNAPSHOTS
             ));
             report.check_errors += 1;
-            return Err(self.snapshot_table_unreadable(format!(
-                "{count} entries exceed the limit of {MAX_SNAPSHOTS}"
-            )));
+            return Err(Error::format(
+                &self.name,
+                qcow_format::FormatError::TooManySnapshots {
+                    count,
+                    limit: MAX_SNAPSHOTS,
+                },
+            ));
         }
         let cluster_size = self.header.cluster_size();
         let end = offset.checked_add(u64::from(count) * 40);
@@ -153,7 +157,7 @@ impl Qcow2Image {
         Ok(())
     }
 
-    pub(super) fn snapshot_table_unreadable(&self, reason: String) -> Error {
+    fn snapshot_table_unreadable(&self, reason: String) -> Error {
         Error::Corrupt {
             image: self.name.clone(),
             table: "snapshot table",

@@ -84,13 +84,7 @@ impl Qcow2Image {
         }
         // The refcounts are exact: the mark goes, even with lazy refcounts
         // (QEMU clears it too).
-        self.update_incompatible(|bits| bits & !INCOMPAT_DIRTY)?;
-        let end = (3 + self.l1_clusters()) * self.header.cluster_size();
-        self.file
-            .set_len(end)
-            .map_err(|e| Error::io(&self.name, "truncating the file", end, e))?;
-        self.file_len.store(end, Ordering::Release);
-        Ok(())
+        self.update_incompatible(|bits| bits & !INCOMPAT_DIRTY)
     }
 
     /// Writes the empty layout: L1 table zeroed in place, then the new
@@ -140,12 +134,16 @@ impl Qcow2Image {
         }
         write(&block, 2 * cs, "writing a refcount block")?;
         flush()?;
+        // The file ends after the new structures (still under the dirty
+        // mark), so that allocation starts over from there.
+        let end = (3 + l1_clusters) * cs;
+        self.file
+            .set_len(end)
+            .map_err(|e| Error::io(&self.name, "truncating the file", end, e))?;
+        self.file_len.store(end, Ordering::Release);
         // Allocation, caches and the overlap guard start over from the new
         // layout (with a new memo key: no thread may use an old table).
-        let bits = self.write_state()?.incompatible.load(Ordering::Acquire);
-        self.header.incompatible_features = bits;
-        self.writer = None;
-        self.install_write_state(None)?;
+        self.restart_write_state()?;
         self.sparse_file = std::sync::OnceLock::new();
         Ok(())
     }

@@ -310,7 +310,6 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn zeroing_allocates(&self) -> bool {
-        // As zero_range decides it.
         self.header.data_file_raw()
             || (self.header.version < 3 && self.header.backing_file.is_some())
     }

@@ -200,6 +200,23 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Starts the allocation state anew from what is on disk now (after
+    /// the refcount structures were replaced), keeping the bitmaps and the
+    /// feature bits as they stand.
+    pub(super) fn restart_write_state(&mut self) -> Result<()> {
+        let ws = self.writer.as_mut().ok_or_else(|| Error::ReadOnly {
+            image: self.name.clone(),
+        })?;
+        let bitmaps = ws.bitmaps.take();
+        self.header.incompatible_features = ws.incompatible.load(Ordering::Acquire);
+        self.writer = None;
+        self.install_write_state(None)?;
+        if let Some(ws) = self.writer.as_mut() {
+            ws.bitmaps = bitmaps;
+        }
+        Ok(())
+    }
+
     /// Gives the image its allocation state (refcount cache, allocator,
     /// metadata map), without the refusals of [`Qcow2Image::open_writable`]:
     /// `check` uses it to rewrite the snapshot table of an image it has

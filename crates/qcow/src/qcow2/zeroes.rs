@@ -35,13 +35,9 @@ impl Qcow2Image {
 
     fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         crate::check_range(&self.name, offset, len, self.virtual_size)?;
-        let has_backing = self.header.backing_file.is_some();
-        // A raw data file must hold the zeros itself.
-        if self.header.data_file_raw() {
-            return self.write_zero_bytes(offset, len);
-        }
-        if self.header.version < 3 && has_backing {
-            // Version 2 has no zero flag: zeros must be written.
+        // A raw data file must hold the zeros itself; version 2 has no
+        // zero flag to hide a backing file with.
+        if crate::device::BlockDevice::zeroing_allocates(self) {
             return self.write_zero_bytes(offset, len);
         }
         self.for_cluster_spans(offset, len, |guest, n, whole| {
