@@ -111,7 +111,7 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
             bail!("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.");
         }
     }
-    let progress = (args.progress && !args.quiet).then(|| Progress::new(100));
+    let progress = (args.progress && !args.quiet).then(|| Progress::new(100, 1.0));
     let observer: &dyn CopyObserver = match &progress {
         Some(p) => p,
         None => &(),

@@ -109,7 +109,7 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
         base = base.backing().context("the backing chain changed")?;
     }
     let copy = CopyOptions::default().layers(Layers::Top(depth as u32));
-    let progress = (args.progress && !args.quiet).then(|| Progress::new(chain.virtual_size()));
+    let progress = (args.progress && !args.quiet).then(|| Progress::new(chain.virtual_size(), 1.0));
     let observer: &dyn CopyObserver = match &progress {
         Some(p) => p,
         None => &(),

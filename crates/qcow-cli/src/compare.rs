@@ -194,7 +194,7 @@ fn compare(args: &CompareArgs, progress: &mut Option<Progress>) -> Result<Verdic
     if size_a != size_b && args.strict {
         return Ok(Verdict::Differs("Strict mode: Image size mismatch!".into()));
     }
-    *progress = (args.progress && !args.quiet).then(|| Progress::new(size_a.max(size_b)));
+    *progress = (args.progress && !args.quiet).then(|| Progress::new(size_a.max(size_b), 2.0));
     let verdict = compare_contents(args, &a, &b, progress.as_ref());
     if let (Some(p), Ok(Verdict::Identical)) = (progress.as_ref(), &verdict) {
         p.complete();

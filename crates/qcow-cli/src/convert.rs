@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use qcow::copy::{CopyObserver, CopyOptions, Layers};
+use qcow::copy::{CopyObserver, CopyOptions, Layers, ProgressBasis};
 use qcow::{BlockDevice, Image, OpenOptions, Qcow2Image, RawImage};
 use qcow_io::{FileStorage, Storage};
 
@@ -207,7 +207,7 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     if args.compress && target.compressed_writes().is_none() {
         bail!("Compression not supported for this file format");
     }
-    let options = CopyOptions::default()
+    let mut options = CopyOptions::default()
         .workers(workers)
         .min_zero_run(sparse)
         .compress(args.compress)
@@ -219,7 +219,12 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         .target_is_zero(!args.no_create || args.target_is_zero)
         .salvage(args.salvage)
         .in_order(!args.unordered);
-    let progress = (args.progress && !args.quiet).then(|| Progress::new(size));
+    let progress = (args.progress && !args.quiet).then(|| Progress::new(size, 1.0));
+    // qemu-img's progress counts what is read as data (a walk over the
+    // source's metadata before the copy, only when it is shown).
+    if progress.is_some() {
+        options = options.progress_basis(ProgressBasis::Data);
+    }
     let warner = Warner {
         progress: progress.as_ref(),
         quiet: args.quiet,

@@ -8,21 +8,27 @@ use std::sync::{Mutex, PoisonError};
 
 use qcow::copy::CopyObserver;
 
-/// Percent points between two printed lines (qemu-img's convert uses 1).
-const MIN_STEP: f64 = 1.0;
-
 /// Progress over `total` bytes.
 pub(crate) enum Progress {
     /// A terminal's bar.
     Bar(indicatif::ProgressBar),
-    /// qemu-img's lines, and the last percentage printed.
-    Lines(Mutex<f64>),
+    /// qemu-img's lines.
+    Lines(Lines),
+}
+
+/// qemu-img's progress lines: a line when the percentage has moved more
+/// than `min_skip` points past the last one printed, or reached 0 or 100.
+pub(crate) struct Lines {
+    min_skip: f64,
+    last: Mutex<f64>,
 }
 
 impl Progress {
     /// Progress at 0 of `total` bytes (the bar's length until the job
-    /// says its own total).
-    pub(crate) fn new(total: u64) -> Self {
+    /// says its own total), printing lines `min_skip` percent points apart
+    /// (qemu-img uses 1 for convert, commit and amend, 2 for compare and
+    /// rebase).
+    pub(crate) fn new(total: u64, min_skip: f64) -> Self {
         if std::io::stdout().is_terminal() {
             let bar = indicatif::ProgressBar::new(total);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -34,13 +40,23 @@ impl Progress {
             Progress::Bar(bar)
         } else {
             print_line(0.0);
-            Progress::Lines(Mutex::new(0.0))
+            Progress::Lines(Lines {
+                min_skip,
+                last: Mutex::new(0.0),
+            })
         }
     }
 
-    /// Shows 100% and ends the output.
+    /// Shows 100% (once more, as qemu-img does after its job) and ends the
+    /// output.
     pub(crate) fn finish(self) {
-        self.complete();
+        match &self {
+            Progress::Bar(bar) => bar.set_message("100.00"),
+            Progress::Lines(lines) => {
+                *lines.last.lock().unwrap_or_else(PoisonError::into_inner) = 100.0;
+                print_line(100.0);
+            }
+        }
         self.close();
     }
 
@@ -49,8 +65,8 @@ impl Progress {
     pub(crate) fn complete(&self) {
         match self {
             Progress::Bar(bar) => bar.set_message("100.00"),
-            Progress::Lines(last) => {
-                let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
+            Progress::Lines(lines) => {
+                let mut last = lines.last.lock().unwrap_or_else(PoisonError::into_inner);
                 if *last < 100.0 {
                     *last = 100.0;
                     print_line(100.0);
@@ -92,10 +108,10 @@ impl CopyObserver for Progress {
                 bar.set_position(done);
                 bar.set_message(format!("{:.2}", percent(done, total)));
             }
-            Progress::Lines(last) => {
+            Progress::Lines(lines) => {
                 let now = percent(done, total);
-                let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
-                if now - *last >= MIN_STEP || (now >= 100.0 && *last < 100.0) {
+                let mut last = lines.last.lock().unwrap_or_else(PoisonError::into_inner);
+                if now - *last > lines.min_skip || now >= 100.0 {
                     *last = now;
                     print_line(now);
                 }

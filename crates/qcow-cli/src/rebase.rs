@@ -150,7 +150,8 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
         let copy = CopyOptions::default()
             .layers(Layers::BelowTop)
             .compress(args.compress);
-        let progress = (args.progress && !args.quiet).then(|| Progress::new(image.virtual_size()));
+        let progress =
+            (args.progress && !args.quiet).then(|| Progress::new(image.virtual_size(), 2.0));
         let observer: &dyn CopyObserver = match &progress {
             Some(p) => p,
             None => &(),

@@ -388,6 +388,73 @@ fn progress_lines_are_qemu_img_lines_when_not_on_a_terminal() {
     }
 }
 
+/// iotest 086: qemu-img's progress counts only what is read as data (and,
+/// with `-S 0`, zeros too), so a sparse disk's lines move with the work.
+#[test]
+fn progress_lines_count_data_as_qemu_img_counts_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sparse = image(
+        dir.path(),
+        "sparse.qcow2",
+        "128M",
+        &["write 0 1M", "write 2M 1M", "write 4M 1M", "write 32M 1M"],
+    );
+    let full = image(dir.path(), "full.qcow2", "16M", &["write -P 1 0 16M"]);
+    let mixed = image(
+        dir.path(),
+        "mixed.qcow2",
+        "64M",
+        &[
+            "write 0 5M",
+            "write -z 8M 3M",
+            "write 13M 64k",
+            "write 20M 9M",
+        ],
+    );
+    let base_s = p(&mixed).to_owned();
+    let top = dir.path().join("top.qcow2");
+    let made = qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        &base_s,
+        "-F",
+        "qcow2",
+        p(&top),
+    ]);
+    assert!(made.status.success(), "{made:?}");
+    qemu_io(
+        &top,
+        &["write -P 9 4M 3M", "write -z 24M 1M", "write 40M 2M"],
+    );
+    for (src, extra) in [
+        (&sparse, vec!["-O", "qcow2"]),
+        (&sparse, vec!["-O", "raw"]),
+        (&full, vec!["-O", "qcow2"]),
+        (&mixed, vec!["-O", "qcow2"]),
+        (&mixed, vec!["-O", "raw", "-S", "0"]),
+        (&mixed, vec!["-O", "qcow2", "-c"]),
+        (&top, vec!["-O", "qcow2", "-B", &base_s, "-F", "qcow2"]),
+        (&top, vec!["-O", "qcow2"]),
+    ] {
+        let mut outputs = Vec::new();
+        for (tool, name) in [
+            (qcow as fn(&[&str]) -> std::process::Output, "ours"),
+            (qemu_img, "theirs"),
+        ] {
+            let out_path = dir.path().join(name);
+            let _ = std::fs::remove_file(&out_path);
+            let args: Vec<&str> =
+                [&["convert", "-p"][..], &extra, &[p(src), p(&out_path)]].concat();
+            let out = tool(&args);
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        assert_eq!(outputs[0], outputs[1], "convert -p {extra:?} {}", p(src));
+    }
+}
+
 #[test]
 fn dd_formats_block_sizes_and_refusals_follow_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -84,7 +84,31 @@ pub struct CopyOptions {
     /// Bytes a worker copies at a time (rounded up to whole clusters of the
     /// target).
     pub chunk_size: u64,
+    /// What [`CopyObserver::progress`] counts.
+    pub progress_basis: ProgressBasis,
 }
+
+/// What a copy's progress counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProgressBasis {
+    /// Every byte of the range copied, reported after each chunk.
+    #[default]
+    Range,
+    /// Only the bytes read from the source as data (with
+    /// [`CopyOptions::min_zero_run`] 0, zero ranges too, since they are
+    /// written): what qemu-img's convert counts, so that a sparse disk's
+    /// progress moves with the work. The total is found before the copy
+    /// starts, from the source's block status. Progress is reported in
+    /// guest order, in steps of at most [`PROGRESS_STEP`] bytes (one
+    /// cluster for a compressed target) from the start of each run, as
+    /// qemu-img reports it.
+    Data,
+}
+
+/// The largest step of [`ProgressBasis::Data`] progress (qemu-img's
+/// convert reads at most this much at a time).
+pub const PROGRESS_STEP: u64 = 2 << 20;
 
 impl Default for CopyOptions {
     fn default() -> Self {
@@ -99,6 +123,7 @@ impl Default for CopyOptions {
             source_offset: 0,
             length: None,
             chunk_size: DEFAULT_CHUNK,
+            progress_basis: ProgressBasis::Range,
         }
     }
 }
@@ -158,6 +183,12 @@ impl CopyOptions {
         self.chunk_size = bytes;
         self
     }
+
+    /// Sets [`CopyOptions::progress_basis`].
+    pub fn progress_basis(mut self, basis: ProgressBasis) -> Self {
+        self.progress_basis = basis;
+        self
+    }
 }
 
 /// Which layers of the source's backing chain a copy takes.
@@ -180,7 +211,8 @@ pub enum Layers {
 /// that does nothing; `()` is the observer that wants nothing.
 pub trait CopyObserver: Sync {
     /// `done` of `total` bytes are copied (called after each chunk, from
-    /// any thread, with `done` growing).
+    /// any thread, with `done` growing; what counts is
+    /// [`CopyOptions::progress_basis`]).
     fn progress(&self, done: u64, total: u64) {
         let _ = (done, total);
     }
@@ -297,14 +329,24 @@ fn start(
         baseline,
         observer,
     };
-    let job = run::Job {
+    let mut job = run::Job {
         planner,
         target,
         len,
+        total: len,
+        basis: options.progress_basis,
+        // qemu-img compresses a cluster at a time.
+        step: match (options.compress, cluster) {
+            (true, c) if c > 0 => c,
+            _ => PROGRESS_STEP,
+        },
         chunk,
         workers: options.workers.max(1),
         observer,
     };
+    if options.progress_basis == ProgressBasis::Data {
+        job.total = job.data_total()?;
+    }
     // Without clusters there is no layout to keep: every worker writes.
     if options.in_order && target.cluster_size().is_some() {
         job.run_in_order()

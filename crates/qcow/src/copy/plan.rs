@@ -72,18 +72,9 @@ impl Planner<'_> {
             pieces: Vec::new(),
             salvaged: 0,
         };
-        let cluster = self.cluster;
         let mut pos = start;
         while pos < end {
-            let extent = self
-                .source
-                .block_status(self.source_offset + pos, end - pos);
-            let (len, what) = match extent {
-                Ok(e) => (e.len.max(1).min(end - pos), self.classify(e.allocation)),
-                // Read it: the read says what is wrong, or salvages it.
-                Err(_) if self.salvage => (end - pos, What::Data),
-                Err(e) => return Err(e),
-            };
+            let (len, what) = self.next_run(pos, end)?;
             match what {
                 What::Skip => pos += len,
                 What::Zero => {
@@ -91,16 +82,7 @@ impl Planner<'_> {
                     pos += len;
                 }
                 What::Data => {
-                    // Whole target clusters around the extent, so each is
-                    // written once.
-                    let (from, to) = if cluster == 0 {
-                        (pos, pos + len)
-                    } else {
-                        (
-                            pos - (pos - start) % cluster,
-                            (pos + len).next_multiple_of(cluster).min(end),
-                        )
-                    };
+                    let (from, to) = self.data_span(start, end, pos, len);
                     let (a, b) = ((from - start) as usize, (to - start) as usize);
                     chunk.salvaged += self.read(&mut buf[a..b], from)?;
                     match self.baseline {
@@ -115,6 +97,41 @@ impl Planner<'_> {
         }
         chunk.buf = buf;
         Ok(chunk)
+    }
+
+    /// The run of the source at target offset `pos` (up to `end`) as
+    /// [`super::ProgressBasis::Data`] sees it: its length, and whether it
+    /// is read as data (and so counted).
+    pub(super) fn data_run(&self, pos: u64, end: u64) -> Result<(u64, bool)> {
+        let (len, what) = self.next_run(pos, end)?;
+        Ok((len, what == What::Data))
+    }
+
+    /// The run of the source at target offset `pos` (within a chunk
+    /// ending at `end`): its length and what to do with it.
+    fn next_run(&self, pos: u64, end: u64) -> Result<(u64, What)> {
+        match self
+            .source
+            .block_status(self.source_offset + pos, end - pos)
+        {
+            Ok(e) => Ok((e.len.max(1).min(end - pos), self.classify(e.allocation))),
+            // Read it: the read says what is wrong, or salvages it.
+            Err(_) if self.salvage => Ok((end - pos, What::Data)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The range read for data at `pos..pos + len` in the chunk
+    /// `start..end`: whole target clusters around it, so that each is
+    /// written once.
+    fn data_span(&self, start: u64, end: u64, pos: u64, len: u64) -> (u64, u64) {
+        match self.cluster {
+            0 => (pos, pos + len),
+            cluster => (
+                pos - (pos - start) % cluster,
+                (pos + len).next_multiple_of(cluster).min(end),
+            ),
+        }
     }
 
     /// What to do with a run stored as `allocation`.
@@ -313,6 +330,7 @@ impl Planner<'_> {
 }
 
 /// What a run of the source needs.
+#[derive(PartialEq, Eq)]
 enum What {
     /// Nothing (the target already reads the same).
     Skip,

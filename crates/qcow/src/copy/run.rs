@@ -3,7 +3,7 @@
 //! the chunks in guest order (the target allocates in the disk's order), or
 //! every worker writes its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::{Mutex, PoisonError};
@@ -12,7 +12,7 @@ use crate::device::{BlockDevice, Reservation};
 use crate::{Error, Result};
 
 use super::plan::{Chunk, Piece, Planner};
-use super::{CopyObserver, CopyStats};
+use super::{CopyObserver, CopyStats, ProgressBasis};
 
 /// One copy, ready to run.
 pub(super) struct Job<'a> {
@@ -20,6 +20,11 @@ pub(super) struct Job<'a> {
     pub(super) target: &'a dyn BlockDevice,
     /// Bytes to copy (target offsets `0..len`).
     pub(super) len: u64,
+    /// The progress total (see [`ProgressBasis`]).
+    pub(super) total: u64,
+    pub(super) basis: ProgressBasis,
+    /// The largest step of [`ProgressBasis::Data`] progress.
+    pub(super) step: u64,
     /// Bytes per chunk.
     pub(super) chunk: u64,
     pub(super) workers: usize,
@@ -32,7 +37,24 @@ struct Counters {
     written: AtomicU64,
     zeroed: AtomicU64,
     salvaged: AtomicU64,
-    done: AtomicU64,
+    progress: Mutex<Reported>,
+}
+
+/// Progress reported so far. Chunks are written in any order, but
+/// progress is reported in guest order, under the lock, as far as every
+/// chunk before is written, so that the observer hears the copy go forward
+/// as qemu-img's sequential one does.
+#[derive(Default)]
+struct Reported {
+    /// Bytes of progress reported.
+    done: u64,
+    /// The first chunk not yet written.
+    next: u64,
+    /// Chunks written after chunks before them still pending.
+    waiting: BTreeSet<u64>,
+    /// [`ProgressBasis::Data`]: where the walk over the source's runs
+    /// stands.
+    pos: u64,
 }
 
 impl Counters {
@@ -99,10 +121,70 @@ impl Job<'_> {
         Ok(())
     }
 
-    /// Reports `bytes` more copied.
-    fn advance(&self, counters: &Counters, bytes: u64) {
-        let done = counters.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.observer.progress(done, self.len);
+    /// The progress total of [`ProgressBasis::Data`]: the bytes of every
+    /// run read as data.
+    pub(super) fn data_total(&self) -> Result<u64> {
+        let mut total = 0;
+        let mut pos = 0;
+        while pos < self.len {
+            let (len, counted) = self.planner.data_run(pos, self.len)?;
+            if counted {
+                total += len;
+            }
+            pos += len;
+        }
+        Ok(total)
+    }
+
+    /// Chunk `index` is written: reports the progress every chunk up to
+    /// the first one still pending makes.
+    fn advance(&self, counters: &Counters, index: u64) {
+        let mut reported = counters
+            .progress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        reported.waiting.insert(index);
+        loop {
+            let next = reported.next;
+            if !reported.waiting.remove(&next) {
+                break;
+            }
+            reported.next += 1;
+            if self.basis == ProgressBasis::Range {
+                reported.done = self.bounds(reported.next - 1).1;
+                self.observer.progress(reported.done, self.total);
+            }
+        }
+        if self.basis == ProgressBasis::Data {
+            let written = (reported.next * self.chunk).min(self.len);
+            self.report_data(&mut reported, written);
+        }
+    }
+
+    /// Walks the source's runs up to `written`, reporting each run read
+    /// as data in steps of at most `self.step` from its start.
+    fn report_data(&self, reported: &mut Reported, written: u64) {
+        while reported.pos < written {
+            let (len, counted) = match self.planner.data_run(reported.pos, self.len) {
+                Ok(run) => run,
+                // The copy reports the error; progress stops here.
+                Err(_) => {
+                    reported.pos = self.len;
+                    return;
+                }
+            };
+            if !counted {
+                reported.pos += len;
+                continue;
+            }
+            let step = len.min(self.step);
+            if reported.pos + step > written {
+                return;
+            }
+            reported.pos += step;
+            reported.done += step;
+            self.observer.progress(reported.done, self.total);
+        }
     }
 
     /// Workers plan chunks; this thread takes them in guest order. A
@@ -160,8 +242,7 @@ impl Job<'_> {
                 let result = self.take_in_order(rx, chunks, |index, chunk| {
                     self.write(&chunk, &counters)?;
                     self.recycle(&pool, chunk.buf);
-                    let (start, end) = self.bounds(index);
-                    self.advance(&counters, end - start);
+                    self.advance(&counters, index);
                     Ok(())
                 });
                 if result.is_err() {
@@ -182,8 +263,7 @@ impl Job<'_> {
                         match self.write(&chunk, counters) {
                             Ok(()) => {
                                 self.recycle(pool, chunk.buf);
-                                let (start, end) = self.bounds(index);
-                                self.advance(counters, end - start);
+                                self.advance(counters, index);
                             }
                             Err(e) => {
                                 // Nothing may stay mapped to space that
@@ -297,17 +377,19 @@ impl Job<'_> {
                             } else {
                                 self.planner.plan(start, end, buf).and_then(|chunk| {
                                     self.write(&chunk, &counters)?;
-                                    Ok(chunk.buf)
+                                    Ok(chunk)
                                 })
                             };
                             match result {
-                                Ok(back) => buf = back,
+                                Ok(chunk) => {
+                                    self.advance(&counters, index);
+                                    buf = chunk.buf;
+                                }
                                 Err(e) => {
                                     failed.store(true, Ordering::Relaxed);
                                     return Err(e);
                                 }
                             }
-                            self.advance(&counters, end - start);
                         }
                     })
                 })

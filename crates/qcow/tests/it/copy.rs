@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use qcow::copy::{CopyObserver, CopyOptions, Layers, copy};
+use qcow::copy::{CopyObserver, CopyOptions, Layers, ProgressBasis, copy};
 use qcow::{BlockDevice, CreateOptions, Error, Extent, ImageFormat, Qcow2Image, RawImage};
 use qcow_io::MemStorage;
 
@@ -103,6 +103,56 @@ fn progress_grows_to_the_total_and_a_cancelled_copy_stops() {
         let result = copy(&source, &target, &options, &watcher);
         assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
         assert!(watcher.reports.lock().expect("lock").len() < 12);
+    }
+}
+
+/// `ProgressBasis::Data` counts only the runs read as data, reported in
+/// guest order in steps of at most 2 MiB from each run's start (as
+/// qemu-img's convert counts them), whatever order the chunks are written
+/// in.
+#[test]
+fn data_progress_counts_allocated_runs_in_guest_order() {
+    let (raw, bytes) = source();
+    let sparse = qcow2_target(SIZE, 65536);
+    copy(
+        &raw,
+        &sparse,
+        &CopyOptions::default().target_is_zero(true),
+        &(),
+    )
+    .expect("copy");
+    let mib = 1u64 << 20;
+    // Clusters 0-1, 3 MiB..8 MiB, and the cluster at 11 MiB.
+    let total = 2 * 65536 + 5 * mib + 65536;
+    let expected: Vec<(u64, u64)> = [
+        131072,
+        131072 + 2 * mib,
+        131072 + 4 * mib,
+        131072 + 5 * mib,
+        total,
+    ]
+    .into_iter()
+    .map(|done| (done, total))
+    .collect();
+    for (in_order, workers) in [(true, 1), (true, 3), (false, 3)] {
+        let target = qcow2_target(SIZE, 65536);
+        let watcher = Watcher {
+            reports: Mutex::new(Vec::new()),
+            cancel_after: usize::MAX,
+        };
+        let options = CopyOptions::default()
+            .chunk_size(1 << 20)
+            .workers(workers)
+            .in_order(in_order)
+            .target_is_zero(true)
+            .progress_basis(ProgressBasis::Data);
+        copy(&sparse, &target, &options, &watcher).expect("copy");
+        assert_eq!(
+            watcher.reports.into_inner().expect("lock"),
+            expected,
+            "in order {in_order}, {workers} workers"
+        );
+        assert!(read_all(&target, 1 << 20) == bytes);
     }
 }
 
