@@ -17,10 +17,12 @@ pub(crate) enum Progress {
 }
 
 /// qemu-img's progress lines: a line when the percentage has moved more
-/// than `min_skip` points past the last one printed, or reached 0 or 100.
+/// than `min_skip` points from the last one printed (either way: a job
+/// may find more work and go back), or is 0 or 100. Single precision, as
+/// qemu-img counts.
 pub(crate) struct Lines {
-    min_skip: f64,
-    last: Mutex<f64>,
+    min_skip: f32,
+    last: Mutex<f32>,
 }
 
 impl Progress {
@@ -28,7 +30,7 @@ impl Progress {
     /// says its own total), printing lines `min_skip` percent points apart
     /// (qemu-img uses 1 for convert, commit and amend, 2 for compare and
     /// rebase).
-    pub(crate) fn new(total: u64, min_skip: f64) -> Self {
+    pub(crate) fn new(total: u64, min_skip: f32) -> Self {
         if std::io::stdout().is_terminal() {
             let bar = indicatif::ProgressBar::new(total);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -84,15 +86,15 @@ impl Progress {
     }
 }
 
-fn percent(done: u64, total: u64) -> f64 {
+fn percent(done: u64, total: u64) -> f32 {
     if total == 0 {
         100.0
     } else {
-        done as f64 * 100.0 / total as f64
+        (done as f64 * 100.0 / total as f64).min(100.0) as f32
     }
 }
 
-fn print_line(percent: f64) {
+fn print_line(percent: f32) {
     let mut out = std::io::stdout().lock();
     // Progress output that cannot be written is no reason to fail a copy.
     let _ = write!(out, "    ({percent:.2}/100%)\r");
@@ -111,7 +113,7 @@ impl CopyObserver for Progress {
             Progress::Lines(lines) => {
                 let now = percent(done, total);
                 let mut last = lines.last.lock().unwrap_or_else(PoisonError::into_inner);
-                if now - *last > lines.min_skip || now >= 100.0 {
+                if (now - *last).abs() > lines.min_skip || now >= 100.0 || now == 0.0 {
                     *last = now;
                     print_line(now);
                 }

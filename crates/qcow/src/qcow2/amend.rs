@@ -25,6 +25,7 @@ use qcow_format::header::{
 };
 use qcow_format::table::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, refcount_get};
 
+use super::amend_progress::{AmendProgress, Operation};
 use super::{Qcow2Image, read_l1};
 use crate::{Error, Result};
 
@@ -65,10 +66,11 @@ impl Qcow2Image {
         self.amend_observed(options, &())
     }
 
-    /// [`Qcow2Image::amend`], telling `observer` how many of the steps it
-    /// takes are done (`progress(done, steps)`: a version change, the
-    /// refcount width, the header, the size), as qemu-img amend `-p`
-    /// shows them. Checks come first and report nothing.
+    /// [`Qcow2Image::amend`], telling `observer` how far the version
+    /// change and the new refcount width are, counted as QEMU counts them
+    /// (see [`super::amend_progress`]), so that `amend -p` prints
+    /// qemu-img's lines. Checks come first and report nothing; an amend
+    /// without either operation reports nothing.
     pub fn amend_observed(
         &mut self,
         options: &AmendOptions,
@@ -126,16 +128,17 @@ impl Qcow2Image {
         observer: &dyn crate::copy::CopyObserver,
     ) -> Result<()> {
         // Upgrade, refcount width, header fields, size, downgrade.
-        const STEPS: u64 = 5;
-        let step = |done: u64| observer.progress(done, STEPS);
+        let mut progress = AmendProgress::new(
+            observer,
+            u64::from(version != self.header.version)
+                + u64::from(bits != self.header.refcount_bits()),
+        );
         if version > self.header.version {
-            self.upgrade()?;
+            self.upgrade(&mut progress)?;
         }
-        step(1);
         if bits != self.header.refcount_bits() {
-            self.change_refcount_width(bits)?;
+            self.change_refcount_width(bits, &mut progress)?;
         }
-        step(2);
         let data_file_raw = options.data_file_raw;
         let data_file = options.data_file.clone();
         if data_file_raw.is_some() || data_file.is_some() {
@@ -167,17 +170,14 @@ impl Qcow2Image {
                 })?;
             }
         }
-        step(3);
         if let Some(size) = options.size {
             if size != self.virtual_size {
                 self.resize(size)?;
             }
         }
-        step(4);
         if version < self.header.version {
-            self.downgrade()?;
+            self.downgrade(&mut progress)?;
         }
-        step(STEPS);
         Ok(())
     }
 
@@ -231,11 +231,13 @@ impl Qcow2Image {
     /// Version 2 to 3: snapshot entries get the extra data version 3
     /// requires, then the header (with the feature name table, as QEMU
     /// writes it).
-    fn upgrade(&mut self) -> Result<()> {
+    fn upgrade(&mut self, progress: &mut AmendProgress) -> Result<()> {
+        progress.report(Operation::Upgrade, 0, 2);
         if self.snapshots.iter().any(|s| s.extra_data.len() < 16) {
             let snapshots = self.snapshots.clone();
             self.write_snapshot_table(snapshots)?;
         }
+        progress.report(Operation::Upgrade, 1, 2);
         self.rewrite_header(|h| {
             h.version = 3;
             h.header_length = V3_HEADER_LEN;
@@ -249,7 +251,9 @@ impl Qcow2Image {
                 h.extensions
                     .push(HeaderExtension::FeatureNames(standard_feature_names()));
             }
-        })
+        })?;
+        progress.report(Operation::Upgrade, 2, 2);
+        Ok(())
     }
 
     /// Refuses a downgrade to version 2 the image cannot take.
@@ -329,9 +333,9 @@ impl Qcow2Image {
 
     /// Version 3 to 2 (checked beforehand): zero clusters become clusters
     /// of zeros, then the header loses what version 2 cannot hold.
-    fn downgrade(&mut self) -> Result<()> {
+    fn downgrade(&mut self, progress: &mut AmendProgress) -> Result<()> {
         self.mark_clean()?;
-        self.expand_zero_clusters()?;
+        self.expand_zero_clusters(progress)?;
         // Version 2 cannot keep bitmaps: their clusters leak, as with QEMU
         // (check -r leaks frees them), and writes record nothing. Stored
         // first, then let go, so the header rewrite drops the extension.
@@ -362,65 +366,74 @@ impl Qcow2Image {
     /// otherwise, or none without a backing file (unallocated reads as
     /// zeros there), as QEMU's `qcow2_expand_zero_clusters` does. A table
     /// shared by several L1 tables is changed once, for all of them.
-    fn expand_zero_clusters(&mut self) -> Result<()> {
+    fn expand_zero_clusters(&mut self, progress: &mut AmendProgress) -> Result<()> {
         self.flush()?;
         let cs = self.header.cluster_size();
         let has_backing = self.header.backing_file.is_some();
         let zeros = vec![0u8; cs as usize];
         let mut seen = HashSet::new();
-        for l1 in self.all_l1_tables()? {
-            for l2 in l1.into_iter().map(|e| e & OFFSET_MASK).filter(|&o| o != 0) {
-                if !seen.insert(l2) {
-                    continue;
-                }
-                let mut table = self.read_l2_words(l2)?;
-                let mut changed = false;
-                let mut meta = self.lock_meta()?;
-                let l2_refcount = meta.refcount(l2 >> self.header.cluster_bits)?;
-                for word in table.iter_mut() {
-                    let entry = *word;
-                    if entry & OFLAG_COMPRESSED != 0 || entry & OFLAG_ZERO == 0 {
-                        continue;
-                    }
-                    let host = entry & OFFSET_MASK;
-                    let new = if host != 0 {
-                        self.write_zero_cluster(&zeros, host)?;
-                        host | (entry & OFLAG_COPIED)
-                    } else if !has_backing {
-                        0
-                    } else {
-                        let host = meta.clusters(1)?;
-                        if l2_refcount > 1 {
-                            // Every L1 table sharing the table references it.
-                            let cluster = host >> self.header.cluster_bits;
-                            meta.change_refcount(cluster, (l2_refcount - 1) as i64)?;
-                        }
-                        self.write_zero_cluster(&zeros, host)?;
-                        if l2_refcount == 1 {
-                            host | OFLAG_COPIED
-                        } else {
-                            host
-                        }
-                    };
-                    *word = new;
-                    changed = true;
-                }
-                if changed {
-                    // The new clusters are counted and zeroed before the
-                    // table names them.
-                    meta.flush_refcounts()?;
-                    self.file
-                        .flush()
-                        .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
-                    let bytes: Vec<u8> = table.iter().flat_map(|w| w.to_be_bytes()).collect();
-                    self.file
-                        .write_at(&bytes, l2)
-                        .map_err(|e| Error::io(&self.name, "writing an L2 table", l2, e))?;
-                    self.l2.forget(l2);
-                }
+        let tables = self.all_l1_tables()?;
+        // One step per L1 entry, as QEMU counts it.
+        let entries: u64 = tables.iter().map(|t| t.len() as u64).sum();
+        let mut visited = 0;
+        for l2 in tables.into_iter().flatten().map(|e| e & OFFSET_MASK) {
+            visited += 1;
+            if l2 != 0 && seen.insert(l2) {
+                self.expand_zero_clusters_in(l2, &zeros, has_backing)?;
             }
+            progress.report(Operation::Downgrade, visited, entries);
         }
         self.flush()
+    }
+
+    /// [`Qcow2Image::expand_zero_clusters`] in the L2 table at `l2`.
+    fn expand_zero_clusters_in(&mut self, l2: u64, zeros: &[u8], has_backing: bool) -> Result<()> {
+        let mut table = self.read_l2_words(l2)?;
+        let mut changed = false;
+        let mut meta = self.lock_meta()?;
+        let l2_refcount = meta.refcount(l2 >> self.header.cluster_bits)?;
+        for word in table.iter_mut() {
+            let entry = *word;
+            if entry & OFLAG_COMPRESSED != 0 || entry & OFLAG_ZERO == 0 {
+                continue;
+            }
+            let host = entry & OFFSET_MASK;
+            let new = if host != 0 {
+                self.write_zero_cluster(zeros, host)?;
+                host | (entry & OFLAG_COPIED)
+            } else if !has_backing {
+                0
+            } else {
+                let host = meta.clusters(1)?;
+                if l2_refcount > 1 {
+                    // Every L1 table sharing the table references it.
+                    let cluster = host >> self.header.cluster_bits;
+                    meta.change_refcount(cluster, (l2_refcount - 1) as i64)?;
+                }
+                self.write_zero_cluster(zeros, host)?;
+                if l2_refcount == 1 {
+                    host | OFLAG_COPIED
+                } else {
+                    host
+                }
+            };
+            *word = new;
+            changed = true;
+        }
+        if changed {
+            // The new clusters are counted and zeroed before the
+            // table names them.
+            meta.flush_refcounts()?;
+            self.file
+                .flush()
+                .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
+            let bytes: Vec<u8> = table.iter().flat_map(|w| w.to_be_bytes()).collect();
+            self.file
+                .write_at(&bytes, l2)
+                .map_err(|e| Error::io(&self.name, "writing an L2 table", l2, e))?;
+            self.l2.forget(l2);
+        }
+        Ok(())
     }
 
     fn write_zero_cluster(&self, zeros: &[u8], host: u64) -> Result<()> {
@@ -487,7 +500,12 @@ impl Qcow2Image {
     /// A new refcount structure of `bits`-bit entries holding the current
     /// counts, past the end of the file; the header then names it, and the
     /// old structure's clusters are free.
-    fn change_refcount_width(&mut self, bits: u32) -> Result<()> {
+    fn change_refcount_width(&mut self, bits: u32, progress: &mut AmendProgress) -> Result<()> {
+        // QEMU walks the refcount table three times (allocating, checking
+        // the allocation, writing), one step per entry.
+        let entries =
+            u64::from(self.header.refcount_table_clusters) * self.header.cluster_size() / 8;
+        progress.refcount_walks(entries, 0, 2, 3);
         self.flush()?;
         let cluster_bits = self.header.cluster_bits;
         let mut counts = self.stored_refcounts()?;
@@ -523,6 +541,7 @@ impl Qcow2Image {
             // Bounded by MAX_REFCOUNT_TABLE_BYTES.
             h.refcount_table_clusters = table_clusters as u32;
         })?;
+        progress.refcount_walks(entries, 2, 1, 3);
         // The allocator's refcount cache holds the old width.
         self.restart_write_state()
     }

@@ -20,6 +20,7 @@
 
 mod allocator;
 mod amend;
+mod amend_progress;
 mod backing_file;
 mod bitmap_ops;
 mod bitmaps;
