@@ -558,6 +558,9 @@ impl Qcow2Image {
         let file_clusters = counter.file_len.div_ceil(self.header.cluster_size());
         let end = (counter.base + counter.counts.len() as u64)
             .max(file_clusters.min(counter.base.saturating_add(counter.window)));
+        // Clusters whose leak is repaired to nothing: given back to the file
+        // system afterwards, as QEMU discards them.
+        let mut freed: Vec<u64> = Vec::new();
         for cluster in counter.base..end {
             let on_disk = match self.stored_refcount(&mut stored, cluster) {
                 Ok(n) => n,
@@ -597,6 +600,9 @@ impl Qcow2Image {
                 let set = refcount_set(&mut stored.block, within, self.header.refcount_order, used);
                 if set.is_some() {
                     stored.dirty = true;
+                    if used == 0 {
+                        freed.push(cluster);
+                    }
                     if on_disk > used {
                         counter.report.leaks_fixed += 1;
                     } else {
@@ -616,8 +622,27 @@ impl Qcow2Image {
             self.file
                 .flush()
                 .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
+            self.discard_clusters(&freed);
         }
         Ok((highest, rebuild))
+    }
+
+    /// Gives the clusters `freed` (in order) back to the file system, in
+    /// runs; best effort, as a discard is advice (their refcounts are
+    /// already zero on disk).
+    fn discard_clusters(&self, freed: &[u64]) {
+        let bits = self.header.cluster_bits;
+        let mut i = 0;
+        while i < freed.len() {
+            let mut j = i + 1;
+            while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                j += 1;
+            }
+            let _ = self
+                .file
+                .discard(freed[i] << bits, ((j - i) as u64) << bits);
+            i = j;
+        }
     }
 
     /// QEMU's `qcow2_check_refcounts`: count, compare, repair or rebuild,
@@ -682,12 +707,7 @@ impl Qcow2Image {
             };
             let old = report.clone();
             log("Rebuilding refcount structure");
-            self.write_rebuilt_refcounts(counts.len() as u64, &|c| {
-                usize::try_from(c)
-                    .ok()
-                    .and_then(|i| counts.get(i))
-                    .map_or(0, |&n| u64::from(n))
-            })?;
+            self.write_placed_refcounts(counts)?;
             let all = Pass {
                 base: 0,
                 window: u64::MAX,

@@ -39,6 +39,7 @@ mod overlap;
 mod preallocate;
 mod read;
 mod rebuild;
+mod refcount_placement;
 mod references;
 mod reserve;
 mod resize;

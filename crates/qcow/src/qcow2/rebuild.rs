@@ -124,6 +124,11 @@ impl Qcow2Image {
     ) -> Result<()> {
         let (table_offset, table_clusters) =
             self.write_refcount_structure(used_end, self.header.refcount_order, count)?;
+        self.point_header_at_refcounts(table_offset, table_clusters)
+    }
+
+    /// Points the header at the refcount table at `table_offset`.
+    fn point_header_at_refcounts(&mut self, table_offset: u64, table_clusters: u64) -> Result<()> {
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&table_offset.to_be_bytes());
         // Bounded by MAX_REFCOUNT_TABLE_BYTES.
@@ -224,6 +229,80 @@ impl Qcow2Image {
         self.file_len
             .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
         Ok((table_offset, table_clusters))
+    }
+
+    /// Writes the refcount structure `check -r all` rebuilds from its
+    /// in-memory counts (one per cluster of the file, every use counted,
+    /// the old structure's too), placed as QEMU places it (see
+    /// [`super::refcount_placement`]), then points the header at it. The
+    /// new blocks and table go where nothing is in use, and are on disk
+    /// before the header names them.
+    pub(super) fn write_placed_refcounts(&mut self, mut counts: Vec<u32>) -> Result<()> {
+        let bits = self.header.cluster_bits;
+        let cs = self.header.cluster_size();
+        let order = self.header.refcount_order;
+        let per_block = cs * 8 >> order;
+        let placed = super::refcount_placement::place(&mut counts, per_block, cs / 8);
+        if placed.table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::format(
+                &self.name,
+                qcow_format::FormatError::TooLarge {
+                    structure: "refcount table",
+                    size: placed.table_clusters * cs,
+                    limit: MAX_REFCOUNT_TABLE_BYTES,
+                },
+            ));
+        }
+        let max = if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << order)) - 1
+        };
+        let mut end = 0;
+        for (index, &block) in placed.blocks.iter().enumerate() {
+            if block == 0 {
+                continue;
+            }
+            // One cluster per block.
+            let mut bytes = vec![0u8; cs as usize];
+            let first = index as u64 * per_block;
+            for i in 0..per_block {
+                let n = usize::try_from(first + i)
+                    .ok()
+                    .and_then(|c| counts.get(c))
+                    .map_or(0, |&n| u64::from(n));
+                if n > max {
+                    return Err(Error::RefcountOverflow {
+                        image: self.name.clone(),
+                        cluster: (first + i) << bits,
+                        max,
+                    });
+                }
+                if n > 0 {
+                    refcount_set(&mut bytes, i, order, n);
+                }
+            }
+            let at = block << bits;
+            self.file
+                .write_at(&bytes, at)
+                .map_err(|e| Error::io(&self.name, "writing a refcount block", at, e))?;
+            end = end.max(at + cs);
+        }
+        let mut table = vec![0u8; (placed.table_clusters * cs) as usize];
+        for (entry, &block) in table.chunks_exact_mut(8).zip(&placed.blocks) {
+            entry.copy_from_slice(&(block << bits).to_be_bytes());
+        }
+        let table_offset = placed.table_start << bits;
+        self.file
+            .write_at(&table, table_offset)
+            .map_err(|e| Error::io(&self.name, "writing the refcount table", table_offset, e))?;
+        end = end.max(table_offset + table.len() as u64);
+        self.file
+            .flush()
+            .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
+        self.file_len
+            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
+        self.point_header_at_refcounts(table_offset, placed.table_clusters)
     }
 
     /// Sets `OFLAG_COPIED` on active L1 and L2 entries exactly when their

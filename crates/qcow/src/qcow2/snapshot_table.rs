@@ -60,6 +60,7 @@ impl Qcow2Image {
         } else {
             (old_offset % cluster_size + self.snapshot_table_bytes).div_ceil(cluster_size)
         };
+        let old_start = old_offset - old_offset % cluster_size;
         let new_offset = {
             let mut meta = self.guard(self.lock_meta())?;
             let clusters = (table.len() as u64).div_ceil(cluster_size);
@@ -98,7 +99,6 @@ impl Qcow2Image {
                 }
                 return Err(e);
             }
-            let old_start = old_offset - old_offset % cluster_size;
             for i in 0..old_clusters {
                 meta.pending_frees.push(old_start + i * cluster_size);
             }
@@ -108,7 +108,18 @@ impl Qcow2Image {
         self.header.snapshots_offset = new_offset;
         self.snapshot_table_bytes = unpadded;
         self.snapshots = self.read_snapshot_table(new_offset, count, None)?.snapshots;
-        self.flush()
+        self.flush()?;
+        // The old table's clusters go back to the file system once free,
+        // as QEMU discards them (a damaged table may share a cluster).
+        let meta = self.lock_meta()?;
+        for i in 0..old_clusters {
+            let at = old_start + i * cluster_size;
+            if meta.refcount(at >> self.header.cluster_bits)? == 0 {
+                // Advice only: the cluster is already free.
+                let _ = self.file.discard(at, cluster_size);
+            }
+        }
+        Ok(())
     }
 
     fn sync_file(&self) -> Result<()> {

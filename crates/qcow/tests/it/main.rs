@@ -17,5 +17,6 @@ mod malformed;
 mod model;
 mod oracle;
 mod overlap;
+mod rebuild_crash;
 mod snapshot_table;
 mod write;
