@@ -241,7 +241,7 @@ impl Qcow2Image {
         let bits = self.header.cluster_bits;
         let cs = self.header.cluster_size();
         let order = self.header.refcount_order;
-        let per_block = cs * 8 >> order;
+        let per_block = (cs * 8) >> order;
         let placed = super::refcount_placement::place(&mut counts, per_block, cs / 8);
         if placed.table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES {
             return Err(Error::format(
