@@ -97,7 +97,7 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
     let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
     let mut options = open_options(&args.open, format.as_deref())?;
     options.writable = true;
-    let image = qcow::open(&file, &options)?;
+    let image = crate::open::open(&file, &options)?;
     let Image::Qcow2(mut image) = image else {
         let name = match image {
             Image::Raw(_) => "raw",

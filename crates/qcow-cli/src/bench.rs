@@ -120,7 +120,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode> {
     let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
     let mut options = open_options(&args.open, format.as_deref())?;
     options.writable = args.write;
-    let image = qcow::open(&file, &options)?;
+    let image = crate::open::open(&file, &options)?;
     let image_size = image.virtual_size();
     // Threads beyond the cores only switch: each keeps one request going.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;

@@ -134,7 +134,7 @@ pub(crate) fn run(args: &BitmapArgs) -> Result<ExitCode> {
     options.writable = true;
     // Bitmaps are about this image alone, as qemu-img opens it.
     options.follow_backing = false;
-    let image = qcow::open(&path, &options)?;
+    let image = crate::open::open(&path, &options)?;
     let Image::Qcow2(mut image) = image else {
         bail!(
             "Operation {} on bitmap {bitmap} failed: Cannot add persistent bitmaps to this image format",
@@ -150,7 +150,7 @@ pub(crate) fn run(args: &BitmapArgs) -> Result<ExitCode> {
             )?;
             let mut source_options = open_options(&parsed.flags, source_format.as_deref())?;
             source_options.follow_backing = false;
-            Some(qcow::open(&source_path, &source_options)?)
+            Some(crate::open::open(&source_path, &source_options)?)
         }
         None => None,
     };

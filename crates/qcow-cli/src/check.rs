@@ -65,7 +65,7 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
     let mut options = open_options(&args.open, format.as_deref())?;
     options.repair = repair != Repair::None;
     options.check = true;
-    let image = qcow::open(&file, &options).map_err(|e| match e {
+    let image = crate::open::open(&file, &options).map_err(|e| match e {
         qcow::Error::InvalidOptions(m) => anyhow::anyhow!(
             "Could not open '{}': {}",
             args.file.display(),

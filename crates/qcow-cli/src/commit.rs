@@ -57,7 +57,7 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
     let filename = args.file.display().to_string();
     // Find the base's depth in the chain, and its size.
     let (depth, base_path, base_size, size) = {
-        let chain = qcow::open(&file, &options)?;
+        let chain = crate::open::open(&file, &options)?;
         let size = chain.virtual_size();
         let mut layer = chain.backing();
         let mut depth = 1;
@@ -90,7 +90,7 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
         let mut grow = open_options(&args.open, None)?;
         grow.writable = true;
         grow.follow_backing = false;
-        match qcow::open(&base_path, &grow)? {
+        match crate::open::open(&base_path, &grow)? {
             Image::Qcow2(mut base) => {
                 base.resize(size)?;
                 base.close()?;
@@ -103,7 +103,7 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
     let mut chain_options = options.clone();
     chain_options.writable = !keep;
     chain_options.writable_backing = Some(depth);
-    let mut chain = qcow::open(&file, &chain_options)?;
+    let mut chain = crate::open::open(&file, &chain_options)?;
     let mut base: &dyn BlockDevice = &chain;
     for _ in 0..depth {
         base = base.backing().context("the backing chain changed")?;

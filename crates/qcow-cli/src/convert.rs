@@ -332,7 +332,7 @@ impl CopyObserver for Warner<'_> {
 fn existing_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result<Image> {
     let format = qcow::ImageFormat::from_name(&args.output_format)
         .map_err(|_| anyhow::anyhow!("Unknown file format '{}'", args.output_format))?;
-    let target = qcow::open(
+    let target = crate::open::open(
         dest,
         &open_options(&args.open, None)?
             .writable(true)
@@ -424,7 +424,7 @@ fn qcow2_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Resul
         let path = qcow::relative_to(dest, backing);
         let mut backing_options = open_options(&args.open, Some(format))?;
         backing_options.force_share = true;
-        if let Err(e) = qcow::open(&path, &backing_options) {
+        if let Err(e) = crate::open::open(&path, &backing_options) {
             let cause = match &e {
                 qcow::Error::Open { source, .. } => source.to_string(),
                 other => other.to_string(),
@@ -448,7 +448,7 @@ fn qcow2_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Resul
         let file = unsynced_output(dest)?;
         Qcow2Image::create(&file, &options)?;
     }
-    let dest = qcow::open(
+    let dest = crate::open::open(
         dest,
         &OpenOptions::default()
             .writable(true)
@@ -471,7 +471,7 @@ fn qcow_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result
     } else {
         qcow::QcowImage::create(&unsynced_output(dest)?, &options)?;
     }
-    Ok(qcow::open(
+    Ok(crate::open::open(
         dest,
         &OpenOptions::default()
             .writable(true)

@@ -106,7 +106,7 @@ pub(crate) fn run(args: &DdArgs) -> Result<ExitCode> {
             let file = qcow::create_file(&ops.output)?;
             file.set_len(len)?;
             drop(file);
-            Box::new(qcow::open(
+            Box::new(crate::open::open(
                 &ops.output,
                 &OpenOptions::default()
                     .writable(true)
@@ -115,7 +115,7 @@ pub(crate) fn run(args: &DdArgs) -> Result<ExitCode> {
         }
         "qcow2" => {
             qcow::create(&ops.output, &qcow::CreateOptions::new(len))?;
-            Box::new(qcow::open(
+            Box::new(crate::open::open(
                 &ops.output,
                 &OpenOptions::default()
                     .writable(true)
@@ -124,7 +124,7 @@ pub(crate) fn run(args: &DdArgs) -> Result<ExitCode> {
         }
         "qcow" => {
             qcow::create_qcow(&ops.output, &qcow::CreateOptions::new(len))?;
-            Box::new(qcow::open(
+            Box::new(crate::open::open(
                 &ops.output,
                 &OpenOptions::default()
                     .writable(true)

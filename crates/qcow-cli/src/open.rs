@@ -309,5 +309,20 @@ pub(crate) fn open_image(
     }
     options.snapshot = snapshot.map(str::to_owned);
     options.copy_source = copy_source;
-    Ok(qcow::open(path, &options)?)
+    Ok(open(path, &options)?)
+}
+
+/// [`qcow::open`], printing on standard error what repairing a dirty image
+/// took (QEMU's check lines, which qemu-img prints while it opens one for
+/// writing), for every layer.
+pub(crate) fn open(path: &Path, options: &OpenOptions) -> qcow::Result<Image> {
+    let image = qcow::open(path, options)?;
+    let mut layer: Option<&dyn BlockDevice> = Some(&image);
+    while let Some(device) = layer {
+        for line in device.repairs_on_open() {
+            eprintln!("{line}");
+        }
+        layer = device.backing();
+    }
+    Ok(image)
 }

@@ -105,7 +105,7 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
     }
     options.writable = true;
     options.follow_backing = safe;
-    let image = qcow::open(&file, &options)?;
+    let image = crate::open::open(&file, &options)?;
     // As qemu-img: the format's compression is asked about first.
     if args.compress && image.compressed_writes().is_none() {
         bail!("Compression not supported for this file format");
@@ -134,7 +134,7 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
                 let mut backing_options = open_options(&args.open, None)?;
                 backing_options.format = backing_format;
                 let path = qcow::relative_to(&file, name);
-                let opened = qcow::open(&path, &backing_options).map_err(|e| {
+                let opened = crate::open::open(&path, &backing_options).map_err(|e| {
                     anyhow::Error::new(e)
                         .context(format!("Could not open new backing file '{name}'"))
                 })?;

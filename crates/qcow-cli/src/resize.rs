@@ -56,7 +56,7 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
         _ => (0, args.size.as_str()),
     };
     let n = i128::from(option_size("size", value)?);
-    let image = qcow::open(&file, &options)?;
+    let image = crate::open::open(&file, &options)?;
     let current = image.virtual_size();
     let total = match sign {
         0 => n,

@@ -134,7 +134,7 @@ pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
     let mut options = open_options(&args.open, format.as_deref())?;
     options.writable = !read_only;
     options.snapshot = snapshot;
-    let image = qcow::open(&file, &options).map_err(|e| match e {
+    let image = crate::open::open(&file, &options).map_err(|e| match e {
         qcow::Error::SnapshotNotFound { .. } => {
             anyhow::anyhow!("Failed to load snapshot: Can't find snapshot")
         }

@@ -80,7 +80,7 @@ pub(crate) fn run(args: &SnapshotArgs) -> Result<ExitCode> {
     let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
     let mut options = open_options(&args.open, format.as_deref())?;
     options.writable = writable;
-    let image = qcow::open(&file, &options)?;
+    let image = crate::open::open(&file, &options)?;
     let Image::Qcow2(mut image) = image else {
         // Formats without internal snapshots list none, and refuse the
         // rest as qemu-img does.

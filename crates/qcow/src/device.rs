@@ -144,6 +144,14 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// What repairing the image took when it was opened (a qcow2 image
+    /// left dirty by a crash with lazy refcounts is checked and repaired
+    /// when opened for writing): QEMU's check lines, which qemu-img prints
+    /// on standard error. The default: nothing was repaired.
+    fn repairs_on_open(&self) -> &[String] {
+        &[]
+    }
+
     /// Whether the image takes writes (it was opened for writing).
     fn is_writable(&self) -> bool {
         false

@@ -58,6 +58,9 @@ impl BlockDevice for Image {
     fn data_name(&self) -> &str {
         self.device().data_name()
     }
+    fn repairs_on_open(&self) -> &[String] {
+        self.device().repairs_on_open()
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.device().write_at(buf, offset)
     }

@@ -9,8 +9,8 @@ use std::process::Output;
 
 use qcow::format::header::field;
 
+use super::{assert_check_clean, qcow, qemu_img, stdout};
 use super::{p, qemu_io, stderr};
-use super::{qcow, qemu_img, stdout};
 
 /// An image file's bytes with helpers to find and poke its structures.
 struct Bytes {
@@ -660,5 +660,73 @@ fn writers_clear_unknown_autoclear_bits_as_qemu_img() {
         assert_eq!(bits[0], bits[1], "{args:?}: qcow's bits, then qemu-img's");
         let writes = args[0] == "resize" || args.contains(&"-r");
         assert_eq!(bits[0] & 1 << 63 == 0, writes, "{args:?}");
+    }
+}
+
+/// An image a writer left dirty (lazy refcounts, killed after a flush):
+/// the refcounts of its new clusters were never written.
+fn killed_writer_image(path: &Path) {
+    let made = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        p(path),
+        "64M",
+    ]);
+    assert!(made.status.success());
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x2a 0 128k",
+            "-c",
+            "flush",
+            "-c",
+            "sigraise 9",
+            p(path),
+        ])
+        .output()
+        .expect("qemu-io is required");
+    assert!(!out.status.success(), "qemu-io was not killed");
+}
+
+/// iotest 061: opening a dirty image for writing repairs it with the
+/// check, whose lines qemu-img prints on standard error; the repaired
+/// file is qemu-img's, and the command then does its work on it.
+#[test]
+fn dirty_images_are_repaired_on_open_as_qemu_img_repairs_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [
+        &["amend", "-o", "compat=0.10"][..],
+        &["resize"],
+        &["snapshot", "-c", "snap"],
+    ] {
+        let ours = dir.path().join("ours.qcow2");
+        let theirs = dir.path().join("theirs.qcow2");
+        killed_writer_image(&ours);
+        std::fs::copy(&ours, &theirs).expect("copy");
+        let run = |tool: fn(&[&str]) -> Output, path: &Path| {
+            let size: &[&str] = if args[0] == "resize" { &["+1M"] } else { &[] };
+            tool(&[args, &[p(path)], size].concat())
+        };
+        let (a, b) = (run(qcow, &ours), run(qemu_img, &theirs));
+        assert_eq!(a.status.code(), b.status.code(), "{args:?}: {}", stderr(&a));
+        assert!(
+            stderr(&b).contains("Rebuilding refcount structure"),
+            "{args:?}: qemu-img repaired nothing: {}",
+            stderr(&b)
+        );
+        assert_eq!(stderr(&a), stderr(&b), "{args:?}");
+        assert_eq!(stdout(&a), stdout(&b), "{args:?}");
+        assert_check_clean(&ours);
+        if args[0] != "snapshot" {
+            // A snapshot's date differs; the rest is byte for byte.
+            assert!(
+                std::fs::read(&ours).expect("read") == std::fs::read(&theirs).expect("read"),
+                "{args:?}: the files differ"
+            );
+        }
     }
 }

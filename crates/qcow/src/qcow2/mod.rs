@@ -96,6 +96,9 @@ pub struct Qcow2Image {
     /// Bytes of the snapshot table from its start to the end of the last
     /// entry's name, as read (QEMU's `snapshots_size`).
     snapshot_table_bytes: u64,
+    /// What the repair of a dirty image reported when it was opened for
+    /// writing (QEMU's check lines).
+    open_repairs: Vec<String>,
     bitmaps: Vec<BitmapEntry>,
     /// The image file's length; grows as clusters are allocated.
     file_len: AtomicU64,
@@ -201,6 +204,7 @@ impl Qcow2Image {
             backing: None,
             snapshots: Vec::new(),
             snapshot_table_bytes: 0,
+            open_repairs: Vec::new(),
             bitmaps: Vec::new(),
             file_len: AtomicU64::new(file_len),
             sparse_file: std::sync::OnceLock::new(),

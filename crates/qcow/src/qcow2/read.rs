@@ -305,6 +305,10 @@ impl BlockDevice for Qcow2Image {
         ImageFormat::Qcow2
     }
 
+    fn repairs_on_open(&self) -> &[String] {
+        &self.open_repairs
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         Some(self.header.cluster_size())
     }

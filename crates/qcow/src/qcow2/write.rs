@@ -22,6 +22,7 @@ use qcow_format::table::{L2Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED}
 use qcow_io::Storage;
 
 use super::allocator::{Allocation, Allocator, Meta, Owner, RefBlockWriter};
+use super::check::Repair;
 use super::l2_tables::empty_table;
 use super::metadata_map::MetadataMap;
 use super::{L2Table, Qcow2Image};
@@ -158,11 +159,25 @@ impl Qcow2Image {
             });
         }
         if self.header.dirty() {
-            // Refcounts may be stale after a crash with lazy refcounts. The
-            // rebuild rewrites L1 and L2 entries: first make sure no table
-            // is another structure in disguise.
+            // Refcounts may be stale after a crash with lazy refcounts:
+            // repaired by the check, as QEMU repairs them on open. The
+            // repair rewrites refcounts and L1 and L2 entries: first make
+            // sure no table is another structure in disguise.
             self.check_structures_apart_on_disk()?;
-            self.rebuild_refcounts()?;
+            let mut lines = Vec::new();
+            let report = self.check(Repair::All, &mut |line| lines.push(line.to_owned()))?;
+            self.open_repairs = lines;
+            if report.corruptions > 0 || report.check_errors > 0 || self.header.dirty() {
+                return Err(Error::Corrupt {
+                    image: self.name.clone(),
+                    table: "refcount structure",
+                    offset: self.header.refcount_table_offset,
+                    reason: format!(
+                        "could not repair the dirty image ({} corruptions, {} check errors left)",
+                        report.corruptions, report.check_errors
+                    ),
+                });
+            }
         }
         self.install_write_state(cache_bytes)?;
         self.clear_unknown_autoclear()?;
