@@ -1,5 +1,7 @@
-//! `cargo xtask bench [--size-gib N] [--runs N] [--qcow PATH]`: times
-//! `qcow convert -O raw` against `qemu-img convert -O raw` on large images.
+//! `cargo xtask bench [--size-gib N] [--runs N] [--qcow PATH] [--only
+//! GROUPS]`: times `qcow convert -O raw` against `qemu-img convert -O raw`
+//! on large images, then the write, check and engine (`bench`) jobs;
+//! `--only read,write,check,engine` runs some of the groups.
 //!
 //! The `qcow` binary is built first with `cargo build --release -p qcow-cli`
 //! unless `--qcow PATH` names a binary to use instead (anything accepting
@@ -48,6 +50,16 @@ struct Options {
     runs: usize,
     /// Binary to benchmark instead of building `qcow-cli`.
     qcow: Option<PathBuf>,
+    /// Only these groups of jobs (`read`, `write`, `check`, `engine`);
+    /// empty: all.
+    only: Vec<String>,
+}
+
+impl Options {
+    /// Whether the group of jobs `name` runs.
+    fn runs_group(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == name)
+    }
 }
 
 impl Options {
@@ -58,6 +70,7 @@ impl Options {
             size_gib: 1,
             runs: 5,
             qcow: None,
+            only: Vec::new(),
         };
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
@@ -86,9 +99,18 @@ impl Options {
                     ensure!(opts.runs >= 1, "--runs must be at least 1");
                 }
                 "--qcow" => opts.qcow = Some(PathBuf::from(value(flag)?)),
+                "--only" => {
+                    for group in value(flag)?.split(',') {
+                        ensure!(
+                            ["read", "write", "check", "engine"].contains(&group),
+                            "bad --only group `{group}` (read, write, check, engine)"
+                        );
+                        opts.only.push(group.to_owned());
+                    }
+                }
                 other => bail!(
                     "unknown argument `{other}` for `bench` \
-                     (expected: [--size-gib N] [--runs N] [--qcow PATH])"
+                     (expected: [--size-gib N] [--runs N] [--qcow PATH] [--only GROUPS])"
                 ),
             }
         }
@@ -149,7 +171,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let out_qcow = work.join("out-qcow.raw");
     let out_qemu = work.join("out-qemu-img.raw");
     let mut results = Vec::new();
-    for image in &images {
+    let read_images: &[BenchImage] = if opts.runs_group("read") {
+        &images
+    } else {
+        &[]
+    };
+    for image in read_images {
         let path = work.join(&image.name);
         let mut ours = convert_command(&qcow, &path, &out_qcow);
         let mut theirs = convert_command(Path::new("qemu-img"), &path, &out_qemu);
@@ -170,9 +197,22 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             same,
         });
     }
-    print_table(&results);
-    let writes = run_write_jobs(&work, &qcow, size, opts.runs)?;
-    let checks = crate::bench_check::run(&work, &qcow, opts.runs)?;
+    if !results.is_empty() {
+        print_table(&results);
+    }
+    let writes = if opts.runs_group("write") {
+        run_write_jobs(&work, &qcow, size, opts.runs)?
+    } else {
+        Vec::new()
+    };
+    let checks = if opts.runs_group("check") {
+        crate::bench_check::run(&work, &qcow, opts.runs)?
+    } else {
+        Vec::new()
+    };
+    if opts.runs_group("engine") {
+        crate::bench_engine::run(&work, &qcow, &work.join(&images[0].name), opts.runs)?;
+    }
     if checks.iter().any(|c| !c.same()) {
         bail!("some `qcow check` reports differ from qemu-img's (see the table)");
     }
