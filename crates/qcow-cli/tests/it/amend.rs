@@ -139,6 +139,11 @@ fn refcount_widths_lazy_refcounts_and_size_match_qemu_img() {
             amend_both(&ours, &theirs, &format!("refcount_bits={bits}")),
             Some(0)
         );
+        // The new structure lies where QEMU puts it: the files are the same.
+        assert!(
+            std::fs::read(&ours).expect("read") == std::fs::read(&theirs).expect("read"),
+            "refcount_bits={bits}: the files differ"
+        );
     }
     for options in [
         "lazy_refcounts=on",
@@ -153,6 +158,39 @@ fn refcount_widths_lazy_refcounts_and_size_match_qemu_img() {
     assert_eq!(amend_both(&ours, &theirs, "compat=0.10"), Some(1));
     let both = "compat=0.10,refcount_bits=16,lazy_refcounts=off";
     assert_eq!(amend_both(&ours, &theirs, both), Some(0));
+}
+
+/// iotest 112: a refcount width whose first new block has exactly one free
+/// entry needs a fourth walk; the file and the progress (66.67% back to
+/// 50.00%) are qemu-img's.
+#[test]
+fn refcount_width_changes_that_need_more_walks_match_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ours, theirs) = pair(dir.path(), |f| {
+        let args = [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=1,cluster_size=512",
+            p(f),
+            "64k",
+        ];
+        assert!(qemu_img(&args).status.success());
+        qemu_io(f, &["write 0 29696"]);
+    });
+    let a = qcow(&["amend", "-p", "-o", "refcount_bits=64", p(&ours)]);
+    let b = qemu_img(&["amend", "-p", "-o", "refcount_bits=64", p(&theirs)]);
+    assert!(a.status.success() && b.status.success(), "{}", stderr(&a));
+    assert_eq!(stdout(&a), stdout(&b));
+    assert!(
+        stdout(&a).contains("(66.67/100%)\r    (50.00/100%)"),
+        "{}",
+        stdout(&a)
+    );
+    assert!(std::fs::read(&ours).expect("read") == std::fs::read(&theirs).expect("read"));
+    assert_check_clean(&ours);
 }
 
 #[test]

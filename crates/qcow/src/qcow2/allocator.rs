@@ -504,6 +504,38 @@ impl Allocation<'_> {
             })
     }
 
+    /// The refcount table as it stands (block offsets).
+    pub(super) fn reftable(&self) -> &[u64] {
+        &self.meta.reftable
+    }
+
+    /// Where the refcount table lives.
+    pub(super) fn reftable_offset(&self) -> u64 {
+        self.meta.reftable_offset
+    }
+
+    /// Every count of refcount block `index` (the clusters it covers, in
+    /// order), or `None` when the table names no block there.
+    pub(super) fn block_counts(&self, index: u64) -> Result<Option<Vec<u64>>> {
+        let block_offset = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.meta.reftable.get(i))
+            .copied()
+            .unwrap_or(0);
+        if block_offset == 0 {
+            return Ok(None);
+        }
+        let block = self.refblock(block_offset)?;
+        let bytes = block.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let order = self.alloc.refcount_order;
+        let entries = (bytes.len() as u64 * 8) >> order;
+        Ok(Some(
+            (0..entries)
+                .map(|i| refcount_get(&bytes, i, order).unwrap_or(0))
+                .collect(),
+        ))
+    }
+
     /// Writes every dirty refcount block.
     pub(super) fn flush_refcounts(&self) -> Result<()> {
         self.alloc.flush_refcounts()

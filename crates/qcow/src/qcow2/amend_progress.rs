@@ -7,8 +7,8 @@
 //!
 //! - An upgrade reports 0, 1 and 2 of 2 steps: before, after the snapshot
 //!   table, after the header.
-//! - A new refcount width reports the three walks over the refcount table
-//!   QEMU normally needs (one step per table entry).
+//! - A new refcount width reports its walks over the refcount table (one
+//!   step per table entry; see [`super::refcount_width`]).
 //! - A downgrade reports one step per L1 entry of the active and every
 //!   snapshot's L1 table.
 
@@ -62,24 +62,5 @@ impl<'a> AmendProgress<'a> {
         let projected = current.saturating_mul(remaining) / (self.completed + 1);
         self.observer
             .progress(self.offset_completed + offset, current + projected);
-    }
-
-    /// The walks over a refcount table of `entries` entries a new refcount
-    /// width takes in QEMU (`walks` from `first`, of `total`).
-    pub(super) fn refcount_walks(&mut self, entries: u64, first: u64, walks: u64, total: u64) {
-        for walk in first..first + walks {
-            for entry in 0..entries {
-                self.report(
-                    Operation::RefcountWidth,
-                    walk * entries + entry,
-                    total * entries,
-                );
-            }
-            self.report(
-                Operation::RefcountWidth,
-                (walk + 1) * entries,
-                total * entries,
-            );
-        }
     }
 }

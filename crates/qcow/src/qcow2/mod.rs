@@ -40,6 +40,7 @@ mod preallocate;
 mod read;
 mod rebuild;
 mod refcount_placement;
+mod refcount_width;
 mod references;
 mod reserve;
 mod resize;

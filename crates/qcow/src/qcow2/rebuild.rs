@@ -1,9 +1,8 @@
-//! Writing new refcount structures: the one `check -r all` rebuilds from
-//! its counts (placed as QEMU places it, in clusters nothing uses; see
-//! [`super::refcount_placement`]) and the one a new refcount width needs
-//! (written past the end of the file). Either is on disk before the header
-//! is switched to it in one write, so a crash leaves the old structure in
-//! place. Also the raw reading of L2 tables that repairs rewrite.
+//! Writing the refcount structure `check -r all` rebuilds from its counts
+//! (placed as QEMU places it, in clusters nothing uses; see
+//! [`super::refcount_placement`]): on disk before the header is switched to
+//! it in one write, so a crash leaves the old structure in place. Also the
+//! raw reading of L2 tables that repairs rewrite.
 
 use qcow_format::limits::MAX_REFCOUNT_TABLE_BYTES;
 use qcow_format::table::refcount_set;
@@ -52,89 +51,6 @@ impl Qcow2Image {
         self.header.refcount_table_offset = table_offset;
         self.header.refcount_table_clusters = table_clusters as u32;
         Ok(())
-    }
-
-    /// Writes refcount blocks of width `2^order` bits and a table holding
-    /// `count(cluster)` for every cluster below `used_end` (plus their own
-    /// clusters) past the end of the file, and flushes them; nothing points
-    /// at them yet. Returns the table's offset and clusters.
-    pub(super) fn write_refcount_structure(
-        &mut self,
-        used_end: u64,
-        order: u32,
-        count: &dyn Fn(u64) -> u64,
-    ) -> Result<(u64, u64)> {
-        let bits = self.header.cluster_bits;
-        let cs = self.header.cluster_size();
-        let per_block = cs * 8 / (1u64 << order);
-        let start = used_end.max(1).max(self.file_len().div_ceil(cs));
-        let (mut table_clusters, mut blocks) = (1u64, 1u64);
-        loop {
-            let end = start + table_clusters + blocks;
-            let b = end.div_ceil(per_block);
-            let t = (b * 8).div_ceil(cs);
-            if (b, t) == (blocks, table_clusters) {
-                break;
-            }
-            (blocks, table_clusters) = (b, t);
-        }
-        if table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::format(
-                &self.name,
-                qcow_format::FormatError::TooLarge {
-                    structure: "refcount table",
-                    size: table_clusters * cs,
-                    limit: MAX_REFCOUNT_TABLE_BYTES,
-                },
-            ));
-        }
-        let table_start = start;
-        let blocks_start = start + table_clusters;
-        let max = if order == 6 {
-            u64::MAX
-        } else {
-            (1u64 << (1 << order)) - 1
-        };
-        for block in 0..blocks {
-            // One cluster per block.
-            let mut bytes = vec![0u8; cs as usize];
-            for i in 0..per_block {
-                let c = block * per_block + i;
-                let own = u64::from(c >= table_start && c < blocks_start + blocks);
-                let n = if c < used_end { count(c) } else { 0 } + own;
-                if n > max {
-                    return Err(Error::RefcountOverflow {
-                        image: self.name.clone(),
-                        cluster: c << bits,
-                        max,
-                    });
-                }
-                if n > 0 {
-                    refcount_set(&mut bytes, i, order, n);
-                }
-            }
-            let at = (blocks_start + block) << bits;
-            self.file
-                .write_at(&bytes, at)
-                .map_err(|e| Error::io(&self.name, "writing a refcount block", at, e))?;
-        }
-        let table: Vec<u8> = (0..blocks)
-            .flat_map(|b| ((blocks_start + b) << bits).to_be_bytes())
-            .collect();
-        let table_offset = table_start << bits;
-        self.file
-            .write_at(&table, table_offset)
-            .map_err(|e| Error::io(&self.name, "writing the refcount table", table_offset, e))?;
-        self.file
-            .flush()
-            .map_err(|e| Error::io(&self.name, "flushing", 0, e))?;
-        let end = (blocks_start + blocks) << bits;
-        self.file
-            .set_len(end.max(self.file_len()))
-            .map_err(|e| Error::io(&self.name, "sizing the file", end, e))?;
-        self.file_len
-            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
-        Ok((table_offset, table_clusters))
     }
 
     /// Writes the refcount structure `check -r all` rebuilds from its
