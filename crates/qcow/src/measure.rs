@@ -155,6 +155,17 @@ fn prealloc_size(virtual_size: u64, cluster: u64, options: &CreateOptions, l2_en
 /// Bytes of refcount blocks and table that count `clusters` clusters and
 /// themselves: the fixed point QEMU's `qcow2_refcount_metadata_size` finds.
 pub(crate) fn refcount_metadata_size(clusters: u64, cluster: u64, refcount_order: u32) -> u64 {
+    let (blocks, table) = refcount_structure_clusters(clusters, cluster, refcount_order);
+    (blocks + table) * cluster
+}
+
+/// The refcount blocks and table clusters that count `clusters` clusters
+/// and themselves (QEMU's fixed point, exact size).
+pub(crate) fn refcount_structure_clusters(
+    clusters: u64,
+    cluster: u64,
+    refcount_order: u32,
+) -> (u64, u64) {
     let per_table_cluster = cluster / 8;
     let per_block = (cluster * 8) >> refcount_order;
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
@@ -164,10 +175,9 @@ pub(crate) fn refcount_metadata_size(clusters: u64, cluster: u64, refcount_order
         table = blocks.div_ceil(per_table_cluster);
         n = clusters + blocks + table;
         if n == last {
-            break;
+            return (blocks, table);
         }
     }
-    (blocks + table) * cluster
 }
 
 /// Bytes the bitmaps would take: each bitmap's data and table, whole

@@ -485,6 +485,123 @@ impl Allocation<'_> {
         Ok(())
     }
 
+    /// QEMU's `qcow2_refcount_area` (exact size): refcount blocks for
+    /// every block index that `start + additional` clusters and the
+    /// blocks and table themselves need, the missing ones placed at
+    /// cluster `start` (past everything in use) and a new refcount table
+    /// right after them, all counted once; the header is switched to the
+    /// table and the old table freed. Returns the cluster after the table,
+    /// where the space the caller counted on begins.
+    pub(super) fn refcount_area(&mut self, start: u64, additional: u64) -> Result<u64> {
+        let bits = self.alloc.cluster_bits;
+        let cluster_size = self.alloc.cluster_size();
+        let per_block = 1u64 << self.refblock_shift();
+        let per_table_cluster = cluster_size / 8;
+        let (blocks_total, _) = crate::measure::refcount_structure_clusters(
+            start + additional,
+            cluster_size,
+            self.alloc.refcount_order,
+        );
+        let table_entries = blocks_total.next_multiple_of(per_table_cluster);
+        let table_clusters = table_entries / per_table_cluster;
+        if table_entries * 8 > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::NoSpace {
+                image: self.alloc.name.clone(),
+                what: "the refcount table",
+                limit: MAX_REFCOUNT_TABLE_BYTES,
+            });
+        }
+        let area_index = start / per_block;
+        let mut table = self.meta.reftable.clone();
+        // As QEMU: a table longer than needed loses entries that can only
+        // cover space past `start`, where nothing is in use.
+        table.resize(table_entries as usize, 0);
+        let new_blocks = (area_index..blocks_total)
+            .filter(|&i| table[i as usize] == 0)
+            .count() as u64;
+        let table_start = start + new_blocks;
+        let end = table_start + table_clusters;
+        self.check_clusters_end(end)?;
+        self.check_overlap(start, end - start, "a new refcount area")?;
+        let order = self.alloc.refcount_order;
+        let mut next_block = start;
+        for i in area_index..blocks_total {
+            let slot = i as usize;
+            let block = if table[slot] == 0 {
+                table[slot] = next_block << bits;
+                next_block += 1;
+                Arc::new(RefBlock::new(
+                    vec![0u8; cluster_size as usize].into_boxed_slice(),
+                ))
+            } else {
+                self.refblock(table[slot])?
+            };
+            let first = i * per_block;
+            if first < end {
+                for c in first.max(start)..end.min(first + per_block) {
+                    block.set(c - first, order, 1).ok_or_else(|| {
+                        self.corrupt("refcount block", table[slot], "index out of range".into())
+                    })?;
+                }
+            }
+            self.alloc
+                .refcounts
+                .insert_dirty(table[slot], block)
+                .map_err(|e| {
+                    Error::cache_io(&self.alloc.name, "caching a refcount block", table[slot], e)
+                })?;
+        }
+        self.meta.end = self.meta.end.max(end);
+        self.grow_file_len();
+        self.owner
+            .metadata_placed(start << bits, (end - start) << bits);
+        // Blocks first, then the table, then the header that points at it.
+        self.alloc.flush_refcounts()?;
+        let table_offset = table_start << bits;
+        let encoded: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let sync = |e| Error::io(&self.alloc.name, "flushing", 0, e);
+        self.alloc
+            .file
+            .write_at(&encoded, table_offset)
+            .map_err(|e| {
+                Error::io(
+                    &self.alloc.name,
+                    "writing the refcount table",
+                    table_offset,
+                    e,
+                )
+            })?;
+        self.alloc.file.flush().map_err(sync)?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
+        // At most MAX_REFCOUNT_TABLE_BYTES / 512 clusters.
+        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        let at = qcow_format::header::field::REFCOUNT_TABLE_OFFSET;
+        self.alloc
+            .file
+            .write_at(&fields, at)
+            .map_err(|e| Error::io(&self.alloc.name, "writing the header", at, e))?;
+        self.alloc.file.flush().map_err(sync)?;
+        let old_offset = self.meta.reftable_offset;
+        let old_clusters = (self.meta.reftable.len() as u64 * 8).div_ceil(cluster_size);
+        self.meta.reftable = table;
+        self.meta.reftable_offset = table_offset;
+        for i in 0..old_clusters {
+            self.change_refcount((old_offset >> bits) + i, -1)?;
+        }
+        Ok(end)
+    }
+
+    /// Counts clusters `start..start + n` as used (refcount 1), where the
+    /// caller placed them (QEMU's `qcow2_alloc_clusters_at`: the search
+    /// for free clusters is not moved).
+    pub(super) fn claim_clusters(&mut self, start: u64, n: u64) -> Result<()> {
+        let hint = self.meta.free_hint;
+        self.take_clusters(start, n)?;
+        self.meta.free_hint = hint;
+        Ok(())
+    }
+
     /// The refcount of cluster number `cluster` (0 where no block counts it).
     pub(super) fn refcount(&self, cluster: u64) -> Result<u64> {
         let shift = self.refblock_shift();
@@ -502,6 +619,11 @@ impl Allocation<'_> {
             .ok_or_else(|| {
                 self.corrupt("refcount block", block_offset, "index out of range".into())
             })
+    }
+
+    /// The cluster number past the last cluster known to be in use.
+    pub(super) fn end(&self) -> u64 {
+        self.meta.end
     }
 
     /// The refcount table as it stands (block offsets).

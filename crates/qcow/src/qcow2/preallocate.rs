@@ -6,7 +6,6 @@ use qcow_format::table::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use qcow_io::Storage;
 
 use super::Qcow2Image;
-use super::write::ALL_ALLOCATED;
 use crate::{Error, Result};
 
 impl Qcow2Image {
@@ -84,14 +83,17 @@ impl Qcow2Image {
         if mode == Preallocation::Off || start >= end {
             return Ok(());
         }
-        let mut meta = self.lock_meta()?;
         let cluster_size = self.header.cluster_size();
+        if matches!(mode, Preallocation::Falloc | Preallocation::Full)
+            && !self.header.has_data_file()
+            && start % cluster_size == 0
+            && self.nothing_mapped(start, end)?
+        {
+            return self.preallocate_area(start, end, mode, zeroed_from);
+        }
+        let mut meta = self.lock_meta()?;
         let entries = self.header.l2_entries();
         let extended = self.geometry.extended_l2;
-        // With a backing file, subclusters stay as they are (unallocated
-        // ones show the backing file, zeroed ones read zeros): only the host
-        // cluster is set aside, as QEMU preallocates over a backing file.
-        let has_backing = self.header.backing_file.is_some();
         let mut guest = start - start % cluster_size;
         let words = self.geometry.l2_entry_words();
         while guest < end {
@@ -133,14 +135,10 @@ impl Qcow2Image {
             for i in 0..n {
                 let entry = (host + i * cluster_size) | OFLAG_COPIED;
                 let at = guest + i * cluster_size;
-                let bitmap = if !extended {
-                    0
-                } else if has_backing || at < start {
-                    // The cluster's subclusters as they were.
-                    word(at, 1)
-                } else {
-                    ALL_ALLOCATED
-                };
+                // With extended L2 entries, the subclusters stay as they
+                // were (unallocated ones read as zeros, or show the backing
+                // file), as QEMU preallocates them.
+                let bitmap = if extended { word(at, 1) } else { 0 };
                 self.set_l2_words(&mut meta, l2_offset, &table, at, entry, bitmap)?;
             }
             let data = self.data_storage()?;
@@ -169,6 +167,119 @@ impl Qcow2Image {
                 .map_err(|e| Error::io(&self.name, "sizing the image", end, e))?;
         } else if len > end && zeroed_from.is_some() {
             let clusters = meta.end;
+            meta.truncate_file(clusters)?;
+        }
+        drop(meta);
+        self.flush()
+    }
+}
+
+impl Qcow2Image {
+    /// Whether no cluster of guest bytes `start..end` is mapped in this
+    /// image (no host cluster, no compressed data, no zero flag).
+    fn nothing_mapped(&self, start: u64, end: u64) -> Result<bool> {
+        let cluster_size = self.header.cluster_size();
+        let entries = self.header.l2_entries();
+        let words = self.geometry.l2_entry_words();
+        let mut guest = start - start % cluster_size;
+        while guest < end {
+            let l1_index = self.geometry.l1_index(guest);
+            let span = entries * cluster_size;
+            let table_end = (guest - guest % span + span).min(end);
+            let l2_offset = self.l1_entry(l1_index) & OFFSET_MASK;
+            if l2_offset != 0 {
+                let table = self.l2_table(l1_index, l2_offset)?;
+                while guest < table_end {
+                    let at = self.geometry.l2_index(guest) * words;
+                    let mapped = (0..words).any(|w| {
+                        table
+                            .get(at + w)
+                            .is_some_and(|e| e.load(std::sync::atomic::Ordering::Acquire) != 0)
+                    });
+                    if mapped {
+                        return Ok(false);
+                    }
+                    guest += cluster_size;
+                }
+            }
+            guest = table_end.next_multiple_of(cluster_size).max(guest);
+        }
+        Ok(true)
+    }
+
+    /// `falloc` and `full` preallocation of guest bytes `start..end`
+    /// (`start` on a cluster boundary, no external data file), laid out as
+    /// QEMU's `qcow2_co_truncate` lays it out: refcount structures that
+    /// cover the new clusters placed after the last cluster in use (QEMU's
+    /// refcount area, with a new refcount table), then every data cluster
+    /// in one run after them, reserved (`falloc`) or written with zeros
+    /// (`full`), then the L2 tables wherever the allocator finds room. The
+    /// new clusters' L2 entries are set; with extended L2 entries their
+    /// subclusters stay as they were (unallocated), as QEMU leaves them.
+    /// Host bytes from `zeroed_from` on were reserved beforehand (see
+    /// [`Qcow2Image::take_space_for_preallocation`]).
+    fn preallocate_area(
+        &self,
+        start: u64,
+        end: u64,
+        mode: super::Preallocation,
+        zeroed_from: Option<u64>,
+    ) -> Result<()> {
+        use super::Preallocation;
+        let cluster_size = self.header.cluster_size();
+        let bits = self.header.cluster_bits;
+        let first = start >> bits;
+        let data_clusters = end.div_ceil(cluster_size) - first;
+        let mut meta = self.lock_meta()?;
+        let file_clusters = self
+            .file
+            .len()
+            .map_err(|e| Error::io(&self.name, "sizing", 0, e))?
+            .div_ceil(cluster_size);
+        let in_use = meta
+            .last_used_cluster(meta.end().max(file_clusters))?
+            .map_or(file_clusters, |c| c + 1);
+        // Room for the L2 tables too (one more for a partial head or tail),
+        // so that linking the clusters needs no new refcount block.
+        let l2_tables = data_clusters.div_ceil(self.header.l2_entries()) + 1;
+        let area_end = meta.refcount_area(in_use, data_clusters + l2_tables)?;
+        meta.claim_clusters(area_end, data_clusters)?;
+        let host = area_end << bits;
+        let bytes = data_clusters << bits;
+        // Only the part below space already taken.
+        let todo = zeroed_from.map_or(bytes, |z| z.saturating_sub(host).min(bytes));
+        let io = |e| Error::io(&self.name, "preallocating", host, e);
+        match mode {
+            _ if todo == 0 => {}
+            Preallocation::Falloc => self.file.allocate(host, todo).map_err(io)?,
+            Preallocation::Full => self.file.write_zeroes(host, todo).map_err(io)?,
+            _ => {}
+        }
+        for i in 0..data_clusters {
+            let guest = (first + i) << bits;
+            let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
+            let entry = (host + (i << bits)) | OFLAG_COPIED;
+            let words = self.geometry.l2_entry_words();
+            // Subclusters as they were (see above).
+            let bitmap = match words {
+                1 => 0,
+                _ => table
+                    .get(self.geometry.l2_index(guest) * words + 1)
+                    .map_or(0, |w| w.load(std::sync::atomic::Ordering::Acquire)),
+            };
+            self.set_l2_words(&mut meta, l2_offset, &table, guest, entry, bitmap)?;
+        }
+        let file_end = meta.end() << bits;
+        let len = self
+            .file
+            .len()
+            .map_err(|e| Error::io(&self.name, "sizing", 0, e))?;
+        if len < file_end {
+            self.file
+                .set_len(file_end)
+                .map_err(|e| Error::io(&self.name, "sizing the image", file_end, e))?;
+        } else if len > file_end && zeroed_from.is_some() {
+            let clusters = meta.end();
             meta.truncate_file(clusters)?;
         }
         drop(meta);

@@ -47,6 +47,60 @@ impl Qcow2Image {
         progress: &mut AmendProgress,
     ) -> Result<()> {
         self.flush()?;
+        // The file's room for the new structure is taken first, so that a
+        // full disk or a file size limit refuses the change before anything
+        // is written; what is left of it is given back afterwards.
+        let original_len = self.reserve_for_refcount_width(bits)?;
+        let result = self.rewrite_refcounts(bits, progress);
+        let end = self
+            .lock_meta()
+            .map(|meta| meta.end() << self.header.cluster_bits)
+            .unwrap_or(original_len)
+            .max(original_len);
+        if self.file.len().is_ok_and(|len| len > end) {
+            // Best effort: the space past `end` holds nothing.
+            let _ = self.file.set_len(end);
+        }
+        result
+    }
+
+    /// Reserves, past the end of the file, more than a new refcount
+    /// structure of `bits`-bit entries can take (its blocks, its table
+    /// placed up to three times, and blocks of the old structure that
+    /// count them). Returns the file's length before.
+    fn reserve_for_refcount_width(&self, bits: u32) -> Result<u64> {
+        let cs = self.header.cluster_size();
+        let len = self
+            .file
+            .len()
+            .map_err(|e| Error::io(&self.name, "sizing", 0, e))?;
+        let in_use = self.lock_meta()?.end().max(len.div_ceil(cs));
+        let per_table_cluster = cs / 8;
+        let new_per_block = (cs * 8) >> bits.trailing_zeros();
+        let old_per_block = (cs * 8) >> self.header.refcount_order;
+        let blocks = (in_use * 2).div_ceil(new_per_block) + 2;
+        let table = blocks.div_ceil(per_table_cluster) + 1;
+        let new = blocks + 3 * table;
+        let old = (in_use + new).div_ceil(old_per_block)
+            + 2
+            + 2 * u64::from(self.header.refcount_table_clusters);
+        let at = len.next_multiple_of(cs);
+        let bytes = (new + old) * cs;
+        if let Err(e) = self.file.allocate(at, bytes) {
+            // Best effort: the error to report is the one that stopped us.
+            let _ = self.file.set_len(len);
+            return Err(Error::io(
+                &self.name,
+                "reserving room for the refcount structure",
+                at,
+                e,
+            ));
+        }
+        Ok(len)
+    }
+
+    /// The walks, writes and switch of [`Qcow2Image::change_refcount_width`].
+    fn rewrite_refcounts(&mut self, bits: u32, progress: &mut AmendProgress) -> Result<()> {
         let cs = self.header.cluster_size();
         let bit_shift = self.header.cluster_bits;
         let order = bits.trailing_zeros();
