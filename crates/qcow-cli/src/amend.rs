@@ -12,7 +12,7 @@ use qcow::copy::CopyObserver;
 use qcow::{AmendOptions, Image};
 
 use crate::create_opts::{OptionList, on_off};
-use crate::open::{OpenFlags, open_options};
+use crate::open::OpenFlags;
 use crate::progress::Progress;
 use crate::size::option_size;
 
@@ -94,8 +94,9 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
             other => bail!("Invalid parameter '{other}'"),
         }
     }
-    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    let mut options = open_options(&args.open, format.as_deref())?;
+    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let file = named.path.clone();
+    let mut options = named.options(&args.open)?;
     options.writable = true;
     let image = crate::open::open(&file, &options)?;
     let Image::Qcow2(mut image) = image else {

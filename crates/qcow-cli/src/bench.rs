@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use qcow::BlockDevice;
 
-use crate::open::{OpenFlags, open_options};
+use crate::open::OpenFlags;
 use crate::size::parse_size;
 
 /// Arguments of `qcow bench`.
@@ -117,8 +117,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode> {
     if flush_interval > 0 && flush_interval < depth {
         bail!("Flush interval can't be smaller than depth");
     }
-    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    let mut options = open_options(&args.open, format.as_deref())?;
+    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let file = named.path.clone();
+    let mut options = named.options(&args.open)?;
     options.writable = args.write;
     let image = crate::open::open(&file, &options)?;
     let image_size = image.virtual_size();

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use qcow::Image;
 
-use crate::open::{OpenFlags, open_options};
+use crate::open::OpenFlags;
 use crate::size::cvtnum;
 
 /// Arguments of `qcow bitmap`, parsed here in order (the order of the
@@ -125,12 +125,13 @@ pub(crate) fn run(args: &BitmapArgs) -> Result<ExitCode> {
     let [file, bitmap] = parsed.positional.as_slice() else {
         bail!("Expecting filename and bitmap name");
     };
-    let (path, format) = crate::open::resolve_name(
+    let named = crate::open::resolve_name(
         &PathBuf::from(file),
         &parsed.flags,
         parsed.format.as_deref(),
     )?;
-    let mut options = open_options(&parsed.flags, format.as_deref())?;
+    let path = named.path.clone();
+    let mut options = named.options(&parsed.flags)?;
     options.writable = true;
     // Bitmaps are about this image alone, as qemu-img opens it.
     options.follow_backing = false;
@@ -143,12 +144,13 @@ pub(crate) fn run(args: &BitmapArgs) -> Result<ExitCode> {
     };
     let source = match &parsed.source {
         Some(name) => {
-            let (source_path, source_format) = crate::open::resolve_name(
+            let source_named = crate::open::resolve_name(
                 &PathBuf::from(name),
                 &parsed.flags,
                 parsed.source_format.as_deref(),
             )?;
-            let mut source_options = open_options(&parsed.flags, source_format.as_deref())?;
+            let source_path = source_named.path.clone();
+            let mut source_options = source_named.options(&parsed.flags)?;
             source_options.follow_backing = false;
             Some(crate::open::open(&source_path, &source_options)?)
         }

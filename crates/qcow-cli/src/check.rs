@@ -10,7 +10,7 @@ use qcow::{CheckOptions, CheckReport, Image, Repair};
 use serde_json::{Value, json};
 
 use crate::info::to_qemu_json;
-use crate::open::{OpenFlags, open_options};
+use crate::open::OpenFlags;
 use crate::size::option_size;
 
 /// Arguments of `qcow check`.
@@ -61,8 +61,9 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
     if let Some(text) = &args.max_memory {
         check = check.max_memory(option_size("max-memory", text)?);
     }
-    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    let mut options = open_options(&args.open, format.as_deref())?;
+    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let file = named.path.clone();
+    let mut options = named.options(&args.open)?;
     options.repair = repair != Repair::None;
     options.check = true;
     let image = crate::open::open(&file, &options).map_err(|e| match e {

@@ -52,8 +52,9 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
     if args.open.force_share {
         bail!("force-share (-U) can only be used with read-only images");
     }
-    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    let options = open_options(&args.open, format.as_deref())?;
+    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let file = named.path.clone();
+    let options = named.options(&args.open)?;
     let filename = args.file.display().to_string();
     // Find the base's depth in the chain, and its size.
     let (depth, base_path, base_size, size) = {

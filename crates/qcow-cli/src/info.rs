@@ -39,8 +39,8 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode> {
         other => anyhow::bail!("--output must be human or json, not {other:?}"),
     };
     let mut infos = Vec::new();
-    let (mut path, mut format) =
-        crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let (mut path, mut format) = (named.path, named.format);
     // Backing files are plain names: options apply to the named image only.
     let mut flags = args.open.clone();
     flags.image_opts = false;

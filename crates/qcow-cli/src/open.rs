@@ -111,23 +111,46 @@ fn null_image(arg: &Path, options: &[(String, String)]) -> Result<Option<Image>>
     )))
 }
 
-pub(crate) fn resolve_name(
-    arg: &Path,
-    flags: &OpenFlags,
-    format: Option<&str>,
-) -> Result<(PathBuf, Option<String>)> {
+pub(crate) fn resolve_name(arg: &Path, flags: &OpenFlags, format: Option<&str>) -> Result<Named> {
     match named_options(arg, flags, format)? {
         Some(options) => resolve_options(arg, &options, format),
-        None => Ok((file_path(arg), format.map(str::to_owned))),
+        None => Ok(Named {
+            path: file_path(arg),
+            format: format.map(str::to_owned),
+            data_file: None,
+        }),
     }
 }
 
-/// [`resolve_name`] for a name that holds `options`.
+/// What a name given on the command line names.
+#[derive(Debug, Clone)]
+pub(crate) struct Named {
+    /// The image's file.
+    pub(crate) path: PathBuf,
+    /// Its format, when given (else probed).
+    pub(crate) format: Option<String>,
+    /// Its external data file, when given (`data-file.filename`), instead
+    /// of the one its header names.
+    pub(crate) data_file: Option<String>,
+}
+
+impl Named {
+    /// Open options for the named image: [`open_options`] and the data
+    /// file given with the name.
+    pub(crate) fn options(&self, flags: &OpenFlags) -> Result<OpenOptions> {
+        let mut options = open_options(flags, self.format.as_deref())?;
+        options.data_file = self.data_file.clone();
+        Ok(options)
+    }
+}
+
+/// [`resolve_name`] for a name that holds `options`. Without a driver,
+/// the format of `file.filename` is probed, as QEMU probes it.
 fn resolve_options(
     arg: &Path,
     options: &[(String, String)],
     format: Option<&str>,
-) -> Result<(PathBuf, Option<String>)> {
+) -> Result<Named> {
     let text = arg.to_string_lossy();
     let get = |key: &str| {
         options
@@ -136,23 +159,38 @@ fn resolve_options(
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.clone())
     };
-    let Some(driver) = get("driver") else {
-        bail!("Could not open '{text}': A block device must be specified by \"driver\"");
+    let driver = match get("driver") {
+        Some(driver) => Some(driver),
+        None if get("file.filename").is_some() => None,
+        None => {
+            bail!("Could not open '{text}': A block device must be specified by \"driver\"")
+        }
     };
-    if !DRIVERS.contains(&driver.as_str()) {
-        bail!(
-            "Could not open '{text}': driver '{driver}' is not one qcow opens (qcow2, qcow, raw, file)"
-        );
-    }
-    if let Some(f) = format {
-        if f != driver && !(driver == "file" && f == "raw") {
-            bail!("Could not open '{text}': Cannot use format '{f}' with driver '{driver}'");
+    if let Some(driver) = &driver {
+        if !DRIVERS.contains(&driver.as_str()) {
+            bail!(
+                "Could not open '{text}': driver '{driver}' is not one qcow opens (qcow2, qcow, raw, file)"
+            );
+        }
+        if let Some(f) = format {
+            if f != driver && !(driver == "file" && f == "raw") {
+                bail!("Could not open '{text}': Cannot use format '{f}' with driver '{driver}'");
+            }
         }
     }
-    let (path_key, allowed): (&str, &[&str]) = if driver == "file" {
-        ("filename", &["driver", "filename"])
-    } else {
-        ("file.filename", &["driver", "file.filename", "file.driver"])
+    let (path_key, allowed): (&str, &[&str]) = match driver.as_deref() {
+        Some("file") => ("filename", &["driver", "filename"]),
+        Some("qcow2") | None => (
+            "file.filename",
+            &[
+                "driver",
+                "file.filename",
+                "file.driver",
+                "data-file.filename",
+                "data-file.driver",
+            ],
+        ),
+        _ => ("file.filename", &["driver", "file.filename", "file.driver"]),
     };
     // Cache and tuning options change nothing qcow does: taken and ignored.
     let tuning = |k: &str| {
@@ -179,28 +217,37 @@ fn resolve_options(
                     | "overlap-check"
             )
     };
+    let shown = driver.as_deref().unwrap_or("qcow2");
     if let Some((key, _)) = options
         .iter()
         .find(|(k, _)| !allowed.contains(&k.as_str()) && !tuning(k))
     {
         bail!(
-            "Could not open '{text}': Block format '{driver}' does not support the option '{key}'"
+            "Could not open '{text}': Block format '{shown}' does not support the option '{key}'"
         );
     }
-    if let Some(protocol) = get("file.driver") {
-        if protocol != "file" {
-            bail!("Could not open '{text}': protocol '{protocol}' is not one qcow opens (file)");
+    for protocol_key in ["file.driver", "data-file.driver"] {
+        if let Some(protocol) = get(protocol_key) {
+            if protocol != "file" {
+                bail!(
+                    "Could not open '{text}': protocol '{protocol}' is not one qcow opens (file)"
+                );
+            }
         }
     }
     let Some(path) = get(path_key) else {
         bail!("Could not open '{text}': The option '{path_key}' is required");
     };
-    let format = if driver == "file" {
-        "raw".to_owned()
-    } else {
-        driver
+    let format = match driver {
+        Some(driver) if driver == "file" => Some("raw".to_owned()),
+        Some(driver) => Some(driver),
+        None => format.map(str::to_owned),
     };
-    Ok((PathBuf::from(path), Some(format)))
+    Ok(Named {
+        path: PathBuf::from(path),
+        format,
+        data_file: get("data-file.filename"),
+    })
 }
 
 /// JSON options as qemu's dotted keys (`file.filename`).
@@ -292,24 +339,27 @@ pub(crate) fn open_image(
     follow: bool,
     copy_source: bool,
 ) -> Result<Image> {
-    let (path, format) = match named_options(path, flags, format)? {
+    let named = match named_options(path, flags, format)? {
         Some(options) => {
             if let Some(image) = null_image(path, &options)? {
                 return Ok(image);
             }
             resolve_options(path, &options, format)?
         }
-        None => (file_path(path), format.map(str::to_owned)),
+        None => Named {
+            path: file_path(path),
+            format: format.map(str::to_owned),
+            data_file: None,
+        },
     };
-    let path = path.as_path();
-    let mut options = open_options(flags, format.as_deref())?;
+    let mut options = named.options(flags)?;
     if !follow {
         options.follow_backing = false;
         options.open_data_file = false;
     }
     options.snapshot = snapshot.map(str::to_owned);
     options.copy_source = copy_source;
-    Ok(open(path, &options)?)
+    Ok(open(&named.path, &options)?)
 }
 
 /// [`qcow::open`], printing on standard error what repairing a dirty image

@@ -97,8 +97,9 @@ pub(crate) fn run(args: &RebaseArgs) -> Result<ExitCode> {
     if let (true, Some(name), None) = (safe, &format_name, backing_format) {
         bail!("Could not open new backing file: format '{name}' is not one qcow reads");
     }
-    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    let mut options = open_options(&args.open, format.as_deref())?;
+    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let file = named.path.clone();
+    let mut options = named.options(&args.open)?;
     if args.open.force_share {
         // The image is written; -U applies to the backing files only.
         options.force_share = false;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use qcow::{BlockDevice, Image};
 
-use crate::open::{OpenFlags, open_options};
+use crate::open::OpenFlags;
 use crate::size::option_size;
 
 /// Arguments of `qcow resize`.
@@ -44,8 +44,9 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
         Some(name) => qcow::Preallocation::from_name(name)
             .map_err(|_| anyhow::anyhow!("Invalid preallocation mode '{name}'"))?,
     };
-    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    let mut options = open_options(&args.open, format.as_deref())?;
+    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let file = named.path.clone();
+    let mut options = named.options(&args.open)?;
     options.writable = true;
     // As qemu-img: one leading sign is relative, the rest is an option
     // value (checked before the image is opened), and the result must be

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use qcow::{BlockDevice, Image};
 use qcow_nbd::{DetectZeroes, DirtyRanges, Export, Listener, ServerOptions};
 
-use crate::open::{OpenFlags, open_options};
+use crate::open::OpenFlags;
 
 /// Set in the child of `--fork`: it says "ready" on standard output once
 /// it listens.
@@ -130,8 +130,9 @@ pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
     if args.open.force_share && !read_only {
         bail!("--share-rw/-U requires --read-only (-r)");
     }
-    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    let mut options = open_options(&args.open, format.as_deref())?;
+    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let file = named.path.clone();
+    let mut options = named.options(&args.open)?;
     options.writable = !read_only;
     options.snapshot = snapshot;
     let image = crate::open::open(&file, &options).map_err(|e| match e {

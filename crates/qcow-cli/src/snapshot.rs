@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use qcow::{Image, NewSnapshot};
 
-use crate::open::{OpenFlags, open_options};
+use crate::open::OpenFlags;
 
 /// Arguments of `qcow snapshot`.
 #[derive(Debug, clap::Args)]
@@ -77,8 +77,9 @@ pub(crate) fn run(args: &SnapshotArgs) -> Result<ExitCode> {
             args.file.display()
         );
     }
-    let (file, format) = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    let mut options = open_options(&args.open, format.as_deref())?;
+    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    let file = named.path.clone();
+    let mut options = named.options(&args.open)?;
     options.writable = writable;
     let image = crate::open::open(&file, &options)?;
     let Image::Qcow2(mut image) = image else {

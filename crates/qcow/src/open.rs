@@ -302,8 +302,13 @@ fn open_layer(
     };
     layer.assemble(
         storage,
-        |data_name| {
-            let data_path = relative_to(path, data_name);
+        |data_name, given| {
+            // A name the caller gave is the caller's, not the image's.
+            let data_path = if given {
+                PathBuf::from(data_name)
+            } else {
+                relative_to(path, data_name)
+            };
             let data = open_file(&data_path, writable, options)?;
             if options.lock {
                 lock_storage(
@@ -331,12 +336,13 @@ pub(crate) struct Layer<'a> {
 
 impl Layer<'_> {
     /// Opens the image in `storage` as its format says, with the data file
-    /// `data_file(name)` supplies and the backing layer
+    /// `data_file(name, given)` supplies (`given`: the name is the caller's
+    /// [`OpenOptions::data_file`], not the image's) and the backing layer
     /// `backing(name, format)` opens, as the options allow.
     pub(crate) fn assemble(
         &self,
         storage: Arc<dyn Storage>,
-        mut data_file: impl FnMut(&str) -> Result<(Arc<dyn Storage>, String)>,
+        mut data_file: impl FnMut(&str, bool) -> Result<(Arc<dyn Storage>, String)>,
         mut backing: impl FnMut(&str, Option<ImageFormat>) -> Result<Image>,
     ) -> Result<Image> {
         let (name, options, writable, top) = (self.name, self.options, self.writable, self.top);
@@ -356,14 +362,24 @@ impl Layer<'_> {
                         image.select_snapshot(snapshot)?;
                     }
                 }
+                let given = options.data_file.as_ref().filter(|_| top);
+                if given.is_some() && !image.header().has_data_file() {
+                    return Err(Error::InvalidOptions(format!(
+                        "{name}: 'data-file' can only be set for images with an external data file"
+                    )));
+                }
                 if options.open_data_file && image.header().has_data_file() {
-                    let data_name = image.header().data_file_name().map(str::to_owned);
-                    let data_name = data_name.ok_or_else(|| Error::NotOpened {
-                        image: name.to_owned(),
-                        what: "external data file",
-                        name: "(no name recorded)".into(),
-                    })?;
-                    let (data, shown) = data_file(&data_name)?;
+                    let (data, shown) = match given {
+                        Some(given) => data_file(given, true)?,
+                        None => {
+                            let data_name = image.header().data_file_name().ok_or_else(|| {
+                                Error::InvalidOptions(format!(
+                                    "{name}: 'data-file' is required for this image"
+                                ))
+                            })?;
+                            data_file(data_name, false)?
+                        }
+                    };
                     image.attach_data_file(data, shown);
                 }
                 if let Some(named) = image.header().backing_file.clone() {

@@ -33,6 +33,12 @@ pub struct OpenOptions {
     pub follow_backing: bool,
     /// Open external data files named by images.
     pub open_data_file: bool,
+    /// The named image's external data file, opened instead of the one its
+    /// header names (QEMU's `data-file` option; with a path, relative to
+    /// the current directory, not to the image). Only for an image that
+    /// has an external data file; also for one whose header records no
+    /// name.
+    pub data_file: Option<String>,
     /// Format to assume for a backing file whose format the image does not
     /// record; `None` refuses such backing files (they are never probed).
     pub assume_backing_format: Option<ImageFormat>,
@@ -83,6 +89,7 @@ impl Default for OpenOptions {
             format: None,
             follow_backing: false,
             open_data_file: false,
+            data_file: None,
             assume_backing_format: None,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
             cache_bytes: None,
@@ -127,6 +134,12 @@ impl OpenOptions {
     /// Sets [`OpenOptions::open_data_file`].
     pub fn open_data_file(mut self, open_data_file: bool) -> Self {
         self.open_data_file = open_data_file;
+        self
+    }
+
+    /// Sets [`OpenOptions::data_file`].
+    pub fn data_file(mut self, data_file: Option<String>) -> Self {
+        self.data_file = data_file;
         self
     }
 

@@ -119,7 +119,7 @@ fn open_layer(
     };
     layer.assemble(
         storage,
-        |data_name| {
+        |data_name, _given| {
             Ok((
                 resolver.resolve(name, data_name, true, writable)?,
                 data_name.to_owned(),

@@ -103,6 +103,102 @@ fn json_names_and_image_opts_open_what_qemu_img_opens() {
     assert!(cmp.status.success());
 }
 
+/// iotest 061: an image whose header names a data file that is not there
+/// opens with `data-file.filename` given in `--image-opts` (no driver: the
+/// format is probed), reads through it, and `amend -o data_file=` through
+/// it clears the name, as with qemu-img.
+#[test]
+fn a_data_file_given_with_the_name_replaces_the_one_the_image_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run_both = |args: &[&str]| {
+        let (a, b) = (super::qcow(args), qemu_img(args));
+        assert_eq!(a.status.code(), b.status.code(), "{args:?}: {a:?} {b:?}");
+        assert_eq!(super::stdout(&a), super::stdout(&b), "{args:?}");
+    };
+    let mut images = Vec::new();
+    for who in ["ours", "theirs"] {
+        let img = dir.path().join(format!("{who}.qcow2"));
+        let data = dir.path().join(format!("{who}.data"));
+        let (img_s, data_s) = (img.to_str().expect("utf-8"), data.to_str().expect("utf-8"));
+        let opt = format!("data_file={data_s}");
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opt, img_s, "4M"])
+                .status
+                .success()
+        );
+        let io = Command::new("qemu-io")
+            .args(["-c", "write -P 5 0 1M", img_s])
+            .output()
+            .expect("qemu-io is required");
+        assert!(io.status.success());
+        assert!(
+            qemu_img(&["amend", "-o", "data_file=foo", img_s])
+                .status
+                .success()
+        );
+        images.push((img, data));
+    }
+    let tool = |who: usize| if who == 0 { super::qcow } else { qemu_img };
+    for (who, (img, data)) in images.iter().enumerate() {
+        let opts = format!(
+            "data-file.filename={},file.filename={}",
+            data.display(),
+            img.display()
+        );
+        // Reads through the data file given.
+        let out = dir.path().join(format!("out{who}.raw"));
+        let conv = tool(who)(&[
+            "convert",
+            "-O",
+            "raw",
+            "--image-opts",
+            &opts,
+            out.to_str().expect("utf-8"),
+        ]);
+        assert!(conv.status.success(), "{conv:?}");
+        let bytes = std::fs::read(&out).expect("read");
+        assert!(
+            bytes[..1 << 20].iter().all(|&b| b == 5) && bytes[1 << 20..].iter().all(|&b| b == 0)
+        );
+        let amend = tool(who)(&["amend", "-o", "data_file=", "--image-opts", &opts]);
+        assert!(amend.status.success(), "{amend:?}");
+    }
+    let (ours, theirs) = (&images[0], &images[1]);
+    assert!(
+        std::fs::read(&ours.0).expect("read") == std::fs::read(&theirs.0).expect("read"),
+        "the amended images differ"
+    );
+    let opts = format!(
+        "data-file.filename={},file.filename={}",
+        ours.1.display(),
+        ours.0.display()
+    );
+    run_both(&["info", "--image-opts", &opts]);
+    run_both(&["map", "--output=json", "--image-opts", &opts]);
+    // A data file given for an image without one is refused.
+    let plain = dir.path().join("plain.qcow2");
+    let plain_s = plain.to_str().expect("utf-8");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", plain_s, "1M"])
+            .status
+            .success()
+    );
+    let wrong = format!(
+        "data-file.filename={},file.filename={plain_s}",
+        ours.1.display()
+    );
+    let (a, b) = (
+        super::qcow(&["map", "--image-opts", &wrong]),
+        qemu_img(&["map", "--image-opts", &wrong]),
+    );
+    assert_eq!((a.status.code(), b.status.code()), (Some(1), Some(1)));
+    assert!(
+        super::stderr(&a)
+            .contains("'data-file' can only be set for images with an external data file"),
+        "{a:?}"
+    );
+}
+
 #[test]
 fn create_without_a_format_makes_what_the_invoked_name_makes() {
     let dir = tempfile::tempdir().expect("tempdir");
