@@ -9,7 +9,7 @@ use zerocopy::byteorder::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::FormatError;
-use crate::limits::{MAX_L1_BYTES, MAX_SNAPSHOT_EXTRA_DATA};
+use crate::limits::MAX_SNAPSHOT_EXTRA_DATA;
 
 /// The fixed part of a snapshot table entry.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -99,7 +99,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Parses entry number `index` from `entry`, which holds the whole entry
     /// (at least [`RawSnapshotHeader::entry_len`] bytes, padding optional).
-    pub fn parse(entry: &[u8], index: u32, cluster_size: u64) -> Result<Snapshot, FormatError> {
+    pub fn parse(entry: &[u8], index: u32) -> Result<Snapshot, FormatError> {
         let bad = |reason: String| FormatError::Snapshot { index, reason };
         let (raw, rest) = RawSnapshotHeader::read_from_prefix(entry)
             .map_err(|_| bad("entry is truncated".into()))?;
@@ -109,16 +109,12 @@ impl Snapshot {
                 "extra data size {extra_len} exceeds {MAX_SNAPSHOT_EXTRA_DATA}"
             )));
         }
+        // The L1 table's offset and size are checked where the table is
+        // used, as QEMU checks them: an image with one damaged snapshot
+        // entry still opens, and its other snapshots and its active layer
+        // read.
         let l1_size = raw.l1_size.get();
-        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(bad(format!("L1 size {l1_size} is too large")));
-        }
         let l1_table_offset = raw.l1_table_offset.get();
-        if l1_table_offset % cluster_size != 0 {
-            return Err(bad(format!(
-                "L1 table offset {l1_table_offset:#x} is not cluster aligned"
-            )));
-        }
         let id_len = usize::from(raw.id_str_size.get());
         let name_len = usize::from(raw.name_size.get());
         let extra_len = extra_len as usize;
@@ -229,7 +225,7 @@ mod tests {
         let snapshot = sample();
         let bytes = snapshot.encode(0).expect("encode");
         assert_eq!(bytes.len() % 8, 0);
-        let parsed = Snapshot::parse(&bytes, 0, 65536).expect("parse");
+        let parsed = Snapshot::parse(&bytes, 0).expect("parse");
         assert_eq!(parsed.extra_data.len(), KNOWN_EXTRA_DATA_LEN);
         let raw = RawSnapshotHeader::read_from_prefix(&bytes[..])
             .expect("header")
@@ -250,10 +246,10 @@ mod tests {
     fn unknown_extra_data_is_kept_and_short_extra_data_is_completed() {
         let mut snapshot = sample();
         snapshot.extra_data = (0..40u8).collect();
-        let parsed = Snapshot::parse(&snapshot.encode(1).expect("encode"), 1, 512).expect("parse");
+        let parsed = Snapshot::parse(&snapshot.encode(1).expect("encode"), 1).expect("parse");
         assert_eq!(parsed.extra_data[24..], snapshot.extra_data[24..]);
         snapshot.extra_data = vec![0; 8];
-        let parsed = Snapshot::parse(&snapshot.encode(1).expect("encode"), 1, 512).expect("parse");
+        let parsed = Snapshot::parse(&snapshot.encode(1).expect("encode"), 1).expect("parse");
         assert_eq!(parsed.extra_data.len(), 24);
         assert_eq!(parsed.disk_size, Some(1 << 30));
     }
@@ -283,7 +279,7 @@ mod tests {
             .position(|w| w == b"junk")
             .expect("the ID's bytes");
         bytes[at] = 0xff;
-        let parsed = Snapshot::parse(&bytes, 0, 65536).expect("parse");
+        let parsed = Snapshot::parse(&bytes, 0).expect("parse");
         assert_eq!(parsed.id, "7");
         assert_eq!(parsed.name, "");
     }

@@ -422,3 +422,96 @@ fn applying_a_snapshot_after_a_downgrade_leaves_exact_copied_flags() {
     }
     assert!(identical(&disks[0], &disks[1]));
 }
+
+/// iotest 080: a snapshot entry whose L1 table is misaligned or too large
+/// is found when that snapshot is used, as QEMU finds it: the image opens,
+/// its active layer reads and takes writes, and only the operations on that
+/// snapshot are refused, before anything changes and without marking the
+/// image corrupt.
+#[test]
+fn a_damaged_snapshot_entry_spoils_only_that_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The first entry's L1 offset (misaligned) or L1 size (too large).
+    for (within, bytes) in [
+        (0usize, &[0, 0, 0, 0, 0, 0x40, 2, 0][..]),
+        (8, &[0x10, 0, 0, 0][..]),
+    ] {
+        let img = dir.path().join("damaged.qcow2");
+        create(&img, &["64M"]);
+        qemu_io(&img, &["write -P 7 0 512", "write -P 9 1M 64k"]);
+        assert!(
+            qemu_img(&["snapshot", "-c", "test", p(&img)])
+                .status
+                .success()
+        );
+        let mut raw = std::fs::read(&img).expect("read");
+        let table = u64::from_be_bytes(raw[64..72].try_into().expect("8 bytes"));
+        let field = table as usize + within;
+        raw[field..field + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(&img, &raw).expect("write");
+        let what = format!("field {field:#x}");
+
+        // Reads as qemu-img reads it.
+        let (ours, theirs) = (dir.path().join("o.raw"), dir.path().join("t.raw"));
+        assert!(
+            qcow(&["convert", "-O", "raw", p(&img), p(&ours)])
+                .status
+                .success(),
+            "{what}"
+        );
+        assert!(
+            qemu_img(&["convert", "-O", "raw", p(&img), p(&theirs)])
+                .status
+                .success()
+        );
+        assert!(
+            std::fs::read(&ours).expect("read") == std::fs::read(&theirs).expect("read"),
+            "{what}"
+        );
+        let list = |tool: fn(&[&str]) -> std::process::Output| {
+            undated(&stdout(&tool(&["snapshot", "-l", p(&img)])))
+        };
+        assert_eq!(list(qcow), list(qemu_img), "{what}");
+
+        // Operations on the damaged snapshot: refused as qemu-img refuses
+        // them, the file untouched.
+        for args in [
+            vec!["snapshot", "-d", "test", p(&img)],
+            vec!["snapshot", "-a", "test", p(&img)],
+            vec!["amend", "-o", "compat=0.10", p(&img)],
+            vec!["convert", "-l", "test", "-O", "raw", p(&img), p(&ours)],
+        ] {
+            let before = std::fs::read(&img).expect("read");
+            let a = qcow(&args);
+            assert_eq!(a.status.code(), Some(1), "{what} {args:?}: {a:?}");
+            assert!(
+                stderr(&a).contains("Snapshot L1 table"),
+                "{what} {args:?}: {}",
+                stderr(&a)
+            );
+            assert!(
+                std::fs::read(&img).expect("read") == before,
+                "{what} {args:?}: the image changed"
+            );
+        }
+
+        // The active layer takes writes; qemu-img check then finds only the
+        // damaged entry, as after qemu-img's own write.
+        let copy = dir.path().join("theirs.qcow2");
+        std::fs::copy(&img, &copy).expect("copy");
+        assert!(qcow(&["resize", p(&img), "+1M"]).status.success(), "{what}");
+        assert!(qemu_img(&["resize", p(&copy), "+1M"]).status.success());
+        let errors = |path: &Path| {
+            let out = qemu_img(&["check", p(path)]);
+            (
+                out.status.code(),
+                stderr(&out)
+                    .lines()
+                    .filter(|l| l.starts_with("ERROR"))
+                    .count(),
+            )
+        };
+        assert_eq!(errors(&img), errors(&copy), "{what}");
+        assert_eq!(errors(&img).1, 1, "{what}");
+    }
+}

@@ -25,8 +25,8 @@ use qcow_format::header::{
 };
 use qcow_format::table::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, refcount_get};
 
+use super::Qcow2Image;
 use super::amend_progress::{AmendProgress, Operation};
-use super::{Qcow2Image, read_l1};
 use crate::{Error, Result};
 
 /// What [`Qcow2Image::amend`] changes; `None` keeps the current value.
@@ -111,6 +111,11 @@ impl Qcow2Image {
             ));
         }
         if version < old_version {
+            // The downgrade reads every snapshot's L1 table: refused here,
+            // before anything changes, when one cannot be read.
+            for snapshot in &self.snapshots {
+                self.check_snapshot_l1(snapshot)?;
+            }
             self.check_downgrade(options.size, refcount_bits)?;
         }
         if refcount_bits < self.header.refcount_bits() {
@@ -298,12 +303,7 @@ impl Qcow2Image {
                 .collect(),
         ];
         for snapshot in &self.snapshots {
-            tables.push(read_l1(
-                &self.name,
-                &*self.file,
-                snapshot.l1_table_offset,
-                snapshot.l1_size,
-            )?);
+            tables.push(self.read_snapshot_l1(snapshot)?);
         }
         Ok(tables)
     }

@@ -26,7 +26,7 @@
 use std::sync::atomic::Ordering;
 
 use qcow_format::header::INCOMPAT_DIRTY;
-use qcow_format::limits::{MAX_L1_BYTES, MAX_SNAPSHOTS};
+use qcow_format::limits::MAX_SNAPSHOTS;
 use qcow_format::snapshot::Snapshot;
 use qcow_format::table::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 
@@ -290,23 +290,8 @@ impl Qcow2Image {
 
     /// Reads a snapshot's L1 table, refusing one that does not fit in the
     /// file or is larger than an L1 table may be (as QEMU validates it).
-    fn read_snapshot_l1(&self, snapshot: &Snapshot) -> Result<Vec<u64>> {
-        let bytes = u64::from(snapshot.l1_size) * 8;
-        let cluster_size = self.header.cluster_size();
-        if bytes > MAX_L1_BYTES
-            || snapshot.l1_table_offset % cluster_size != 0
-            || snapshot.l1_table_offset.saturating_add(bytes) > self.file_len()
-        {
-            return Err(Error::Corrupt {
-                image: self.name.clone(),
-                table: "snapshot L1 table",
-                offset: snapshot.l1_table_offset,
-                reason: format!(
-                    "{} entries are misaligned, too many, or do not fit in the file",
-                    snapshot.l1_size
-                ),
-            });
-        }
+    pub(super) fn read_snapshot_l1(&self, snapshot: &Snapshot) -> Result<Vec<u64>> {
+        self.check_snapshot_l1(snapshot)?;
         super::read_l1(
             &self.name,
             &*self.file,

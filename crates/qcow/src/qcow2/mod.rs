@@ -241,18 +241,7 @@ impl Qcow2Image {
                 image: self.name.clone(),
                 name: name.to_owned(),
             })?;
-        let cluster_size = self.header.cluster_size();
-        let l1_bytes = u64::from(snapshot.l1_size) * 8;
-        if snapshot.l1_table_offset % cluster_size != 0
-            || snapshot.l1_table_offset.saturating_add(l1_bytes) > self.file_len()
-        {
-            return Err(Error::Corrupt {
-                image: self.name.clone(),
-                table: "snapshot L1 table",
-                offset: snapshot.l1_table_offset,
-                reason: format!("{l1_bytes} bytes do not fit in the file"),
-            });
-        }
+        self.check_snapshot_l1(&snapshot)?;
         let virtual_size = snapshot.disk_size.unwrap_or(self.header.virtual_size);
         let needed = virtual_size.div_ceil(self.header.bytes_per_l2_table());
         if u64::from(snapshot.l1_size) < needed {
@@ -330,6 +319,29 @@ impl Qcow2Image {
 impl Qcow2Image {
     /// The refcount table as stored (entries as they are, reserved bits
     /// included).
+    /// Refuses a snapshot whose L1 table is too large, misaligned or past
+    /// the end of the file, in QEMU's words where it has them (checked
+    /// when the table is used, as QEMU checks it, not when the image
+    /// opens).
+    pub(super) fn check_snapshot_l1(&self, snapshot: &Snapshot) -> Result<()> {
+        let bytes = u64::from(snapshot.l1_size) * 8;
+        let reason = if bytes > qcow_format::limits::MAX_L1_BYTES {
+            "Snapshot L1 table too large".to_owned()
+        } else if snapshot.l1_table_offset % self.header.cluster_size() != 0 {
+            "Snapshot L1 table offset invalid".to_owned()
+        } else if snapshot.l1_table_offset.saturating_add(bytes) > self.file_len() {
+            format!("Snapshot L1 table ({bytes} bytes) runs past the end of the file")
+        } else {
+            return Ok(());
+        };
+        Err(Error::Corrupt {
+            image: self.name.clone(),
+            table: "snapshot L1 table",
+            offset: snapshot.l1_table_offset,
+            reason,
+        })
+    }
+
     pub(super) fn stored_reftable(&self) -> Result<Vec<u64>> {
         let offset = self.header.refcount_table_offset;
         let len = u64::from(self.header.refcount_table_clusters) * self.header.cluster_size();
@@ -349,7 +361,14 @@ pub(super) fn read_l1(
     offset: u64,
     entries: u32,
 ) -> Result<Vec<u64>> {
-    // Bounded by the header checks: at most MAX_L1_BYTES.
+    if u64::from(entries) * 8 > qcow_format::limits::MAX_L1_BYTES {
+        return Err(Error::Corrupt {
+            image: name.to_owned(),
+            table: "L1 table",
+            offset,
+            reason: format!("{entries} entries: the L1 table is too large"),
+        });
+    }
     let mut bytes = vec![0u8; entries as usize * 8];
     file.read_at(&mut bytes, offset)
         .map_err(|e| Error::io(name, "reading the L1 table", offset, e))?;

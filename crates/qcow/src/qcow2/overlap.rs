@@ -76,7 +76,12 @@ impl Qcow2Image {
                 }
             }
         }
-        for snapshot in &self.snapshots {
+        // A snapshot whose L1 table cannot be read is never used here.
+        for snapshot in self
+            .snapshots
+            .iter()
+            .filter(|s| self.check_snapshot_l1(s).is_ok())
+        {
             let len = u64::from(snapshot.l1_size) * 8;
             if let Some(s) = test(snapshot.l1_table_offset, len, "inactive L1 table") {
                 return Some(s);

@@ -112,8 +112,8 @@ impl Qcow2Image {
             let names_at =
                 entry_start + SNAPSHOT_HEADER_LEN as u64 + u64::from(raw.extra_data_size.get());
             self.read_table_bytes(rest, names_at)?;
-            let snapshot = Snapshot::parse(&entry, index, self.header.cluster_size())
-                .map_err(|e| Error::format(&self.name, e))?;
+            let snapshot =
+                Snapshot::parse(&entry, index).map_err(|e| Error::format(&self.name, e))?;
             table.snapshots.push(snapshot);
             at = end;
             table.bytes = end - offset;
