@@ -117,7 +117,17 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
         Some(p) => p,
         None => &(),
     };
-    image.amend_observed(&amend, observer)?;
+    if let Err(e) = image.amend_observed(&amend, observer) {
+        // qemu-img's two lines: the table's fault, then the downgrade's.
+        if let qcow::Error::SnapshotL1 { problem, .. } = e {
+            crate::report!("{problem}");
+            bail!(
+                "Failed to turn zero into data clusters: {}",
+                problem.errno_words()
+            );
+        }
+        return Err(e.into());
+    }
     if let Some(p) = progress {
         p.finish();
     }

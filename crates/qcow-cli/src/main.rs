@@ -156,6 +156,10 @@ fn describe_as(error: &anyhow::Error, double_open: bool) -> String {
 fn qemu_worded(error: &anyhow::Error) -> Option<String> {
     let mut parts = Vec::new();
     for cause in error.chain() {
+        // A snapshot opened to be read (convert -l, -s).
+        if let Some(qcow::Error::SnapshotL1 { problem, .. }) = cause.downcast_ref::<qcow::Error>() {
+            return Some(format!("Failed to load snapshot: {problem}"));
+        }
         if let Some(words) = cause
             .downcast_ref::<qcow::Error>()
             .and_then(qemu_words::open_failure)

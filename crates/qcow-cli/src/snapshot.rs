@@ -120,9 +120,16 @@ pub(crate) fn run(args: &SnapshotArgs) -> Result<ExitCode> {
         }
         Action::Apply(name) => {
             image.apply_snapshot(name).map_err(|e| {
+                let cause = match &e {
+                    // qemu-img's two lines: the table's fault, then errno.
+                    qcow::Error::SnapshotL1 { problem, .. } => {
+                        crate::report!("{problem}");
+                        problem.errno_words().to_owned()
+                    }
+                    _ => cause(&e),
+                };
                 anyhow::anyhow!(
-                    "Could not apply snapshot '{name}': Failed to load snapshot: {}",
-                    cause(&e)
+                    "Could not apply snapshot '{name}': Failed to load snapshot: {cause}"
                 )
             })?;
         }
@@ -149,6 +156,7 @@ fn cause(error: &qcow::Error) -> String {
         qcow::Error::Unsupported { .. } => "Operation not supported".into(),
         qcow::Error::NoSpace { .. } => "File too large".into(),
         qcow::Error::RefcountOverflow { .. } => "Invalid argument".into(),
+        qcow::Error::SnapshotL1 { problem, .. } => problem.to_string(),
         // The system's words alone, as qemu-img gives them.
         qcow::Error::Io { source, .. } => crate::describe(&anyhow::anyhow!("{source}")),
         other => {

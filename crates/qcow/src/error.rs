@@ -87,6 +87,19 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A snapshot's L1 table cannot be used (checked when the snapshot is
+    /// used, as QEMU checks it): the rest of the image is unaffected.
+    #[error("{image}: the L1 table of snapshot {id} at {offset:#x}: {problem}")]
+    SnapshotL1 {
+        /// The image.
+        image: String,
+        /// The snapshot's ID.
+        id: String,
+        /// The table's offset in the file.
+        offset: u64,
+        /// What is wrong.
+        problem: SnapshotL1Problem,
+    },
     /// Clusters about to be written hold live metadata: the image's
     /// refcounts are wrong. Nothing was written; the corrupt bit is set.
     #[error(
@@ -272,6 +285,32 @@ pub enum ErrorKind {
     Cancelled,
 }
 
+/// What is wrong with a snapshot's L1 table ([`Error::SnapshotL1`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotL1Problem {
+    /// More entries than an L1 table may have.
+    #[error("Snapshot L1 table too large")]
+    TooLarge,
+    /// Not on a cluster boundary.
+    #[error("Snapshot L1 table offset invalid")]
+    OffsetInvalid,
+    /// Runs past the end of the file.
+    #[error("Snapshot L1 table runs past the end of the file")]
+    PastEnd,
+}
+
+impl SnapshotL1Problem {
+    /// The system error QEMU reports for it (`File too large` for a table
+    /// too large, else `Invalid argument`).
+    pub fn errno_words(self) -> &'static str {
+        match self {
+            SnapshotL1Problem::TooLarge => "File too large",
+            _ => "Invalid argument",
+        }
+    }
+}
+
 impl Error {
     /// The kind of failure, to match on without the details.
     pub fn kind(&self) -> ErrorKind {
@@ -279,9 +318,10 @@ impl Error {
             Error::Open { .. } | Error::Io { .. } => ErrorKind::Io,
             Error::Locked { .. } => ErrorKind::Locked,
             Error::Format { .. } | Error::UnknownFormat(_) => ErrorKind::Malformed,
-            Error::Corrupt { .. } | Error::MetadataOverlap { .. } | Error::MarkedCorrupt { .. } => {
-                ErrorKind::Corrupt
-            }
+            Error::Corrupt { .. }
+            | Error::SnapshotL1 { .. }
+            | Error::MetadataOverlap { .. }
+            | Error::MarkedCorrupt { .. } => ErrorKind::Corrupt,
             Error::Decompress { .. } => ErrorKind::Decompress,
             Error::Encrypted { .. }
             | Error::UnsupportedVersion { .. }

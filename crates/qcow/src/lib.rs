@@ -30,7 +30,7 @@ pub mod resolve;
 mod v1;
 
 pub use device::{Allocation, BlockDevice, CompressedWrites, Extent, ImageFormat, Reservation};
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Result, SnapshotL1Problem};
 pub use open::{Image, create, create_file, create_qcow, open, probe, relative_to};
 pub use options::{DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_CHAIN_DEPTH, OpenOptions};
 pub use qcow_format as format;

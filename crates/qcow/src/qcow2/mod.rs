@@ -324,21 +324,22 @@ impl Qcow2Image {
     /// when the table is used, as QEMU checks it, not when the image
     /// opens).
     pub(super) fn check_snapshot_l1(&self, snapshot: &Snapshot) -> Result<()> {
+        use crate::SnapshotL1Problem;
         let bytes = u64::from(snapshot.l1_size) * 8;
-        let reason = if bytes > qcow_format::limits::MAX_L1_BYTES {
-            "Snapshot L1 table too large".to_owned()
+        let problem = if bytes > qcow_format::limits::MAX_L1_BYTES {
+            SnapshotL1Problem::TooLarge
         } else if snapshot.l1_table_offset % self.header.cluster_size() != 0 {
-            "Snapshot L1 table offset invalid".to_owned()
+            SnapshotL1Problem::OffsetInvalid
         } else if snapshot.l1_table_offset.saturating_add(bytes) > self.file_len() {
-            format!("Snapshot L1 table ({bytes} bytes) runs past the end of the file")
+            SnapshotL1Problem::PastEnd
         } else {
             return Ok(());
         };
-        Err(Error::Corrupt {
+        Err(Error::SnapshotL1 {
             image: self.name.clone(),
-            table: "snapshot L1 table",
+            id: snapshot.id.clone(),
             offset: snapshot.l1_table_offset,
-            reason,
+            problem,
         })
     }
 
