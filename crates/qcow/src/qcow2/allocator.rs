@@ -105,6 +105,10 @@ pub(crate) struct Meta {
     /// Host byte offset where the next compressed cluster may be packed
     /// (0: start a new cluster).
     pub(super) compressed_cursor: u64,
+    /// While an operation gives freed space back to the file system: the
+    /// clusters whose refcount dropped to zero (see
+    /// [`Qcow2Image::punching_freed`](super::Qcow2Image::punching_freed)).
+    pub(super) freed: Option<Vec<u64>>,
 }
 
 /// What the allocator needs from the image it allocates for.
@@ -308,6 +312,9 @@ impl Allocation<'_> {
                 )
             })?;
         if new == 0 {
+            if let Some(freed) = self.meta.freed.as_mut() {
+                freed.push(cluster);
+            }
             self.meta.free_hint = self.meta.free_hint.min(cluster);
             self.owner
                 .cluster_freed(host, self.meta.reftable_offset, &self.meta.reftable);
@@ -663,11 +670,13 @@ impl Allocation<'_> {
         self.alloc.flush_refcounts()
     }
 
-    /// Gives the space of every cluster in the file with no references
-    /// back to the file system (a hole each run), as QEMU passes on the
-    /// discards of clusters a commit or a snapshot deletion frees. Freed
-    /// clusters still pending release are not free yet: flush first.
-    pub(super) fn punch_free_clusters(&self) -> Result<()> {
+    /// Gives the space of `clusters` (cluster numbers) that are still
+    /// free back to the file system, a hole per run, as QEMU passes on the
+    /// discards of the clusters an operation frees. Freed clusters still
+    /// pending release are not free yet: flush first.
+    pub(super) fn punch_clusters(&self, mut clusters: Vec<u64>) -> Result<()> {
+        clusters.sort_unstable();
+        clusters.dedup();
         let bits = self.alloc.cluster_bits;
         let punch = |start: u64, end: u64| {
             let (at, len) = (start << bits, (end - start) << bits);
@@ -676,41 +685,23 @@ impl Allocation<'_> {
                 .discard(at, len)
                 .map_err(|e| Error::io(&self.alloc.name, "discarding freed clusters", at, e))
         };
-        let shift = self.refblock_shift();
-        let order = self.alloc.refcount_order;
-        let end = self.meta.end;
-        let mut run: Option<u64> = None;
-        let mut cluster = 0;
-        // Block by block: one lookup per refcount block, not per cluster.
-        while cluster < end {
-            let index = cluster >> shift;
-            let block_end = ((index + 1) << shift).min(end);
-            let block_offset = usize::try_from(index)
-                .ok()
-                .and_then(|i| self.meta.reftable.get(i))
-                .copied()
-                .unwrap_or(0);
-            let block = match block_offset {
-                0 => None,
-                offset => Some(self.refblock(offset)?),
-            };
-            for c in cluster..block_end {
-                // No block: nothing counted there, all free.
-                let free = block
-                    .as_ref()
-                    .is_none_or(|b| b.get(c & ((1 << shift) - 1), order) == Some(0));
-                match (free, run) {
-                    (true, None) => run = Some(c),
-                    (false, Some(start)) => {
-                        punch(start, c)?;
-                        run = None;
-                    }
-                    _ => {}
-                }
+        // Past the end of the file (cut off since) there is nothing to give.
+        let file_clusters = self.owner.file_len().div_ceil(self.alloc.cluster_size());
+        let mut run: Option<(u64, u64)> = None;
+        for cluster in clusters {
+            if cluster >= file_clusters || self.refcount(cluster)? != 0 {
+                continue;
             }
-            cluster = block_end;
+            run = match run {
+                Some((start, end)) if end == cluster => Some((start, cluster + 1)),
+                Some((start, end)) => {
+                    punch(start, end)?;
+                    Some((cluster, cluster + 1))
+                }
+                None => Some((cluster, cluster + 1)),
+            };
         }
-        if let Some(start) = run {
+        if let Some((start, end)) = run {
             punch(start, end)?;
         }
         Ok(())
@@ -756,6 +747,9 @@ impl Allocation<'_> {
             let cluster = offset >> bits;
             if counts_itself {
                 // Its count went with it.
+                if let Some(freed) = self.meta.freed.as_mut() {
+                    freed.push(cluster);
+                }
                 self.meta.free_hint = self.meta.free_hint.min(cluster);
                 self.owner
                     .cluster_freed(offset, self.meta.reftable_offset, &self.meta.reftable);

@@ -30,7 +30,8 @@ impl Qcow2Image {
         if self.can_rebuild_empty() {
             self.rebuild_empty()
         } else {
-            self.deallocate_everything()
+            // The freed space goes back to the file system, as with QEMU.
+            self.punching_freed(|image| image.deallocate_everything())
         }
     }
 
@@ -64,9 +65,7 @@ impl Qcow2Image {
                     self.for_cluster_spans(start, len, |guest, _, _| self.deallocate(guest))
                 })
             })
-            // The freed space goes back to the file system, as with QEMU.
-            .and_then(|()| self.flush_metadata())
-            .and_then(|()| self.lock_meta()?.punch_free_clusters());
+            .and_then(|()| self.flush_metadata());
         self.guard(result)
     }
 

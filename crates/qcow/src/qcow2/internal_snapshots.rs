@@ -168,40 +168,41 @@ impl Qcow2Image {
         let snapshot_l1 = self.read_snapshot_l1(&snapshot)?;
         self.flush()?;
         self.check_room_for_references(&snapshot_l1)?;
-        self.while_dirty(|image| {
-            let disk_size = snapshot.disk_size.unwrap_or(image.virtual_size);
-            if disk_size != image.virtual_size {
-                image.resize(disk_size)?;
-            }
-            let entries = snapshot_l1.len().max(image.l1.len());
-            if entries > image.l1.len() {
-                image.grow_l1(entries as u64)?;
-            }
-            // The snapshot's tables, shared from now on: no entry owns its
-            // cluster alone.
-            let mut new_l1: Vec<u64> = snapshot_l1.iter().map(|e| e & !OFLAG_COPIED).collect();
-            new_l1.resize(image.l1.len(), 0);
-            {
-                let mut meta = image.lock_meta()?;
-                image.change_tree_refcounts(&mut meta, &new_l1, Delta::Add)?;
-            }
-            image.flush()?;
-            let old_l1 = image.active_l1();
-            image.write_active_l1(&new_l1)?;
-            for (slot, &entry) in image.l1.iter().zip(&new_l1) {
-                slot.store(entry, Ordering::Release);
-            }
-            image.l2.clear_clean();
-            {
-                let mut meta = image.lock_meta()?;
-                image.change_tree_refcounts(&mut meta, &old_l1, Delta::Remove)?;
-            }
-            image.flush()?;
-            image.set_active_copied_flags()?;
-            image.flush()?;
-            // What only the snapshot kept goes back to the file system, as
-            // QEMU passes on the discards of a snapshot's clusters.
-            image.lock_meta()?.punch_free_clusters()
+        // What only the snapshot kept goes back to the file system, as QEMU
+        // passes on the discards of a snapshot's clusters.
+        self.punching_freed(|image| {
+            image.while_dirty(|image| {
+                let disk_size = snapshot.disk_size.unwrap_or(image.virtual_size);
+                if disk_size != image.virtual_size {
+                    image.resize(disk_size)?;
+                }
+                let entries = snapshot_l1.len().max(image.l1.len());
+                if entries > image.l1.len() {
+                    image.grow_l1(entries as u64)?;
+                }
+                // The snapshot's tables, shared from now on: no entry owns its
+                // cluster alone.
+                let mut new_l1: Vec<u64> = snapshot_l1.iter().map(|e| e & !OFLAG_COPIED).collect();
+                new_l1.resize(image.l1.len(), 0);
+                {
+                    let mut meta = image.lock_meta()?;
+                    image.change_tree_refcounts(&mut meta, &new_l1, Delta::Add)?;
+                }
+                image.flush()?;
+                let old_l1 = image.active_l1();
+                image.write_active_l1(&new_l1)?;
+                for (slot, &entry) in image.l1.iter().zip(&new_l1) {
+                    slot.store(entry, Ordering::Release);
+                }
+                image.l2.clear_clean();
+                {
+                    let mut meta = image.lock_meta()?;
+                    image.change_tree_refcounts(&mut meta, &old_l1, Delta::Remove)?;
+                }
+                image.flush()?;
+                image.set_active_copied_flags()?;
+                image.flush()
+            })
         })
     }
 
@@ -233,27 +234,28 @@ impl Qcow2Image {
     fn delete_snapshot_at(&mut self, index: usize) -> Result<()> {
         let snapshot = self.snapshots[index].clone();
         let snapshot_l1 = self.read_snapshot_l1(&snapshot)?;
-        self.while_dirty(|image| {
-            let mut snapshots = image.snapshots.clone();
-            snapshots.remove(index);
-            image.write_snapshot_table(snapshots)?;
-            // From here on a failure only leaks clusters.
-            let cluster_size = image.header.cluster_size();
-            let l1_clusters = (u64::from(snapshot.l1_size) * 8).div_ceil(cluster_size);
-            {
-                let mut meta = image.lock_meta()?;
-                image.change_tree_refcounts(&mut meta, &snapshot_l1, Delta::Remove)?;
-                for i in 0..l1_clusters {
-                    let cluster = (snapshot.l1_table_offset >> image.header.cluster_bits) + i;
-                    meta.change_refcount(cluster, -1)?;
+        // What only the snapshot kept goes back to the file system, as QEMU
+        // passes on the discards of a snapshot's clusters.
+        self.punching_freed(|image| {
+            image.while_dirty(|image| {
+                let mut snapshots = image.snapshots.clone();
+                snapshots.remove(index);
+                image.write_snapshot_table(snapshots)?;
+                // From here on a failure only leaks clusters.
+                let cluster_size = image.header.cluster_size();
+                let l1_clusters = (u64::from(snapshot.l1_size) * 8).div_ceil(cluster_size);
+                {
+                    let mut meta = image.lock_meta()?;
+                    image.change_tree_refcounts(&mut meta, &snapshot_l1, Delta::Remove)?;
+                    for i in 0..l1_clusters {
+                        let cluster = (snapshot.l1_table_offset >> image.header.cluster_bits) + i;
+                        meta.change_refcount(cluster, -1)?;
+                    }
                 }
-            }
-            image.flush()?;
-            image.set_active_copied_flags()?;
-            image.flush()?;
-            // What only the snapshot kept goes back to the file system, as
-            // QEMU passes on the discards of a snapshot's clusters.
-            image.lock_meta()?.punch_free_clusters()
+                image.flush()?;
+                image.set_active_copied_flags()?;
+                image.flush()
+            })
         })
     }
 

@@ -17,6 +17,12 @@ impl Qcow2Image {
     /// Shrinks the virtual disk to `new_size` bytes (a multiple of 512,
     /// smaller than the current size). What lay past the new end is lost.
     pub(super) fn shrink(&mut self, new_size: u64) -> Result<()> {
+        // Freed space short of the end goes back too, as QEMU always passes
+        // on the discards of a shrink.
+        self.punching_freed(|image| image.shrink_unpunched(new_size))
+    }
+
+    fn shrink_unpunched(&mut self, new_size: u64) -> Result<()> {
         let cluster_size = self.header.cluster_size();
         let old_size = self.virtual_size;
         let per_table = self.header.bytes_per_l2_table();
@@ -79,9 +85,6 @@ impl Qcow2Image {
             if last + 1 < clusters {
                 meta.truncate_file(last + 1)?;
             }
-            // Freed space short of the end goes back too, as QEMU always
-            // passes on the discards of a shrink.
-            meta.punch_free_clusters()?;
         }
         // 4. The size, last.
         let at = field::SIZE;

@@ -272,6 +272,7 @@ impl Qcow2Image {
                     end,
                     pending_frees: Vec::new(),
                     compressed_cursor: 0,
+                    freed: None,
                 },
             ),
             metadata: MetadataMap::new(self.header.cluster_bits),
@@ -370,6 +371,25 @@ impl Qcow2Image {
     /// Takes the allocation lock.
     pub(super) fn lock_meta(&self) -> Result<Allocation<'_>> {
         Ok(self.write_state()?.allocator.lock(self))
+    }
+
+    /// Runs `op`, then gives the clusters it freed back to the file system
+    /// (as QEMU passes on the discards of a snapshot deletion, a shrink or
+    /// an emptied image), once they are free on disk. After a failure
+    /// nothing is given back.
+    pub(super) fn punching_freed<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.lock_meta()?.freed = Some(Vec::new());
+        let result = op(self).and_then(|value| {
+            self.flush()?;
+            Ok(value)
+        });
+        let freed = self.lock_meta()?.freed.take().unwrap_or_default();
+        let value = result?;
+        self.lock_meta()?.punch_clusters(freed)?;
+        Ok(value)
     }
 
     /// Writes every dirty refcount block.
