@@ -188,6 +188,18 @@ impl Qcow2Image {
                     let mut meta = image.lock_meta()?;
                     image.change_tree_refcounts(&mut meta, &new_l1, Delta::Add)?;
                 }
+                // The snapshot's own L1 table no longer owns any table
+                // alone: its flags say so, as QEMU rewrites them.
+                if snapshot_l1.iter().any(|e| e & OFLAG_COPIED != 0) {
+                    let bytes: Vec<u8> = snapshot_l1
+                        .iter()
+                        .flat_map(|e| (e & !OFLAG_COPIED).to_be_bytes())
+                        .collect();
+                    let at = snapshot.l1_table_offset;
+                    image.file.write_at(&bytes, at).map_err(|e| {
+                        Error::io(&image.name, "writing a snapshot L1 table", at, e)
+                    })?;
+                }
                 image.flush()?;
                 let old_l1 = image.active_l1();
                 image.write_active_l1(&new_l1)?;
@@ -200,6 +212,7 @@ impl Qcow2Image {
                     image.change_tree_refcounts(&mut meta, &old_l1, Delta::Remove)?;
                 }
                 image.flush()?;
+                image.set_copied_flags_below(&old_l1)?;
                 image.set_active_copied_flags()?;
                 image.flush()
             })
@@ -253,6 +266,7 @@ impl Qcow2Image {
                     }
                 }
                 image.flush()?;
+                image.set_copied_flags_below(&snapshot_l1)?;
                 image.set_active_copied_flags()?;
                 image.flush()
             })
@@ -504,6 +518,53 @@ impl Qcow2Image {
         self.write_active_l1(&cleared)?;
         for (slot, &entry) in self.l1.iter().zip(&cleared) {
             slot.store(entry, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// After `l1`'s tree let go of its references: `OFLAG_COPIED` in the
+    /// tables it reached that other trees keep (and that are not active,
+    /// see [`Qcow2Image::set_active_copied_flags`]) says again whether each
+    /// cluster is referenced once, as QEMU rewrites those flags while it
+    /// walks the tree.
+    fn set_copied_flags_below(&self, l1: &[u64]) -> Result<()> {
+        let words = self.geometry.l2_entry_words();
+        let bits = self.header.cluster_bits;
+        let active: std::collections::HashSet<u64> =
+            self.active_l1().iter().map(|e| e & OFFSET_MASK).collect();
+        let mut seen = std::collections::HashSet::new();
+        for &entry in l1 {
+            let l2_offset = entry & OFFSET_MASK;
+            if l2_offset == 0 || active.contains(&l2_offset) || !seen.insert(l2_offset) {
+                continue;
+            }
+            let meta = self.lock_meta()?;
+            if meta.refcount(l2_offset >> bits)? == 0 {
+                continue;
+            }
+            let mut table = self.read_l2_words(l2_offset)?;
+            let mut changed = false;
+            for word in table.iter_mut().step_by(words) {
+                let host = *word & OFFSET_MASK;
+                if *word & OFLAG_COMPRESSED != 0 || host == 0 {
+                    continue;
+                }
+                let want = if meta.refcount(host >> bits)? == 1 {
+                    *word | OFLAG_COPIED
+                } else {
+                    *word & !OFLAG_COPIED
+                };
+                changed |= want != *word;
+                *word = want;
+            }
+            drop(meta);
+            if changed {
+                let bytes: Vec<u8> = table.iter().flat_map(|w| w.to_be_bytes()).collect();
+                self.file
+                    .write_at(&bytes, l2_offset)
+                    .map_err(|e| Error::io(&self.name, "writing an L2 table", l2_offset, e))?;
+                self.l2.forget(l2_offset);
+            }
         }
         Ok(())
     }

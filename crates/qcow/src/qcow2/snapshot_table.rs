@@ -79,7 +79,7 @@ impl Qcow2Image {
             // names them; the header is on disk before the old table goes.
             let switched = self
                 .file
-                .write_at(&table, offset)
+                .write_at(&table[..unpadded as usize], offset)
                 .map_err(|e| Error::io(&self.name, "writing the snapshot table", offset, e))
                 .and_then(|()| self.flush_refcounts())
                 .and_then(|()| self.sync_file())
