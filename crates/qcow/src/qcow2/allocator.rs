@@ -109,6 +109,9 @@ pub(crate) struct Meta {
     /// clusters whose refcount dropped to zero (see
     /// [`Qcow2Image::punching_freed`](super::Qcow2Image::punching_freed)).
     pub(super) freed: Option<Vec<u64>>,
+    /// Clusters (numbers) among the pending frees whose space goes back to
+    /// the file system once they are free (ranges the guest gave up).
+    pub(super) pending_discards: Vec<u64>,
 }
 
 /// What the allocator needs from the image it allocates for.
@@ -920,6 +923,13 @@ impl Allocation<'_> {
         let pending = std::mem::take(&mut self.meta.pending_frees);
         for host in pending {
             self.change_refcount(host >> self.alloc.cluster_bits, -1)?;
+        }
+        let discards = std::mem::take(&mut self.meta.pending_discards);
+        if !discards.is_empty() {
+            // Their refcounts reach the disk first: a hole never lies under
+            // a cluster the image on disk still counts.
+            self.alloc.flush_refcounts()?;
+            self.punch_clusters(discards)?;
         }
         Ok(())
     }

@@ -273,6 +273,7 @@ impl Qcow2Image {
                     pending_frees: Vec::new(),
                     compressed_cursor: 0,
                     freed: None,
+                    pending_discards: Vec::new(),
                 },
             ),
             metadata: MetadataMap::new(self.header.cluster_bits),
@@ -828,6 +829,33 @@ impl Qcow2Image {
         entry: u64,
         bitmap: u64,
     ) -> Result<()> {
+        self.replace_l2_words(meta, l2_offset, table, guest, (entry, bitmap), false)
+    }
+
+    /// [`Qcow2Image::set_l2_words`] for a guest range given up (zeroed with
+    /// unmap, or discarded): the host space it releases also goes back to
+    /// the file system once free, as QEMU passes on such discards.
+    pub(super) fn release_l2_words(
+        &self,
+        meta: &mut Allocation<'_>,
+        l2_offset: u64,
+        table: &Arc<L2Table>,
+        guest: u64,
+        entry: u64,
+        bitmap: u64,
+    ) -> Result<()> {
+        self.replace_l2_words(meta, l2_offset, table, guest, (entry, bitmap), true)
+    }
+
+    fn replace_l2_words(
+        &self,
+        meta: &mut Allocation<'_>,
+        l2_offset: u64,
+        table: &Arc<L2Table>,
+        guest: u64,
+        (entry, bitmap): (u64, u64),
+        discard: bool,
+    ) -> Result<()> {
         let words = self.geometry.l2_entry_words();
         let index = self.geometry.l2_index(guest) * words;
         let out_of_range = || Error::Corrupt {
@@ -853,6 +881,9 @@ impl Qcow2Image {
             let bits = self.header.cluster_bits;
             for cluster in (host >> bits)..=((host + len - 1) >> bits) {
                 meta.pending_frees.push(cluster << bits);
+                if discard {
+                    meta.pending_discards.push(cluster);
+                }
             }
         }
         Ok(())

@@ -27,10 +27,7 @@ impl Qcow2Image {
         let mut meta = self.lock_meta()?;
         self.mark_dirty()?;
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-        if self.geometry.extended_l2 {
-            return self.set_l2_words(&mut meta, l2_offset, &table, guest, 0, 0);
-        }
-        self.set_l2_entry(&mut meta, l2_offset, &table, guest, 0)
+        self.release_l2_words(&mut meta, l2_offset, &table, guest, 0, 0)
     }
 
     fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
@@ -49,7 +46,7 @@ impl Qcow2Image {
             if self.geometry.extended_l2 {
                 // Every subcluster reads as zeros; the space is released.
                 let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-                return self.set_l2_words(&mut meta, l2_offset, &table, guest, 0, ALL_ZERO);
+                return self.release_l2_words(&mut meta, l2_offset, &table, guest, 0, ALL_ZERO);
             }
             let owned = self.in_place_host(guest, Some(&meta))?;
             let entry = match owned {
@@ -71,7 +68,7 @@ impl Qcow2Image {
                 return Ok(());
             }
             let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
-            self.set_l2_entry(&mut meta, l2_offset, &table, guest, entry)
+            self.release_l2_words(&mut meta, l2_offset, &table, guest, entry, 0)
         })
     }
 
