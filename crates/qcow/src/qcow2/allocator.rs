@@ -462,37 +462,44 @@ impl Allocation<'_> {
         // Blocks first, then the table, then the header that points at it.
         self.alloc.flush_refcounts()?;
         let table_offset = table_start << cluster_bits;
-        let encoded: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.alloc
-            .file
-            .write_at(&encoded, table_offset)
-            .map_err(|e| {
-                Error::io(
-                    &self.alloc.name,
-                    "writing the refcount table",
-                    table_offset,
-                    e,
-                )
-            })?;
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
-        // At most MAX_REFCOUNT_TABLE_BYTES / 512 clusters.
-        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        let at = qcow_format::header::field::REFCOUNT_TABLE_OFFSET;
-        self.alloc
-            .file
-            .write_at(&fields, at)
-            .map_err(|e| Error::io(&self.alloc.name, "writing the header", at, e))?;
-        let old_offset = self.meta.reftable_offset;
-        let old_clusters = (old_len * 8).div_ceil(self.alloc.cluster_size());
-        self.meta.reftable = table;
-        self.meta.reftable_offset = table_offset;
+        let (old_offset, old_clusters) =
+            self.switch_reftable(table, table_offset, table_clusters)?;
         for i in 0..old_clusters {
             self.meta
                 .pending_frees
                 .push(old_offset + (i << cluster_bits));
         }
         Ok(())
+    }
+
+    /// Writes the refcount `table` at `table_offset` and, once it is on
+    /// disk, points the header at it (`table_clusters` clusters), synced;
+    /// memory follows. Returns the old table's offset and clusters, for
+    /// the caller to free.
+    fn switch_reftable(
+        &mut self,
+        table: Vec<u64>,
+        table_offset: u64,
+        table_clusters: u64,
+    ) -> Result<(u64, u64)> {
+        let name = &self.alloc.name;
+        let encoded: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.alloc
+            .file
+            .write_at(&encoded, table_offset)
+            .and_then(|()| self.alloc.file.flush())
+            .map_err(|e| Error::io(name, "writing the refcount table", table_offset, e))?;
+        write_reftable_pointer(&*self.alloc.file, name, table_offset, table_clusters)?;
+        self.alloc
+            .file
+            .flush()
+            .map_err(|e| Error::io(name, "flushing", 0, e))?;
+        let old_offset = self.meta.reftable_offset;
+        let old_clusters =
+            (self.meta.reftable.len() as u64 * 8).div_ceil(self.alloc.cluster_size());
+        self.meta.reftable = table;
+        self.meta.reftable_offset = table_offset;
+        Ok((old_offset, old_clusters))
     }
 
     /// QEMU's `qcow2_refcount_area` (exact size): refcount blocks for
@@ -567,35 +574,8 @@ impl Allocation<'_> {
             .metadata_placed(start << bits, (end - start) << bits);
         // Blocks first, then the table, then the header that points at it.
         self.alloc.flush_refcounts()?;
-        let table_offset = table_start << bits;
-        let encoded: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        let sync = |e| Error::io(&self.alloc.name, "flushing", 0, e);
-        self.alloc
-            .file
-            .write_at(&encoded, table_offset)
-            .map_err(|e| {
-                Error::io(
-                    &self.alloc.name,
-                    "writing the refcount table",
-                    table_offset,
-                    e,
-                )
-            })?;
-        self.alloc.file.flush().map_err(sync)?;
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
-        // At most MAX_REFCOUNT_TABLE_BYTES / 512 clusters.
-        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        let at = qcow_format::header::field::REFCOUNT_TABLE_OFFSET;
-        self.alloc
-            .file
-            .write_at(&fields, at)
-            .map_err(|e| Error::io(&self.alloc.name, "writing the header", at, e))?;
-        self.alloc.file.flush().map_err(sync)?;
-        let old_offset = self.meta.reftable_offset;
-        let old_clusters = (self.meta.reftable.len() as u64 * 8).div_ceil(cluster_size);
-        self.meta.reftable = table;
-        self.meta.reftable_offset = table_offset;
+        let (old_offset, old_clusters) =
+            self.switch_reftable(table, table_start << bits, table_clusters)?;
         for i in 0..old_clusters {
             self.change_refcount((old_offset >> bits) + i, -1)?;
         }
@@ -680,34 +660,16 @@ impl Allocation<'_> {
     pub(super) fn punch_clusters(&self, mut clusters: Vec<u64>) -> Result<()> {
         clusters.sort_unstable();
         clusters.dedup();
-        let bits = self.alloc.cluster_bits;
-        let punch = |start: u64, end: u64| {
-            let (at, len) = (start << bits, (end - start) << bits);
-            self.alloc
-                .file
-                .discard(at, len)
-                .map_err(|e| Error::io(&self.alloc.name, "discarding freed clusters", at, e))
-        };
         // Past the end of the file (cut off since) there is nothing to give.
         let file_clusters = self.owner.file_len().div_ceil(self.alloc.cluster_size());
-        let mut run: Option<(u64, u64)> = None;
+        let mut free = Vec::with_capacity(clusters.len());
         for cluster in clusters {
-            if cluster >= file_clusters || self.refcount(cluster)? != 0 {
-                continue;
+            if cluster < file_clusters && self.refcount(cluster)? == 0 {
+                free.push(cluster);
             }
-            run = match run {
-                Some((start, end)) if end == cluster => Some((start, cluster + 1)),
-                Some((start, end)) => {
-                    punch(start, end)?;
-                    Some((cluster, cluster + 1))
-                }
-                None => Some((cluster, cluster + 1)),
-            };
         }
-        if let Some((start, end)) = run {
-            punch(start, end)?;
-        }
-        Ok(())
+        discard_cluster_runs(&*self.alloc.file, self.alloc.cluster_bits, &free)
+            .map_err(|(at, e)| Error::io(&self.alloc.name, "discarding freed clusters", at, e))
     }
 
     /// Drops the refcount blocks that count nothing but themselves (after
@@ -975,4 +937,42 @@ impl Allocation<'_> {
             }),
         }
     }
+}
+
+/// Points the header at the refcount table at `offset`, `clusters`
+/// clusters long (one write of the two fields; not synced).
+pub(super) fn write_reftable_pointer(
+    file: &dyn Storage,
+    name: &str,
+    offset: u64,
+    clusters: u64,
+) -> Result<()> {
+    let mut fields = [0u8; 12];
+    fields[..8].copy_from_slice(&offset.to_be_bytes());
+    // At most MAX_REFCOUNT_TABLE_BYTES / 512 clusters.
+    fields[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+    let at = qcow_format::header::field::REFCOUNT_TABLE_OFFSET;
+    file.write_at(&fields, at)
+        .map_err(|e| Error::io(name, "writing the header", at, e))
+}
+
+/// Discards `clusters` (cluster numbers, ascending), one request per run
+/// of consecutive clusters. A failure names the run's host offset.
+pub(super) fn discard_cluster_runs(
+    file: &dyn Storage,
+    cluster_bits: u32,
+    clusters: &[u64],
+) -> std::result::Result<(), (u64, std::io::Error)> {
+    let mut i = 0;
+    while i < clusters.len() {
+        let mut j = i + 1;
+        while j < clusters.len() && clusters[j] == clusters[j - 1] + 1 {
+            j += 1;
+        }
+        let at = clusters[i] << cluster_bits;
+        file.discard(at, ((j - i) as u64) << cluster_bits)
+            .map_err(|e| (at, e))?;
+        i = j;
+    }
+    Ok(())
 }

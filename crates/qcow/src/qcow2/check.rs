@@ -631,18 +631,8 @@ impl Qcow2Image {
     /// runs; best effort, as a discard is advice (their refcounts are
     /// already zero on disk).
     fn discard_clusters(&self, freed: &[u64]) {
-        let bits = self.header.cluster_bits;
-        let mut i = 0;
-        while i < freed.len() {
-            let mut j = i + 1;
-            while j < freed.len() && freed[j] == freed[j - 1] + 1 {
-                j += 1;
-            }
-            let _ = self
-                .file
-                .discard(freed[i] << bits, ((j - i) as u64) << bits);
-            i = j;
-        }
+        let _ =
+            super::allocator::discard_cluster_runs(&*self.file, self.header.cluster_bits, freed);
     }
 
     /// QEMU's `qcow2_check_refcounts`: count, compare, repair or rebuild,

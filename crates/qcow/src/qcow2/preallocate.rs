@@ -6,6 +6,7 @@ use qcow_format::table::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use qcow_io::Storage;
 
 use super::Qcow2Image;
+use super::allocator::Allocation;
 use crate::{Error, Result};
 
 impl Qcow2Image {
@@ -154,21 +155,7 @@ impl Qcow2Image {
             }
             guest += bytes;
         }
-        // The file covers every cluster, allocated on disk or not, and ends
-        // with the last one when space was taken beforehand.
-        let end = meta.end << self.header.cluster_bits;
-        let len = self
-            .file
-            .len()
-            .map_err(|e| Error::io(&self.name, "sizing", 0, e))?;
-        if len < end {
-            self.file
-                .set_len(end)
-                .map_err(|e| Error::io(&self.name, "sizing the image", end, e))?;
-        } else if len > end && zeroed_from.is_some() {
-            let clusters = meta.end;
-            meta.truncate_file(clusters)?;
-        }
+        self.end_preallocated_file(&mut meta, zeroed_from)?;
         drop(meta);
         self.flush()
     }
@@ -269,21 +256,33 @@ impl Qcow2Image {
             };
             self.set_l2_words(&mut meta, l2_offset, &table, guest, entry, bitmap)?;
         }
-        let file_end = meta.end() << bits;
+        self.end_preallocated_file(&mut meta, zeroed_from)?;
+        drop(meta);
+        self.flush()
+    }
+
+    /// The file covers every cluster in use, allocated on disk or not, and
+    /// ends with the last one when space was taken beforehand (from
+    /// `zeroed_from`).
+    fn end_preallocated_file(
+        &self,
+        meta: &mut Allocation<'_>,
+        zeroed_from: Option<u64>,
+    ) -> Result<()> {
+        let clusters = meta.end();
+        let end = clusters << self.header.cluster_bits;
         let len = self
             .file
             .len()
             .map_err(|e| Error::io(&self.name, "sizing", 0, e))?;
-        if len < file_end {
+        if len < end {
             self.file
-                .set_len(file_end)
-                .map_err(|e| Error::io(&self.name, "sizing the image", file_end, e))?;
-        } else if len > file_end && zeroed_from.is_some() {
-            let clusters = meta.end();
+                .set_len(end)
+                .map_err(|e| Error::io(&self.name, "sizing the image", end, e))?;
+        } else if len > end && zeroed_from.is_some() {
             meta.truncate_file(clusters)?;
         }
-        drop(meta);
-        self.flush()
+        Ok(())
     }
 }
 

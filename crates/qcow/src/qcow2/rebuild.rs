@@ -34,20 +34,12 @@ impl Qcow2Image {
 
     /// Points the header at the refcount table at `table_offset`.
     fn point_header_at_refcounts(&mut self, table_offset: u64, table_clusters: u64) -> Result<()> {
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
-        // Bounded by MAX_REFCOUNT_TABLE_BYTES.
-        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.file
-            .write_at(&fields, qcow_format::header::field::REFCOUNT_TABLE_OFFSET)
-            .map_err(|e| {
-                Error::io(
-                    &self.name,
-                    "writing the header",
-                    qcow_format::header::field::REFCOUNT_TABLE_OFFSET,
-                    e,
-                )
-            })?;
+        super::allocator::write_reftable_pointer(
+            &*self.file,
+            &self.name,
+            table_offset,
+            table_clusters,
+        )?;
         self.header.refcount_table_offset = table_offset;
         self.header.refcount_table_clusters = table_clusters as u32;
         Ok(())

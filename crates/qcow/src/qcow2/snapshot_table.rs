@@ -111,14 +111,11 @@ impl Qcow2Image {
         self.flush()?;
         // The old table's clusters go back to the file system once free,
         // as QEMU discards them (a damaged table may share a cluster).
-        let meta = self.lock_meta()?;
-        for i in 0..old_clusters {
-            let at = old_start + i * cluster_size;
-            if meta.refcount(at >> self.header.cluster_bits)? == 0 {
-                // Advice only: the cluster is already free.
-                let _ = self.file.discard(at, cluster_size);
-            }
-        }
+        // Advice only: the clusters are already free.
+        let first = old_start >> self.header.cluster_bits;
+        let _ = self
+            .lock_meta()?
+            .punch_clusters((first..first + old_clusters).collect());
         Ok(())
     }
 
