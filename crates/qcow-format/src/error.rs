@@ -19,6 +19,9 @@ pub enum FormatError {
         /// Bytes available.
         available: u64,
     },
+    /// The LUKS header of an encrypted image is damaged.
+    #[error("{0}")]
+    Luks(crate::luks::LuksProblem),
     /// The magic number is not `QFI\xfb`.
     #[error("bad magic {found:#010x}, expected {expected:#010x}")]
     BadMagic {

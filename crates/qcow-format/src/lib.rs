@@ -15,6 +15,7 @@
 //! - [`snapshot`]: the snapshot table;
 //! - [`bitmap`]: the bitmap directory;
 //! - [`v1`]: the QCOW version 1 header and L2 entries;
+//! - [`luks`]: the LUKS header of an encrypted QCOW2 image;
 //! - [`limits`]: the bounds applied to values read from an image.
 
 #![deny(missing_docs)]
@@ -24,6 +25,7 @@ mod error;
 pub mod extension;
 pub mod header;
 pub mod limits;
+pub mod luks;
 mod qemu_words;
 pub mod snapshot;
 pub mod table;

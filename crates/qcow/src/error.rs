@@ -67,6 +67,16 @@ pub enum Error {
         /// The method's name.
         method: String,
     },
+    /// An encrypted image cannot be unlocked or used: no key or a wrong
+    /// one, an algorithm this engine lacks, a damaged LUKS header.
+    #[error("{image}: {source}")]
+    Crypto {
+        /// The image.
+        image: String,
+        /// What is wrong.
+        #[source]
+        source: crate::crypto::CryptoError,
+    },
     /// The file has the qcow magic but a version this engine does not know.
     #[error("{image}: unsupported qcow version {version}")]
     UnsupportedVersion {
@@ -283,6 +293,8 @@ pub enum ErrorKind {
     ReadOnly,
     /// The caller cancelled the operation.
     Cancelled,
+    /// An encrypted image's password is missing or wrong.
+    Key,
 }
 
 /// What is wrong with a snapshot's L1 table ([`Error::SnapshotL1`]).
@@ -323,6 +335,7 @@ impl Error {
             | Error::MetadataOverlap { .. }
             | Error::MarkedCorrupt { .. } => ErrorKind::Corrupt,
             Error::Decompress { .. } => ErrorKind::Decompress,
+            Error::Crypto { source, .. } => source.kind(),
             Error::Encrypted { .. }
             | Error::UnsupportedVersion { .. }
             | Error::Unsupported { .. } => ErrorKind::Unsupported,

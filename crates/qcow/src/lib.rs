@@ -19,6 +19,7 @@
 
 mod compress;
 pub mod copy;
+pub mod crypto;
 mod device;
 mod error;
 pub mod measure;

@@ -362,6 +362,18 @@ impl Layer<'_> {
                         image.select_snapshot(snapshot)?;
                     }
                 }
+                if image.encryption().is_some() {
+                    match options.key_secret.as_ref().filter(|_| top) {
+                        Some(secret) => image.unlock(secret)?,
+                        None if (top && (options.without_key || options.check)) => {}
+                        None => {
+                            return Err(Error::Crypto {
+                                image: name.to_owned(),
+                                source: crate::crypto::CryptoError::KeyRequired,
+                            });
+                        }
+                    }
+                }
                 let given = options.data_file.as_ref().filter(|_| top);
                 if given.is_some() && !image.header().has_data_file() {
                     return Err(Error::InvalidOptions(format!(

@@ -81,6 +81,14 @@ pub struct OpenOptions {
     /// nobody may write it meanwhile, even a raw image, which otherwise
     /// shares writes as QEMU's raw format does.
     pub copy_source: bool,
+    /// The password of the named image if it is encrypted (QEMU's
+    /// `encrypt.key-secret`).
+    pub key_secret: Option<crate::crypto::Secret>,
+    /// Open an encrypted image without its password, for its metadata only
+    /// (QEMU opens images so for `info`): reading its data then fails.
+    /// Without this, an encrypted image opened without its password is
+    /// refused.
+    pub without_key: bool,
 }
 
 impl Default for OpenOptions {
@@ -102,6 +110,8 @@ impl Default for OpenOptions {
             repair: false,
             check: false,
             copy_source: false,
+            key_secret: None,
+            without_key: false,
         }
     }
 }
@@ -212,6 +222,18 @@ impl OpenOptions {
     /// Sets [`OpenOptions::copy_source`].
     pub fn copy_source(mut self, copy_source: bool) -> Self {
         self.copy_source = copy_source;
+        self
+    }
+
+    /// Sets [`OpenOptions::key_secret`].
+    pub fn key_secret(mut self, key_secret: Option<crate::crypto::Secret>) -> Self {
+        self.key_secret = key_secret;
+        self
+    }
+
+    /// Sets [`OpenOptions::without_key`].
+    pub fn without_key(mut self, without_key: bool) -> Self {
+        self.without_key = without_key;
         self
     }
 }

@@ -30,6 +30,7 @@ mod compressed_write;
 mod create;
 mod dirty_bitmaps;
 mod emptying;
+mod encryption;
 mod entry_seq;
 mod flush;
 mod internal_snapshots;
@@ -59,7 +60,7 @@ pub use create::{CreateOptions, Preallocation};
 pub use internal_snapshots::NewSnapshot;
 
 use qcow_format::bitmap::BitmapEntry;
-use qcow_format::header::{Encryption, Header, header_cluster_size};
+use qcow_format::header::{Header, header_cluster_size};
 use qcow_format::snapshot::Snapshot;
 use qcow_format::table::Geometry;
 use qcow_io::Storage;
@@ -107,6 +108,10 @@ pub struct Qcow2Image {
     /// its refcounts say), decided on the first block status query.
     sparse_file: std::sync::OnceLock<bool>,
     snapshot: Option<String>,
+    /// The image's encryption (`None`: not encrypted).
+    encryption: Option<crate::crypto::EncryptionInfo>,
+    /// The data cipher, once [`Qcow2Image::unlock`] found the key.
+    cipher: Option<crate::crypto::DataCipher>,
 }
 
 /// A number no other image of this process has had: the key of per-thread
@@ -171,12 +176,7 @@ impl Qcow2Image {
             Header::parse(&cluster, file_len)
         };
         let header = header.map_err(|e| Error::format(name, e))?;
-        if header.encryption != Encryption::None {
-            return Err(Error::Encrypted {
-                image: name.to_owned(),
-                method: header.encryption.name(),
-            });
-        }
+        let encryption = encryption::load(name, &*file, &header)?;
         let geometry = Geometry::of(&header);
         let l1 = read_l1(name, &*file, header.l1_table_offset, header.l1_size)?;
         let allocated_tables = l1.iter().filter(|&&e| e != 0).count() as u64;
@@ -210,6 +210,8 @@ impl Qcow2Image {
             file_len: AtomicU64::new(file_len),
             sparse_file: std::sync::OnceLock::new(),
             snapshot: None,
+            encryption,
+            cipher: None,
             header,
         };
         image.bitmaps = image.load_bitmaps()?;

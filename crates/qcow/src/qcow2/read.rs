@@ -357,9 +357,7 @@ impl BlockDevice for Qcow2Image {
             match run.mapping {
                 L2Mapping::Data { host } => {
                     let host = host + (guest & ((1 << self.geometry.subcluster_bits()) - 1));
-                    self.data_storage()?
-                        .read_at(out, host)
-                        .map_err(|e| Error::io(&self.name, "reading data", host, e))?;
+                    self.read_data(out, host, guest)?;
                 }
                 L2Mapping::Zero { .. } => out.fill(0),
                 L2Mapping::Unallocated { .. } => self.read_backing(out, guest)?,
@@ -382,7 +380,12 @@ impl BlockDevice for Qcow2Image {
                 // Like qemu-img, look through to the image file (not an
                 // external data file): a hole there reads as zeros.
                 let host = host + in_unit;
-                let extent = if self.header.has_data_file() || !self.looks_preallocated()? {
+                // Encrypted zeros are not zeros: a hole in the file is
+                // data like any other.
+                let extent = if self.header.has_data_file()
+                    || self.encryption.is_some()
+                    || !self.looks_preallocated()?
+                {
                     qcow_io::StorageExtent {
                         data: true,
                         len: run.len,
@@ -395,7 +398,8 @@ impl BlockDevice for Qcow2Image {
                 len = extent.len.clamp(1, run.len);
                 Allocation::Data {
                     depth: 0,
-                    offset: Some(host),
+                    // QEMU gives no host offset for encrypted data.
+                    offset: Some(host).filter(|_| self.encryption.is_none()),
                     compressed: false,
                     zero: !extent.data,
                 }
@@ -408,14 +412,17 @@ impl BlockDevice for Qcow2Image {
             },
             L2Mapping::Zero { host } => Allocation::Zero {
                 depth: 0,
-                offset: host.map(|h| h + in_unit),
+                offset: host
+                    .map(|h| h + in_unit)
+                    .filter(|_| self.encryption.is_none()),
             },
             L2Mapping::Unallocated { host } => {
                 return crate::backing_status(
                     self.backing_device()?,
                     offset,
                     run.len,
-                    host.map(|h| h + in_unit),
+                    host.map(|h| h + in_unit)
+                        .filter(|_| self.encryption.is_none()),
                 );
             }
         };

@@ -153,6 +153,12 @@ impl Qcow2Image {
     }
 
     fn enable_writes(&mut self, cache_bytes: Option<u64>) -> Result<()> {
+        if self.encryption.is_some() {
+            return Err(Error::Crypto {
+                image: self.name.clone(),
+                source: crate::crypto::CryptoError::WritesNotSupported,
+            });
+        }
         if self.header.corrupt() {
             return Err(Error::MarkedCorrupt {
                 image: self.name.clone(),

@@ -9,6 +9,7 @@ mod copy;
 mod crash;
 mod embedding;
 mod emptying;
+mod encryption;
 mod fixtures;
 mod fuzz_seeds;
 mod internal_snapshots;

@@ -1,0 +1,178 @@
+//! Encrypted images: QCOW2's LUKS encryption (`encrypt.format=luks`, the
+//! LUKS header in clusters of the image, each data sector encrypted with
+//! its host offset as IV) and the legacy AES scheme of QCOW and QCOW2
+//! (`encrypt.format=aes`: AES-128-CBC keyed by the password itself, each
+//! sector encrypted with its guest offset as IV).
+//!
+//! - [`hash`]: the hashes, PBKDF2 over them;
+//! - [`cipher`]: sector ciphers (AES in XTS, CBC or ECB mode; IV
+//!   generators `plain`, `plain64` and `essiv`);
+//! - [`luks`]: unlocking a LUKS header with a password.
+
+pub mod cipher;
+pub mod hash;
+pub mod luks;
+
+use qcow_format::FormatError;
+use qcow_format::luks::LuksHeader;
+
+use cipher::{CipherMode, CipherSpec, IvGenAlg, SECTOR, SectorCrypt};
+
+/// The password (QEMU's secret) that unlocks an encrypted image.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// A secret of these bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Secret {
+        Secret(bytes.into())
+    }
+
+    /// The secret's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Why an encrypted image cannot be unlocked or used (worded as QEMU words
+/// it).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CryptoError {
+    /// A named algorithm is not one this engine has.
+    #[error("{what} '{name}' not supported")]
+    NotSupported {
+        /// What kind of algorithm (`Hash`, `Cipher mode`, `IV generator`).
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The cipher with this key size is not one this engine has.
+    #[error("Algorithm '{name}' with key size {key_bytes} bytes not supported")]
+    Algorithm {
+        /// The cipher's name.
+        name: String,
+        /// The block cipher's key size.
+        key_bytes: usize,
+    },
+    /// The cipher mode is not `MODE-IVGEN[:HASH]`.
+    #[error("Unexpected cipher mode string format '{0}'")]
+    ModeFormat(String),
+    /// ESSIV without a hash.
+    #[error("Missing IV generator hash specification")]
+    MissingIvHash,
+    /// ESSIV's hash gives no AES key size.
+    #[error("No AES cipher with key size {0} available")]
+    EssivKey(usize),
+    /// No key slot opens with the password given.
+    #[error("Invalid password, cannot unlock any keyslot")]
+    InvalidPassword,
+    /// The image is encrypted and no password was given.
+    #[error("Parameter 'encrypt.key-secret' is required for cipher")]
+    KeyRequired,
+    /// The LUKS header is damaged.
+    #[error("{0}")]
+    Header(FormatError),
+    /// The LUKS header or its key material lies outside the space the
+    /// image's encryption header extension gives it.
+    #[error("Request for data outside of extension header")]
+    OutsideHeader,
+    /// The image has LUKS encryption but no encryption header extension.
+    #[error("Missing CRYPTO header for crypt method 2")]
+    MissingHeader,
+    /// Reading the encryption header failed.
+    #[error("Could not read encryption header: {0}")]
+    Read(String),
+    /// Writing to encrypted images is not done yet.
+    #[error("writing to encrypted images is not supported yet")]
+    WritesNotSupported,
+}
+
+impl CryptoError {
+    /// The kind of failure.
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind;
+        match self {
+            CryptoError::InvalidPassword | CryptoError::KeyRequired => ErrorKind::Key,
+            CryptoError::Header(_) | CryptoError::OutsideHeader | CryptoError::MissingHeader => {
+                ErrorKind::Malformed
+            }
+            CryptoError::Read(_) => ErrorKind::Io,
+            _ => ErrorKind::Unsupported,
+        }
+    }
+}
+
+/// What an image's encryption is, for `info` (known without the key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EncryptionInfo {
+    /// The legacy AES scheme.
+    Aes,
+    /// LUKS, with its header and the algorithms it names.
+    Luks {
+        /// The header.
+        header: Box<LuksHeader>,
+        /// Where it lives in the image file.
+        offset: u64,
+        /// Bytes the image gives it there.
+        length: u64,
+    },
+}
+
+/// An unlocked image's data cipher.
+#[derive(Debug)]
+pub struct DataCipher {
+    cipher: Box<dyn SectorCrypt>,
+    /// IVs from host offsets (LUKS) or guest offsets (legacy AES).
+    physical: bool,
+}
+
+impl DataCipher {
+    /// The legacy AES cipher QEMU derives from a password: its first 16
+    /// bytes (zero-padded), AES-128-CBC with `plain64` IVs of guest
+    /// offsets.
+    pub fn legacy_aes(password: &[u8]) -> Result<DataCipher, CryptoError> {
+        let mut key = [0u8; 16];
+        let len = password.len().min(16);
+        key[..len].copy_from_slice(&password[..len]);
+        let spec = CipherSpec::new("aes", 16, CipherMode::Cbc, IvGenAlg::Plain64, None)?;
+        Ok(DataCipher {
+            cipher: spec.build(&key)?,
+            physical: false,
+        })
+    }
+
+    /// The LUKS cipher of `header` with its master key.
+    pub fn luks(header: &LuksHeader, master_key: &[u8]) -> Result<DataCipher, CryptoError> {
+        let algorithms = luks::LuksAlgorithms::of(header)?;
+        Ok(DataCipher {
+            cipher: algorithms.cipher.build(master_key)?,
+            physical: true,
+        })
+    }
+
+    /// Whether IVs come from host offsets.
+    pub fn physical(&self) -> bool {
+        self.physical
+    }
+
+    /// Decrypts `data` (whole sectors) that lives at host offset `host`
+    /// and guest offset `guest`.
+    pub fn decrypt(&self, host: u64, guest: u64, data: &mut [u8]) {
+        let at = if self.physical { host } else { guest };
+        self.cipher.decrypt(at / SECTOR as u64, data);
+    }
+
+    /// Encrypts `data` (whole sectors) for host offset `host` and guest
+    /// offset `guest`.
+    pub fn encrypt(&self, host: u64, guest: u64, data: &mut [u8]) {
+        let at = if self.physical { host } else { guest };
+        self.cipher.encrypt(at / SECTOR as u64, data);
+    }
+}
