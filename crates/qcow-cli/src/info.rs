@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use qcow::crypto::EncryptionInfo;
+use qcow::crypto::luks::LuksAlgorithms;
 use qcow::format::bitmap::{BITMAP_AUTO, BITMAP_IN_USE};
 use qcow::format::snapshot::Snapshot;
 use qcow::{BlockDevice, Image};
@@ -44,6 +46,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode> {
     // Backing files are plain names: options apply to the named image only.
     let mut flags = args.open.clone();
     flags.image_opts = false;
+    flags.without_key = true;
     let mut seen = std::collections::HashSet::new();
     loop {
         if let Ok(canonical) = path.canonicalize() {
@@ -211,6 +214,9 @@ fn image_info(path: &Path, image: &Image) -> Result<Value> {
         );
         info.insert("backing-filename".into(), json!(b));
     }
+    if matches!(image, Image::Qcow2(q) if q.encryption().is_some()) {
+        info.insert("encrypted".into(), json!(true));
+    }
     let dirty = matches!(image, Image::Qcow2(q) if q.header().dirty());
     info.insert("dirty-flag".into(), json!(dirty));
     Ok(Value::Object(info))
@@ -304,6 +310,9 @@ fn qcow2_specific(q: &qcow::Qcow2Image) -> Value {
         }
     }
     data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+    if let Some(encryption) = q.encryption() {
+        data.insert("encrypt".into(), encrypt_info(encryption));
+    }
     if h.version >= 3 {
         if let Some(name) = h.data_file_name() {
             data.insert("data-file".into(), json!(name));
@@ -315,6 +324,58 @@ fn qcow2_specific(q: &qcow::Qcow2Image) -> Value {
         data.insert("extended-l2".into(), json!(h.extended_l2()));
     }
     json!({"type": "qcow2", "data": data})
+}
+
+/// QEMU's `encrypt` object of an encrypted image, fields in its order.
+fn encrypt_info(encryption: &EncryptionInfo) -> Value {
+    let header = match encryption {
+        EncryptionInfo::Aes => return json!({"format": "aes"}),
+        EncryptionInfo::Luks { header, .. } => header,
+    };
+    // The header's algorithms were looked up when the image was opened.
+    let algorithms = LuksAlgorithms::of(header).ok();
+    let sector = qcow::format::luks::LUKS_SECTOR_SIZE;
+    let mut data = Map::new();
+    if let Some(a) = &algorithms {
+        data.insert("ivgen-alg".into(), json!(a.cipher.ivgen.name()));
+    }
+    data.insert("detached-header".into(), json!(false));
+    if let Some(a) = &algorithms {
+        data.insert("hash-alg".into(), json!(a.hash.name()));
+        data.insert("cipher-alg".into(), json!(a.cipher.cipher_alg_name()));
+    }
+    data.insert("uuid".into(), json!(header.uuid));
+    if let Some(hash) = algorithms.as_ref().and_then(|a| a.cipher.ivgen_hash) {
+        data.insert("ivgen-hash-alg".into(), json!(hash.name()));
+    }
+    data.insert("format".into(), json!("luks"));
+    if let Some(a) = &algorithms {
+        data.insert("cipher-mode".into(), json!(a.cipher.mode.name()));
+    }
+    let slots: Vec<Value> = header
+        .key_slots
+        .iter()
+        .map(|slot| {
+            let key_offset = u64::from(slot.key_offset_sector) * sector;
+            if slot.active {
+                json!({
+                    "active": true,
+                    "iters": slot.iterations,
+                    "key-offset": key_offset,
+                    "stripes": slot.stripes
+                })
+            } else {
+                json!({"active": false, "key-offset": key_offset})
+            }
+        })
+        .collect();
+    data.insert("slots".into(), Value::Array(slots));
+    data.insert("payload-offset".into(), json!(header.payload_offset()));
+    data.insert(
+        "master-key-iters".into(),
+        json!(header.master_key_iterations),
+    );
+    Value::Object(data)
 }
 
 /// The human shape of one image's info value.
@@ -329,6 +390,9 @@ fn human(info: &Value) -> String {
     let size = n("virtual-size");
     let _ = writeln!(out, "virtual size: {} ({size} bytes)", size_to_str(size));
     let _ = writeln!(out, "disk size: {}", size_to_str(n("actual-size")));
+    if get("encrypted").and_then(Value::as_bool) == Some(true) {
+        let _ = writeln!(out, "encrypted: yes");
+    }
     if let Some(cs) = get("cluster-size").and_then(Value::as_u64) {
         let _ = writeln!(out, "cluster_size: {cs}");
     }

@@ -27,6 +27,7 @@ mod progress;
 mod qemu_words;
 mod rebase;
 mod resize;
+mod secret;
 mod serve;
 mod size;
 mod snapshot;

@@ -23,10 +23,15 @@ pub(crate) struct OpenFlags {
     /// file.filename=FILE`), as qemu-img's --image-opts.
     #[arg(long = "image-opts")]
     pub(crate) image_opts: bool,
-    /// QEMU objects (`secret,id=...,data=...`): accepted, as scripts pass
-    /// them; qcow opens no encrypted image, so no secret is used.
+    /// QEMU objects: secrets (`secret,id=ID,data=PASSWORD` or
+    /// `file=PATH`, `format=raw|base64`) that unlock encrypted images named
+    /// with `encrypt.key-secret=ID`; other objects are accepted and unused.
     #[arg(long = "object", value_name = "OBJECT")]
     pub(crate) object: Vec<String>,
+    /// Open encrypted images without their password, for their metadata
+    /// only (set by `info`, which reads no data).
+    #[arg(skip)]
+    pub(crate) without_key: bool,
 }
 
 /// Drivers an image name may ask for.
@@ -118,6 +123,7 @@ pub(crate) fn resolve_name(arg: &Path, flags: &OpenFlags, format: Option<&str>) 
             path: file_path(arg),
             format: format.map(str::to_owned),
             data_file: None,
+            key_secret: None,
         }),
     }
 }
@@ -132,6 +138,8 @@ pub(crate) struct Named {
     /// Its external data file, when given (`data-file.filename`), instead
     /// of the one its header names.
     pub(crate) data_file: Option<String>,
+    /// The id of the secret that unlocks it (`encrypt.key-secret`).
+    pub(crate) key_secret: Option<String>,
 }
 
 impl Named {
@@ -140,6 +148,9 @@ impl Named {
     pub(crate) fn options(&self, flags: &OpenFlags) -> Result<OpenOptions> {
         let mut options = open_options(flags, self.format.as_deref())?;
         options.data_file = self.data_file.clone();
+        if let Some(id) = &self.key_secret {
+            options.key_secret = Some(crate::secret::find(&flags.object, id)?);
+        }
         Ok(options)
     }
 }
@@ -188,9 +199,20 @@ fn resolve_options(
                 "file.driver",
                 "data-file.filename",
                 "data-file.driver",
+                "encrypt.key-secret",
+                "encrypt.format",
             ],
         ),
-        _ => ("file.filename", &["driver", "file.filename", "file.driver"]),
+        _ => (
+            "file.filename",
+            &[
+                "driver",
+                "file.filename",
+                "file.driver",
+                "encrypt.key-secret",
+                "encrypt.format",
+            ],
+        ),
     };
     // Cache and tuning options change nothing qcow does: taken and ignored.
     let tuning = |k: &str| {
@@ -247,6 +269,7 @@ fn resolve_options(
         path: PathBuf::from(path),
         format,
         data_file: get("data-file.filename"),
+        key_secret: get("encrypt.key-secret"),
     })
 }
 
@@ -325,6 +348,7 @@ pub(crate) fn open_options(flags: &OpenFlags, format: Option<&str>) -> Result<Op
         .map(ImageFormat::from_name)
         .transpose()?;
     options.force_share = flags.force_share;
+    options.without_key = flags.without_key;
     Ok(options)
 }
 
@@ -350,6 +374,7 @@ pub(crate) fn open_image(
             path: file_path(path),
             format: format.map(str::to_owned),
             data_file: None,
+            key_secret: None,
         },
     };
     let mut options = named.options(flags)?;

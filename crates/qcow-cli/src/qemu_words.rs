@@ -12,6 +12,7 @@ pub(crate) fn open_failure(error: &qcow::Error) -> Option<String> {
         qcow::Error::UnsupportedVersion { image, version } => {
             (image, format!("Unsupported qcow2 version {version}"))
         }
+        qcow::Error::Crypto { image, source } => (image, source.to_string()),
         _ => return None,
     };
     Some(format!("Could not open '{image}': {words}"))

@@ -65,6 +65,15 @@ impl Qcow2Image {
         self.encryption.as_ref()
     }
 
+    /// Where the LUKS header lives in the image file (offset, length), for
+    /// the check's counts and the overlap guard.
+    pub(super) fn encryption_header_area(&self) -> Option<(u64, u64)> {
+        match &self.encryption {
+            Some(EncryptionInfo::Luks { offset, length, .. }) => Some((*offset, *length)),
+            _ => None,
+        }
+    }
+
     /// Unlocks an encrypted image with the password `secret`: its data
     /// can then be read. Fails with [`CryptoError::InvalidPassword`] when
     /// no key slot opens.

@@ -58,7 +58,10 @@ impl Qcow2Image {
                 "snapshot table",
             ),
         ];
-        for (start, len, kind) in fixed {
+        let encryption = self
+            .encryption_header_area()
+            .map(|(start, len)| (start, len, "encryption header"));
+        for (start, len, kind) in fixed.into_iter().chain(encryption) {
             if let Some(s) = test(start, len, kind) {
                 return Some(s);
             }

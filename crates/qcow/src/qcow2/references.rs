@@ -3,7 +3,8 @@
 //! `check` (which compares the references with the refcounts, and collects
 //! fragmentation statistics) and the refcount rebuild of dirty images.
 //!
-//! Visited: the header cluster, the active L1 table, the L2 tables it names
+//! Visited: the header cluster, the LUKS header of an encrypted image, the
+//! active L1 table, the L2 tables it names
 //! and their data and compressed clusters (every cluster a compressed run
 //! spans), each snapshot's L1 table with its L2 tables and clusters, the
 //! snapshot table, the refcount table, and the bitmap directory with every
@@ -104,6 +105,9 @@ impl Qcow2Image {
     pub(super) fn walk_references(&self, visitor: &mut dyn Visitor) -> Result<()> {
         let cs = self.header.cluster_size();
         visitor.used(0, cs, 1, Use::Metadata("header"))?;
+        if let Some((offset, length)) = self.encryption_header_area() {
+            visitor.used(offset, length, 1, Use::Metadata("encryption header"))?;
+        }
         // Which L2 tables are named, how often, and by which kind of L1.
         let mut l2_tables: BTreeMap<(u64, bool), u64> = BTreeMap::new();
         let mut l1_bytes = 0u64;

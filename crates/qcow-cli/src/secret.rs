@@ -1,0 +1,69 @@
+//! QEMU's secret objects (`--object secret,id=ID,data=...` or
+//! `file=PATH`, raw or base64), looked up by the id an image's
+//! `encrypt.key-secret` option names.
+
+use anyhow::{Result, bail};
+use base64::Engine;
+use qcow::crypto::Secret;
+
+use crate::create_opts::OptionList;
+
+/// The secret with id `id` among the `--object` arguments.
+pub(crate) fn find(objects: &[String], id: &str) -> Result<Secret> {
+    for object in objects {
+        let list = OptionList::parse(std::slice::from_ref(object))?;
+        let pairs = list.pairs();
+        // The object's type is its first item, bare (`secret,...`) or
+        // named (`qom-type=secret,...`).
+        let is_secret = list.get("qom-type") == Some("secret")
+            || pairs
+                .first()
+                .is_some_and(|(k, v)| k == "secret" && v == "on");
+        if !is_secret || list.get("id") != Some(id) {
+            continue;
+        }
+        if list.get("keyid").is_some() {
+            bail!("secret '{id}': secrets encrypted with 'keyid' are not supported");
+        }
+        let raw = match (list.get("data"), list.get("file")) {
+            (Some(_), Some(_)) => bail!("'data' and 'file' are mutually exclusive"),
+            (Some(data), None) => data.as_bytes().to_vec(),
+            (None, Some(file)) => {
+                std::fs::read(file).map_err(|e| anyhow::anyhow!("Unable to read {file}: {e}"))?
+            }
+            (None, None) => bail!("Either 'data' or 'file' must be provided"),
+        };
+        let bytes = match list.get("format").unwrap_or("raw") {
+            "raw" => raw,
+            "base64" => base64::engine::general_purpose::STANDARD
+                .decode(raw.trim_ascii())
+                .map_err(|e| anyhow::anyhow!("secret '{id}': invalid base64 data: {e}"))?,
+            other => bail!("Parameter 'format' does not accept value '{other}'"),
+        };
+        return Ok(Secret::new(bytes));
+    }
+    bail!("No secret with id '{id}'")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_found_by_id_in_every_form() {
+        let objects = vec![
+            "iothread,id=io0".to_owned(),
+            "secret,id=a,data=abc".to_owned(),
+            "qom-type=secret,id=b,data=YWJj,format=base64".to_owned(),
+            "secret,id=c,data=x,,y".to_owned(),
+        ];
+        assert_eq!(find(&objects, "a").unwrap(), Secret::new("abc"));
+        assert_eq!(find(&objects, "b").unwrap(), Secret::new("abc"));
+        assert_eq!(find(&objects, "c").unwrap(), Secret::new("x,y"));
+        assert_eq!(
+            find(&objects, "d").unwrap_err().to_string(),
+            "No secret with id 'd'"
+        );
+        assert!(find(&["secret,id=e".to_owned()], "e").is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! Encrypted images at the command line, beside qemu-img: `info` without
+//! the password, `convert`, `map`, `compare` and `check` with it (a secret
+//! `--object` and `encrypt.key-secret` in `--image-opts` or a `json:`
+//! name), and a wrong or missing password refused as qemu-img refuses it.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::{p, qcow, qemu_img, stderr, stdout};
+
+const SECRET: &str = "secret,id=sec0,data=hunter2";
+
+/// `--image-opts` naming `image` and the secret.
+fn opts(image: &Path) -> String {
+    format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        p(image)
+    )
+}
+
+/// An image qemu-img encrypts with `options`, written by qemu-io.
+fn make(dir: &Path, name: &str, options: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let created = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        SECRET,
+        "-o",
+        &format!("{options},encrypt.key-secret=sec0"),
+        p(&path),
+        "8M",
+    ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let io = Command::new("qemu-io")
+        .args(["--object", SECRET, "--image-opts", &opts(&path)])
+        .args([
+            "-c",
+            "write -P 0x3c 0 1M",
+            "-c",
+            "write -P 0x4d 3000000 70000",
+        ])
+        .args(["-c", "write -z 5M 1M"])
+        .output()
+        .expect("qemu-io is required");
+    assert!(io.status.success(), "{}", stderr(&io));
+    path
+}
+
+#[test]
+fn info_shows_the_encryption_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, options) in [
+        "encrypt.format=luks,encrypt.iter-time=10",
+        "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256",
+        "encrypt.format=aes",
+        "encrypt.format=aes,compat=0.10",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = make(dir.path(), &format!("e{i}.qcow2"), options);
+        for output in ["human", "json"] {
+            let flag = format!("--output={output}");
+            let ours = qcow(&["info", &flag, p(&path)]);
+            let theirs = qemu_img(&["info", &flag, p(&path)]);
+            assert!(ours.status.success(), "{options}: {}", stderr(&ours));
+            assert_eq!(stdout(&ours), stdout(&theirs), "{options} ({output})");
+        }
+    }
+}
+
+#[test]
+fn convert_map_compare_and_check_with_the_password_match_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make(
+        dir.path(),
+        "e.qcow2",
+        "encrypt.format=luks,encrypt.iter-time=10",
+    );
+    let ours_raw = dir.path().join("ours.raw");
+    let theirs_raw = dir.path().join("theirs.raw");
+    let image_opts = opts(&path);
+    let convert = |tool: fn(&[&str]) -> std::process::Output, out: &Path| {
+        tool(&[
+            "convert",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &image_opts,
+            "-O",
+            "raw",
+            p(out),
+        ])
+    };
+    let ours = convert(qcow, &ours_raw);
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    assert!(convert(qemu_img, &theirs_raw).status.success());
+    assert!(std::fs::read(&ours_raw).unwrap() == std::fs::read(&theirs_raw).unwrap());
+    // A json: name with the secret, as scripts pass it.
+    let json = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}},"encrypt":{{"key-secret":"sec0"}}}}"#,
+        p(&path)
+    );
+    for args in [
+        vec![
+            "map",
+            "--output=json",
+            "--object",
+            SECRET,
+            "--image-opts",
+            image_opts.as_str(),
+        ],
+        vec!["map", "--object", SECRET, json.as_str()],
+    ] {
+        // The human map fails on encrypted data in both, as in qemu-img.
+        let ours = qcow(&args);
+        let theirs = qemu_img(&args);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{args:?}");
+        assert_eq!(stdout(&ours), stdout(&theirs), "{args:?}");
+        let words =
+            |o: &std::process::Output| stderr(o).split_once(": ").map(|(_, w)| w.to_owned());
+        assert_eq!(words(&ours), words(&theirs), "{args:?}");
+    }
+    let compare = qcow(&[
+        "compare",
+        "--object",
+        SECRET,
+        "--image-opts",
+        &image_opts,
+        &format!("driver=raw,file.filename={}", p(&theirs_raw)),
+    ]);
+    assert_eq!(compare.status.code(), Some(0), "{}", stderr(&compare));
+    assert_eq!(stdout(&compare), "Images are identical.\n");
+    // check counts the LUKS header's clusters; a repair keeps them.
+    for args in [
+        vec!["check", p(&path)],
+        vec!["check", "-r", "all", p(&path)],
+    ] {
+        let ours = qcow(&args);
+        assert_eq!(ours.status.code(), Some(0), "{args:?}: {}", stdout(&ours));
+        assert!(stdout(&ours).contains("No errors were found on the image."));
+    }
+    let theirs = qemu_img(&["check", "--object", SECRET, "--image-opts", &image_opts]);
+    assert!(theirs.status.success(), "{}", stdout(&theirs));
+    assert!(convert(qemu_img, &theirs_raw).status.success());
+    assert!(std::fs::read(&ours_raw).unwrap() == std::fs::read(&theirs_raw).unwrap());
+}
+
+#[test]
+fn a_wrong_or_missing_password_fails_as_in_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make(
+        dir.path(),
+        "e.qcow2",
+        "encrypt.format=luks,encrypt.iter-time=10",
+    );
+    let out = dir.path().join("out.raw");
+    let wrong = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=bad",
+        p(&path)
+    );
+    for (objects, name, words) in [
+        (
+            vec!["--object", "secret,id=bad,data=nope"],
+            wrong.as_str(),
+            "Invalid password, cannot unlock any keyslot",
+        ),
+        (vec![], wrong.as_str(), "No secret with id 'bad'"),
+        (
+            vec![],
+            p(&path),
+            "Parameter 'encrypt.key-secret' is required for cipher",
+        ),
+    ] {
+        let mut args = vec!["convert"];
+        args.extend(&objects);
+        if name.starts_with("driver=") {
+            args.push("--image-opts");
+        }
+        args.extend([name, "-O", "raw", p(&out)]);
+        let ours = qcow(&args);
+        let theirs = qemu_img(&args);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{args:?}");
+        assert_eq!(ours.status.code(), Some(1));
+        assert!(stderr(&ours).contains(words), "{args:?}: {}", stderr(&ours));
+        assert!(stderr(&theirs).contains(words), "{}", stderr(&theirs));
+        assert!(!out.exists(), "{args:?} left an output behind");
+    }
+}
