@@ -144,6 +144,11 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     if let Some(compat) = bad_compat {
         bail!("{name}: Parameter 'version' does not accept value '{compat}'");
     }
+    if format == "qcow2" {
+        options.encryption = list
+            .encryption(&args.open.object)
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    }
     if format == "qcow" {
         qcow::QcowImage::validate_create(&options)
     } else {

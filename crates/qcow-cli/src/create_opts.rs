@@ -2,6 +2,9 @@
 //! engine's [`CreateOptions`].
 
 use anyhow::{Result, bail};
+use qcow::crypto::cipher::{CipherMode, IvGenAlg};
+use qcow::crypto::hash::HashAlg;
+use qcow::crypto::{EncryptionOptions, LuksOptions};
 use qcow::format::header::CompressionType;
 use qcow::{CreateOptions, Preallocation};
 
@@ -100,10 +103,78 @@ impl OptionList {
                 "extent_size_hint" => {
                     option_size(key, value)?;
                 }
+                // Taken by `encryption`, which needs the secrets.
+                k if ENCRYPTION_KEYS.contains(&k) => {}
                 other => bail!("Invalid parameter '{other}'"),
             }
         }
         Ok(o)
+    }
+
+    /// The encryption the options ask for (`encryption=on`,
+    /// `encrypt.format=luks|aes` and LUKS's `encrypt.*` choices), its
+    /// password the secret among `objects` that `encrypt.key-secret`
+    /// names; `None` without encryption.
+    pub(crate) fn encryption(&self, objects: &[String]) -> Result<Option<EncryptionOptions>> {
+        let format = match (self.get("encrypt.format"), self.get("encryption")) {
+            (Some(format), _) => format,
+            (None, Some(on)) if on_off("encryption", on)? => "aes",
+            _ => return Ok(None),
+        };
+        if !matches!(format, "luks" | "aes") {
+            bail!("Parameter 'encrypt.format' does not accept value '{format}'");
+        }
+        let Some(id) = self.get("encrypt.key-secret") else {
+            bail!("Parameter 'encrypt.key-secret' is required for cipher");
+        };
+        let secret = crate::secret::find(objects, id)?;
+        if format == "aes" {
+            return Ok(Some(EncryptionOptions::Aes { secret }));
+        }
+        let mut luks = LuksOptions::new(secret);
+        let refuse = |key: &str, value: &str| {
+            anyhow::anyhow!("Parameter 'encrypt.{key}' does not accept value '{value}'")
+        };
+        if let Some(alg) = self.get("encrypt.cipher-alg") {
+            luks.cipher.aes_bits = match alg {
+                "aes-128" => 128,
+                "aes-192" => 192,
+                "aes-256" => 256,
+                "cast5-128" | "serpent-128" | "serpent-192" | "serpent-256" | "twofish-128"
+                | "twofish-192" | "twofish-256" | "sm4" | "des" | "3des" => {
+                    bail!("Algorithm '{alg}' not supported")
+                }
+                other => return Err(refuse("cipher-alg", other)),
+            };
+        }
+        if let Some(mode) = self.get("encrypt.cipher-mode") {
+            luks.cipher.mode = match mode {
+                "ctr" => bail!("Cipher mode 'ctr' not supported"),
+                other => CipherMode::from_name(other).map_err(|_| refuse("cipher-mode", other))?,
+            };
+        }
+        if let Some(ivgen) = self.get("encrypt.ivgen-alg") {
+            luks.cipher.ivgen =
+                IvGenAlg::from_name(ivgen).map_err(|_| refuse("ivgen-alg", ivgen))?;
+        }
+        let hash = |key: &str, name: &str| match name {
+            "md5" | "ripemd160" | "sm3" => bail!("Hash '{name}' not supported"),
+            other => HashAlg::from_name(other).map_err(|_| refuse(key, other)),
+        };
+        if let Some(name) = self.get("encrypt.ivgen-hash-alg") {
+            luks.cipher.ivgen_hash = Some(hash("ivgen-hash-alg", name)?);
+        } else if luks.cipher.ivgen == IvGenAlg::Essiv {
+            luks.cipher.ivgen_hash = Some(HashAlg::Sha256);
+        }
+        if let Some(name) = self.get("encrypt.hash-alg") {
+            luks.hash = hash("hash-alg", name)?;
+        }
+        if let Some(ms) = self.get("encrypt.iter-time") {
+            luks.iter_time_ms = ms
+                .parse()
+                .map_err(|_| anyhow::anyhow!("Parameter 'encrypt.iter-time' expects a number"))?;
+        }
+        Ok(Some(EncryptionOptions::Luks(luks)))
     }
 
     /// Builds qcow (version 1) creation options: only `size`,
@@ -124,11 +195,18 @@ impl OptionList {
     /// qemu-img's "Formatting ..." line for a qcow2 image.
     pub(crate) fn formatting_line(&self, file: &str, o: &CreateOptions) -> String {
         let on = |b: bool| if b { "on" } else { "off" };
-        let mut line = format!(
-            "Formatting '{file}', fmt=qcow2 cluster_size={} extended_l2={}",
+        let mut line = format!("Formatting '{file}', fmt=qcow2");
+        // The encryption options as given, in qemu-img's order.
+        for key in ENCRYPTION_KEYS {
+            if let Some(value) = self.get(key) {
+                line.push_str(&format!(" {key}={value}"));
+            }
+        }
+        line.push_str(&format!(
+            " cluster_size={} extended_l2={}",
             o.cluster_size,
             on(o.extended_l2),
-        );
+        ));
         // Shown when given, where qemu-img shows it.
         if let Some(p) = self.get("preallocation") {
             line.push_str(&format!(" preallocation={p}"));
@@ -170,6 +248,20 @@ impl OptionList {
         line
     }
 }
+
+/// The encryption options qemu-img takes, in the order its Formatting
+/// line shows them.
+const ENCRYPTION_KEYS: [&str; 9] = [
+    "encryption",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+    "encrypt.iter-time",
+];
 
 /// The file's extent size hint (`extent_size_hint`), checked as QEMU's
 /// file driver checks it. The hint asks a file system that allocates in

@@ -476,7 +476,7 @@ pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
     let file = create_file(path)?;
     let made = Qcow2Image::create(&file, options).and_then(|()| {
         drop(file);
-        if options.preallocation == crate::Preallocation::Off {
+        if options.preallocation == crate::Preallocation::Off && options.encryption.is_none() {
             return Ok(());
         }
         let image = open(
@@ -488,8 +488,12 @@ pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
                 ..OpenOptions::default()
             },
         )?;
-        if let Image::Qcow2(image) = image {
+        if let Image::Qcow2(mut image) = image {
             image.preallocate(options.preallocation)?;
+            // Last, as QEMU sets it up after the size and backing file.
+            if let Some(encryption) = &options.encryption {
+                image.set_up_encryption(encryption)?;
+            }
             image.close()?;
         }
         Ok(())

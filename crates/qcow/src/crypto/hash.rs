@@ -92,6 +92,29 @@ impl HashAlg {
     }
 }
 
+impl HashAlg {
+    /// PBKDF2 iterations this machine runs in a second for a password of
+    /// `password_len` bytes and `out_len` bytes of output, measured over
+    /// at least 100 ms (QEMU measures before it picks a key slot's
+    /// iterations from `iter-time`).
+    pub fn iterations_per_second(self, password_len: usize, out_len: usize) -> u64 {
+        let password = vec![0x5au8; password_len];
+        let salt = [0xa5u8; 32];
+        let mut out = vec![0u8; out_len];
+        let mut iterations = 1u32 << 10;
+        loop {
+            let started = std::time::Instant::now();
+            self.pbkdf2(&password, &salt, iterations, &mut out);
+            let elapsed = started.elapsed();
+            if elapsed >= std::time::Duration::from_millis(100) || iterations >= 1 << 30 {
+                let nanos = elapsed.as_nanos().max(1);
+                return (u128::from(iterations) * 1_000_000_000 / nanos) as u64;
+            }
+            iterations *= 2;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

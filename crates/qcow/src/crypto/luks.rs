@@ -3,11 +3,14 @@
 //! merge of its stripes gives a candidate master key, which is right when
 //! its PBKDF2 digest is the header's.
 
-use qcow_format::luks::{LUKS_DIGEST_LEN, LuksHeader};
+use qcow_format::luks::{
+    LUKS_DIGEST_LEN, LUKS_KEY_SLOT_OFFSET, LUKS_KEY_SLOTS, LUKS_SALT_LEN, LUKS_SECTOR_SIZE,
+    LUKS_STRIPES, LuksHeader, LuksKeySlot, key_material_sectors,
+};
 
-use super::CryptoError;
 use super::cipher::{CipherMode, CipherSpec, IvGenAlg};
 use super::hash::HashAlg;
+use super::{CryptoError, LuksOptions, random};
 
 /// The algorithms a LUKS header names, looked up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +85,111 @@ pub fn unlock(
     Err(CryptoError::InvalidPassword)
 }
 
+/// A new LUKS header with key slot 0 set to a password, as QEMU makes one.
+#[derive(Debug)]
+pub struct FormattedLuks {
+    /// The header.
+    pub header: LuksHeader,
+    /// Slot 0's key material, to be written at its offset.
+    pub slot_material: Vec<u8>,
+    /// Bytes the header and its eight slots take (the payload offset).
+    pub length: u64,
+    /// The master key.
+    pub master_key: Vec<u8>,
+}
+
+/// Makes a LUKS header as QEMU does: a random master key, its digest and
+/// slot 0's iterations calibrated to `iter_time_ms` on this machine (the
+/// digest's an eighth of it, at least 1000 each), eight slots laid out in
+/// 4 KiB steps after the first 4 KiB, slot 0 holding the master key split
+/// into 4000 stripes and encrypted with the password's PBKDF2 key.
+pub fn format(options: &LuksOptions) -> Result<FormattedLuks, CryptoError> {
+    let spec = options.cipher;
+    let key_len = spec.aes_bits as usize / 8 * if spec.mode == CipherMode::Xts { 2 } else { 1 };
+    // Checks the combination (ESSIV's hash) as a header would be checked.
+    let cipher = CipherSpec::new("aes", key_len, spec.mode, spec.ivgen, spec.ivgen_hash)?;
+    let mode = match spec.ivgen_hash {
+        Some(hash) => format!("{}-{}:{}", spec.mode.name(), spec.ivgen.name(), hash.name()),
+        None => format!("{}-{}", spec.mode.name(), spec.ivgen.name()),
+    };
+    let hash = options.hash;
+    let mut master_key = vec![0u8; key_len];
+    random(&mut master_key)?;
+    let mut master_key_salt = [0u8; LUKS_SALT_LEN];
+    random(&mut master_key_salt)?;
+    let scaled = |per_second: u64, divisor: u64| -> Result<u32, CryptoError> {
+        let iterations =
+            u128::from(per_second) * u128::from(options.iter_time_ms) / 1000 / u128::from(divisor);
+        u32::try_from(iterations.max(1000))
+            .map_err(|_| CryptoError::Iterations(iterations.min(u128::from(u64::MAX)) as u64))
+    };
+    let master_key_iterations = scaled(hash.iterations_per_second(key_len, LUKS_DIGEST_LEN), 8)?;
+    let mut master_key_digest = [0u8; LUKS_DIGEST_LEN];
+    hash.pbkdf2(
+        &master_key,
+        &master_key_salt,
+        master_key_iterations,
+        &mut master_key_digest,
+    );
+    let header_sectors = LUKS_KEY_SLOT_OFFSET / LUKS_SECTOR_SIZE;
+    let slot_sectors = key_material_sectors(key_len as u32);
+    let slot_at = |i: usize| (header_sectors + i as u64 * slot_sectors) as u32;
+    let mut key_slots: [LuksKeySlot; LUKS_KEY_SLOTS] = std::array::from_fn(|i| LuksKeySlot {
+        active: false,
+        iterations: 0,
+        salt: [0; LUKS_SALT_LEN],
+        key_offset_sector: slot_at(i),
+        stripes: LUKS_STRIPES,
+    });
+    let payload_sectors = header_sectors + LUKS_KEY_SLOTS as u64 * slot_sectors;
+    // Slot 0 takes the password.
+    let password = options.secret.as_bytes();
+    let mut salt = [0u8; LUKS_SALT_LEN];
+    random(&mut salt)?;
+    let iterations = scaled(hash.iterations_per_second(password.len(), key_len), 1)?;
+    let mut slot_key = vec![0u8; key_len];
+    hash.pbkdf2(password, &salt, iterations, &mut slot_key);
+    let mut slot_material = af_split(hash, &master_key, LUKS_STRIPES as usize, random)?;
+    cipher.build(&slot_key)?.encrypt(0, &mut slot_material);
+    key_slots[0].active = true;
+    key_slots[0].iterations = iterations;
+    key_slots[0].salt = salt;
+    let mut uuid = [0u8; 16];
+    random(&mut uuid)?;
+    Ok(FormattedLuks {
+        header: LuksHeader {
+            cipher_name: "aes".to_owned(),
+            cipher_mode: mode,
+            hash_spec: hash.name().to_owned(),
+            payload_offset_sector: payload_sectors as u32,
+            master_key_len: key_len as u32,
+            master_key_digest,
+            master_key_salt,
+            master_key_iterations,
+            uuid: uuid_text(uuid),
+            key_slots,
+        },
+        slot_material,
+        length: payload_sectors * LUKS_SECTOR_SIZE,
+        master_key,
+    })
+}
+
+/// A random (version 4) UUID as text.
+fn uuid_text(mut bytes: [u8; 16]) -> String {
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// The anti-forensic merge: the stripes folded through the diffuser.
 fn af_merge(hash: HashAlg, key_len: usize, stripes: &[u8]) -> Vec<u8> {
     let mut block = vec![0u8; key_len];
@@ -137,6 +245,28 @@ fn diffuse(hash: HashAlg, block: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_formatted_header_unlocks_with_its_password_only() {
+        let mut options = LuksOptions::new(super::super::Secret::new("pw"));
+        options.iter_time_ms = 1;
+        let f = format(&options).unwrap();
+        assert_eq!(f.header.cipher_mode, "xts-plain64");
+        assert_eq!(f.length, 2068480, "QEMU's payload offset for AES-256-XTS");
+        let raw = zerocopy::IntoBytes::as_bytes(&f.header.to_raw()).to_vec();
+        let header = LuksHeader::parse(&raw).unwrap();
+        let at = u64::from(header.key_slots[0].key_offset_sector) * LUKS_SECTOR_SIZE;
+        let read = |offset: u64, buf: &mut [u8]| {
+            assert_eq!(offset, at);
+            buf.copy_from_slice(&f.slot_material);
+            Ok(())
+        };
+        assert_eq!(unlock(&header, b"pw", read).unwrap(), f.master_key);
+        assert_eq!(
+            unlock(&header, b"other", read),
+            Err(CryptoError::InvalidPassword)
+        );
+    }
 
     #[test]
     fn split_then_merge_gives_the_key_back() {

@@ -89,6 +89,12 @@ pub enum CryptoError {
     /// Reading the encryption header failed.
     #[error("Could not read encryption header: {0}")]
     Read(String),
+    /// PBKDF2 would need more iterations than LUKS can record.
+    #[error("PBKDF iterations {0} larger than 4294967295")]
+    Iterations(u64),
+    /// The system gave no random numbers.
+    #[error("Unable to read random bytes: {0}")]
+    Random(String),
     /// Writing to encrypted images is not done yet.
     #[error("writing to encrypted images is not supported yet")]
     WritesNotSupported,
@@ -107,6 +113,67 @@ impl CryptoError {
             _ => ErrorKind::Unsupported,
         }
     }
+}
+
+/// How a new image is encrypted (qemu-img's `encrypt.*` options).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EncryptionOptions {
+    /// The legacy AES scheme (`encrypt.format=aes`), keyed by `secret`.
+    Aes {
+        /// The password.
+        secret: Secret,
+    },
+    /// LUKS (`encrypt.format=luks`).
+    Luks(LuksOptions),
+}
+
+impl EncryptionOptions {
+    /// The name qemu-img gives the format (`aes` or `luks`).
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            EncryptionOptions::Aes { .. } => "aes",
+            EncryptionOptions::Luks(_) => "luks",
+        }
+    }
+}
+
+/// A new LUKS header's algorithms and password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LuksOptions {
+    /// The password of key slot 0.
+    pub secret: Secret,
+    /// The payload's cipher (`encrypt.cipher-alg`, `cipher-mode`,
+    /// `ivgen-alg`, `ivgen-hash-alg`).
+    pub cipher: CipherSpec,
+    /// PBKDF2's and the splitter's hash (`encrypt.hash-alg`).
+    pub hash: hash::HashAlg,
+    /// Milliseconds PBKDF2 should take to unlock (`encrypt.iter-time`).
+    pub iter_time_ms: u64,
+}
+
+impl LuksOptions {
+    /// QEMU's defaults: AES-256 in XTS mode with `plain64` IVs, SHA-256,
+    /// two seconds of PBKDF2.
+    pub fn new(secret: Secret) -> LuksOptions {
+        LuksOptions {
+            secret,
+            cipher: CipherSpec {
+                aes_bits: 256,
+                mode: CipherMode::Xts,
+                ivgen: IvGenAlg::Plain64,
+                ivgen_hash: None,
+            },
+            hash: hash::HashAlg::Sha256,
+            iter_time_ms: 2000,
+        }
+    }
+}
+
+/// Fills `buf` with random bytes from the system.
+pub(crate) fn random(buf: &mut [u8]) -> Result<(), CryptoError> {
+    getrandom::fill(buf).map_err(|e| CryptoError::Random(e.to_string()))
 }
 
 /// What an image's encryption is, for `info` (known without the key).

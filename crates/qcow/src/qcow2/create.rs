@@ -75,6 +75,9 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// Preallocation mode.
     pub preallocation: Preallocation,
+    /// Encryption (`encrypt.format` and its options); only through
+    /// [`crate::create`].
+    pub encryption: Option<crate::crypto::EncryptionOptions>,
 }
 
 impl CreateOptions {
@@ -94,6 +97,7 @@ impl CreateOptions {
             data_file: None,
             data_file_raw: false,
             preallocation: Preallocation::Off,
+            encryption: None,
         }
     }
 
@@ -185,6 +189,34 @@ impl CreateOptions {
                 return bad(format!(
                     "backing file name must be 1 to {MAX_BACKING_NAME} bytes long"
                 ));
+            }
+        }
+        if let Some(encryption) = &self.encryption {
+            if self.preallocation != Preallocation::Off {
+                return bad("preallocation is not supported with encryption".into());
+            }
+            if self.data_file.is_some() {
+                return bad("an external data file is not supported with encryption".into());
+            }
+            if let crate::crypto::EncryptionOptions::Luks(luks) = encryption {
+                let c = luks.cipher;
+                let key_len = c.aes_bits as usize / 8
+                    * if c.mode == crate::crypto::cipher::CipherMode::Xts {
+                        2
+                    } else {
+                        1
+                    };
+                crate::crypto::cipher::CipherSpec::new(
+                    "aes",
+                    key_len,
+                    c.mode,
+                    c.ivgen,
+                    c.ivgen_hash,
+                )
+                .map_err(|source| Error::Crypto {
+                    image: "(new image)".into(),
+                    source,
+                })?;
             }
         }
         Ok((cluster_bits, refcount_order))
@@ -332,6 +364,14 @@ impl Qcow2Image {
         file: Arc<dyn Storage>,
         options: &CreateOptions,
     ) -> Result<Self> {
+        if options.encryption.is_some() {
+            // Writes do not encrypt yet: an encrypted image is made only
+            // by crate::create, which closes it.
+            return Err(Error::Crypto {
+                image: name.to_owned(),
+                source: crate::crypto::CryptoError::WritesNotSupported,
+            });
+        }
         Self::create(&*file, options)?;
         let image = Self::open_writable(name, file, None)?;
         image.preallocate(options.preallocation)?;

@@ -8,7 +8,9 @@ use qcow_format::luks::{LuksHeader, RawLuksHeader};
 use qcow_io::Storage;
 
 use super::Qcow2Image;
-use crate::crypto::{CryptoError, DataCipher, EncryptionInfo, Secret, cipher::SECTOR, luks};
+use crate::crypto::{
+    CryptoError, DataCipher, EncryptionInfo, EncryptionOptions, Secret, cipher::SECTOR, luks,
+};
 use crate::{Error, Result};
 
 /// What `header` says of the image's encryption, the LUKS header read
@@ -106,6 +108,90 @@ impl Qcow2Image {
             }
         };
         self.cipher = Some(cipher);
+        Ok(())
+    }
+
+    /// Encrypts a new, empty image as QEMU's creation does, last: the
+    /// legacy AES scheme is a header field; LUKS gets its header and key
+    /// material in new clusters (zeroed first), then the header names them.
+    /// The image is then unlocked with the new key.
+    pub(crate) fn set_up_encryption(&mut self, options: &EncryptionOptions) -> Result<()> {
+        let crypto = |source: CryptoError| Error::Crypto {
+            image: self.name.clone(),
+            source,
+        };
+        match options {
+            EncryptionOptions::Aes { secret } => {
+                let cipher = DataCipher::legacy_aes(secret.as_bytes()).map_err(crypto)?;
+                self.rewrite_header(|h| h.encryption = Encryption::Aes)?;
+                self.encryption = Some(EncryptionInfo::Aes);
+                self.cipher = Some(cipher);
+            }
+            EncryptionOptions::Luks(luks_options) => {
+                let formatted = luks::format(luks_options).map_err(crypto)?;
+                let cipher =
+                    DataCipher::luks(&formatted.header, &formatted.master_key).map_err(crypto)?;
+                let cs = self.header.cluster_size();
+                let clusters = formatted.length.div_ceil(cs);
+                let offset = self.lock_meta()?.clusters(clusters)?;
+                let write = |bytes: &[u8], at: u64| {
+                    self.file
+                        .write_at(bytes, at)
+                        .map_err(|e| Error::io(&self.name, "writing the LUKS header", at, e))
+                };
+                // Zeroed first, as QEMU zeroes them: past the end of the
+                // file (a new image's case) by growing it, holes that
+                // read as zeros; else written (at most 2 MiB and a
+                // cluster).
+                let end = offset + clusters * cs;
+                let file_len = self
+                    .file
+                    .len()
+                    .map_err(|e| Error::io(&self.name, "reading the file size", 0, e))?;
+                if offset >= file_len {
+                    self.file
+                        .set_len(end)
+                        .map_err(|e| Error::io(&self.name, "sizing the image", end, e))?;
+                } else {
+                    write(&vec![0u8; (clusters * cs) as usize], offset)?;
+                }
+                let slot = &formatted.header.key_slots[0];
+                write(
+                    &formatted.slot_material,
+                    offset
+                        + u64::from(slot.key_offset_sector) * qcow_format::luks::LUKS_SECTOR_SIZE,
+                )?;
+                write(
+                    zerocopy::IntoBytes::as_bytes(&formatted.header.to_raw()),
+                    offset,
+                )?;
+                let length = formatted.length;
+                self.rewrite_header(|h| {
+                    h.encryption = Encryption::Luks;
+                    // QEMU's order: after the backing format and data
+                    // file names, before the feature name table.
+                    let at = h
+                        .extensions
+                        .iter()
+                        .position(|e| {
+                            !matches!(
+                                e,
+                                HeaderExtension::BackingFormat(_)
+                                    | HeaderExtension::ExternalDataFile(_)
+                            )
+                        })
+                        .unwrap_or(h.extensions.len());
+                    h.extensions
+                        .insert(at, HeaderExtension::FullDiskEncryption { offset, length });
+                })?;
+                self.encryption = Some(EncryptionInfo::Luks {
+                    header: Box::new(formatted.header),
+                    offset,
+                    length,
+                });
+                self.cipher = Some(cipher);
+            }
+        }
         Ok(())
     }
 
