@@ -95,9 +95,6 @@ pub enum CryptoError {
     /// The system gave no random numbers.
     #[error("Unable to read random bytes: {0}")]
     Random(String),
-    /// Writing to encrypted images is not done yet.
-    #[error("writing to encrypted images is not supported yet")]
-    WritesNotSupported,
 }
 
 impl CryptoError {
@@ -198,6 +195,10 @@ pub struct DataCipher {
     cipher: Box<dyn SectorCrypt>,
     /// IVs from host offsets (LUKS) or guest offsets (legacy AES).
     physical: bool,
+    /// Held while a write merges into a sector it covers partly (read,
+    /// decrypt, merge, encrypt, write), so that two such writes into one
+    /// sector do not undo each other.
+    merge: std::sync::Mutex<()>,
 }
 
 impl DataCipher {
@@ -212,6 +213,7 @@ impl DataCipher {
         Ok(DataCipher {
             cipher: spec.build(&key)?,
             physical: false,
+            merge: std::sync::Mutex::new(()),
         })
     }
 
@@ -221,7 +223,16 @@ impl DataCipher {
         Ok(DataCipher {
             cipher: algorithms.cipher.build(master_key)?,
             physical: true,
+            merge: std::sync::Mutex::new(()),
         })
+    }
+
+    /// The lock a write holds while it merges into a partly covered
+    /// sector.
+    pub fn merge_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.merge
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether IVs come from host offsets.

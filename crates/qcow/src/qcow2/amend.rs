@@ -437,9 +437,20 @@ impl Qcow2Image {
     }
 
     fn write_zero_cluster(&self, zeros: &[u8], host: u64) -> Result<()> {
-        self.file
-            .write_at(zeros, host)
-            .map_err(|e| Error::io(&self.name, "writing zeros", host, e))
+        match self.encryption() {
+            None => self
+                .file
+                .write_at(zeros, host)
+                .map_err(|e| Error::io(&self.name, "writing zeros", host, e)),
+            // LUKS encrypts by host offset: zeros as the guest reads them.
+            Some(crate::crypto::EncryptionInfo::Luks { .. }) => self.write_data(zeros, host, 0),
+            // Legacy AES encrypts by guest offset, which this walk over
+            // the tables does not know.
+            Some(crate::crypto::EncryptionInfo::Aes) => Err(Error::Unsupported {
+                image: self.name.clone(),
+                what: "expanding zero clusters of an image with legacy AES encryption".into(),
+            }),
+        }
     }
 
     /// Refuses a narrower refcount width some cluster's count does not fit.

@@ -120,7 +120,7 @@ impl Qcow2Image {
         let mut run_start = 0u64;
         for (&(_, packed), &host) in items.iter().zip(&hosts) {
             if !run.is_empty() && run_start + run.len() as u64 != host {
-                self.write_data(&run, run_start)?;
+                self.write_raw_data(&run, run_start)?;
                 run.clear();
             }
             if run.is_empty() {
@@ -129,7 +129,7 @@ impl Qcow2Image {
             run.extend_from_slice(packed);
         }
         if !run.is_empty() {
-            self.write_data(&run, run_start)?;
+            self.write_raw_data(&run, run_start)?;
         }
         let shift = 62 - (self.header.cluster_bits - 8);
         for (&(guest, packed), &host) in items.iter().zip(&hosts) {

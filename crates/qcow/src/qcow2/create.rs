@@ -75,8 +75,7 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// Preallocation mode.
     pub preallocation: Preallocation,
-    /// Encryption (`encrypt.format` and its options); only through
-    /// [`crate::create`].
+    /// Encryption (`encrypt.format` and its options).
     pub encryption: Option<crate::crypto::EncryptionOptions>,
 }
 
@@ -364,17 +363,12 @@ impl Qcow2Image {
         file: Arc<dyn Storage>,
         options: &CreateOptions,
     ) -> Result<Self> {
-        if options.encryption.is_some() {
-            // Writes do not encrypt yet: an encrypted image is made only
-            // by crate::create, which closes it.
-            return Err(Error::Crypto {
-                image: name.to_owned(),
-                source: crate::crypto::CryptoError::WritesNotSupported,
-            });
-        }
         Self::create(&*file, options)?;
-        let image = Self::open_writable(name, file, None)?;
+        let mut image = Self::open_writable(name, file, None)?;
         image.preallocate(options.preallocation)?;
+        if let Some(encryption) = &options.encryption {
+            image.set_up_encryption(encryption)?;
+        }
         Ok(image)
     }
 }

@@ -47,6 +47,9 @@ impl Qcow2Image {
             && self.snapshots.is_empty()
             && self.bitmaps.is_empty()
             && !self.header.has_data_file()
+            // The new layout would drop the LUKS header's clusters (QEMU
+            // empties such images cluster by cluster, too).
+            && self.encryption_header_area().is_none()
             && 3 + self.l1_clusters() <= per_block
     }
 

@@ -229,4 +229,42 @@ impl Qcow2Image {
         out.copy_from_slice(&sectors[head as usize..(head + len) as usize]);
         Ok(())
     }
+
+    /// Writes guest data `data` at host offset `host` (guest offset
+    /// `guest`) of the data file, encrypted in an encrypted image: whole
+    /// sectors from an encrypted copy (1 MiB at a time); a piece that
+    /// starts or ends inside a sector merged into that sector's decrypted
+    /// contents first, under the cipher's merge lock.
+    pub(super) fn write_data(&self, data: &[u8], host: u64, guest: u64) -> Result<()> {
+        if self.encryption.is_none() {
+            return self.write_raw_data(data, host);
+        }
+        let cipher = self.cipher.as_ref().ok_or_else(|| Error::Crypto {
+            image: self.name.clone(),
+            source: CryptoError::KeyRequired,
+        })?;
+        let sector = SECTOR as u64;
+        let head = host % sector;
+        let len = data.len() as u64;
+        if head == 0 && len % sector == 0 {
+            const PIECE: usize = 1 << 20;
+            let mut buf = Vec::with_capacity(PIECE.min(data.len()));
+            for (i, piece) in data.chunks(PIECE).enumerate() {
+                let at = (i * PIECE) as u64;
+                buf.clear();
+                buf.extend_from_slice(piece);
+                cipher.encrypt(host + at, guest + at, &mut buf);
+                self.write_raw_data(&buf, host + at)?;
+            }
+            return Ok(());
+        }
+        let _merging = cipher.merge_lock();
+        let start = host - head;
+        // The caller's piece and at most two sectors more.
+        let mut sectors = vec![0u8; ((host + len).next_multiple_of(sector) - start) as usize];
+        self.read_data(&mut sectors, start, guest - head)?;
+        sectors[head as usize..(head + len) as usize].copy_from_slice(data);
+        cipher.encrypt(start, guest - head, &mut sectors);
+        self.write_raw_data(&sectors, start)
+    }
 }

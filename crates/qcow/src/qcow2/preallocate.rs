@@ -84,6 +84,13 @@ impl Qcow2Image {
         if mode == Preallocation::Off || start >= end {
             return Ok(());
         }
+        if self.encryption.is_some() {
+            // Preallocated clusters would read as decrypted zeros.
+            return Err(Error::Unsupported {
+                image: self.name.clone(),
+                what: "preallocation in an encrypted image".into(),
+            });
+        }
         let cluster_size = self.header.cluster_size();
         if matches!(mode, Preallocation::Falloc | Preallocation::Full)
             && !self.header.has_data_file()

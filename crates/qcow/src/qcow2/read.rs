@@ -324,7 +324,8 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
-        self.writer.is_some().then_some(self)
+        // QEMU compresses no encrypted image either.
+        (self.writer.is_some() && self.encryption.is_none()).then_some(self)
     }
 
     fn is_writable(&self) -> bool {

@@ -153,12 +153,6 @@ impl Qcow2Image {
     }
 
     fn enable_writes(&mut self, cache_bytes: Option<u64>) -> Result<()> {
-        if self.encryption.is_some() {
-            return Err(Error::Crypto {
-                image: self.name.clone(),
-                source: crate::crypto::CryptoError::WritesNotSupported,
-            });
-        }
         if self.header.corrupt() {
             return Err(Error::MarkedCorrupt {
                 image: self.name.clone(),
@@ -539,7 +533,7 @@ impl Qcow2Image {
             n += 1;
         }
         let len = (n * cluster_size) as usize;
-        self.write_data(&data[..len], host)?;
+        self.write_data(&data[..len], host, guest)?;
         Ok(len)
     }
 
@@ -551,7 +545,7 @@ impl Qcow2Image {
         let _gate = self.data_io_guard();
         match self.in_place_host(guest, None)? {
             Some(host) => {
-                self.write_data(piece, host + self.geometry.in_cluster(guest))?;
+                self.write_data(piece, host + self.geometry.in_cluster(guest), guest)?;
                 Ok(true)
             }
             None => Ok(false),
@@ -583,7 +577,7 @@ impl Qcow2Image {
             // under the lock (the lock-free path may have declined it).
             let n = cluster_size as usize;
             if let Some(host) = self.in_place_host(guest, Some(&meta))? {
-                self.write_data(&data[..n], host)?;
+                self.write_data(&data[..n], host, guest)?;
                 return Ok(n);
             }
             drop(meta);
@@ -604,7 +598,7 @@ impl Qcow2Image {
         // and reloaded by then.
         drop(meta);
         drop(table);
-        let written = self.write_data(&data[..len], host);
+        let written = self.write_data(&data[..len], host, guest);
         let mut meta = self.lock_meta()?;
         if let Err(e) = written {
             self.give_back_data(&mut meta, host, count);
@@ -669,7 +663,8 @@ impl Qcow2Image {
             } else {
                 self.alloc_data(&mut meta, guest, 1)?
             };
-            if let Err(e) = self.write_data(&span, target + span_start) {
+            if let Err(e) = self.write_data(&span, target + span_start, cluster_start + span_start)
+            {
                 if !owned {
                     self.give_back_data(&mut meta, target, 1);
                 }
@@ -688,7 +683,7 @@ impl Qcow2Image {
         // Compressed, or shared with a snapshot: copy the whole cluster.
         let cluster = self.merged_cluster(piece, guest)?;
         let target = self.alloc_data(&mut meta, guest, 1)?;
-        if let Err(e) = self.write_data(&cluster, target) {
+        if let Err(e) = self.write_data(&cluster, target, cluster_start) {
             self.give_back_data(&mut meta, target, 1);
             return Err(e);
         }
@@ -702,7 +697,9 @@ impl Qcow2Image {
         )
     }
 
-    pub(super) fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+    /// Writes bytes as they are (compressed clusters) at host offset
+    /// `host` of the data file.
+    pub(super) fn write_raw_data(&self, data: &[u8], host: u64) -> Result<()> {
         self.data_storage()?
             .write_at(data, host)
             .map_err(|e| Error::io(&self.name, "writing data", host, e))
@@ -742,7 +739,7 @@ impl Qcow2Image {
         // Another writer may have allocated it meanwhile.
         let in_cluster = self.geometry.in_cluster(guest);
         if let Some(host) = self.in_place_host(guest, Some(&meta))? {
-            return self.write_data(piece, host + in_cluster);
+            return self.write_data(piece, host + in_cluster, guest);
         }
         let cluster_size = self.header.cluster_size();
         let (l2_offset, table) = self.writable_l2(&mut meta, guest)?;
@@ -754,13 +751,15 @@ impl Qcow2Image {
         let end_before = Owner::file_len(self);
         let host = self.alloc_data(&mut meta, guest, 1)?;
         let fresh = !self.header.has_data_file() && host >= end_before;
-        let written = if zeros_before && fresh {
-            self.write_data(piece, host + in_cluster)
+        // Encrypted zeros are not zeros on disk: the whole cluster is
+        // written.
+        let written = if zeros_before && fresh && self.encryption.is_none() {
+            self.write_data(piece, host + in_cluster, guest)
         } else if partial {
             self.merged_cluster(piece, guest)
-                .and_then(|merged| self.write_data(&merged, host))
+                .and_then(|merged| self.write_data(&merged, host, guest - in_cluster))
         } else {
-            self.write_data(piece, host)
+            self.write_data(piece, host, guest)
         };
         if let Err(e) = written {
             self.give_back_data(&mut meta, host, 1);
