@@ -194,13 +194,13 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         "writeback" | "writethrough" | "none" | "directsync" => true,
         other => bail!("Invalid cache option: {other}"),
     };
-    let (target, top_only) = if args.no_create {
-        (existing_output(args, dest, size, sync)?, false)
+    let (target, top_only, new_reads_zero) = if args.no_create {
+        (existing_output(args, dest, size, sync)?, false, false)
     } else {
         match args.output_format.as_str() {
-            "raw" => (raw_output(args, dest, size, sync)?, false),
+            "raw" => (raw_output(args, dest, size, sync)?, false, true),
             "qcow2" => qcow2_output(args, dest, size, sync)?,
-            "qcow" => (qcow_output(args, dest, size, sync)?, false),
+            "qcow" => (qcow_output(args, dest, size, sync)?, false, true),
             other => bail!("Unknown file format '{other}'"),
         }
     };
@@ -216,7 +216,7 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         } else {
             Layers::All
         })
-        .target_is_zero(!args.no_create || args.target_is_zero)
+        .target_is_zero((!args.no_create && new_reads_zero) || args.target_is_zero)
         .salvage(args.salvage)
         .in_order(!args.unordered);
     let progress = (args.progress && !args.quiet).then(|| Progress::new(size, 1.0));
@@ -406,7 +406,14 @@ fn raw_output(args: &ConvertArgs, dest_path: &Path, size: u64, sync: bool) -> Re
 
 /// A new qcow2 output, and whether only the source's top layer is copied
 /// (the output has a backing file).
-fn qcow2_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result<(Image, bool)> {
+/// A new qcow2 output, whether it takes only the top layer of the source
+/// (it has a backing file), and whether it reads as zeros.
+fn qcow2_output(
+    args: &ConvertArgs,
+    dest: &Path,
+    size: u64,
+    sync: bool,
+) -> Result<(Image, bool, bool)> {
     let mut list = OptionList::parse(&args.options)?;
     if let Some(b) = &args.backing {
         list.set("backing_file", b);
@@ -414,7 +421,8 @@ fn qcow2_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Resul
     if let Some(f) = &args.backing_format {
         list.set("backing_fmt", f);
     }
-    let options = list.qcow2_options(size)?;
+    let mut options = list.qcow2_options(size)?;
+    options.encryption = list.encryption(&args.open.object)?;
     if let Some(backing) = &options.backing_file {
         let Some(format) = &options.backing_format else {
             bail!("Use of backing file requires explicit backing format");
@@ -424,6 +432,7 @@ fn qcow2_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Resul
         let path = qcow::relative_to(dest, backing);
         let mut backing_options = open_options(&args.open, Some(format))?;
         backing_options.force_share = true;
+        backing_options.without_key = true;
         if let Err(e) = crate::open::open(&path, &backing_options) {
             let cause = match &e {
                 qcow::Error::Open { source, .. } => source.to_string(),
@@ -440,7 +449,10 @@ fn qcow2_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Resul
     options.validate()?;
     if options.data_file.is_some() {
         crate::create::create_qcow2(dest, &options)?;
-    } else if sync || options.preallocation != qcow::Preallocation::Off {
+    } else if sync
+        || options.preallocation != qcow::Preallocation::Off
+        || options.encryption.is_some()
+    {
         qcow::create(dest, &options)?;
     } else {
         // cache=unsafe: no sync while creating either (a sync right after
@@ -448,15 +460,25 @@ fn qcow2_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Resul
         let file = unsynced_output(dest)?;
         Qcow2Image::create(&file, &options)?;
     }
+    let secret = match &options.encryption {
+        Some(qcow::crypto::EncryptionOptions::Luks(luks)) => Some(luks.secret.clone()),
+        Some(qcow::crypto::EncryptionOptions::Aes { secret }) => Some(secret.clone()),
+        _ => None,
+    };
+    // Preallocated clusters of an encrypted image read as decrypted zeros,
+    // not zeros: qemu-img then writes the zeros too.
+    let reads_zero =
+        options.encryption.is_none() || options.preallocation == qcow::Preallocation::Off;
     let dest = crate::open::open(
         dest,
         &OpenOptions::default()
             .writable(true)
             .sync(sync)
             .format(Some(qcow::ImageFormat::Qcow2))
-            .open_data_file(options.data_file.is_some()),
+            .open_data_file(options.data_file.is_some())
+            .key_secret(secret),
     )?;
-    Ok((dest, top_only))
+    Ok((dest, top_only, reads_zero))
 }
 
 /// A new qcow (version 1) output.

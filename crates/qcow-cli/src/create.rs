@@ -97,10 +97,14 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
             // As qemu-img: the backing file must open, from the new image's
             // directory, whatever is given.
             let path = qcow::relative_to(&crate::open::file_path(&args.file), &backing);
+            // Only its size is read: an encrypted one opens without its
+            // password, as QEMU opens it.
+            let mut flags = args.open.clone();
+            flags.without_key = true;
             let image = open_image(
                 &path,
                 options.backing_format.as_deref(),
-                &args.open,
+                &flags,
                 None,
                 true,
                 false,

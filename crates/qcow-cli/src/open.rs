@@ -124,6 +124,8 @@ pub(crate) fn resolve_name(arg: &Path, flags: &OpenFlags, format: Option<&str>) 
             format: format.map(str::to_owned),
             data_file: None,
             key_secret: None,
+            backing_key_secrets: Vec::new(),
+            backing_files: Vec::new(),
         }),
     }
 }
@@ -140,6 +142,12 @@ pub(crate) struct Named {
     pub(crate) data_file: Option<String>,
     /// The id of the secret that unlocks it (`encrypt.key-secret`).
     pub(crate) key_secret: Option<String>,
+    /// The ids of the secrets that unlock its backing layers, by depth
+    /// (`backing.encrypt.key-secret`, ...).
+    pub(crate) backing_key_secrets: Vec<Option<String>>,
+    /// The backing files given by name, by depth (`backing.file.filename`):
+    /// they must be the files the images record.
+    pub(crate) backing_files: Vec<Option<String>>,
 }
 
 impl Named {
@@ -151,7 +159,45 @@ impl Named {
         if let Some(id) = &self.key_secret {
             options.key_secret = Some(crate::secret::find(&flags.object, id)?);
         }
+        options.backing_key_secrets = self
+            .backing_key_secrets
+            .iter()
+            .map(|id| {
+                id.as_ref()
+                    .map(|id| crate::secret::find(&flags.object, id))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
         Ok(options)
+    }
+
+    /// Refuses a chain whose backing files are not the ones the name
+    /// gave (`backing.file.filename`): qcow opens the files images record.
+    pub(crate) fn check_backing_files(&self, image: &dyn BlockDevice) -> Result<()> {
+        let mut layer = image.backing();
+        for given in &self.backing_files {
+            let Some(opened) = layer else {
+                break;
+            };
+            if let Some(given) = given {
+                let same = match (
+                    std::fs::canonicalize(given),
+                    std::fs::canonicalize(opened.name()),
+                ) {
+                    (Ok(a), Ok(b)) => a == b,
+                    _ => false,
+                };
+                if !same {
+                    bail!(
+                        "backing file '{given}' is not the one '{}' records ('{}'); qcow opens the recorded one only",
+                        image.name(),
+                        opened.name()
+                    );
+                }
+            }
+            layer = opened.backing();
+        }
+        Ok(())
     }
 }
 
@@ -240,9 +286,33 @@ fn resolve_options(
             )
     };
     let shown = driver.as_deref().unwrap_or("qcow2");
+    // Options of backing layers (`backing.encrypt.key-secret`, and the
+    // backing file's name and driver, which must be the ones the image
+    // records), by depth.
+    let mut backing_key_secrets: Vec<Option<String>> = Vec::new();
+    let mut backing_files: Vec<Option<String>> = Vec::new();
+    for (key, value) in options {
+        let Some((depth, rest)) = backing_key(key) else {
+            continue;
+        };
+        let slot = |list: &mut Vec<Option<String>>| {
+            if list.len() < depth {
+                list.resize(depth, None);
+            }
+            list[depth - 1] = Some(value.clone());
+        };
+        match rest {
+            "encrypt.key-secret" => slot(&mut backing_key_secrets),
+            "file.filename" => slot(&mut backing_files),
+            "driver" | "file.driver" | "encrypt.format" => {}
+            _ => bail!(
+                "Could not open '{text}': Block format '{shown}' does not support the option '{key}'"
+            ),
+        }
+    }
     if let Some((key, _)) = options
         .iter()
-        .find(|(k, _)| !allowed.contains(&k.as_str()) && !tuning(k))
+        .find(|(k, _)| !allowed.contains(&k.as_str()) && !tuning(k) && backing_key(k).is_none())
     {
         bail!(
             "Could not open '{text}': Block format '{shown}' does not support the option '{key}'"
@@ -270,7 +340,21 @@ fn resolve_options(
         format,
         data_file: get("data-file.filename"),
         key_secret: get("encrypt.key-secret"),
+        backing_key_secrets,
+        backing_files,
     })
+}
+
+/// The depth and the rest of a backing layer's option (`backing.KEY` is
+/// depth 1, `backing.backing.KEY` depth 2); `None` for the image's own.
+fn backing_key(key: &str) -> Option<(usize, &str)> {
+    let mut rest = key;
+    let mut depth = 0;
+    while let Some(inner) = rest.strip_prefix("backing.") {
+        rest = inner;
+        depth += 1;
+    }
+    (depth > 0).then_some((depth, rest))
 }
 
 /// JSON options as qemu's dotted keys (`file.filename`).
@@ -375,6 +459,8 @@ pub(crate) fn open_image(
             format: format.map(str::to_owned),
             data_file: None,
             key_secret: None,
+            backing_key_secrets: Vec::new(),
+            backing_files: Vec::new(),
         },
     };
     let mut options = named.options(flags)?;
@@ -384,7 +470,9 @@ pub(crate) fn open_image(
     }
     options.snapshot = snapshot.map(str::to_owned);
     options.copy_source = copy_source;
-    Ok(open(&named.path, &options)?)
+    let image = open(&named.path, &options)?;
+    named.check_backing_files(&image)?;
+    Ok(image)
 }
 
 /// [`qcow::open`], printing on standard error what repairing a dirty image

@@ -298,6 +298,7 @@ fn open_layer(
         format,
         writable,
         top,
+        depth,
         options,
     };
     layer.assemble(
@@ -331,6 +332,8 @@ pub(crate) struct Layer<'a> {
     pub(crate) format: ImageFormat,
     pub(crate) writable: bool,
     pub(crate) top: bool,
+    /// Depth in the chain: 0 for the named image.
+    pub(crate) depth: usize,
     pub(crate) options: &'a OpenOptions,
 }
 
@@ -363,9 +366,17 @@ impl Layer<'_> {
                     }
                 }
                 if image.encryption().is_some() {
-                    match options.key_secret.as_ref().filter(|_| top) {
+                    let secret = if top {
+                        options.key_secret.as_ref()
+                    } else {
+                        options
+                            .backing_key_secrets
+                            .get(self.depth.saturating_sub(1))
+                            .and_then(Option::as_ref)
+                    };
+                    match secret {
                         Some(secret) => image.unlock(secret)?,
-                        None if (top && (options.without_key || options.check)) => {}
+                        None if options.without_key || (top && options.check) => {}
                         None => {
                             return Err(Error::Crypto {
                                 image: name.to_owned(),

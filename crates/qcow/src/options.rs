@@ -84,6 +84,10 @@ pub struct OpenOptions {
     /// The password of the named image if it is encrypted (QEMU's
     /// `encrypt.key-secret`).
     pub key_secret: Option<crate::crypto::Secret>,
+    /// The passwords of encrypted backing layers, by depth: the first is
+    /// the named image's backing file's (QEMU's
+    /// `backing.encrypt.key-secret`), the next its backing file's.
+    pub backing_key_secrets: Vec<Option<crate::crypto::Secret>>,
     /// Open an encrypted image without its password, for its metadata only
     /// (QEMU opens images so for `info`): reading its data then fails.
     /// Without this, an encrypted image opened without its password is
@@ -111,6 +115,7 @@ impl Default for OpenOptions {
             check: false,
             copy_source: false,
             key_secret: None,
+            backing_key_secrets: Vec::new(),
             without_key: false,
         }
     }
@@ -228,6 +233,15 @@ impl OpenOptions {
     /// Sets [`OpenOptions::key_secret`].
     pub fn key_secret(mut self, key_secret: Option<crate::crypto::Secret>) -> Self {
         self.key_secret = key_secret;
+        self
+    }
+
+    /// Sets [`OpenOptions::backing_key_secrets`].
+    pub fn backing_key_secrets(
+        mut self,
+        backing_key_secrets: Vec<Option<crate::crypto::Secret>>,
+    ) -> Self {
+        self.backing_key_secrets = backing_key_secrets;
         self
     }
 

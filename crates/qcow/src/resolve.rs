@@ -115,6 +115,7 @@ fn open_layer(
         format,
         writable,
         top,
+        depth,
         options,
     };
     layer.assemble(

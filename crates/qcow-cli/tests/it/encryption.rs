@@ -280,3 +280,185 @@ fn qemu_io_write_same(path: &Path) {
         .expect("qemu-io is required");
     assert!(io.status.success(), "{}", stderr(&io));
 }
+
+/// `convert` into an encrypted image (with preallocated metadata, whose
+/// clusters would read as decrypted zeros: the zeros are written too, as
+/// qemu-img writes them), then compared, checked and mapped beside
+/// qemu-img's output (iotest 188's last step).
+#[test]
+fn convert_into_an_encrypted_image_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = make(
+        dir.path(),
+        "src.qcow2",
+        "encrypt.format=luks,encrypt.iter-time=10",
+    );
+    let plain = dir.path().join("plain.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&plain), "8M"])
+            .status
+            .success()
+    );
+    for (input, extra) in [
+        (opts(&source), vec!["--image-opts"]),
+        (p(&plain).to_owned(), vec![]),
+    ] {
+        for options in [
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,preallocation=metadata",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4k",
+            "encrypt.format=aes,encrypt.key-secret=sec0",
+        ] {
+            let ours = dir.path().join("ours.qcow2");
+            let theirs = dir.path().join("theirs.qcow2");
+            let convert = |tool: fn(&[&str]) -> std::process::Output, out: &Path| {
+                let mut args = vec!["convert", "-O", "qcow2", "--object", SECRET];
+                args.extend(&extra);
+                args.extend(["-o", options, input.as_str(), p(out)]);
+                tool(&args)
+            };
+            let o = convert(qcow, &ours);
+            assert!(o.status.success(), "{options}: {}", stderr(&o));
+            assert!(convert(qemu_img, &theirs).status.success());
+            let ours_spec = opts(&ours);
+            let theirs_spec = opts(&theirs);
+            let compare = qemu_img(&[
+                "compare",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &ours_spec,
+                &theirs_spec,
+            ]);
+            assert!(compare.status.success(), "{options}: {}", stdout(&compare));
+            let check = qemu_img(&["check", "--object", SECRET, "--image-opts", &ours_spec]);
+            assert!(check.status.success(), "{options}: {}", stdout(&check));
+            let map = |spec: &str| {
+                stdout(&qemu_img(&[
+                    "map",
+                    "--output=json",
+                    "--object",
+                    SECRET,
+                    "--image-opts",
+                    spec,
+                ]))
+            };
+            assert_eq!(map(&ours_spec), map(&theirs_spec), "{options}");
+        }
+    }
+}
+
+/// A chain of two images encrypted with different passwords (iotests 189
+/// and 198): the overlay is created over the encrypted base without the
+/// base's password (only its size is read), both are opened with
+/// `backing.encrypt.key-secret`, and `commit` writes the overlay's data
+/// into the base, which QEMU then reads back.
+#[test]
+fn a_chain_with_two_passwords_is_read_and_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let s0 = "secret,id=sec0,data=astrochicken";
+    let s1 = "secret,id=sec1,data=furby";
+    let made = qcow(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        s0,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        p(&base),
+        "8M",
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let base_spec = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        p(&base)
+    );
+    let io = |objects: &[&str], spec: &str, command: &str| {
+        let mut cmd = Command::new("qemu-io");
+        for o in objects {
+            cmd.args(["--object", o]);
+        }
+        let out = cmd
+            .args(["-c", command, "--image-opts", spec])
+            .output()
+            .expect("qemu-io is required");
+        assert!(out.status.success(), "{command}: {}", stderr(&out));
+        stdout(&out)
+    };
+    io(&[s0], &base_spec, "write -P 0xa 0 8M");
+    let made = qcow(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        s1,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec1,encrypt.iter-time=10",
+        "-b",
+        p(&base),
+        "-F",
+        "qcow2",
+        p(&top),
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let spec = format!(
+        "driver=qcow2,file.filename={},backing.driver=qcow2,backing.file.filename={},backing.encrypt.key-secret=sec0,encrypt.key-secret=sec1",
+        p(&top),
+        p(&base)
+    );
+    io(&[s0, s1], &spec, "write -P 0xe 0 1024");
+    // qcow reads the chain as QEMU does.
+    let ours = dir.path().join("ours.raw");
+    let converted = qcow(&[
+        "convert",
+        "--object",
+        s0,
+        "--object",
+        s1,
+        "--image-opts",
+        &spec,
+        "-O",
+        "raw",
+        p(&ours),
+    ]);
+    assert!(converted.status.success(), "{}", stderr(&converted));
+    let data = std::fs::read(&ours).unwrap();
+    assert!(data[..1024].iter().all(|&b| b == 0xe));
+    assert!(data[1024..].iter().all(|&b| b == 0xa));
+    // Without the base's password the chain does not open.
+    let refused = qcow(&[
+        "convert",
+        "--object",
+        s1,
+        "--image-opts",
+        &format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=sec1",
+            p(&top)
+        ),
+        "-O",
+        "raw",
+        p(&ours),
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("Parameter 'encrypt.key-secret' is required"));
+    let committed = qcow(&[
+        "commit",
+        "--object",
+        s0,
+        "--object",
+        s1,
+        "--image-opts",
+        &spec,
+    ]);
+    assert!(committed.status.success(), "{}", stderr(&committed));
+    assert_eq!(stdout(&committed), "Image committed.\n");
+    let read = io(&[s0], &base_spec, "read -P 0xe 0 1024");
+    assert!(read.contains("read 1024/1024"), "{read}");
+    io(&[s0], &base_spec, "read -P 0xa 1024 64512");
+    let check = qemu_img(&["check", "--object", s0, "--image-opts", &base_spec]);
+    assert!(check.status.success(), "{}", stdout(&check));
+}

@@ -191,9 +191,6 @@ impl CreateOptions {
             }
         }
         if let Some(encryption) = &self.encryption {
-            if self.preallocation != Preallocation::Off {
-                return bad("preallocation is not supported with encryption".into());
-            }
             if self.data_file.is_some() {
                 return bad("an external data file is not supported with encryption".into());
             }
