@@ -97,7 +97,9 @@ pub(crate) fn run(args: &CommitArgs) -> Result<ExitCode> {
                 base.close()?;
             }
             Image::Raw(mut base) => base.resize(size)?,
-            Image::Qcow(_) => bail!("Image format driver does not support resize"),
+            Image::Qcow(_) | Image::Luks(_) => {
+                bail!("Image format driver does not support resize")
+            }
         }
     }
     let keep = args.drop || args.base.is_some();

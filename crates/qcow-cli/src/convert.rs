@@ -201,6 +201,9 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
             "raw" => (raw_output(args, dest, size, sync)?, false, true),
             "qcow2" => qcow2_output(args, dest, size, sync)?,
             "qcow" => (qcow_output(args, dest, size, sync)?, false, true),
+            // An unwritten LUKS disk reads as decrypted zeros: every zero
+            // is written, as qemu-img writes it.
+            "luks" => (luks_output(args, dest, size, sync)?, false, false),
             other => bail!("Unknown file format '{other}'"),
         }
     };
@@ -479,6 +482,27 @@ fn qcow2_output(
             .key_secret(secret),
     )?;
     Ok((dest, top_only, reads_zero))
+}
+
+/// A new LUKS volume output (`-o key-secret=ID` and the algorithms).
+fn luks_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result<Image> {
+    let list = OptionList::parse(&args.options)?;
+    let luks = list.luks_volume(&args.open.object)?;
+    let secret = luks.secret.clone();
+    let mut file = qcow::create_file(dest)?;
+    if !sync {
+        file = file.without_sync();
+    }
+    qcow::LuksImage::create(&file, &luks, size)?;
+    drop(file);
+    Ok(crate::open::open(
+        dest,
+        &OpenOptions::default()
+            .writable(true)
+            .sync(sync)
+            .format(Some(qcow::ImageFormat::Luks))
+            .key_secret(Some(secret)),
+    )?)
 }
 
 /// A new qcow (version 1) output.

@@ -52,6 +52,9 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     if format == "raw" {
         return create_raw(args);
     }
+    if format == "luks" {
+        return create_luks(args);
+    }
     if format != "qcow2" && format != "qcow" {
         bail!("Unknown file format '{format}'");
     }
@@ -263,6 +266,57 @@ fn create_raw(args: &CreateArgs) -> Result<ExitCode> {
     })();
     if made.is_err() {
         let _ = std::fs::remove_file(crate::open::file_path(&args.file));
+    }
+    made?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `create -f luks`: a LUKS volume (header, key slot 0 from the secret
+/// `key-secret` names, then the disk), with `preallocation` off, falloc or
+/// full for the disk's part of the file.
+fn create_luks(args: &CreateArgs) -> Result<ExitCode> {
+    let name = args.file.display().to_string();
+    if args.backing.is_some() {
+        bail!("{name}: Backing file not supported for file format 'luks'");
+    }
+    let list = OptionList::parse(&args.options)?;
+    let size = match (&args.size, list.get("size")) {
+        (Some(_), Some(_)) => bail!("{name}: The image size must be specified only once"),
+        (Some(s), None) => image_size(s)?,
+        (None, Some(s)) => option_size("size", s)?,
+        (None, None) => bail!("{name}: Image creation needs a size parameter"),
+    };
+    list.check_luks_keys()
+        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    if !args.quiet {
+        println!("{}", list.luks_formatting_line(&name, size));
+    }
+    let luks = list
+        .luks_volume(&args.open.object)
+        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let mode = match list.get("preallocation") {
+        None => qcow::Preallocation::Off,
+        Some(p) => qcow::Preallocation::from_name(p)?,
+    };
+    if mode == qcow::Preallocation::Metadata {
+        bail!("{name}: Unsupported preallocation mode: metadata");
+    }
+    let path = crate::open::file_path(&args.file);
+    let file = qcow::create_file(&path)?;
+    let made = (|| -> Result<()> {
+        qcow::LuksImage::create(&file, &luks, size)?;
+        let len = qcow_io::Storage::len(&file)?;
+        let payload = len - size;
+        match mode {
+            qcow::Preallocation::Falloc => qcow_io::Storage::allocate(&file, payload, size)?,
+            qcow::Preallocation::Full => qcow_io::Storage::write_zeroes(&file, payload, size)?,
+            _ => {}
+        }
+        qcow_io::Storage::flush(&file)?;
+        Ok(())
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&path);
     }
     made?;
     Ok(ExitCode::SUCCESS)

@@ -131,11 +131,49 @@ impl OptionList {
         if format == "aes" {
             return Ok(Some(EncryptionOptions::Aes { secret }));
         }
+        Ok(Some(EncryptionOptions::Luks(
+            self.luks_choices("encrypt.", secret)?,
+        )))
+    }
+
+    /// A LUKS volume's options (qemu-img's `luks` format: `key-secret`
+    /// and the algorithms, unprefixed), its password the secret among
+    /// `objects` that `key-secret` names.
+    pub(crate) fn luks_volume(&self, objects: &[String]) -> Result<LuksOptions> {
+        self.check_luks_keys()?;
+        let Some(id) = self.get("key-secret") else {
+            bail!("Parameter 'key-secret' is required for cipher");
+        };
+        let secret = crate::secret::find(objects, id)?;
+        self.luks_choices("", secret)
+    }
+
+    /// Refuses an option a LUKS volume does not take (before the
+    /// Formatting line, as qemu-img refuses it).
+    pub(crate) fn check_luks_keys(&self) -> Result<()> {
+        for (key, _) in &self.pairs {
+            let known = key == "size"
+                || key == "preallocation"
+                || ENCRYPTION_KEYS
+                    .iter()
+                    .filter_map(|k| k.strip_prefix("encrypt."))
+                    .any(|k| k == key && k != "format");
+            if !known {
+                bail!("Invalid parameter '{key}'");
+            }
+        }
+        Ok(())
+    }
+
+    /// The LUKS algorithms and iteration time the options (with keys
+    /// starting with `prefix`) choose, QEMU's defaults for the others.
+    fn luks_choices(&self, prefix: &str, secret: qcow::crypto::Secret) -> Result<LuksOptions> {
         let mut luks = LuksOptions::new(secret);
         let refuse = |key: &str, value: &str| {
-            anyhow::anyhow!("Parameter 'encrypt.{key}' does not accept value '{value}'")
+            anyhow::anyhow!("Parameter '{prefix}{key}' does not accept value '{value}'")
         };
-        if let Some(alg) = self.get("encrypt.cipher-alg") {
+        let option = |key: &str| self.get(&format!("{prefix}{key}"));
+        if let Some(alg) = option("cipher-alg") {
             luks.cipher.aes_bits = match alg {
                 "aes-128" => 128,
                 "aes-192" => 192,
@@ -147,13 +185,13 @@ impl OptionList {
                 other => return Err(refuse("cipher-alg", other)),
             };
         }
-        if let Some(mode) = self.get("encrypt.cipher-mode") {
+        if let Some(mode) = option("cipher-mode") {
             luks.cipher.mode = match mode {
                 "ctr" => bail!("Cipher mode 'ctr' not supported"),
                 other => CipherMode::from_name(other).map_err(|_| refuse("cipher-mode", other))?,
             };
         }
-        if let Some(ivgen) = self.get("encrypt.ivgen-alg") {
+        if let Some(ivgen) = option("ivgen-alg") {
             luks.cipher.ivgen =
                 IvGenAlg::from_name(ivgen).map_err(|_| refuse("ivgen-alg", ivgen))?;
         }
@@ -161,20 +199,36 @@ impl OptionList {
             "md5" | "ripemd160" | "sm3" => bail!("Hash '{name}' not supported"),
             other => HashAlg::from_name(other).map_err(|_| refuse(key, other)),
         };
-        if let Some(name) = self.get("encrypt.ivgen-hash-alg") {
+        if let Some(name) = option("ivgen-hash-alg") {
             luks.cipher.ivgen_hash = Some(hash("ivgen-hash-alg", name)?);
         } else if luks.cipher.ivgen == IvGenAlg::Essiv {
             luks.cipher.ivgen_hash = Some(HashAlg::Sha256);
         }
-        if let Some(name) = self.get("encrypt.hash-alg") {
+        if let Some(name) = option("hash-alg") {
             luks.hash = hash("hash-alg", name)?;
         }
-        if let Some(ms) = self.get("encrypt.iter-time") {
+        if let Some(ms) = option("iter-time") {
             luks.iter_time_ms = ms
                 .parse()
-                .map_err(|_| anyhow::anyhow!("Parameter 'encrypt.iter-time' expects a number"))?;
+                .map_err(|_| anyhow::anyhow!("Parameter '{prefix}iter-time' expects a number"))?;
         }
-        Ok(Some(EncryptionOptions::Luks(luks)))
+        Ok(luks)
+    }
+
+    /// qemu-img's "Formatting ..." line for a LUKS volume.
+    pub(crate) fn luks_formatting_line(&self, file: &str, size: u64) -> String {
+        let mut line = format!("Formatting '{file}', fmt=luks size={size}");
+        let keys = ENCRYPTION_KEYS
+            .iter()
+            .filter_map(|k| k.strip_prefix("encrypt."))
+            .filter(|k| *k != "format")
+            .chain(["preallocation"]);
+        for key in keys {
+            if let Some(value) = self.get(key) {
+                line.push_str(&format!(" {key}={value}"));
+            }
+        }
+        line
     }
 
     /// Builds qcow (version 1) creation options: only `size`,

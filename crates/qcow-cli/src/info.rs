@@ -42,6 +42,9 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode> {
     };
     let mut infos = Vec::new();
     let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+    // An image given with a password is named by its options, as QEMU
+    // names it.
+    let mut shown = named.options_name();
     let (mut path, mut format) = (named.path, named.format);
     // Backing files are plain names: options apply to the named image only.
     let mut flags = args.open.clone();
@@ -59,7 +62,7 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode> {
         }
         // info reports names of files an image refers to but opens none.
         let image = open_image(&path, format.as_deref(), &flags, None, false, false)?;
-        let info = image_info(&path, &image)?;
+        let info = image_info(&path, shown.take().as_deref(), &image)?;
         let next = if args.backing_chain && !args.open.untrusted {
             backing_of(&path, &image)
         } else {
@@ -111,7 +114,7 @@ fn backing_of(path: &Path, image: &Image) -> Option<(PathBuf, Option<String>)> {
             .backing_file
             .as_ref()
             .map(|b| (qcow::relative_to(path, b), None)),
-        Image::Raw(_) => None,
+        Image::Raw(_) | Image::Luks(_) => None,
     }
 }
 
@@ -153,9 +156,10 @@ fn write_json(out: &mut String, value: &Value, level: usize) -> Result<()> {
     Ok(())
 }
 
-fn image_info(path: &Path, image: &Image) -> Result<Value> {
+fn image_info(path: &Path, shown: Option<&str>, image: &Image) -> Result<Value> {
     let meta = std::fs::metadata(path).with_context(|| format!("stat '{}'", path.display()))?;
-    let filename = path.display().to_string();
+    let file_name = path.display().to_string();
+    let filename = shown.map_or_else(|| file_name.clone(), str::to_owned);
     let actual = meta.blocks() * 512;
     let mut info = Map::new();
     info.insert(
@@ -165,7 +169,7 @@ fn image_info(path: &Path, image: &Image) -> Result<Value> {
             "info": {
                 "children": [],
                 "virtual-size": meta.len().next_multiple_of(512),
-                "filename": filename,
+                "filename": file_name,
                 "format": "file",
                 "actual-size": actual,
                 "format-specific": {"type": "file", "data": {}},
@@ -179,7 +183,7 @@ fn image_info(path: &Path, image: &Image) -> Result<Value> {
             q.header().backing_format().map(str::to_owned),
         ),
         Image::Qcow(q) => (q.header().backing_file.clone(), None),
-        Image::Raw(_) => (None, None),
+        Image::Raw(_) | Image::Luks(_) => (None, None),
     };
     if let Some(f) = &backing_format {
         info.insert("backing-filename-format".into(), json!(f));
@@ -199,12 +203,21 @@ fn image_info(path: &Path, image: &Image) -> Result<Value> {
         Image::Qcow(q) => {
             info.insert("cluster-size".into(), json!(q.header().cluster_size()));
         }
-        Image::Raw(_) => {}
+        Image::Raw(_) | Image::Luks(_) => {}
     }
     info.insert("format".into(), json!(image.format().name()));
     info.insert("actual-size".into(), json!(actual));
-    if let Image::Qcow2(q) = image {
-        info.insert("format-specific".into(), qcow2_specific(q));
+    match image {
+        Image::Qcow2(q) => {
+            info.insert("format-specific".into(), qcow2_specific(q));
+        }
+        Image::Luks(l) => {
+            info.insert(
+                "format-specific".into(),
+                json!({"type": "luks", "data": luks_info(l.header(), false)}),
+            );
+        }
+        _ => {}
     }
     if let Some(b) = &backing {
         let full = qcow::relative_to(path, b);
@@ -214,7 +227,12 @@ fn image_info(path: &Path, image: &Image) -> Result<Value> {
         );
         info.insert("backing-filename".into(), json!(b));
     }
-    if matches!(image, Image::Qcow2(q) if q.encryption().is_some()) {
+    let encrypted = match image {
+        Image::Qcow2(q) => q.encryption().is_some(),
+        Image::Luks(_) => true,
+        _ => false,
+    };
+    if encrypted {
         info.insert("encrypted".into(), json!(true));
     }
     let dirty = matches!(image, Image::Qcow2(q) if q.header().dirty());
@@ -328,10 +346,15 @@ fn qcow2_specific(q: &qcow::Qcow2Image) -> Value {
 
 /// QEMU's `encrypt` object of an encrypted image, fields in its order.
 fn encrypt_info(encryption: &EncryptionInfo) -> Value {
-    let header = match encryption {
-        EncryptionInfo::Aes => return json!({"format": "aes"}),
-        EncryptionInfo::Luks { header, .. } => header,
-    };
+    match encryption {
+        EncryptionInfo::Aes => json!({"format": "aes"}),
+        EncryptionInfo::Luks { header, .. } => luks_info(header, true),
+    }
+}
+
+/// QEMU's description of a LUKS header (`with_format`: as a qcow2 image's
+/// `encrypt` object, which names the format).
+fn luks_info(header: &qcow::format::luks::LuksHeader, with_format: bool) -> Value {
     // The header's algorithms were looked up when the image was opened.
     let algorithms = LuksAlgorithms::of(header).ok();
     let sector = qcow::format::luks::LUKS_SECTOR_SIZE;
@@ -348,7 +371,9 @@ fn encrypt_info(encryption: &EncryptionInfo) -> Value {
     if let Some(hash) = algorithms.as_ref().and_then(|a| a.cipher.ivgen_hash) {
         data.insert("ivgen-hash-alg".into(), json!(hash.name()));
     }
-    data.insert("format".into(), json!("luks"));
+    if with_format {
+        data.insert("format".into(), json!("luks"));
+    }
     if let Some(a) = &algorithms {
         data.insert("cipher-mode".into(), json!(a.cipher.mode.name()));
     }

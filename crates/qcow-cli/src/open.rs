@@ -35,7 +35,7 @@ pub(crate) struct OpenFlags {
 }
 
 /// Drivers an image name may ask for.
-const DRIVERS: [&str; 4] = ["qcow2", "qcow", "raw", "file"];
+const DRIVERS: [&str; 5] = ["qcow2", "qcow", "raw", "file", "luks"];
 
 /// The file and format an image name on the command line means: a path,
 /// a `json:{...}` name, or (with `--image-opts`) an option list, for the
@@ -171,6 +171,38 @@ impl Named {
         Ok(options)
     }
 
+    /// The `json:` name QEMU gives an image opened with a password (its
+    /// options, the password's id among them), `None` for one opened
+    /// without.
+    pub(crate) fn options_name(&self) -> Option<String> {
+        let id = self.key_secret.as_ref()?;
+        let driver = self.format.as_deref().unwrap_or("qcow2");
+        let key = if driver == "luks" {
+            "key-secret"
+        } else {
+            "encrypt.key-secret"
+        };
+        // QEMU's order: qcow2 names the secret first, luks last.
+        let mut name = serde_json::Map::new();
+        if driver != "luks" {
+            name.insert(key.into(), id.clone().into());
+        }
+        name.insert("driver".into(), driver.into());
+        name.insert(
+            "file".into(),
+            serde_json::json!({"driver": "file", "filename": self.path.display().to_string()}),
+        );
+        if driver == "luks" {
+            name.insert(key.into(), id.clone().into());
+        }
+        let text = serde_json::Value::Object(name).to_string();
+        // QEMU's spacing: a space after each colon and comma.
+        Some(format!(
+            "json:{}",
+            text.replace(",\"", ", \"").replace("\":", "\": ")
+        ))
+    }
+
     /// Refuses a chain whose backing files are not the ones the name
     /// gave (`backing.file.filename`): qcow opens the files images record.
     pub(crate) fn check_backing_files(&self, image: &dyn BlockDevice) -> Result<()> {
@@ -226,7 +258,7 @@ fn resolve_options(
     if let Some(driver) = &driver {
         if !DRIVERS.contains(&driver.as_str()) {
             bail!(
-                "Could not open '{text}': driver '{driver}' is not one qcow opens (qcow2, qcow, raw, file)"
+                "Could not open '{text}': driver '{driver}' is not one qcow opens (qcow2, qcow, raw, file, luks)"
             );
         }
         if let Some(f) = format {
@@ -248,6 +280,10 @@ fn resolve_options(
                 "encrypt.key-secret",
                 "encrypt.format",
             ],
+        ),
+        Some("luks") => (
+            "file.filename",
+            &["driver", "file.filename", "file.driver", "key-secret"],
         ),
         _ => (
             "file.filename",
@@ -335,14 +371,38 @@ fn resolve_options(
         Some(driver) => Some(driver),
         None => format.map(str::to_owned),
     };
+    remember_given_name(Path::new(&path), &text);
     Ok(Named {
         path: PathBuf::from(path),
         format,
         data_file: get("data-file.filename"),
-        key_secret: get("encrypt.key-secret"),
+        key_secret: get("encrypt.key-secret").or_else(|| get("key-secret")),
         backing_key_secrets,
         backing_files,
     })
+}
+
+/// Names given on the command line as options (`--image-opts`, `json:`),
+/// by the file they name: qemu-img names such an image by the options in
+/// its messages.
+static GIVEN_NAMES: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn remember_given_name(path: &Path, given: &str) {
+    GIVEN_NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((path.to_owned(), given.to_owned()));
+}
+
+/// The options an image named `image` was given by on the command line,
+/// if it was (see [`GIVEN_NAMES`]).
+pub(crate) fn given_name(image: &str) -> Option<String> {
+    GIVEN_NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .find(|(path, _)| path == Path::new(image))
+        .map(|(_, given)| given.clone())
 }
 
 /// The depth and the rest of a backing layer's option (`backing.KEY` is

@@ -7,6 +7,15 @@
 /// "Could not open 'IMAGE': WORDS" for an error qemu-img reports when it
 /// opens an image, `None` for any other error.
 pub(crate) fn open_failure(error: &qcow::Error) -> Option<String> {
+    let (image, words) = open_failure_words(error)?;
+    // An image given by options is named by them, as qemu-img names it.
+    let image = crate::open::given_name(image).unwrap_or_else(|| image.to_owned());
+    Some(format!("Could not open '{image}': {words}"))
+}
+
+/// The image and qemu-img's words for why it cannot be opened, `None` for
+/// an error qemu-img has no words for.
+pub(crate) fn open_failure_words(error: &qcow::Error) -> Option<(&str, String)> {
     let (image, words) = match error {
         qcow::Error::Format { image, source } => (image, source.qemu_words()?),
         qcow::Error::UnsupportedVersion { image, version } => {
@@ -15,7 +24,7 @@ pub(crate) fn open_failure(error: &qcow::Error) -> Option<String> {
         qcow::Error::Crypto { image, source } => (image, source.to_string()),
         _ => return None,
     };
-    Some(format!("Could not open '{image}': {words}"))
+    Some((image.as_str(), words))
 }
 
 #[cfg(test)]

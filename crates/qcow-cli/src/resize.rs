@@ -81,7 +81,7 @@ pub(crate) fn run(args: &ResizeArgs) -> Result<ExitCode> {
                 .map_err(|e| as_qemu_img_says(e, &file))?;
             image.close()?;
         }
-        Image::Qcow(_) => bail!("Image format driver does not support resize"),
+        Image::Qcow(_) | Image::Luks(_) => bail!("Image format driver does not support resize"),
         Image::Raw(mut image) => image
             .resize_preallocated(new_size, mode)
             .map_err(|e| as_qemu_img_says(e, &file))?,

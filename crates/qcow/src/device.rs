@@ -14,6 +14,8 @@ pub enum ImageFormat {
     Qcow,
     /// A plain file.
     Raw,
+    /// A LUKS volume (an encrypted disk behind a LUKS header).
+    Luks,
 }
 
 impl ImageFormat {
@@ -23,6 +25,7 @@ impl ImageFormat {
             ImageFormat::Qcow2 => "qcow2",
             ImageFormat::Qcow => "qcow",
             ImageFormat::Raw => "raw",
+            ImageFormat::Luks => "luks",
         }
     }
 
@@ -32,6 +35,7 @@ impl ImageFormat {
             "qcow2" => Ok(ImageFormat::Qcow2),
             "qcow" => Ok(ImageFormat::Qcow),
             "raw" => Ok(ImageFormat::Raw),
+            "luks" => Ok(ImageFormat::Luks),
             other => Err(crate::Error::UnknownFormat(other.to_owned())),
         }
     }

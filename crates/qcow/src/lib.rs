@@ -22,6 +22,7 @@ pub mod copy;
 pub mod crypto;
 mod device;
 mod error;
+mod luks_volume;
 pub mod measure;
 mod open;
 mod options;
@@ -32,6 +33,7 @@ mod v1;
 
 pub use device::{Allocation, BlockDevice, CompressedWrites, Extent, ImageFormat, Reservation};
 pub use error::{Error, ErrorKind, Result, SnapshotL1Problem};
+pub use luks_volume::LuksImage;
 pub use open::{Image, create, create_file, create_qcow, open, probe, relative_to};
 pub use options::{DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_CHAIN_DEPTH, OpenOptions};
 pub use qcow_format as format;

@@ -24,6 +24,8 @@ pub enum Image {
     Qcow(Box<QcowImage>),
     /// A raw image.
     Raw(RawImage),
+    /// A LUKS volume.
+    Luks(Box<crate::LuksImage>),
 }
 
 impl Image {
@@ -32,6 +34,7 @@ impl Image {
             Image::Qcow2(i) => i.as_ref(),
             Image::Qcow(i) => i.as_ref(),
             Image::Raw(i) => i,
+            Image::Luks(i) => i.as_ref(),
         }
     }
 }
@@ -117,6 +120,10 @@ impl Image {
                 image: image.name().to_owned(),
                 what: "resizing a qcow version 1 image".into(),
             }),
+            Image::Luks(image) => Err(Error::Unsupported {
+                image: image.name().to_owned(),
+                what: "resizing a LUKS volume".into(),
+            }),
         }
     }
 }
@@ -133,6 +140,9 @@ pub(crate) fn probe_storage(name: &str, storage: &dyn Storage) -> Result<ImageFo
     storage
         .read_at(&mut prefix, 0)
         .map_err(|e| Error::io(name, "reading the magic", 0, e))?;
+    if prefix[..6] == qcow_format::luks::LUKS_MAGIC {
+        return Ok(ImageFormat::Luks);
+    }
     match qcow_format::probe(&prefix) {
         Probe::Qcow { version: 1 } => Ok(ImageFormat::Qcow),
         Probe::Qcow { version: 2 | 3 } => Ok(ImageFormat::Qcow2),
@@ -352,6 +362,25 @@ impl Layer<'_> {
         let cache = options.cache_bytes;
         let image = match self.format {
             ImageFormat::Raw => Image::Raw(RawImage::open(name, storage)?.with_writes(writable)),
+            ImageFormat::Luks => {
+                let secret = if top {
+                    options.key_secret.as_ref()
+                } else {
+                    options
+                        .backing_key_secrets
+                        .get(self.depth.saturating_sub(1))
+                        .and_then(Option::as_ref)
+                };
+                if secret.is_none() && !options.without_key {
+                    return Err(Error::Crypto {
+                        image: name.to_owned(),
+                        source: crate::crypto::CryptoError::VolumeKeyRequired,
+                    });
+                }
+                Image::Luks(Box::new(
+                    crate::LuksImage::open(name, storage, secret)?.with_writes(writable),
+                ))
+            }
             ImageFormat::Qcow2 => {
                 let mut image = if writable {
                     Qcow2Image::open_writable(name, storage, cache)?

@@ -462,3 +462,130 @@ fn a_chain_with_two_passwords_is_read_and_committed() {
     let check = qemu_img(&["check", "--object", s0, "--image-opts", &base_spec]);
     assert!(check.status.success(), "{}", stdout(&check));
 }
+
+/// qemu-img's `luks` format (a LUKS volume): `create -f luks` prints and
+/// refuses as qemu-img does, `info` shows what qemu-img shows, what QEMU
+/// writes reads back in qcow, and `convert -O luks` makes a volume QEMU
+/// reads, laid out as qemu-img's.
+#[test]
+fn luks_volumes_are_made_read_and_written_as_by_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = dir.path().join("ours.luks");
+    let theirs = dir.path().join("theirs.luks");
+    for options in [
+        "key-secret=sec0,iter-time=10",
+        "iter-time=10,hash-alg=sha1,ivgen-alg=essiv,cipher-mode=cbc,cipher-alg=aes-128,key-secret=sec0",
+        "iter-time=10",
+        "key-secret=sec0,cluster_size=4k",
+    ] {
+        let run = |tool: fn(&[&str]) -> std::process::Output, path: &Path| {
+            let _ = std::fs::remove_file(path);
+            let out = tool(&[
+                "create",
+                "-f",
+                "luks",
+                "--object",
+                SECRET,
+                "-o",
+                options,
+                p(path),
+                "3M",
+            ]);
+            let text = format!("{}{}", stdout(&out), stderr(&out))
+                .replace(p(path), "IMAGE")
+                .replace("qemu-img: ", "")
+                .replace("qcow: ", "");
+            (out.status.code(), text)
+        };
+        assert_eq!(run(qcow, &ours), run(qemu_img, &theirs), "{options}");
+        if !theirs.exists() {
+            assert!(!ours.exists());
+            continue;
+        }
+        assert_eq!(
+            std::fs::metadata(&ours).unwrap().len(),
+            std::fs::metadata(&theirs).unwrap().len()
+        );
+        let strip = |o: std::process::Output| {
+            stdout(&o)
+                .lines()
+                .filter(|l| !l.contains("uuid") && !l.contains("iters") && !l.contains(".luks"))
+                .filter(|l| !l.contains("actual-size") && !l.contains("disk size"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        for output in ["--output=human", "--output=json"] {
+            assert_eq!(
+                strip(qcow(&["info", output, p(&ours)])),
+                strip(qemu_img(&["info", output, p(&theirs)])),
+                "{options}"
+            );
+        }
+        let spec = format!("driver=luks,file.filename={},key-secret=sec0", p(&ours));
+        let io = Command::new("qemu-io")
+            .args(["--object", SECRET, "--image-opts", &spec])
+            .args(["-c", "write -P 0x21 1000 300000", "-c", "write -z 2M 4096"])
+            .output()
+            .expect("qemu-io is required");
+        assert!(io.status.success(), "{}", stderr(&io));
+        let read = |tool: fn(&[&str]) -> std::process::Output, out: &Path| {
+            let o = tool(&[
+                "convert",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &spec,
+                "-O",
+                "raw",
+                p(out),
+            ]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            std::fs::read(out).unwrap()
+        };
+        let a = read(qcow, &dir.path().join("a.raw"));
+        assert!(a == read(qemu_img, &dir.path().join("b.raw")), "{options}");
+        // Without the password: refused as qemu-img refuses it.
+        let check = qcow(&["check", p(&ours)]);
+        assert_eq!(
+            check.status.code(),
+            qemu_img(&["check", p(&ours)]).status.code()
+        );
+        assert!(stderr(&check).contains("Parameter 'key-secret' is required for cipher"));
+    }
+    // convert -O luks: QEMU reads the copy; the file is laid out as
+    // qemu-img lays out its own.
+    let source = dir.path().join("src.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&source), "4M"])
+            .status
+            .success()
+    );
+    super::qemu_io(&source, &["write -P 5 1000 300000", "write -P 6 3M 100k"]);
+    for (tool, out) in [(qcow as fn(&[&str]) -> _, &ours), (qemu_img, &theirs)] {
+        let _ = std::fs::remove_file(out);
+        let o = tool(&[
+            "convert",
+            "--object",
+            SECRET,
+            "-O",
+            "luks",
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            p(&source),
+            p(out),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let spec = format!("driver=luks,file.filename={},key-secret=sec0", p(&ours));
+    let compare = qemu_img(&[
+        "compare",
+        "--object",
+        SECRET,
+        "--image-opts",
+        &spec,
+        &format!("driver=qcow2,file.filename={}", p(&source)),
+    ]);
+    assert!(compare.status.success(), "{}", stdout(&compare));
+    let map = |path: &Path| stdout(&qemu_img(&["map", "--output=json", "-f", "raw", p(path)]));
+    assert_eq!(map(&ours), map(&theirs));
+}

@@ -76,6 +76,9 @@ pub enum CryptoError {
     /// The image is encrypted and no password was given.
     #[error("Parameter 'encrypt.key-secret' is required for cipher")]
     KeyRequired,
+    /// A LUKS volume was opened without its password.
+    #[error("Parameter 'key-secret' is required for cipher")]
+    VolumeKeyRequired,
     /// The LUKS header is damaged.
     #[error("{0}")]
     Header(FormatError),
@@ -102,7 +105,9 @@ impl CryptoError {
     pub fn kind(&self) -> crate::ErrorKind {
         use crate::ErrorKind;
         match self {
-            CryptoError::InvalidPassword | CryptoError::KeyRequired => ErrorKind::Key,
+            CryptoError::InvalidPassword
+            | CryptoError::KeyRequired
+            | CryptoError::VolumeKeyRequired => ErrorKind::Key,
             CryptoError::Header(_) | CryptoError::OutsideHeader | CryptoError::MissingHeader => {
                 ErrorKind::Malformed
             }
@@ -233,6 +238,14 @@ impl DataCipher {
         self.merge
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The cipher of a LUKS volume (QEMU's `luks` format) with its master
+    /// key: IVs from offsets in the disk.
+    pub fn luks_volume(header: &LuksHeader, master_key: &[u8]) -> Result<DataCipher, CryptoError> {
+        let mut cipher = DataCipher::luks(header, master_key)?;
+        cipher.physical = false;
+        Ok(cipher)
     }
 
     /// Whether IVs come from host offsets.
