@@ -46,3 +46,9 @@ pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Largest valid host offset: the specification keeps offsets in bits 9..=55.
 pub const MAX_HOST_OFFSET: u64 = (1 << 56) - 1;
+
+/// Most PBKDF2 iterations a LUKS key slot or master key digest may ask
+/// for: unlocking runs them all, and a crafted header could otherwise ask
+/// for hours of work (2^32 per slot). QEMU's own headers take a few million
+/// for its default two seconds; 2^28 is a minute or two per slot.
+pub const MAX_LUKS_ITERATIONS: u32 = 1 << 28;

@@ -172,6 +172,13 @@ impl LuksHeader {
         if raw.master_key_iterations.get() == 0 {
             return Err(bad(LuksProblem::MasterKeyIterations));
         }
+        let max = crate::limits::MAX_LUKS_ITERATIONS;
+        if raw.master_key_iterations.get() > max {
+            return Err(bad(LuksProblem::TooManyIterations {
+                slot: None,
+                iterations: raw.master_key_iterations.get(),
+            }));
+        }
         let key_len = raw.master_key_len.get();
         if key_len == 0 || key_len > LUKS_MAX_KEY_LEN {
             return Err(bad(LuksProblem::KeyLength(key_len)));
@@ -195,6 +202,12 @@ impl LuksHeader {
             };
             if active && slot.iterations.get() == 0 {
                 return Err(bad(LuksProblem::SlotIterations(i)));
+            }
+            if active && slot.iterations.get() > max {
+                return Err(bad(LuksProblem::TooManyIterations {
+                    slot: Some(i),
+                    iterations: slot.iterations.get(),
+                }));
             }
             let start = u64::from(slot.key_offset_sector.get());
             if start < header_sectors {
@@ -319,6 +332,14 @@ pub enum LuksProblem {
     SlotOverlapsPayload(usize),
     /// Two key slots overlap.
     SlotsOverlap(usize, usize),
+    /// More PBKDF2 iterations than
+    /// [`MAX_LUKS_ITERATIONS`](crate::limits::MAX_LUKS_ITERATIONS).
+    TooManyIterations {
+        /// The key slot (`None`: the master key digest).
+        slot: Option<usize>,
+        /// Its iteration count.
+        iterations: u32,
+    },
 }
 
 impl std::fmt::Display for LuksProblem {
@@ -352,6 +373,17 @@ impl std::fmt::Display for LuksProblem {
             }
             LuksProblem::SlotsOverlap(i, j) => {
                 write!(f, "Keyslots {i} and {j} are overlapping in the header")
+            }
+            LuksProblem::TooManyIterations { slot, iterations } => {
+                let what = match slot {
+                    Some(i) => format!("Keyslot {i}"),
+                    None => "The master key digest".to_owned(),
+                };
+                write!(
+                    f,
+                    "{what} asks for {iterations} PBKDF2 iterations, more than the {} accepted",
+                    crate::limits::MAX_LUKS_ITERATIONS
+                )
             }
         }
     }
@@ -425,6 +457,10 @@ mod tests {
         assert!(
             damaged(&|r| r.payload_offset_sector = U32::new(100))
                 .contains("Keyslot 0 is overlapping with the encrypted payload")
+        );
+        assert!(
+            damaged(&|r| r.key_slots[0].iterations = U32::new(u32::MAX))
+                .contains("Keyslot 0 asks for 4294967295 PBKDF2 iterations")
         );
         let short = LuksHeader::parse(&[0; 100]).unwrap_err();
         assert!(matches!(short, FormatError::Truncated { .. }));
