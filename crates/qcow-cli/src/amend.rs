@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use qcow::copy::CopyObserver;
+use qcow::crypto::key_slots::{KeySlotChange, SlotState};
 use qcow::{AmendOptions, Image};
 
 use crate::create_opts::{OptionList, on_off};
@@ -25,7 +26,8 @@ pub(crate) struct AmendArgs {
     /// The options to change, `key=value,...`.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
-    /// Accepted for compatibility with qemu-img (for encryption changes).
+    /// Let key slot changes overwrite an active slot, erase an inactive or
+    /// the last one.
     #[arg(long)]
     force: bool,
     /// Show progress.
@@ -53,6 +55,58 @@ const CREATION_ONLY: &[&str] = &[
     "encrypt.format",
 ];
 
+/// The key slot options (`encrypt.state`, ... for qcow2, unprefixed for
+/// a LUKS volume).
+const KEY_SLOT_OPTIONS: [&str; 6] = [
+    "state",
+    "new-secret",
+    "old-secret",
+    "keyslot",
+    "iter-time",
+    "secret",
+];
+
+/// The key slot change the options ask for, their secrets looked up among
+/// `objects`; `None` when they ask for none.
+fn key_slot_change(list: &OptionList, objects: &[String]) -> Result<Option<KeySlotChange>> {
+    let get = |key: &str| {
+        list.get(&format!("encrypt.{key}"))
+            .or_else(|| list.get(key))
+    };
+    let Some(state) = get("state") else {
+        if let Some(key) = KEY_SLOT_OPTIONS.iter().find(|k| get(k).is_some()) {
+            bail!("Parameter 'state' is required to change key slots (given: '{key}')");
+        }
+        return Ok(None);
+    };
+    let mut change = KeySlotChange::new(match state {
+        "active" => SlotState::Active,
+        "inactive" => SlotState::Inactive,
+        other => bail!("Parameter 'state' does not accept value '{other}'"),
+    });
+    let secret = |key: &str| {
+        get(key)
+            .map(|id| crate::secret::find(objects, id))
+            .transpose()
+    };
+    change.new_secret = secret("new-secret")?;
+    change.old_secret = secret("old-secret")?;
+    change.secret = secret("secret")?;
+    if let Some(slot) = get("keyslot") {
+        change.keyslot = Some(
+            slot.parse()
+                .map_err(|_| anyhow::anyhow!("Parameter 'keyslot' expects a number"))?,
+        );
+    }
+    if let Some(ms) = get("iter-time") {
+        change.iter_time_ms = Some(
+            ms.parse()
+                .map_err(|_| anyhow::anyhow!("Parameter 'iter-time' expects a number"))?,
+        );
+    }
+    Ok(Some(change))
+}
+
 /// Runs `qcow amend`.
 pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
     if args.options.is_empty() {
@@ -64,7 +118,11 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
     let list = OptionList::parse(&args.options)?;
     let mut amend = AmendOptions::new();
     let mut backing: (Option<&str>, Option<&str>) = (None, None);
+    let key_slots = key_slot_change(&list, &args.open.object)?;
     for (key, value) in list.pairs() {
+        if KEY_SLOT_OPTIONS.contains(&key.trim_start_matches("encrypt.")) {
+            continue;
+        }
         match key.as_str() {
             "compat" => {
                 amend.version = Some(match value.as_str() {
@@ -99,13 +157,35 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
     let mut options = named.options(&args.open)?;
     options.writable = true;
     let image = crate::open::open(&file, &options)?;
-    let Image::Qcow2(mut image) = image else {
-        let name = match image {
-            Image::Raw(_) => "raw",
-            _ => "qcow",
-        };
-        bail!("Format driver '{name}' does not support option amendment");
+    // qemu-img says a key slot change's refusal without the image's name.
+    let slot_error = |e: qcow::Error| match e {
+        qcow::Error::Crypto { source, .. } => anyhow::anyhow!("{source}"),
+        other => other.into(),
     };
+    let mut image = match image {
+        Image::Qcow2(image) => image,
+        Image::Luks(mut volume) => {
+            let Some(change) = &key_slots else {
+                bail!("Format driver 'luks' does not support option amendment");
+            };
+            volume
+                .change_key_slots(change, args.force)
+                .map_err(slot_error)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => {
+            let name = match other {
+                Image::Raw(_) => "raw",
+                _ => "qcow",
+            };
+            bail!("Format driver '{name}' does not support option amendment");
+        }
+    };
+    if let Some(change) = &key_slots {
+        image
+            .change_key_slots(change, args.force)
+            .map_err(slot_error)?;
+    }
     if backing.0.is_some() || backing.1.is_some() {
         let header = image.header();
         if backing.0 != header.backing_file.as_deref() || backing.1 != header.backing_format() {

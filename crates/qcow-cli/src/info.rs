@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use qcow::crypto::EncryptionInfo;
+use qcow::crypto::cipher::IvGenAlg;
 use qcow::crypto::luks::LuksAlgorithms;
 use qcow::format::bitmap::{BITMAP_AUTO, BITMAP_IN_USE};
 use qcow::format::snapshot::Snapshot;
@@ -368,7 +369,12 @@ fn luks_info(header: &qcow::format::luks::LuksHeader, with_format: bool) -> Valu
         data.insert("cipher-alg".into(), json!(a.cipher.cipher_alg_name()));
     }
     data.insert("uuid".into(), json!(header.uuid));
-    if let Some(hash) = algorithms.as_ref().and_then(|a| a.cipher.ivgen_hash) {
+    // QEMU names the IV hash of ESSIV only.
+    if let Some(hash) = algorithms
+        .as_ref()
+        .filter(|a| a.cipher.ivgen == IvGenAlg::Essiv)
+        .and_then(|a| a.cipher.ivgen_hash)
+    {
         data.insert("ivgen-hash-alg".into(), json!(hash.name()));
     }
     if with_format {

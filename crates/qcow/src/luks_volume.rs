@@ -8,6 +8,7 @@ use std::sync::Arc;
 use qcow_format::luks::{LuksHeader, RawLuksHeader};
 use qcow_io::Storage;
 
+use crate::crypto::key_slots::{KeySlotChange, change_key_slots};
 use crate::crypto::{CryptoError, DataCipher, LuksOptions, Secret, cipher::SECTOR, luks};
 use crate::device::{Allocation, BlockDevice, Extent, ImageFormat};
 use crate::{Error, Result};
@@ -20,6 +21,8 @@ pub struct LuksImage {
     header: LuksHeader,
     /// The data cipher, once unlocked.
     cipher: Option<DataCipher>,
+    /// The password that unlocked it.
+    secret: Option<Secret>,
     /// Where the disk starts in the file.
     payload_offset: u64,
     size: u64,
@@ -61,6 +64,7 @@ impl LuksImage {
             storage,
             header,
             cipher,
+            secret: secret.cloned(),
             payload_offset,
             size: len.saturating_sub(payload_offset),
             writable: false,
@@ -100,6 +104,41 @@ impl LuksImage {
     /// The LUKS header.
     pub fn header(&self) -> &LuksHeader {
         &self.header
+    }
+
+    /// Adds or erases key slots (`qemu-img amend -o state=...`; `force`:
+    /// its `--force`), in QEMU's order.
+    pub fn change_key_slots(&mut self, change: &KeySlotChange, force: bool) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                image: self.name.clone(),
+            });
+        }
+        let storage = self.storage.clone();
+        let mut header = self.header.clone();
+        let writes = change_key_slots(
+            &mut header,
+            change,
+            force,
+            self.secret.as_ref(),
+            &mut |at, buf| {
+                storage
+                    .read_at(buf, at)
+                    .map_err(|e| CryptoError::Read(e.to_string()))
+            },
+        )
+        .map_err(|source| Error::Crypto {
+            image: self.name.clone(),
+            source,
+        })?;
+        for write in &writes {
+            self.storage
+                .write_at(&write.bytes, write.offset)
+                .and_then(|()| self.storage.flush())
+                .map_err(|e| Error::io(&self.name, "writing the LUKS header", write.offset, e))?;
+        }
+        self.header = header;
+        Ok(())
     }
 
     fn cipher(&self) -> Result<&DataCipher> {

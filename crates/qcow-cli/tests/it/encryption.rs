@@ -589,3 +589,104 @@ fn luks_volumes_are_made_read_and_written_as_by_qemu_img() {
     let map = |path: &Path| stdout(&qemu_img(&["map", "--output=json", "-f", "raw", p(path)]));
     assert_eq!(map(&ours), map(&theirs));
 }
+
+/// Key slots changed by `amend` (iotest 293's steps, both formats): QEMU
+/// opens the image with exactly the passwords the slots hold afterwards,
+/// and the refusals read as qemu-img's.
+#[test]
+fn amend_adds_and_erases_key_slots_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets: Vec<String> = (0..5)
+        .map(|i| format!("secret,id=sec{i},data=hunter{i}"))
+        .collect();
+    for (format, prefix) in [("qcow2", "encrypt."), ("luks", "")] {
+        let path = dir.path().join(format!("slots.{format}"));
+        let mut create = vec!["create", "-q", "-f", format, "--object", &secrets[0]];
+        let options = if format == "qcow2" {
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10".to_owned()
+        } else {
+            "key-secret=sec0,iter-time=10".to_owned()
+        };
+        create.extend(["-o", options.as_str(), p(&path), "4M"]);
+        let made = qcow(&create);
+        assert!(made.status.success(), "{}", stderr(&made));
+        let spec = |id: usize| {
+            format!(
+                "driver={format},file.filename={},{prefix}key-secret=sec{id}",
+                p(&path)
+            )
+        };
+        let amend = |id: usize, options: &str, force: bool| {
+            let mut args = vec!["amend".to_owned()];
+            for s in &secrets {
+                args.extend(["--object".to_owned(), s.clone()]);
+            }
+            args.extend(["--image-opts".to_owned(), spec(id), "-o".to_owned()]);
+            args.push(options.replace("P.", prefix));
+            if force {
+                args.push("--force".into());
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = qcow(&args);
+            (out.status.code(), stderr(&out))
+        };
+        let opens = |id: usize| {
+            let mut cmd = Command::new("qemu-io");
+            for s in &secrets {
+                cmd.args(["--object", s]);
+            }
+            cmd.args(["-c", "read 0 4096", "--image-opts", &spec(id)])
+                .output()
+                .expect("qemu-io is required")
+                .status
+                .success()
+        };
+        let ok = (Some(0), String::new());
+        assert_eq!(
+            amend(
+                0,
+                "P.state=active,P.new-secret=sec4,P.iter-time=10,P.keyslot=4",
+                false
+            ),
+            ok
+        );
+        assert_eq!(
+            amend(0, "P.state=active,P.new-secret=sec1,P.iter-time=10", false),
+            ok
+        );
+        assert_eq!(
+            amend(1, "P.state=active,P.new-secret=sec2,P.iter-time=10", false),
+            ok
+        );
+        assert!((0..5).filter(|&i| i != 3).all(opens), "{format}");
+        assert!(!opens(3));
+        assert_eq!(amend(1, "P.state=inactive,P.keyslot=4", false), ok);
+        assert_eq!(amend(1, "P.state=inactive,P.old-secret=sec0", false), ok);
+        assert!(!opens(0) && !opens(4) && opens(1) && opens(2), "{format}");
+        let refused = |(code, text): (Option<i32>, String), words: &str| {
+            assert_eq!(code, Some(1), "{words}");
+            assert!(text.starts_with("qcow: ") && text.contains(words), "{text}");
+        };
+        refused(
+            amend(1, "P.state=active,P.new-secret=sec3,P.keyslot=1", false),
+            "Refusing to overwrite active keyslot 1 - please erase it first",
+        );
+        assert_eq!(amend(2, "P.state=inactive,P.old-secret=sec2", false), ok);
+        refused(
+            amend(1, "P.state=inactive,P.old-secret=sec1", false),
+            "All the active keyslots match the (old) password",
+        );
+        refused(
+            amend(1, "P.state=inactive,P.keyslot=1", false),
+            "Attempt to erase the only active keyslot 1",
+        );
+        refused(
+            amend(1, "P.state=inactive,P.old-secret=sec3", true),
+            "No keyslots match given (old) password for erase operation",
+        );
+        assert!(opens(1) && !opens(2));
+        // With --force the last slot goes, and nothing opens the image.
+        assert_eq!(amend(1, "P.state=inactive,P.keyslot=1", true), ok);
+        assert!((0..5).all(|i| !opens(i)), "{format}");
+    }
+}

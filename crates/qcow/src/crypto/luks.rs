@@ -53,36 +53,99 @@ pub fn unlock(
     password: &[u8],
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), CryptoError>,
 ) -> Result<Vec<u8>, CryptoError> {
-    let algorithms = LuksAlgorithms::of(header)?;
-    let key_len = header.master_key_len as usize;
-    for slot in header.key_slots.iter().filter(|s| s.active) {
-        let mut slot_key = vec![0u8; key_len];
-        algorithms
-            .hash
-            .pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
-        // Bounded: at most 64 bytes times 4000 stripes.
-        let mut material = vec![0u8; key_len * slot.stripes as usize];
-        read(
-            u64::from(slot.key_offset_sector) * qcow_format::luks::LUKS_SECTOR_SIZE,
-            &mut material,
-        )?;
-        algorithms
-            .cipher
-            .build(&slot_key)?
-            .decrypt(0, &mut material);
-        let candidate = af_merge(algorithms.hash, key_len, &material);
-        let mut digest = [0u8; LUKS_DIGEST_LEN];
-        algorithms.hash.pbkdf2(
-            &candidate,
-            &header.master_key_salt,
-            header.master_key_iterations,
-            &mut digest,
-        );
-        if digest == header.master_key_digest {
-            return Ok(candidate);
+    for slot in 0..header.key_slots.len() {
+        if let Some(key) = try_slot(header, slot, password, &mut read)? {
+            return Ok(key);
         }
     }
     Err(CryptoError::InvalidPassword)
+}
+
+/// The master key `password` unlocks in key slot `slot`; `None` when the
+/// slot is inactive or holds another password.
+pub fn try_slot(
+    header: &LuksHeader,
+    slot: usize,
+    password: &[u8],
+    read: &mut dyn FnMut(u64, &mut [u8]) -> Result<(), CryptoError>,
+) -> Result<Option<Vec<u8>>, CryptoError> {
+    let Some(slot) = header.key_slots.get(slot).filter(|s| s.active) else {
+        return Ok(None);
+    };
+    let algorithms = LuksAlgorithms::of(header)?;
+    let key_len = header.master_key_len as usize;
+    let mut slot_key = vec![0u8; key_len];
+    algorithms
+        .hash
+        .pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
+    // Bounded: at most 64 bytes times 4000 stripes.
+    let mut material = vec![0u8; key_len * slot.stripes as usize];
+    read(
+        u64::from(slot.key_offset_sector) * LUKS_SECTOR_SIZE,
+        &mut material,
+    )?;
+    algorithms
+        .cipher
+        .build(&slot_key)?
+        .decrypt(0, &mut material);
+    let candidate = af_merge(algorithms.hash, key_len, &material);
+    let mut digest = [0u8; LUKS_DIGEST_LEN];
+    algorithms.hash.pbkdf2(
+        &candidate,
+        &header.master_key_salt,
+        header.master_key_iterations,
+        &mut digest,
+    );
+    Ok((digest == header.master_key_digest).then_some(candidate))
+}
+
+/// Puts `password` into key slot `slot` of `header` for `master_key`, as
+/// QEMU stores a key: a new salt, iterations calibrated to `iter_time_ms`
+/// (at least 1000), the key split into the slot's stripes and encrypted
+/// with the password's PBKDF2 key. Returns the key material to write at the
+/// slot's offset; the slot is marked active.
+pub fn fill_slot(
+    header: &mut LuksHeader,
+    slot: usize,
+    password: &[u8],
+    master_key: &[u8],
+    iter_time_ms: u64,
+) -> Result<Vec<u8>, CryptoError> {
+    let algorithms = LuksAlgorithms::of(header)?;
+    let hash = algorithms.hash;
+    let key_len = master_key.len();
+    let mut salt = [0u8; LUKS_SALT_LEN];
+    random(&mut salt)?;
+    let iterations = scaled_iterations(
+        hash.iterations_per_second(password.len(), key_len),
+        iter_time_ms,
+        1,
+    )?;
+    let mut slot_key = vec![0u8; key_len];
+    hash.pbkdf2(password, &salt, iterations, &mut slot_key);
+    let Some(entry) = header.key_slots.get_mut(slot) else {
+        return Err(CryptoError::Algorithm {
+            name: "key slot".into(),
+            key_bytes: slot,
+        });
+    };
+    let mut material = af_split(hash, master_key, entry.stripes as usize, random)?;
+    algorithms
+        .cipher
+        .build(&slot_key)?
+        .encrypt(0, &mut material);
+    entry.active = true;
+    entry.iterations = iterations;
+    entry.salt = salt;
+    Ok(material)
+}
+
+/// Iterations for `iter_time_ms` at `per_second`, divided by `divisor`,
+/// at least 1000, as QEMU scales them.
+fn scaled_iterations(per_second: u64, iter_time_ms: u64, divisor: u64) -> Result<u32, CryptoError> {
+    let iterations = u128::from(per_second) * u128::from(iter_time_ms) / 1000 / u128::from(divisor);
+    u32::try_from(iterations.max(1000))
+        .map_err(|_| CryptoError::Iterations(iterations.min(u128::from(u64::MAX)) as u64))
 }
 
 /// A new LUKS header with key slot 0 set to a password, as QEMU makes one.
@@ -107,7 +170,7 @@ pub fn format(options: &LuksOptions) -> Result<FormattedLuks, CryptoError> {
     let spec = options.cipher;
     let key_len = spec.aes_bits as usize / 8 * if spec.mode == CipherMode::Xts { 2 } else { 1 };
     // Checks the combination (ESSIV's hash) as a header would be checked.
-    let cipher = CipherSpec::new("aes", key_len, spec.mode, spec.ivgen, spec.ivgen_hash)?;
+    CipherSpec::new("aes", key_len, spec.mode, spec.ivgen, spec.ivgen_hash)?;
     let mode = match spec.ivgen_hash {
         Some(hash) => format!("{}-{}:{}", spec.mode.name(), spec.ivgen.name(), hash.name()),
         None => format!("{}-{}", spec.mode.name(), spec.ivgen.name()),
@@ -117,13 +180,11 @@ pub fn format(options: &LuksOptions) -> Result<FormattedLuks, CryptoError> {
     random(&mut master_key)?;
     let mut master_key_salt = [0u8; LUKS_SALT_LEN];
     random(&mut master_key_salt)?;
-    let scaled = |per_second: u64, divisor: u64| -> Result<u32, CryptoError> {
-        let iterations =
-            u128::from(per_second) * u128::from(options.iter_time_ms) / 1000 / u128::from(divisor);
-        u32::try_from(iterations.max(1000))
-            .map_err(|_| CryptoError::Iterations(iterations.min(u128::from(u64::MAX)) as u64))
-    };
-    let master_key_iterations = scaled(hash.iterations_per_second(key_len, LUKS_DIGEST_LEN), 8)?;
+    let master_key_iterations = scaled_iterations(
+        hash.iterations_per_second(key_len, LUKS_DIGEST_LEN),
+        options.iter_time_ms,
+        8,
+    )?;
     let mut master_key_digest = [0u8; LUKS_DIGEST_LEN];
     hash.pbkdf2(
         &master_key,
@@ -134,7 +195,7 @@ pub fn format(options: &LuksOptions) -> Result<FormattedLuks, CryptoError> {
     let header_sectors = LUKS_KEY_SLOT_OFFSET / LUKS_SECTOR_SIZE;
     let slot_sectors = key_material_sectors(key_len as u32);
     let slot_at = |i: usize| (header_sectors + i as u64 * slot_sectors) as u32;
-    let mut key_slots: [LuksKeySlot; LUKS_KEY_SLOTS] = std::array::from_fn(|i| LuksKeySlot {
+    let key_slots: [LuksKeySlot; LUKS_KEY_SLOTS] = std::array::from_fn(|i| LuksKeySlot {
         active: false,
         iterations: 0,
         salt: [0; LUKS_SALT_LEN],
@@ -142,33 +203,30 @@ pub fn format(options: &LuksOptions) -> Result<FormattedLuks, CryptoError> {
         stripes: LUKS_STRIPES,
     });
     let payload_sectors = header_sectors + LUKS_KEY_SLOTS as u64 * slot_sectors;
-    // Slot 0 takes the password.
-    let password = options.secret.as_bytes();
-    let mut salt = [0u8; LUKS_SALT_LEN];
-    random(&mut salt)?;
-    let iterations = scaled(hash.iterations_per_second(password.len(), key_len), 1)?;
-    let mut slot_key = vec![0u8; key_len];
-    hash.pbkdf2(password, &salt, iterations, &mut slot_key);
-    let mut slot_material = af_split(hash, &master_key, LUKS_STRIPES as usize, random)?;
-    cipher.build(&slot_key)?.encrypt(0, &mut slot_material);
-    key_slots[0].active = true;
-    key_slots[0].iterations = iterations;
-    key_slots[0].salt = salt;
     let mut uuid = [0u8; 16];
     random(&mut uuid)?;
+    let mut header = LuksHeader {
+        cipher_name: "aes".to_owned(),
+        cipher_mode: mode,
+        hash_spec: hash.name().to_owned(),
+        payload_offset_sector: payload_sectors as u32,
+        master_key_len: key_len as u32,
+        master_key_digest,
+        master_key_salt,
+        master_key_iterations,
+        uuid: uuid_text(uuid),
+        key_slots,
+    };
+    // Slot 0 takes the password.
+    let slot_material = fill_slot(
+        &mut header,
+        0,
+        options.secret.as_bytes(),
+        &master_key,
+        options.iter_time_ms,
+    )?;
     Ok(FormattedLuks {
-        header: LuksHeader {
-            cipher_name: "aes".to_owned(),
-            cipher_mode: mode,
-            hash_spec: hash.name().to_owned(),
-            payload_offset_sector: payload_sectors as u32,
-            master_key_len: key_len as u32,
-            master_key_digest,
-            master_key_salt,
-            master_key_iterations,
-            uuid: uuid_text(uuid),
-            key_slots,
-        },
+        header,
         slot_material,
         length: payload_sectors * LUKS_SECTOR_SIZE,
         master_key,

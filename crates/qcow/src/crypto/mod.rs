@@ -7,10 +7,12 @@
 //! - [`hash`]: the hashes, PBKDF2 over them;
 //! - [`cipher`]: sector ciphers (AES in XTS, CBC or ECB mode; IV
 //!   generators `plain`, `plain64` and `essiv`);
-//! - [`luks`]: unlocking a LUKS header with a password.
+//! - [`luks`]: unlocking a LUKS header with a password, making one;
+//! - [`key_slots`]: adding and erasing key slots.
 
 pub mod cipher;
 pub mod hash;
+pub mod key_slots;
 pub mod luks;
 
 use qcow_format::FormatError;
@@ -92,6 +94,9 @@ pub enum CryptoError {
     /// Reading the encryption header failed.
     #[error("Could not read encryption header: {0}")]
     Read(String),
+    /// A key slot change is refused.
+    #[error("{0}")]
+    KeySlots(key_slots::KeySlotProblem),
     /// PBKDF2 would need more iterations than LUKS can record.
     #[error("PBKDF iterations {0} larger than 4294967295")]
     Iterations(u64),
@@ -112,6 +117,7 @@ impl CryptoError {
                 ErrorKind::Malformed
             }
             CryptoError::Read(_) => ErrorKind::Io,
+            CryptoError::KeySlots(_) => ErrorKind::InvalidInput,
             _ => ErrorKind::Unsupported,
         }
     }

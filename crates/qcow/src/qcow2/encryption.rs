@@ -8,6 +8,7 @@ use qcow_format::luks::{LuksHeader, RawLuksHeader};
 use qcow_io::Storage;
 
 use super::Qcow2Image;
+use crate::crypto::key_slots::{KeySlotChange, change_key_slots};
 use crate::crypto::{
     CryptoError, DataCipher, EncryptionInfo, EncryptionOptions, Secret, cipher::SECTOR, luks,
 };
@@ -108,6 +109,7 @@ impl Qcow2Image {
             }
         };
         self.cipher = Some(cipher);
+        self.secret = Some(secret.clone());
         Ok(())
     }
 
@@ -126,6 +128,7 @@ impl Qcow2Image {
                 self.rewrite_header(|h| h.encryption = Encryption::Aes)?;
                 self.encryption = Some(EncryptionInfo::Aes);
                 self.cipher = Some(cipher);
+                self.secret = Some(secret.clone());
             }
             EncryptionOptions::Luks(luks_options) => {
                 let formatted = luks::format(luks_options).map_err(crypto)?;
@@ -190,8 +193,64 @@ impl Qcow2Image {
                     length,
                 });
                 self.cipher = Some(cipher);
+                self.secret = Some(luks_options.secret.clone());
             }
         }
+        Ok(())
+    }
+
+    /// Adds or erases LUKS key slots (`qemu-img amend -o encrypt.state=...`;
+    /// `force`: its `--force`), the key material and header written where
+    /// the image's encryption header extension says, in QEMU's order.
+    pub fn change_key_slots(&mut self, change: &KeySlotChange, force: bool) -> Result<()> {
+        self.check_writable()?;
+        let crypto = |source: CryptoError| Error::Crypto {
+            image: self.name.clone(),
+            source,
+        };
+        let Some(EncryptionInfo::Luks {
+            header,
+            offset,
+            length,
+        }) = &self.encryption
+        else {
+            return Err(Error::InvalidOptions(format!(
+                "{}: key slots can only be changed in images with LUKS encryption",
+                self.name
+            )));
+        };
+        let (offset, length) = (*offset, *length);
+        let mut header = (**header).clone();
+        let file = self.file.clone();
+        let writes = change_key_slots(
+            &mut header,
+            change,
+            force,
+            self.secret.as_ref(),
+            &mut |at, buf| {
+                if at + buf.len() as u64 > length {
+                    return Err(CryptoError::OutsideHeader);
+                }
+                file.read_at(buf, offset + at)
+                    .map_err(|e| CryptoError::Read(e.to_string()))
+            },
+        )
+        .map_err(crypto)?;
+        for write in &writes {
+            if write.offset + write.bytes.len() as u64 > length {
+                return Err(crypto(CryptoError::OutsideHeader));
+            }
+            let at = offset + write.offset;
+            self.file
+                .write_at(&write.bytes, at)
+                .and_then(|()| self.file.flush())
+                .map_err(|e| Error::io(&self.name, "writing the LUKS header", at, e))?;
+        }
+        self.encryption = Some(EncryptionInfo::Luks {
+            header: Box::new(header),
+            offset,
+            length,
+        });
         Ok(())
     }
 

@@ -112,6 +112,9 @@ pub struct Qcow2Image {
     encryption: Option<crate::crypto::EncryptionInfo>,
     /// The data cipher, once [`Qcow2Image::unlock`] found the key.
     cipher: Option<crate::crypto::DataCipher>,
+    /// The password that unlocked it (key slot changes find the master
+    /// key with it).
+    secret: Option<crate::crypto::Secret>,
 }
 
 /// A number no other image of this process has had: the key of per-thread
@@ -212,6 +215,7 @@ impl Qcow2Image {
             snapshot: None,
             encryption,
             cipher: None,
+            secret: None,
             header,
         };
         image.bitmaps = image.load_bitmaps()?;
