@@ -9,7 +9,7 @@
 
 use qcow_format::luks::{LUKS_KEY_SLOTS, LUKS_SALT_LEN, LUKS_SECTOR_SIZE, LuksHeader};
 
-use super::luks::{fill_slot, try_slot};
+use super::luks::{ReadKeyMaterial, fill_slot, try_slot};
 use super::{CryptoError, Secret, random};
 
 /// Times an erased slot's key material is overwritten with random bytes.
@@ -131,7 +131,7 @@ pub fn change_key_slots(
     change: &KeySlotChange,
     force: bool,
     open_secret: Option<&Secret>,
-    read: &mut dyn FnMut(u64, &mut [u8]) -> Result<(), CryptoError>,
+    read: &mut ReadKeyMaterial<'_>,
 ) -> Result<Vec<SlotWrite>, CryptoError> {
     let bad = |p: KeySlotProblem| Err(CryptoError::KeySlots(p));
     let slot_index = |given: i64| match usize::try_from(given) {

@@ -46,6 +46,10 @@ impl LuksAlgorithms {
     }
 }
 
+/// Reads key material: `len` bytes at an offset from the LUKS header's
+/// start.
+pub type ReadKeyMaterial<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), CryptoError> + 'a;
+
 /// Finds the master key `password` unlocks; `read` reads `len` bytes at
 /// an offset from the header's start (the key material).
 pub fn unlock(
@@ -67,7 +71,7 @@ pub fn try_slot(
     header: &LuksHeader,
     slot: usize,
     password: &[u8],
-    read: &mut dyn FnMut(u64, &mut [u8]) -> Result<(), CryptoError>,
+    read: &mut ReadKeyMaterial<'_>,
 ) -> Result<Option<Vec<u8>>, CryptoError> {
     let Some(slot) = header.key_slots.get(slot).filter(|s| s.active) else {
         return Ok(None);
