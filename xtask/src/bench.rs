@@ -1,7 +1,8 @@
 //! `cargo xtask bench [--size-gib N] [--runs N] [--qcow PATH] [--only
 //! GROUPS]`: times `qcow convert -O raw` against `qemu-img convert -O raw`
 //! on large images, then the write, check and engine (`bench`) jobs;
-//! `--only read,write,check,engine` runs some of the groups.
+//! then the encryption (`crypto`) jobs; `--only read,write,check,engine,crypto`
+//! runs some of the groups.
 //!
 //! The `qcow` binary is built first with `cargo build --release -p qcow-cli`
 //! unless `--qcow PATH` names a binary to use instead (anything accepting
@@ -50,7 +51,8 @@ struct Options {
     runs: usize,
     /// Binary to benchmark instead of building `qcow-cli`.
     qcow: Option<PathBuf>,
-    /// Only these groups of jobs (`read`, `write`, `check`, `engine`);
+    /// Only these groups of jobs (`read`, `write`, `check`, `engine`,
+    /// `crypto`);
     /// empty: all.
     only: Vec<String>,
 }
@@ -102,8 +104,8 @@ impl Options {
                 "--only" => {
                     for group in value(flag)?.split(',') {
                         ensure!(
-                            ["read", "write", "check", "engine"].contains(&group),
-                            "bad --only group `{group}` (read, write, check, engine)"
+                            ["read", "write", "check", "engine", "crypto"].contains(&group),
+                            "bad --only group `{group}` (read, write, check, engine, crypto)"
                         );
                         opts.only.push(group.to_owned());
                     }
@@ -212,6 +214,14 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     };
     if opts.runs_group("engine") {
         crate::bench_engine::run(&work, &qcow, &work.join(&images[0].name), opts.runs)?;
+    }
+    let crypto = if opts.runs_group("crypto") {
+        crate::bench_crypto::run(&work, &qcow, size, opts.runs)?
+    } else {
+        Vec::new()
+    };
+    if crypto.iter().any(|r| !r.same) {
+        bail!("some encrypted copies read otherwise than their source (see the table)");
     }
     if checks.iter().any(|c| !c.same()) {
         bail!("some `qcow check` reports differ from qemu-img's (see the table)");
@@ -416,7 +426,7 @@ fn convert_command(program: &Path, image: &Path, output: &Path) -> Command {
 
 /// Runs the two commands alternately: a warm-up each, then `runs` timed runs
 /// each. Returns the timings in seconds.
-fn time_alternately(
+pub(crate) fn time_alternately(
     label: &str,
     ours: &mut Command,
     theirs: &mut Command,
@@ -502,21 +512,21 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// The measurements for one image.
 #[derive(Debug)]
-struct Outcome {
+pub(crate) struct Outcome {
     /// Image file name.
-    image: String,
+    pub(crate) image: String,
     /// Virtual size in bytes.
-    size: u64,
+    pub(crate) size: u64,
     /// Median seconds for `qcow convert`.
-    ours: f64,
+    pub(crate) ours: f64,
     /// Median seconds for `qemu-img convert`.
-    theirs: f64,
+    pub(crate) theirs: f64,
     /// Whether both tools produced identical output.
-    same: bool,
+    pub(crate) same: bool,
 }
 
 /// Prints the results table.
-fn print_table(results: &[Outcome]) {
+pub(crate) fn print_table(results: &[Outcome]) {
     println!();
     println!(
         "{:<20} {:>10} {:>12} {:>8} {:>11} {:>13} {:>7}",

@@ -15,6 +15,7 @@
 
 mod bench;
 mod bench_check;
+mod bench_crypto;
 mod bench_engine;
 mod bench_serve;
 mod fixtures;
