@@ -86,10 +86,11 @@ pub(crate) fn run(args: &MeasureArgs) -> Result<ExitCode> {
             measure_raw(list_size(&list, size)?, device)
         }
         "qcow2" => {
-            let options = list.qcow2_options(list_size(&list, size)?).map_err(|e| {
+            let mut options = list.qcow2_options(list_size(&list, size)?).map_err(|e| {
                 crate::report!("{e}");
                 anyhow::anyhow!("Invalid options for file format 'qcow2'")
             })?;
+            options.encryption = list.encryption(&args.open.object)?;
             // Bitmaps are counted for sources that can hold them.
             let bitmaps = match &source {
                 Some(Image::Qcow2(image)) if image.header().version >= 3 => Some(image.bitmaps()),

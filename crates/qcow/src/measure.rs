@@ -66,7 +66,16 @@ pub fn measure_qcow2(
     ) {
         required = virtual_size;
     }
-    let fully_allocated = prealloc_size(virtual_size, cluster, options, l2_entry);
+    // A LUKS header takes its clusters too.
+    let luks = match &options.encryption {
+        Some(crate::crypto::EncryptionOptions::Luks(luks)) => {
+            luks.validate()
+                .map_err(|e| Error::InvalidOptions(e.to_string()))?;
+            luks.header_len().next_multiple_of(cluster)
+        }
+        _ => 0,
+    };
+    let fully_allocated = luks + prealloc_size(virtual_size, cluster, options, l2_entry);
     let bitmaps = match (bitmaps, options.version >= 3, source) {
         (Some(list), true, Some(source)) => {
             Some(bitmaps_size(list, source.virtual_size(), cluster))

@@ -690,3 +690,52 @@ fn amend_adds_and_erases_key_slots_as_qemu_img_does() {
         assert!((0..5).all(|i| !opens(i)), "{format}");
     }
 }
+
+/// `measure` counts a LUKS header's clusters as qemu-img does, needs the
+/// secret as qemu-img does, and refuses AES-192 outside XTS mode (whose
+/// key material does not fill whole sectors: qemu-img aborts on it).
+#[test]
+fn measure_counts_the_luks_header_as_qemu_img_does() {
+    for options in [
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128,cluster_size=2M",
+        "encrypt.format=luks,encrypt.key-secret=sec0,cluster_size=512,preallocation=full",
+        "encrypt.format=aes,encrypt.key-secret=sec0,cluster_size=4k",
+        "encrypt.format=luks",
+        "encrypt.format=luks,encrypt.key-secret=nosuch",
+    ] {
+        // qemu-img calibrates PBKDF2 for every LUKS measure (seconds): JSON
+        // once.
+        let outputs: &[&str] = if options.ends_with("sec0") {
+            &["--output=human", "--output=json"]
+        } else {
+            &["--output=human"]
+        };
+        for &output in outputs {
+            let args = [
+                "measure", output, "--object", SECRET, "-O", "qcow2", "-o", options, "--size", "1G",
+            ];
+            let (ours, theirs) = (qcow(&args), qemu_img(&args));
+            assert_eq!(ours.status.code(), theirs.status.code(), "{options}");
+            assert_eq!(stdout(&ours), stdout(&theirs), "{options}");
+            assert_eq!(
+                stderr(&ours).replace("qcow: ", ""),
+                stderr(&theirs).replace("qemu-img: ", ""),
+                "{options}"
+            );
+        }
+    }
+    let refused = qcow(&[
+        "measure",
+        "--object",
+        SECRET,
+        "-O",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-192,encrypt.cipher-mode=cbc",
+        "--size",
+        "1G",
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("does not fill whole sectors"));
+}

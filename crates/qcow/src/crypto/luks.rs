@@ -174,7 +174,7 @@ pub fn format(options: &LuksOptions) -> Result<FormattedLuks, CryptoError> {
     let spec = options.cipher;
     let key_len = spec.aes_bits as usize / 8 * if spec.mode == CipherMode::Xts { 2 } else { 1 };
     // Checks the combination (ESSIV's hash) as a header would be checked.
-    CipherSpec::new("aes", key_len, spec.mode, spec.ivgen, spec.ivgen_hash)?;
+    options.validate()?;
     let mode = match spec.ivgen_hash {
         Some(hash) => format!("{}-{}:{}", spec.mode.name(), spec.ivgen.name(), hash.name()),
         None => format!("{}-{}", spec.mode.name(), spec.ivgen.name()),

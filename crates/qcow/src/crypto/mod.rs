@@ -94,6 +94,12 @@ pub enum CryptoError {
     /// Reading the encryption header failed.
     #[error("Could not read encryption header: {0}")]
     Read(String),
+    /// Key material that would not fill whole sectors (AES-192 outside
+    /// XTS mode): QEMU aborts on such headers, so none is made.
+    #[error(
+        "Key material of {0}-byte keys does not fill whole sectors, which QEMU cannot read (use XTS mode or another key size)"
+    )]
+    UnalignedKeyMaterial(usize),
     /// A key slot change is refused.
     #[error("{0}")]
     KeySlots(key_slots::KeySlotProblem),
@@ -176,6 +182,40 @@ impl LuksOptions {
             hash: hash::HashAlg::Sha256,
             iter_time_ms: 2000,
         }
+    }
+}
+
+impl LuksOptions {
+    /// Bytes of master key: the block cipher's key, twice in XTS mode.
+    pub fn key_len(&self) -> usize {
+        self.cipher.aes_bits as usize / 8
+            * if self.cipher.mode == CipherMode::Xts {
+                2
+            } else {
+                1
+            }
+    }
+
+    /// Checks that the algorithms make a header QEMU reads: the cipher
+    /// exists with this key size, and the key material fills whole sectors.
+    pub fn validate(&self) -> Result<(), CryptoError> {
+        let c = self.cipher;
+        CipherSpec::new("aes", self.key_len(), c.mode, c.ivgen, c.ivgen_hash)?;
+        if self.key_len() * qcow_format::luks::LUKS_STRIPES as usize % SECTOR != 0 {
+            return Err(CryptoError::UnalignedKeyMaterial(self.key_len()));
+        }
+        Ok(())
+    }
+
+    /// Bytes the LUKS header and its eight key slots take (QEMU's payload
+    /// offset), as [`luks::format`] lays them out.
+    pub fn header_len(&self) -> u64 {
+        use qcow_format::luks::{
+            LUKS_KEY_SLOT_OFFSET, LUKS_KEY_SLOTS, LUKS_SECTOR_SIZE, key_material_sectors,
+        };
+        let header_sectors = LUKS_KEY_SLOT_OFFSET / LUKS_SECTOR_SIZE;
+        let slots = LUKS_KEY_SLOTS as u64 * key_material_sectors(self.key_len() as u32);
+        (header_sectors + slots) * LUKS_SECTOR_SIZE
     }
 }
 

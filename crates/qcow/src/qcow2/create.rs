@@ -195,24 +195,8 @@ impl CreateOptions {
                 return bad("an external data file is not supported with encryption".into());
             }
             if let crate::crypto::EncryptionOptions::Luks(luks) = encryption {
-                let c = luks.cipher;
-                let key_len = c.aes_bits as usize / 8
-                    * if c.mode == crate::crypto::cipher::CipherMode::Xts {
-                        2
-                    } else {
-                        1
-                    };
-                crate::crypto::cipher::CipherSpec::new(
-                    "aes",
-                    key_len,
-                    c.mode,
-                    c.ivgen,
-                    c.ivgen_hash,
-                )
-                .map_err(|source| Error::Crypto {
-                    image: "(new image)".into(),
-                    source,
-                })?;
+                luks.validate()
+                    .map_err(|e| Error::InvalidOptions(e.to_string()))?;
             }
         }
         Ok((cluster_bits, refcount_order))
