@@ -76,6 +76,11 @@ pub(crate) struct ConvertArgs {
     /// The existing output (-n) reads as zeros: zeros need not be written.
     #[arg(long)]
     target_is_zero: bool,
+    /// The output's name is a list of image options (`driver=qcow2,
+    /// file.filename=FILE,encrypt.key-secret=ID`), as qemu-img's
+    /// `--target-image-opts`; only with -n.
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
     /// Keep going past unreadable source sectors: they are written as
     /// zeros, each with a warning.
     #[arg(long)]
@@ -124,6 +129,21 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
     if args.target_is_zero && !args.no_create {
         bail!("--target-is-zero requires use of -n flag");
     }
+    if args.target_image_opts && !args.no_create {
+        bail!("--target-image-opts requires use of -n flag");
+    }
+    // An output named by options: the file it names, and how to open it.
+    let target_named = if args.target_image_opts {
+        let mut flags = args.open.clone();
+        flags.image_opts = true;
+        Some(crate::open::resolve_name(dest, &flags, None)?)
+    } else {
+        None
+    };
+    let dest: &Path = match &target_named {
+        Some(named) => &named.path,
+        None => dest,
+    };
     let has_backing = args.backing.is_some()
         || OptionList::parse(&args.options)?
             .get("backing_file")
@@ -195,7 +215,11 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         other => bail!("Invalid cache option: {other}"),
     };
     let (target, top_only, new_reads_zero) = if args.no_create {
-        (existing_output(args, dest, size, sync)?, false, false)
+        (
+            existing_output(args, target_named.as_ref(), dest, size, sync)?,
+            false,
+            false,
+        )
     } else {
         match args.output_format.as_str() {
             "raw" => (raw_output(args, dest, size, sync)?, false, true),
@@ -332,16 +356,23 @@ impl CopyObserver for Warner<'_> {
 
 /// The existing output of `-n`, opened for writing in the format `-O`
 /// names; it must hold the whole source.
-fn existing_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result<Image> {
-    let format = qcow::ImageFormat::from_name(&args.output_format)
-        .map_err(|_| anyhow::anyhow!("Unknown file format '{}'", args.output_format))?;
-    let target = crate::open::open(
-        dest,
-        &open_options(&args.open, None)?
-            .writable(true)
-            .sync(sync)
-            .format(Some(format)),
-    )?;
+fn existing_output(
+    args: &ConvertArgs,
+    named: Option<&crate::open::Named>,
+    dest: &Path,
+    size: u64,
+    sync: bool,
+) -> Result<Image> {
+    let options = match named {
+        // Named by options: their driver and secrets.
+        Some(named) => named.options(&args.open)?,
+        None => {
+            let format = qcow::ImageFormat::from_name(&args.output_format)
+                .map_err(|_| anyhow::anyhow!("Unknown file format '{}'", args.output_format))?;
+            open_options(&args.open, None)?.format(Some(format))
+        }
+    };
+    let target = crate::open::open(dest, &options.writable(true).sync(sync))?;
     if target.virtual_size() < size {
         bail!("output file is smaller than input file");
     }

@@ -739,3 +739,58 @@ fn measure_counts_the_luks_header_as_qemu_img_does() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(stderr(&refused).contains("does not fill whole sectors"));
 }
+
+/// `convert -n --target-image-opts` writes into an existing encrypted
+/// image named with its secret (and refuses the flag without -n, as
+/// qemu-img does).
+#[test]
+fn convert_into_an_existing_encrypted_target_named_by_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = make(
+        dir.path(),
+        "t.qcow2",
+        "encrypt.format=luks,encrypt.iter-time=10",
+    );
+    let source = dir.path().join("s.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&source), "8M"])
+            .status
+            .success()
+    );
+    super::qemu_io(&source, &["write -P 3 0 1M", "write -P 4 5M 64k"]);
+    let spec = opts(&target);
+    let args = [
+        "convert",
+        "-n",
+        "--object",
+        SECRET,
+        "--target-image-opts",
+        p(&source),
+        spec.as_str(),
+    ];
+    let ours = qcow(&args);
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    let compare = qemu_img(&[
+        "compare",
+        "--object",
+        SECRET,
+        "--image-opts",
+        &format!("driver=qcow2,file.filename={}", p(&source)),
+        &spec,
+    ]);
+    assert!(compare.status.success(), "{}", stdout(&compare));
+    let without_n = [
+        "convert",
+        "--object",
+        SECRET,
+        "--target-image-opts",
+        p(&source),
+        spec.as_str(),
+    ];
+    let (ours, theirs) = (qcow(&without_n), qemu_img(&without_n));
+    assert_eq!(ours.status.code(), theirs.status.code());
+    assert_eq!(
+        stderr(&ours).replace("qcow: ", ""),
+        stderr(&theirs).replace("qemu-img: ", "")
+    );
+}
