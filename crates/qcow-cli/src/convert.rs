@@ -538,7 +538,13 @@ fn luks_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result
 
 /// A new qcow (version 1) output.
 fn qcow_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result<Image> {
-    let options = OptionList::parse(&args.options)?.qcow_options(size)?;
+    let list = OptionList::parse(&args.options)?;
+    let mut options = list.qcow_options(size)?;
+    options.encryption = list.encryption(&args.open.object)?;
+    let secret = match &options.encryption {
+        Some(qcow::crypto::EncryptionOptions::Aes { secret }) => Some(secret.clone()),
+        _ => None,
+    };
     if options.backing_file.is_some() {
         bail!("converting onto a backing file is not supported yet");
     }
@@ -553,7 +559,8 @@ fn qcow_output(args: &ConvertArgs, dest: &Path, size: u64, sync: bool) -> Result
         &OpenOptions::default()
             .writable(true)
             .sync(sync)
-            .format(Some(qcow::ImageFormat::Qcow)),
+            .format(Some(qcow::ImageFormat::Qcow))
+            .key_secret(secret),
     )?)
 }
 

@@ -143,6 +143,11 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
             if let Some(f) = &options.backing_format {
                 line.push_str(&format!(" backing_fmt={f}"));
             }
+            for key in ["encryption", "encrypt.format", "encrypt.key-secret"] {
+                if let Some(value) = shown.get(key) {
+                    line.push_str(&format!(" {key}={value}"));
+                }
+            }
             println!("{line}");
         } else {
             println!("{}", shown.formatting_line(&name, &options));
@@ -151,11 +156,9 @@ pub(crate) fn run(args: &CreateArgs) -> Result<ExitCode> {
     if let Some(compat) = bad_compat {
         bail!("{name}: Parameter 'version' does not accept value '{compat}'");
     }
-    if format == "qcow2" {
-        options.encryption = list
-            .encryption(&args.open.object)
-            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    }
+    options.encryption = list
+        .encryption(&args.open.object)
+        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     if format == "qcow" {
         qcow::QcowImage::validate_create(&options)
     } else {

@@ -240,6 +240,8 @@ impl OptionList {
                 "size" => o.size = option_size("size", value)?,
                 "backing_file" => o.backing_file = Some(value.clone()),
                 "backing_fmt" => o.backing_format = Some(value.clone()),
+                // Taken by `encryption`, which needs the secrets.
+                "encryption" | "encrypt.format" | "encrypt.key-secret" => {}
                 other => bail!("Invalid parameter '{other}'"),
             }
         }

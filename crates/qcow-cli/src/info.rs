@@ -230,8 +230,9 @@ fn image_info(path: &Path, shown: Option<&str>, image: &Image) -> Result<Value> 
     }
     let encrypted = match image {
         Image::Qcow2(q) => q.encryption().is_some(),
+        Image::Qcow(q) => q.is_encrypted(),
         Image::Luks(_) => true,
-        _ => false,
+        Image::Raw(_) => false,
     };
     if encrypted {
         info.insert("encrypted".into(), json!(true));

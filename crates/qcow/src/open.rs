@@ -348,6 +348,19 @@ pub(crate) struct Layer<'a> {
 }
 
 impl Layer<'_> {
+    /// The password for this layer, if the options give one: the named
+    /// image's, or its backing layer's at this depth.
+    fn secret(&self) -> Option<&crate::crypto::Secret> {
+        if self.top {
+            self.options.key_secret.as_ref()
+        } else {
+            self.options
+                .backing_key_secrets
+                .get(self.depth.saturating_sub(1))
+                .and_then(Option::as_ref)
+        }
+    }
+
     /// Opens the image in `storage` as its format says, with the data file
     /// `data_file(name, given)` supplies (`given`: the name is the caller's
     /// [`OpenOptions::data_file`], not the image's) and the backing layer
@@ -363,14 +376,7 @@ impl Layer<'_> {
         let image = match self.format {
             ImageFormat::Raw => Image::Raw(RawImage::open(name, storage)?.with_writes(writable)),
             ImageFormat::Luks => {
-                let secret = if top {
-                    options.key_secret.as_ref()
-                } else {
-                    options
-                        .backing_key_secrets
-                        .get(self.depth.saturating_sub(1))
-                        .and_then(Option::as_ref)
-                };
+                let secret = self.secret();
                 if secret.is_none() && !options.without_key {
                     return Err(Error::Crypto {
                         image: name.to_owned(),
@@ -395,15 +401,7 @@ impl Layer<'_> {
                     }
                 }
                 if image.encryption().is_some() {
-                    let secret = if top {
-                        options.key_secret.as_ref()
-                    } else {
-                        options
-                            .backing_key_secrets
-                            .get(self.depth.saturating_sub(1))
-                            .and_then(Option::as_ref)
-                    };
-                    match secret {
+                    match self.secret() {
                         Some(secret) => image.unlock(secret)?,
                         None if options.without_key || (top && options.check) => {}
                         None => {
@@ -451,6 +449,18 @@ impl Layer<'_> {
                 } else {
                     QcowImage::open(name, storage, cache)?
                 };
+                if image.is_encrypted() {
+                    match self.secret() {
+                        Some(secret) => image.unlock(secret)?,
+                        None if options.without_key || (top && options.check) => {}
+                        None => {
+                            return Err(Error::Crypto {
+                                image: name.to_owned(),
+                                source: crate::crypto::CryptoError::KeyRequired,
+                            });
+                        }
+                    }
+                }
                 if let Some(named) = image.header().backing_file.clone() {
                     if options.follow_backing {
                         image.attach_backing(Box::new(backing(

@@ -33,6 +33,10 @@ pub struct QcowImage {
     file_len: AtomicU64,
     /// The allocation lock of a writable image; `None` when read-only.
     writer: Option<Mutex<()>>,
+    /// Whether the image is encrypted (legacy AES).
+    encrypted: bool,
+    /// The data cipher, once [`QcowImage::unlock`] was given the password.
+    cipher: Option<crate::crypto::DataCipher>,
 }
 
 impl QcowImage {
@@ -46,12 +50,16 @@ impl QcowImage {
         file.read_at(&mut prefix, 0)
             .map_err(|e| Error::io(name, "reading the header", 0, e))?;
         let header = HeaderV1::parse(&prefix, file_len).map_err(|e| Error::format(name, e))?;
-        if header.encryption != Encryption::None {
-            return Err(Error::Encrypted {
-                image: name.to_owned(),
-                method: header.encryption.name(),
-            });
-        }
+        let encrypted = match header.encryption {
+            Encryption::None => false,
+            Encryption::Aes => true,
+            _ => {
+                return Err(Error::Encrypted {
+                    image: name.to_owned(),
+                    method: header.encryption.name(),
+                });
+            }
+        };
         // Bounded by HeaderV1::parse (MAX_L1_BYTES, inside the file).
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
         file.read_at(&mut l1_bytes, header.l1_table_offset)
@@ -70,7 +78,64 @@ impl QcowImage {
             backing: None,
             file_len: AtomicU64::new(file_len),
             writer: None,
+            encrypted,
+            cipher: None,
         })
+    }
+
+    /// Whether the image is encrypted (the legacy AES scheme).
+    pub fn is_encrypted(&self) -> bool {
+        self.encrypted
+    }
+
+    /// Unlocks an encrypted image with its password (any password: the
+    /// legacy scheme cannot tell a wrong one, whose data reads as noise).
+    pub fn unlock(&mut self, secret: &crate::crypto::Secret) -> Result<()> {
+        if self.encrypted {
+            self.cipher = Some(
+                crate::crypto::DataCipher::legacy_aes(secret.as_bytes()).map_err(|source| {
+                    Error::Crypto {
+                        image: self.name.clone(),
+                        source,
+                    }
+                })?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The cipher of an encrypted image (an error while it is locked),
+    /// `None` for a plain one.
+    fn data_cipher(&self) -> Result<Option<&crate::crypto::DataCipher>> {
+        if !self.encrypted {
+            return Ok(None);
+        }
+        self.cipher.as_ref().map(Some).ok_or_else(|| Error::Crypto {
+            image: self.name.clone(),
+            source: crate::crypto::CryptoError::KeyRequired,
+        })
+    }
+
+    /// Reads `out` from host offset `host` (guest offset `guest`),
+    /// decrypted in an encrypted image (whole sectors read and decrypted).
+    fn read_data(&self, out: &mut [u8], host: u64, guest: u64) -> Result<()> {
+        let read = |buf: &mut [u8], at: u64| {
+            self.file
+                .read_at(buf, at)
+                .map_err(|e| Error::io(&self.name, "reading data", at, e))
+        };
+        let Some(cipher) = self.data_cipher()? else {
+            return read(out, host);
+        };
+        let head = host % 512;
+        let start = host - head;
+        let len = ((host + out.len() as u64).next_multiple_of(512) - start) as usize;
+        // At most a cluster and a sector.
+        let mut sectors = vec![0u8; len];
+        read(&mut sectors, start)?;
+        cipher.decrypt(start, guest - head, &mut sectors);
+        out.copy_from_slice(&sectors[head as usize..head as usize + out.len()]);
+        Ok(())
     }
 
     /// The parsed header.
@@ -156,12 +221,7 @@ impl QcowImage {
     fn read_cluster_part(&self, guest: u64, out: &mut [u8]) -> Result<()> {
         let in_cluster = guest & (self.header.cluster_size() - 1);
         match self.mapping(guest)? {
-            V1Mapping::Data { host } => {
-                let host = host + in_cluster;
-                self.file
-                    .read_at(out, host)
-                    .map_err(|e| Error::io(&self.name, "reading data", host, e))
-            }
+            V1Mapping::Data { host } => self.read_data(out, host + in_cluster, guest),
             V1Mapping::Unallocated => crate::read_backing(self.backing_device()?, out, guest),
             V1Mapping::Compressed { host, len } => {
                 // len < cluster size (64 KiB at most).
@@ -194,7 +254,7 @@ impl BlockDevice for QcowImage {
     }
 
     fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
-        self.writer.is_some().then_some(self)
+        (self.writer.is_some() && !self.encrypted).then_some(self)
     }
 
     fn is_writable(&self) -> bool {

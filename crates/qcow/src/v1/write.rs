@@ -55,6 +55,14 @@ impl QcowImage {
                 "The image size is too large for file format 'qcow'".into(),
             ));
         }
+        if matches!(
+            options.encryption,
+            Some(crate::crypto::EncryptionOptions::Luks(_))
+        ) {
+            return Err(Error::InvalidOptions(
+                "Unsupported encryption format".into(),
+            ));
+        }
         Ok((cluster_bits, l2_bits, size))
     }
 
@@ -83,7 +91,7 @@ impl QcowImage {
             cluster_bits,
             l2_bits,
             padding: 0.into(),
-            crypt_method: 0.into(),
+            crypt_method: u32::from(options.encryption.is_some()).into(),
             l1_table_offset: header_size.into(),
         };
         let io = |op: &'static str| move |e| Error::io("(new image)", op, 0, e);
@@ -196,11 +204,11 @@ impl QcowImage {
         let cluster_size = self.header.cluster_size();
         let in_cluster = guest & (cluster_size - 1);
         if let V1Mapping::Data { host } = self.mapping(guest)? {
-            return self.write_data(piece, host + in_cluster);
+            return self.write_guest_data(piece, host + in_cluster, guest);
         }
         let _lock = self.lock()?;
         if let V1Mapping::Data { host } = self.mapping(guest)? {
-            return self.write_data(piece, host + in_cluster);
+            return self.write_guest_data(piece, host + in_cluster, guest);
         }
         let cluster_start = guest - in_cluster;
         let mut cluster = vec![0u8; cluster_size as usize];
@@ -213,8 +221,33 @@ impl QcowImage {
         cluster[at..at + piece.len()].copy_from_slice(piece);
         let l2_offset = self.writable_l2(guest)?;
         let host = self.alloc_end(cluster_size, cluster_size);
-        self.write_data(&cluster, host)?;
+        self.write_guest_data(&cluster, host, cluster_start)?;
         self.set_l2_entry(l2_offset, guest, host)
+    }
+
+    /// Writes guest data at host offset `host` (guest offset `guest`),
+    /// encrypted in an encrypted image: a piece that covers sectors partly
+    /// is merged into their decrypted contents first, under the cipher's
+    /// merge lock.
+    fn write_guest_data(&self, data: &[u8], host: u64, guest: u64) -> Result<()> {
+        let Some(cipher) = self.data_cipher()? else {
+            return self.write_data(data, host);
+        };
+        let head = host % 512;
+        if head == 0 && data.len() % 512 == 0 {
+            let mut copy = data.to_vec();
+            cipher.encrypt(host, guest, &mut copy);
+            return self.write_data(&copy, host);
+        }
+        let _merging = cipher.merge_lock();
+        let start = host - head;
+        let len = ((host + data.len() as u64).next_multiple_of(512) - start) as usize;
+        // At most a cluster and a sector.
+        let mut sectors = vec![0u8; len];
+        self.read_data(&mut sectors, start, guest - head)?;
+        sectors[head as usize..head as usize + data.len()].copy_from_slice(data);
+        cipher.encrypt(start, guest - head, &mut sectors);
+        self.write_data(&sectors, start)
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
