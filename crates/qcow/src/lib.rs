@@ -11,6 +11,9 @@
 //! growing ([`Qcow2Image::resize`]) and checking with repair
 //! ([`Qcow2Image::check`]). [`copy::copy`] copies one disk into another,
 //! on worker threads, as `convert`, `dd`, `commit` and `rebase` do.
+//! Encrypted images (LUKS and the legacy AES scheme, see [`crypto`]) open
+//! with their password ([`OpenOptions::key_secret`]); [`LuksImage`] reads
+//! and writes LUKS volumes.
 //!
 //! The specification followed is `docs/interop/qcow2.txt` in QEMU's
 //! repository; `qemu-img` is the reference every test compares against.
