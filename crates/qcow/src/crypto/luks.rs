@@ -10,6 +10,8 @@ use qcow_format::luks::{
 
 use super::cipher::{CipherMode, CipherSpec, IvGenAlg};
 use super::hash::HashAlg;
+use zeroize::Zeroizing;
+
 use super::{CryptoError, LuksOptions, random};
 
 /// The algorithms a LUKS header names, looked up.
@@ -56,7 +58,7 @@ pub fn unlock(
     header: &LuksHeader,
     password: &[u8],
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), CryptoError>,
-) -> Result<Vec<u8>, CryptoError> {
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     for slot in 0..header.key_slots.len() {
         if let Some(key) = try_slot(header, slot, password, &mut read)? {
             return Ok(key);
@@ -72,18 +74,18 @@ pub fn try_slot(
     slot: usize,
     password: &[u8],
     read: &mut ReadKeyMaterial<'_>,
-) -> Result<Option<Vec<u8>>, CryptoError> {
+) -> Result<Option<Zeroizing<Vec<u8>>>, CryptoError> {
     let Some(slot) = header.key_slots.get(slot).filter(|s| s.active) else {
         return Ok(None);
     };
     let algorithms = LuksAlgorithms::of(header)?;
     let key_len = header.master_key_len as usize;
-    let mut slot_key = vec![0u8; key_len];
+    let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
     algorithms
         .hash
         .pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
     // Bounded: at most 64 bytes times 4000 stripes.
-    let mut material = vec![0u8; key_len * slot.stripes as usize];
+    let mut material = Zeroizing::new(vec![0u8; key_len * slot.stripes as usize]);
     read(
         u64::from(slot.key_offset_sector) * LUKS_SECTOR_SIZE,
         &mut material,
@@ -92,7 +94,7 @@ pub fn try_slot(
         .cipher
         .build(&slot_key)?
         .decrypt(0, &mut material);
-    let candidate = af_merge(algorithms.hash, key_len, &material);
+    let candidate = Zeroizing::new(af_merge(algorithms.hash, key_len, &material));
     let mut digest = [0u8; LUKS_DIGEST_LEN];
     algorithms.hash.pbkdf2(
         &candidate,
@@ -125,7 +127,7 @@ pub fn fill_slot(
         iter_time_ms,
         1,
     )?;
-    let mut slot_key = vec![0u8; key_len];
+    let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
     hash.pbkdf2(password, &salt, iterations, &mut slot_key);
     let Some(entry) = header.key_slots.get_mut(slot) else {
         return Err(CryptoError::Algorithm {
@@ -161,8 +163,8 @@ pub struct FormattedLuks {
     pub slot_material: Vec<u8>,
     /// Bytes the header and its eight slots take (the payload offset).
     pub length: u64,
-    /// The master key.
-    pub master_key: Vec<u8>,
+    /// The master key (zeroed when dropped).
+    pub master_key: Zeroizing<Vec<u8>>,
 }
 
 /// Makes a LUKS header as QEMU does: a random master key, its digest and
@@ -180,7 +182,7 @@ pub fn format(options: &LuksOptions) -> Result<FormattedLuks, CryptoError> {
         None => format!("{}-{}", spec.mode.name(), spec.ivgen.name()),
     };
     let hash = options.hash;
-    let mut master_key = vec![0u8; key_len];
+    let mut master_key = Zeroizing::new(vec![0u8; key_len]);
     random(&mut master_key)?;
     let mut master_key_salt = [0u8; LUKS_SALT_LEN];
     random(&mut master_key_salt)?;
