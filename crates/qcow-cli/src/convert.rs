@@ -133,10 +133,10 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         bail!("--target-image-opts requires use of -n flag");
     }
     // An output named by options: the file it names, and how to open it.
-    let target_named = if args.target_image_opts {
-        let mut flags = args.open.clone();
-        flags.image_opts = true;
-        Some(crate::open::resolve_name(dest, &flags, None)?)
+    let target_flags = target_flags(args);
+    let target_is_nbd = crate::open::nbd_kind(dest, &target_flags).is_some();
+    let target_named = if args.target_image_opts && !target_is_nbd {
+        Some(crate::open::resolve_name(dest, &target_flags, None)?)
     } else {
         None
     };
@@ -214,7 +214,10 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         "writeback" | "writethrough" | "none" | "directsync" => true,
         other => bail!("Invalid cache option: {other}"),
     };
-    let (target, top_only, new_reads_zero) = if args.no_create {
+    // An NBD export cannot be created: qemu-img writes into it as into an
+    // existing output.
+    let into_existing = args.no_create || target_is_nbd;
+    let (target, top_only, new_reads_zero) = if into_existing {
         (
             existing_output(args, target_named.as_ref(), dest, size, sync)?,
             false,
@@ -243,7 +246,7 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         } else {
             Layers::All
         })
-        .target_is_zero((!args.no_create && new_reads_zero) || args.target_is_zero)
+        .target_is_zero((!into_existing && new_reads_zero) || args.target_is_zero)
         .salvage(args.salvage)
         .in_order(!args.unordered);
     let progress = (args.progress && !args.quiet).then(|| Progress::new(size, 1.0));
@@ -363,6 +366,12 @@ fn existing_output(
     size: u64,
     sync: bool,
 ) -> Result<Image> {
+    if let Some(target) = crate::open::nbd_image(dest, &target_flags(args), None)? {
+        if target.virtual_size() < size {
+            bail!("output file is smaller than input file");
+        }
+        return Ok(target);
+    }
     let options = match named {
         // Named by options: their driver and secrets.
         Some(named) => named.options(&args.open)?,
@@ -377,6 +386,14 @@ fn existing_output(
         bail!("output file is smaller than input file");
     }
     Ok(target)
+}
+
+/// The open flags of the output: the output's name is options with
+/// `--target-image-opts`.
+fn target_flags(args: &ConvertArgs) -> OpenFlags {
+    let mut flags = args.open.clone();
+    flags.image_opts = args.target_image_opts;
+    flags
 }
 
 /// Makes everything written durable (as the cache mode says) and closes

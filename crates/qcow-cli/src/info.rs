@@ -42,14 +42,20 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode> {
         other => anyhow::bail!("--output must be human or json, not {other:?}"),
     };
     let mut infos = Vec::new();
-    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    // An image given with a password is named by its options, as QEMU
-    // names it.
-    let mut shown = named.options_name();
-    let (mut path, mut format) = (named.path, named.format);
+    let (mut path, mut format, mut shown) =
+        if crate::open::nbd_kind(&args.file, &args.open).is_some() {
+            // An NBD export: opened by its name as given.
+            (args.file.clone(), args.format.clone(), None)
+        } else {
+            let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
+            // An image given with a password is named by its options, as QEMU
+            // names it.
+            let shown = named.options_name();
+            (named.path, named.format, shown)
+        };
     // Backing files are plain names: options apply to the named image only.
     let mut flags = args.open.clone();
-    flags.image_opts = false;
+    flags.image_opts = crate::open::nbd_kind(&args.file, &args.open) == Some(true);
     flags.without_key = true;
     let mut seen = std::collections::HashSet::new();
     loop {
@@ -63,7 +69,10 @@ pub(crate) fn run(args: &InfoArgs) -> Result<ExitCode> {
         }
         // info reports names of files an image refers to but opens none.
         let image = open_image(&path, format.as_deref(), &flags, None, false, false)?;
-        let info = image_info(&path, shown.take().as_deref(), &image)?;
+        let info = match crate::open::nbd_kind(&path, &flags) {
+            Some(by_options) => nbd_info(&image, by_options),
+            None => image_info(&path, shown.take().as_deref(), &image)?,
+        };
         let next = if args.backing_chain && !args.open.untrusted {
             backing_of(&path, &image)
         } else {
@@ -155,6 +164,26 @@ fn write_json(out: &mut String, value: &Value, level: usize) -> Result<()> {
         scalar => out.push_str(&serde_json::to_string(scalar)?),
     }
     Ok(())
+}
+
+/// What qemu-img shows of an NBD export: a raw disk over the `nbd`
+/// protocol named by a URI, or (`by_options`, `driver=nbd`) the protocol
+/// node itself; no disk size.
+fn nbd_info(image: &Image, by_options: bool) -> Value {
+    let size = image.virtual_size();
+    let name = image.name();
+    if by_options {
+        return json!({"children": [], "virtual-size": size, "filename": name, "format": "nbd"});
+    }
+    json!({
+        "children": [{
+            "name": "file",
+            "info": {"children": [], "virtual-size": size, "filename": name, "format": "nbd"}
+        }],
+        "virtual-size": size,
+        "filename": name,
+        "format": "raw"
+    })
 }
 
 fn image_info(path: &Path, shown: Option<&str>, image: &Image) -> Result<Value> {
@@ -421,7 +450,14 @@ fn human(info: &Value) -> String {
     let _ = writeln!(out, "file format: {}", s("format"));
     let size = n("virtual-size");
     let _ = writeln!(out, "virtual size: {} ({size} bytes)", size_to_str(size));
-    let _ = writeln!(out, "disk size: {}", size_to_str(n("actual-size")));
+    match get("actual-size").and_then(Value::as_u64) {
+        Some(actual) => {
+            let _ = writeln!(out, "disk size: {}", size_to_str(actual));
+        }
+        None => {
+            let _ = writeln!(out, "disk size: unavailable");
+        }
+    }
     if get("encrypted").and_then(Value::as_bool) == Some(true) {
         let _ = writeln!(out, "encrypted: yes");
     }
@@ -461,10 +497,21 @@ fn human(info: &Value) -> String {
         let cs = |k: &str| child.get(k).and_then(Value::as_str).unwrap_or("");
         let cn = |k: &str| child.get(k).and_then(Value::as_u64).unwrap_or(0);
         let _ = writeln!(out, "    filename: {}", cs("filename"));
-        let _ = writeln!(out, "    protocol type: file");
+        let protocol = match cs("format") {
+            "nbd" => "nbd",
+            _ => "file",
+        };
+        let _ = writeln!(out, "    protocol type: {protocol}");
         let len = cn("virtual-size");
         let _ = writeln!(out, "    file length: {} ({len} bytes)", size_to_str(len));
-        let _ = writeln!(out, "    disk size: {}", size_to_str(cn("actual-size")));
+        match child.get("actual-size").and_then(Value::as_u64) {
+            Some(actual) => {
+                let _ = writeln!(out, "    disk size: {}", size_to_str(actual));
+            }
+            None => {
+                let _ = writeln!(out, "    disk size: unavailable");
+            }
+        }
     }
     out
 }

@@ -116,6 +116,97 @@ fn null_image(arg: &Path, options: &[(String, String)]) -> Result<Option<Image>>
     )))
 }
 
+/// Whether `arg` names an NBD export: `Some(false)` by a URI, `Some(true)`
+/// by options (`driver=nbd`); `None` otherwise.
+pub(crate) fn nbd_kind(arg: &Path, flags: &OpenFlags) -> Option<bool> {
+    let text = arg.to_string_lossy();
+    if qcow_nbd::client::Target::from_uri(&text).is_some() {
+        return Some(false);
+    }
+    let options = named_options(arg, flags, None).ok()??;
+    options
+        .iter()
+        .any(|(k, v)| k == "driver" && v == "nbd")
+        .then_some(true)
+}
+
+/// An NBD export named by a URI (`nbd://HOST[:PORT]/EXPORT`,
+/// `nbd+unix:///EXPORT?socket=PATH`) or by options (`driver=nbd,
+/// server.type=unix|inet,server.path=...|server.host=...,server.port=...,
+/// export=...,x-dirty-bitmap=CONTEXT`): a raw disk over the connection.
+/// `None` for any other name.
+pub(crate) fn nbd_image(
+    arg: &Path,
+    flags: &OpenFlags,
+    format: Option<&str>,
+) -> Result<Option<Image>> {
+    let text = arg.to_string_lossy();
+    let target = match qcow_nbd::client::Target::from_uri(&text) {
+        Some(target) => target.map_err(|e| anyhow::anyhow!("Could not open '{text}': {e}"))?,
+        None => {
+            let Some(options) = named_options(arg, flags, None)? else {
+                return Ok(None);
+            };
+            let get = |key: &str| {
+                options
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.clone())
+            };
+            if get("driver").as_deref() != Some("nbd") {
+                return Ok(None);
+            }
+            let address = match get("server.type").as_deref() {
+                Some("unix") => {
+                    qcow_nbd::client::Address::Unix(get("server.path").ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "Could not open '{text}': The option 'server.path' is required"
+                        )
+                    })?)
+                }
+                Some("inet") => {
+                    let host = get("server.host").ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "Could not open '{text}': The option 'server.host' is required"
+                        )
+                    })?;
+                    let port = get("server.port").unwrap_or_else(|| "10809".into());
+                    let port = port.parse().map_err(|_| {
+                        anyhow::anyhow!("Could not open '{text}': bad server.port '{port}'")
+                    })?;
+                    qcow_nbd::client::Address::Tcp(host, port)
+                }
+                _ => {
+                    bail!("Could not open '{text}': The option 'server.type' must be unix or inet")
+                }
+            };
+            qcow_nbd::client::Target {
+                address,
+                export: get("export").unwrap_or_default(),
+                context: get("x-dirty-bitmap"),
+            }
+        }
+    };
+    if let Some(f) = format {
+        if f != "raw" {
+            bail!("Could not open '{text}': Image is not in {f} format");
+        }
+    }
+    let client = qcow_nbd::client::NbdClient::connect(&target).map_err(|e| {
+        anyhow::anyhow!(
+            "Could not open '{text}': Failed to connect to '{}': {e}",
+            target.display_name()
+        )
+    })?;
+    let writable = !client.read_only();
+    let size = qcow_io::Storage::len(&client)?;
+    let name = client.name().to_owned();
+    let raw =
+        qcow::RawImage::open_sized(&name, std::sync::Arc::new(client), size).with_writes(writable);
+    Ok(Some(Image::Raw(raw)))
+}
+
 pub(crate) fn resolve_name(arg: &Path, flags: &OpenFlags, format: Option<&str>) -> Result<Named> {
     match named_options(arg, flags, format)? {
         Some(options) => resolve_options(arg, &options, format),
@@ -507,6 +598,9 @@ pub(crate) fn open_image(
     follow: bool,
     copy_source: bool,
 ) -> Result<Image> {
+    if let Some(image) = nbd_image(path, flags, format)? {
+        return Ok(image);
+    }
     let named = match named_options(path, flags, format)? {
         Some(options) => {
             if let Some(image) = null_image(path, &options)? {

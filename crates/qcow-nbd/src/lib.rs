@@ -1,4 +1,4 @@
-//! An NBD server over any [`qcow::BlockDevice`]: the protocol of
+//! An NBD server over any [`qcow::BlockDevice`], and a client: the protocol of
 //! `doc/proto.md` in the NetworkBlockDevice/nbd repository (fixed newstyle
 //! handshake, structured replies, metadata contexts), with no knowledge of
 //! terminals or command lines; `qcow serve` wraps it.
@@ -10,7 +10,8 @@
 //! - [`handshake`]: option haggling up to the choice of an export;
 //! - [`transmission`]: requests, several in flight, answered as they
 //!   complete;
-//! - [`server`]: sockets, clients, and stopping cleanly.
+//! - [`server`]: sockets, clients, and stopping cleanly;
+//! - [`client`]: the other side, an export of any server as storage.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -25,6 +26,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod client;
 pub mod export;
 pub mod handshake;
 pub mod protocol;

@@ -162,6 +162,20 @@ impl BlockDevice for RawImage {
             .map_err(|e| Error::io(&self.name, "writing data", offset, e))
     }
 
+    /// Zeros as the storage writes them (an NBD export's WRITE_ZEROES).
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let _ = unmap;
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                image: self.name.clone(),
+            });
+        }
+        crate::check_range(&self.name, offset, len, self.size)?;
+        self.storage
+            .write_zeroes(offset, len)
+            .map_err(|e| Error::io(&self.name, "writing zeros", offset, e))
+    }
+
     fn flush(&self) -> Result<()> {
         self.storage
             .flush()

@@ -21,6 +21,7 @@ mod internal_snapshots;
 mod locking;
 mod map;
 mod measure;
+mod nbd_client;
 mod rebase;
 mod serve;
 mod shrink;

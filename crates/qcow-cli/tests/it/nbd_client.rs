@@ -1,0 +1,193 @@
+//! qcow as an NBD client, beside qemu-img, against qemu-nbd: exports named
+//! by `nbd+unix://` URIs and by `driver=nbd` options read, map and show as
+//! in qemu-img (also a metadata context other than `base:allocation`, as
+//! iotest nbd-qemu-allocation reads it), and `convert` writes into them.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{p, qcow, qemu_img, qemu_io, stderr, stdout};
+
+/// A qemu-nbd serving an image on a Unix socket (persistent, `-t`), killed
+/// when dropped.
+struct QemuNbd(Child);
+
+impl QemuNbd {
+    fn serve(image: &Path, socket: &Path, extra: &[&str]) -> QemuNbd {
+        let child = Command::new("qemu-nbd")
+            .args(["-t", "-f", "qcow2"])
+            .args(extra)
+            .arg("-k")
+            .arg(socket)
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("qemu-nbd is required for the NBD client tests: {e}"));
+        let started = Instant::now();
+        while !socket.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "qemu-nbd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        QemuNbd(child)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `args` in both tools and asserts the same exit code and output.
+fn same(args: &[&str]) -> String {
+    let (ours, theirs) = (qcow(args), qemu_img(args));
+    assert_eq!(
+        ours.status.code(),
+        theirs.status.code(),
+        "{args:?}: {}",
+        stderr(&ours)
+    );
+    assert_eq!(stdout(&ours), stdout(&theirs), "{args:?}");
+    stdout(&ours)
+}
+
+#[test]
+fn exports_read_and_map_as_in_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "4M"])
+            .status
+            .success()
+    );
+    qemu_io(&base, &["write 0 2M"]);
+    assert!(
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "qcow2",
+            p(&top),
+            "4M"
+        ])
+        .status
+        .success()
+    );
+    qemu_io(&top, &["write -P 7 1M 2M", "write -z 3584k 256k"]);
+    let socket = dir.path().join("s");
+    let _server = QemuNbd::serve(&top, &socket, &["-r", "-A"]);
+    let uri = format!("nbd+unix:///?socket={}", p(&socket));
+    let opts = format!("driver=nbd,server.type=unix,server.path={}", p(&socket));
+    for output in ["--output=human", "--output=json"] {
+        same(&["info", output, &uri]);
+        same(&["info", output, "--image-opts", &opts]);
+        same(&["map", output, &uri]);
+    }
+    same(&["map", "--output=json", "--image-opts", &opts]);
+    // Another context's flags read as base:allocation's (QEMU's
+    // x-dirty-bitmap): here the allocation depth, whose local data (depth
+    // 1, the hole flag) is the only part that is not data.
+    let depth = format!("{opts},x-dirty-bitmap=qemu:allocation-depth");
+    let map = qcow(&["map", "--output=json", "--image-opts", &depth]);
+    assert!(map.status.success(), "{}", stderr(&map));
+    let lines: Vec<String> = stdout(&map).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(
+        lines[0].contains("\"start\": 0, \"length\": 1048576")
+            && lines[0].contains("\"data\": true")
+    );
+    assert!(
+        lines[1].contains("\"start\": 1048576, \"length\": 2097152")
+            && lines[1].contains("\"data\": false")
+    );
+    // The disk as qemu-img reads it.
+    let ours = dir.path().join("ours.raw");
+    let theirs = dir.path().join("theirs.raw");
+    let o = qcow(&["convert", "-O", "raw", &uri, p(&ours)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        qemu_img(&["convert", "-O", "raw", &uri, p(&theirs)])
+            .status
+            .success()
+    );
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+    same(&["compare", &uri, p(&theirs)]);
+    // A missing export and a missing server fail as in qemu-img.
+    let missing = format!("nbd+unix:///nosuch?socket={}", p(&socket));
+    let gone = format!("nbd+unix:///?socket={}", p(&dir.path().join("none")));
+    for name in [&missing, &gone] {
+        let (ours, theirs) = (qcow(&["info", name]), qemu_img(&["info", name]));
+        assert_eq!(ours.status.code(), theirs.status.code(), "{name}");
+        assert_eq!(ours.status.code(), Some(1));
+    }
+}
+
+#[test]
+fn convert_writes_into_an_export_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("src.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&source), "8M"])
+            .status
+            .success()
+    );
+    qemu_io(&source, &["write -P 3 1M 2M", "write -P 4 6M 64k"]);
+    for (i, target_args) in [
+        vec!["-O", "raw"],
+        vec!["-n", "-O", "raw"],
+        vec!["-n", "--target-image-opts"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut maps = Vec::new();
+        for tool in [qcow as fn(&[&str]) -> std::process::Output, qemu_img] {
+            let target = dir.path().join(format!("t{i}.qcow2"));
+            let _ = std::fs::remove_file(&target);
+            assert!(
+                qemu_img(&["create", "-q", "-f", "qcow2", p(&target), "8M"])
+                    .status
+                    .success()
+            );
+            let socket = dir.path().join(format!("t{i}.sock"));
+            let _ = std::fs::remove_file(&socket);
+            let server = QemuNbd::serve(&target, &socket, &[]);
+            let name = if target_args.contains(&"--target-image-opts") {
+                format!("driver=nbd,server.type=unix,server.path={}", p(&socket))
+            } else {
+                format!("nbd+unix:///?socket={}", p(&socket))
+            };
+            let mut args = vec!["convert"];
+            args.extend(&target_args);
+            args.extend([p(&source), name.as_str()]);
+            let o = tool(&args);
+            assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+            drop(server);
+            let compare = qemu_img(&["compare", p(&source), p(&target)]);
+            assert!(compare.status.success(), "{args:?}: {}", stdout(&compare));
+            let check = qemu_img(&["check", p(&target)]);
+            assert!(check.status.success(), "{}", stdout(&check));
+            // What is allocated, and as what; where the server put it is
+            // the server's business (it follows the order requests come).
+            let map = stdout(&qemu_img(&["map", "--output=json", p(&target)]));
+            let without_offsets: Vec<String> = map
+                .lines()
+                .map(|l| l.split(", \"offset\"").next().unwrap_or(l).to_owned())
+                .collect();
+            maps.push(without_offsets);
+        }
+        assert_eq!(maps[0], maps[1], "{target_args:?}: allocation differs");
+    }
+}
