@@ -157,6 +157,8 @@ fn status(image: &dyn BlockDevice, pos: u64) -> Result<(u64, Status)> {
             status.zero = true;
             status.offset_known = offset.is_some();
         }
+        // Not known to be zeros: read it.
+        Allocation::Unknown { .. } => status.data = true,
         Allocation::Unallocated { depth, offset } => {
             status.zero = true;
             let last = layer(image, depth);

@@ -63,6 +63,7 @@ impl MapEntry {
             } => (depth, true, zero, true, compressed, offset),
             Allocation::Zero { depth, offset } => (depth, true, true, false, false, offset),
             Allocation::Unallocated { depth, offset } => (depth, false, true, false, false, offset),
+            Allocation::Unknown { depth } => (depth, false, false, false, false, None),
         };
         MapEntry {
             start,

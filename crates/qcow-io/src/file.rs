@@ -251,7 +251,7 @@ impl Storage for FileStorage {
     /// found until the file changes through this handle. The file position
     /// moves, which nothing here depends on (all I/O is positional).
     fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {
-        let all_data = StorageExtent { data: true, len };
+        let all_data = StorageExtent::data(len);
         if len == 0 {
             return Ok(all_data);
         }
@@ -268,6 +268,7 @@ impl Storage for FileStorage {
         };
         Ok(StorageExtent {
             data: run.data,
+            zero: !run.data,
             len: run.end.saturating_sub(offset).clamp(1, len),
         })
     }

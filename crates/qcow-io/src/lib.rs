@@ -57,7 +57,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// default says everything is data.
     fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {
         let _ = offset;
-        Ok(StorageExtent { data: true, len })
+        Ok(StorageExtent::data(len))
     }
 
     /// Reserves space for the range so that later writes to it cannot fail
@@ -93,8 +93,31 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 pub struct StorageExtent {
     /// Whether the run holds data (`false`: a hole).
     pub data: bool,
+    /// Whether the run reads as zeros (a file's holes do; an NBD export
+    /// says so with its zero flag, for holes and data alike).
+    pub zero: bool,
     /// Length of the run in bytes.
     pub len: u64,
+}
+
+impl StorageExtent {
+    /// A run of data (not known to be zeros).
+    pub fn data(len: u64) -> StorageExtent {
+        StorageExtent {
+            data: true,
+            zero: false,
+            len,
+        }
+    }
+
+    /// A hole that reads as zeros.
+    pub fn hole(len: u64) -> StorageExtent {
+        StorageExtent {
+            data: false,
+            zero: true,
+            len,
+        }
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {

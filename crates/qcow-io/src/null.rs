@@ -53,7 +53,7 @@ impl Storage for NullStorage {
     /// All of it is a hole: it holds nothing.
     fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {
         let _ = offset;
-        Ok(StorageExtent { data: false, len })
+        Ok(StorageExtent::hole(len))
     }
 }
 

@@ -20,7 +20,7 @@ use qcow_io::{Storage, StorageExtent};
 
 use crate::protocol::{
     IHAVEOPT, MAX_BUFFER, MAX_OPTION, NBD_MAGIC, OPTION_REPLY_MAGIC, Request, SIMPLE_REPLY_MAGIC,
-    STATE_HOLE, STRUCTURED_REPLY_MAGIC, chunk, cmd, flag, info, opt, rep,
+    STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC, chunk, cmd, flag, info, opt, rep,
 };
 
 /// Where the server listens.
@@ -642,7 +642,7 @@ impl Storage for NbdClient {
     fn extent(&self, offset: u64, len: u64) -> io::Result<StorageExtent> {
         let len = len.min(self.size.saturating_sub(offset));
         if self.context_id.is_none() || len == 0 {
-            return Ok(StorageExtent { data: true, len });
+            return Ok(StorageExtent::data(len));
         }
         let mut status = Vec::new();
         let asked = len.min(u64::from(MAX_BUFFER)) as u32;
@@ -656,12 +656,12 @@ impl Storage for NbdClient {
         if run == 0 {
             return Err(protocol("a block status descriptor of length 0"));
         }
-        // A hole is no data (it reads as zeros only with the zero flag,
-        // which base:allocation sets on every hole qemu-nbd reports); data
-        // that reads as zeros is still data, as QEMU shows it.
-        let data = flags & STATE_HOLE == 0;
+        // The flags as QEMU reads them: a hole is no data, and reads as
+        // zeros only with the zero flag (base:allocation sets it on every
+        // hole qemu-nbd reports); data may read as zeros too.
         Ok(StorageExtent {
-            data,
+            data: flags & STATE_HOLE == 0,
+            zero: flags & STATE_ZERO != 0,
             len: u64::from(run).min(len),
         })
     }

@@ -249,6 +249,7 @@ fn allocation_flags(allocation: &Allocation) -> u32 {
         Allocation::Data { zero: false, .. } => 0,
         Allocation::Data { zero: true, .. } => STATE_ZERO,
         Allocation::Zero { .. } | Allocation::Unallocated { .. } => STATE_HOLE | STATE_ZERO,
+        Allocation::Unknown { .. } => STATE_HOLE,
     }
 }
 
@@ -257,7 +258,7 @@ fn allocation_flags(allocation: &Allocation) -> u32 {
 fn allocation_depth(allocation: &Allocation) -> u32 {
     match allocation {
         Allocation::Data { depth, .. } | Allocation::Zero { depth, .. } => depth + 1,
-        Allocation::Unallocated { .. } => 0,
+        Allocation::Unallocated { .. } | Allocation::Unknown { .. } => 0,
     }
 }
 

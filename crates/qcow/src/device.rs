@@ -71,6 +71,14 @@ pub enum Allocation {
         /// Host space that layer keeps reserved for the range, if any.
         offset: Option<u64>,
     },
+    /// Not allocated, as the layer at `depth` says, yet not said to read as
+    /// zeros (an NBD export's hole without the zero flag): its bytes must
+    /// be read to be known (qemu-img map's `"present": false, "zero":
+    /// false, "data": false`).
+    Unknown {
+        /// Chain depth of the layer saying so.
+        depth: u32,
+    },
 }
 
 /// The allocation of a run of bytes at the start of a queried range.

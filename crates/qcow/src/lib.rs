@@ -135,6 +135,7 @@ pub(crate) fn backing_status(
                     depth: depth + 1,
                     offset,
                 },
+                Allocation::Unknown { depth } => Allocation::Unknown { depth: depth + 1 },
             };
             return Ok(Extent {
                 len: extent.len,

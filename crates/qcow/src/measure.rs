@@ -135,7 +135,8 @@ fn data_bytes(source: &dyn BlockDevice, size: u64, cluster: u64) -> Result<u64> 
     while offset < size {
         let extent = source.block_status(offset, size - offset)?;
         let mut n = extent.len.max(1).min(size - offset);
-        if let Allocation::Data { zero: false, .. } = extent.allocation {
+        if let Allocation::Data { zero: false, .. } | Allocation::Unknown { .. } = extent.allocation
+        {
             // To the end of the cluster; counted from its start.
             n = (offset + n).next_multiple_of(cluster) - offset;
             required += offset % cluster + n;

@@ -123,18 +123,18 @@ impl BlockDevice for RawImage {
             .storage
             .extent(offset, len)
             .map_err(|e| Error::io(&self.name, "looking for holes", offset, e))?;
-        let allocation = if extent.data {
-            Allocation::Data {
+        let allocation = match (extent.data, extent.zero) {
+            (true, zero) => Allocation::Data {
                 depth: 0,
                 offset: Some(offset),
                 compressed: false,
-                zero: false,
-            }
-        } else {
-            Allocation::Zero {
+                zero,
+            },
+            (false, true) => Allocation::Zero {
                 depth: 0,
                 offset: Some(offset),
-            }
+            },
+            (false, false) => Allocation::Unknown { depth: 0 },
         };
         Ok(Extent {
             len: extent.len.clamp(len.min(1), len),

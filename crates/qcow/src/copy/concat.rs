@@ -107,6 +107,7 @@ impl BlockDevice for Concat {
                 depth,
                 offset: None,
             },
+            Allocation::Unknown { depth } => Allocation::Unknown { depth },
         };
         Ok(Extent {
             len: extent.len,

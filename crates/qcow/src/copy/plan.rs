@@ -137,10 +137,16 @@ impl Planner<'_> {
     /// What to do with a run stored as `allocation`.
     fn classify(&self, allocation: Allocation) -> What {
         let depth = match allocation {
-            Allocation::Data { depth, .. } | Allocation::Zero { depth, .. } => Some(depth),
+            Allocation::Data { depth, .. }
+            | Allocation::Zero { depth, .. }
+            | Allocation::Unknown { depth } => Some(depth),
             Allocation::Unallocated { .. } => None,
         };
-        let reads_zero = !matches!(allocation, Allocation::Data { zero: false, .. });
+        // What is not known to be zeros is read.
+        let reads_zero = !matches!(
+            allocation,
+            Allocation::Data { zero: false, .. } | Allocation::Unknown { .. }
+        );
         match self.layers {
             Layers::Top(n) => match depth {
                 Some(d) if d < n && reads_zero => What::Zero,
@@ -155,7 +161,7 @@ impl Planner<'_> {
             },
             Layers::All if self.baseline.is_some() => What::Data,
             Layers::All => match allocation {
-                Allocation::Data { zero: false, .. } => What::Data,
+                Allocation::Data { zero: false, .. } | Allocation::Unknown { .. } => What::Data,
                 // Everything is written: the target allocates the whole disk.
                 _ if self.min_zero_run == 0 => What::Data,
                 _ if self.target_is_zero => What::Skip,

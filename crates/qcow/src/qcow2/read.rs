@@ -387,10 +387,7 @@ impl BlockDevice for Qcow2Image {
                     || self.encryption.is_some()
                     || !self.looks_preallocated()?
                 {
-                    qcow_io::StorageExtent {
-                        data: true,
-                        len: run.len,
-                    }
+                    qcow_io::StorageExtent::data(run.len)
                 } else {
                     self.file
                         .extent(host, run.len)
