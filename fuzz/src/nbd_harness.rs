@@ -66,3 +66,48 @@ pub fn nbd(data: &[u8]) {
     let mut sink = Vec::new();
     let _ = qcow_nbd::transmission::transmission(&mut stream.input, &mut sink, &negotiated);
 }
+
+/// Plays a hostile NBD server: `data` is everything the server sends
+/// (handshake and replies), then it hangs up. The client must fail cleanly
+/// or work, whatever the bytes: no panic, no allocation sized by them, no
+/// wait past the end of the stream.
+pub fn nbd_client(data: &[u8]) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let Ok((client_end, mut server_end)) = UnixStream::pair() else {
+        return;
+    };
+    let data = data.to_vec();
+    let Ok(mut drain) = server_end.try_clone() else {
+        return;
+    };
+    // What the client sends is read and dropped, so that it never blocks.
+    let drainer = std::thread::spawn(move || {
+        let mut sink = [0u8; 4096];
+        while matches!(drain.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let feeder = std::thread::spawn(move || {
+        let _ = server_end.write_all(&data);
+        let _ = server_end.shutdown(std::net::Shutdown::Write);
+    });
+    let target = qcow_nbd::client::Target {
+        address: qcow_nbd::client::Address::Unix(String::new()),
+        export: String::new(),
+        context: None,
+    };
+    if let Ok(client) = qcow_nbd::client::NbdClient::over_stream(client_end, &target) {
+        let size = qcow_io::Storage::len(&client).unwrap_or(0);
+        let mut buf = vec![0u8; 4096];
+        for offset in [0, size / 2, size.saturating_sub(4096)] {
+            let len = (size - offset.min(size)).min(4096) as usize;
+            let _ = qcow_io::Storage::read_at(&client, &mut buf[..len], offset);
+            let _ = qcow_io::Storage::extent(&client, offset, 1 << 20);
+        }
+        let _ = qcow_io::Storage::write_at(&client, &buf[..512.min(size as usize)], 0);
+        let _ = qcow_io::Storage::flush(&client);
+        drop(client);
+    }
+    let _ = feeder.join();
+    let _ = drainer.join();
+}

@@ -258,6 +258,16 @@ impl NbdClient {
                 Stream::Tcp(stream)
             }
         };
+        Self::negotiate(stream, target)
+    }
+
+    /// Negotiates `target`'s export over a connected Unix stream (for
+    /// servers reached otherwise, and for tests that play the server).
+    pub fn over_stream(stream: UnixStream, target: &Target) -> io::Result<NbdClient> {
+        Self::negotiate(Stream::Unix(stream), target)
+    }
+
+    fn negotiate(stream: Stream, target: &Target) -> io::Result<NbdClient> {
         let mut stream = stream;
         if read_u64(&mut stream)? != NBD_MAGIC {
             return Err(protocol("the server is not an NBD server (bad magic)"));
