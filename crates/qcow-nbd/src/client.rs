@@ -453,7 +453,7 @@ impl NbdClient {
                     let n = u64::from(chunk_len - 8);
                     let start = at
                         .checked_sub(offset)
-                        .filter(|s| s + n <= buf.len() as u64)
+                        .filter(|s| s.checked_add(n).is_some_and(|end| end <= buf.len() as u64))
                         .ok_or_else(|| protocol("a data chunk outside the request"))?;
                     stream.read_exact(&mut buf[start as usize..(start + n) as usize])?;
                 }
@@ -468,7 +468,7 @@ impl NbdClient {
                     let n = u64::from(read_u32(stream)?);
                     let start = at
                         .checked_sub(offset)
-                        .filter(|s| s + n <= buf.len() as u64)
+                        .filter(|s| s.checked_add(n).is_some_and(|end| end <= buf.len() as u64))
                         .ok_or_else(|| protocol("a hole chunk outside the request"))?;
                     buf[start as usize..(start + n) as usize].fill(0);
                 }
