@@ -157,6 +157,24 @@ pub(crate) fn run(args: &AmendArgs) -> Result<ExitCode> {
     let mut options = named.options(&args.open)?;
     options.writable = true;
     let image = crate::open::open(&file, &options)?;
+    // qcow2 takes the key slot options as encrypt.*, a LUKS volume bare,
+    // as qemu-img takes them.
+    if key_slots.is_some() {
+        let qcow2 = matches!(image, Image::Qcow2(_));
+        for key in KEY_SLOT_OPTIONS {
+            let (given, wrong) = if qcow2 {
+                (list.get(key).is_some(), key.to_owned())
+            } else {
+                (
+                    list.get(&format!("encrypt.{key}")).is_some(),
+                    format!("encrypt.{key}"),
+                )
+            };
+            if given {
+                bail!("Invalid parameter '{wrong}'");
+            }
+        }
+    }
     // qemu-img says a key slot change's refusal without the image's name.
     let slot_error = |e: qcow::Error| match e {
         qcow::Error::Crypto { source, .. } => anyhow::anyhow!("{source}"),

@@ -35,12 +35,18 @@ pub(crate) fn find(objects: &[String], id: &str) -> Result<Secret> {
         };
         let bytes = match list.get("format").unwrap_or("raw") {
             "raw" => raw,
+            // The decoder's error would name a byte of the secret.
             "base64" => base64::engine::general_purpose::STANDARD
                 .decode(raw.trim_ascii())
-                .map_err(|e| anyhow::anyhow!("secret '{id}': invalid base64 data: {e}"))?,
+                .map_err(|_| anyhow::anyhow!("secret '{id}': invalid base64 data"))?,
             other => bail!("Parameter 'format' does not accept value '{other}'"),
         };
-        return Ok(Secret::new(bytes));
+        // As QEMU reads a password: UTF-8, up to its first NUL.
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        if std::str::from_utf8(&bytes[..end]).is_err() {
+            bail!("Data from secret {id} is not valid UTF-8");
+        }
+        return Ok(Secret::new(&bytes[..end]));
     }
     bail!("No secret with id '{id}'")
 }
@@ -65,5 +71,15 @@ mod tests {
             "No secret with id 'd'"
         );
         assert!(find(&["secret,id=e".to_owned()], "e").is_err());
+        // QEMU's reading: up to the first NUL, UTF-8 only.
+        let nul = vec!["secret,id=n,data=YWIAY2Q=,format=base64".to_owned()];
+        assert_eq!(find(&nul, "n").unwrap(), Secret::new("ab"));
+        let bad = vec!["secret,id=b,data=/w==,format=base64".to_owned()];
+        assert!(
+            find(&bad, "b")
+                .unwrap_err()
+                .to_string()
+                .contains("not valid UTF-8")
+        );
     }
 }

@@ -150,6 +150,9 @@ impl Write for Stream {
 struct Connection {
     stream: Stream,
     next_cookie: u64,
+    /// A reply was left half read (or a request half sent): the stream
+    /// cannot be trusted any more.
+    broken: bool,
 }
 
 /// One export of an NBD server, as storage.
@@ -366,6 +369,7 @@ impl NbdClient {
             connection: Mutex::new(Connection {
                 stream,
                 next_cookie: 1,
+                broken: false,
             }),
             size,
             flags,
@@ -387,6 +391,28 @@ impl NbdClient {
     /// Sends one request and reads its reply: data into `read_into` for a
     /// READ, block status descriptors into `status` for BLOCK_STATUS.
     fn request(&self, call: Call<'_>) -> io::Result<()> {
+        let mut guard = self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if guard.broken {
+            return Err(protocol("the connection to the server failed earlier"));
+        }
+        guard.broken = true;
+        match self.exchange(&mut guard, call) {
+            // The reply was read whole: the stream is still in step.
+            Ok(answer) => {
+                guard.broken = false;
+                answer
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends one request and reads its whole reply. The outer error: the
+    /// stream failed or the server broke the protocol; the inner one: the
+    /// server answered with an error.
+    fn exchange(&self, conn: &mut Connection, call: Call<'_>) -> io::Result<io::Result<()>> {
         let Call {
             kind,
             offset,
@@ -396,11 +422,6 @@ impl NbdClient {
             mut status,
         } = call;
         let flags = 0;
-        let mut guard = self
-            .connection
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let conn = &mut *guard;
         let cookie = conn.next_cookie;
         conn.next_cookie += 1;
         let request = Request {
@@ -416,6 +437,7 @@ impl NbdClient {
         }
         let stream = &mut conn.stream;
         let mut error = None;
+        let mut covered = 0u64;
         loop {
             let magic = read_u32(stream)?;
             if magic == SIMPLE_REPLY_MAGIC {
@@ -424,12 +446,12 @@ impl NbdClient {
                     return Err(protocol("a reply for another request"));
                 }
                 if errno != 0 {
-                    return Err(server_error(errno, "the server failed the request"));
+                    return Ok(Err(server_error(errno, "the server failed the request")));
                 }
                 if let Some(buf) = read_into.as_deref_mut() {
                     stream.read_exact(buf)?;
                 }
-                return Ok(());
+                return Ok(Ok(()));
             }
             if magic != STRUCTURED_REPLY_MAGIC || !self.structured {
                 return Err(protocol(format!("bad reply magic {magic:#x}")));
@@ -456,6 +478,7 @@ impl NbdClient {
                         .filter(|s| s.checked_add(n).is_some_and(|end| end <= buf.len() as u64))
                         .ok_or_else(|| protocol("a data chunk outside the request"))?;
                     stream.read_exact(&mut buf[start as usize..(start + n) as usize])?;
+                    covered += n;
                 }
                 OFFSET_HOLE => {
                     let buf = read_into
@@ -471,6 +494,7 @@ impl NbdClient {
                         .filter(|s| s.checked_add(n).is_some_and(|end| end <= buf.len() as u64))
                         .ok_or_else(|| protocol("a hole chunk outside the request"))?;
                     buf[start as usize..(start + n) as usize].fill(0);
+                    covered += n;
                 }
                 chunk::BLOCK_STATUS => {
                     let list = status
@@ -481,8 +505,10 @@ impl NbdClient {
                     }
                     let data = read_payload(stream, chunk_len, MAX_OPTION)?;
                     let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
-                    if Some(id) == self.context_id {
-                        for d in data[4..].chunks_exact(8) {
+                    // The first descriptor is all that is used: keeping
+                    // only it bounds what an endless reply can cost.
+                    if Some(id) == self.context_id && list.is_empty() {
+                        if let Some(d) = data[4..].chunks_exact(8).next() {
                             list.push((
                                 u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
                                 u32::from_be_bytes([d[4], d[5], d[6], d[7]]),
@@ -514,10 +540,17 @@ impl NbdClient {
                 }
             }
             if chunk_flags & chunk::FLAG_DONE != 0 {
-                return match error {
-                    Some(e) => Err(e),
-                    None => Ok(()),
-                };
+                if let Some(e) = error {
+                    return Ok(Err(e));
+                }
+                // A READ's chunks must have covered all it asked for.
+                if read_into.is_some() && covered < u64::from(len) {
+                    return Err(protocol(format!(
+                        "the server's reply left {} of {len} bytes unread",
+                        u64::from(len) - covered
+                    )));
+                }
+                return Ok(Ok(()));
             }
         }
     }
@@ -698,6 +731,105 @@ impl Drop for NbdClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server's handshake: structured replies, base:allocation as
+    /// context 1, an export of `size` bytes that takes flushes.
+    fn handshake(size: u64) -> Vec<u8> {
+        let reply = |option: u32, kind: u32, data: &[u8]| {
+            let mut out = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+            out.extend_from_slice(&option.to_be_bytes());
+            out.extend_from_slice(&kind.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(data);
+            out
+        };
+        let mut out = NBD_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&3u16.to_be_bytes());
+        out.extend(reply(opt::STRUCTURED_REPLY, rep::ACK, &[]));
+        let mut context = 1u32.to_be_bytes().to_vec();
+        context.extend_from_slice(b"base:allocation");
+        out.extend(reply(opt::SET_META_CONTEXT, rep::META_CONTEXT, &context));
+        out.extend(reply(opt::SET_META_CONTEXT, rep::ACK, &[]));
+        let mut export = info::EXPORT.to_be_bytes().to_vec();
+        export.extend_from_slice(&size.to_be_bytes());
+        export.extend_from_slice(&(flag::HAS_FLAGS | flag::SEND_FLUSH).to_be_bytes());
+        out.extend(reply(opt::GO, rep::INFO, &export));
+        out.extend(reply(opt::GO, rep::ACK, &[]));
+        out
+    }
+
+    fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// A client of a server that sends `script` (and reads whatever the
+    /// client says).
+    fn scripted(script: Vec<u8>) -> NbdClient {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut drain = theirs.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 4096];
+            while matches!(drain.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        std::thread::spawn(move || {
+            let _ = theirs.write_all(&script);
+            let _ = theirs.shutdown(std::net::Shutdown::Write);
+        });
+        let target = Target {
+            address: Address::Unix(String::new()),
+            export: String::new(),
+            context: None,
+        };
+        NbdClient::over_stream(ours, &target).unwrap()
+    }
+
+    #[test]
+    fn a_read_the_server_leaves_short_fails_and_the_connection_with_it() {
+        let mut script = handshake(1 << 20);
+        // Cookie 1: a READ of 4096 bytes answered by 1024 bytes and done.
+        let mut data = 0u64.to_be_bytes().to_vec();
+        data.extend_from_slice(&[7u8; 1024]);
+        script.extend(chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, 1, &data));
+        let client = scripted(script);
+        let mut buf = [0u8; 4096];
+        let short = client.read_at(&mut buf, 0).unwrap_err();
+        assert!(
+            short.to_string().contains("left 3072 of 4096 bytes unread"),
+            "{short}"
+        );
+        let next = client.flush().unwrap_err();
+        assert!(next.to_string().contains("failed earlier"), "{next}");
+    }
+
+    #[test]
+    fn a_server_error_keeps_the_connection_and_data_arrives() {
+        let mut script = handshake(1 << 20);
+        let mut error = 5u32.to_be_bytes().to_vec();
+        error.extend_from_slice(&0u16.to_be_bytes());
+        script.extend(chunk(chunk::FLAG_DONE, chunk::ERROR, 1, &error));
+        let mut data = 512u64.to_be_bytes().to_vec();
+        data.extend_from_slice(&[9u8; 512]);
+        script.extend(chunk(
+            0,
+            OFFSET_HOLE,
+            2,
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0],
+        ));
+        script.extend(chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, 2, &data));
+        let client = scripted(script);
+        let mut buf = [1u8; 1024];
+        assert!(client.read_at(&mut buf, 0).is_err());
+        client.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..512], &[0u8; 512][..]);
+        assert_eq!(&buf[512..], &[9u8; 512][..]);
+    }
 
     #[test]
     fn uris_parse_as_qemu_parses_them() {

@@ -524,7 +524,7 @@ fn open_backing(
 pub fn create(path: &Path, options: &crate::CreateOptions) -> Result<()> {
     options.validate()?;
     let file = create_file(path)?;
-    let made = Qcow2Image::create(&file, options).and_then(|()| {
+    let made = Qcow2Image::create_layout(&file, options).and_then(|()| {
         drop(file);
         if options.preallocation == crate::Preallocation::Off && options.encryption.is_none() {
             return Ok(());

@@ -685,6 +685,12 @@ fn amend_adds_and_erases_key_slots_as_qemu_img_does() {
             "No keyslots match given (old) password for erase operation",
         );
         assert!(opens(1) && !opens(2));
+        // The other format's spelling of the options is refused, as
+        // qemu-img refuses it.
+        let other = if prefix.is_empty() { "encrypt." } else { "" };
+        let spelled = amend(1, &format!("{other}state=inactive,{other}keyslot=3"), true);
+        assert_eq!(spelled.0, Some(1), "{format}");
+        assert!(spelled.1.contains("Invalid parameter"), "{}", spelled.1);
         // With --force the last slot goes, and nothing opens the image.
         assert_eq!(amend(1, "P.state=inactive,P.keyslot=1", true), ok);
         assert!((0..5).all(|i| !opens(i)), "{format}");

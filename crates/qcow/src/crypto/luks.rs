@@ -150,12 +150,16 @@ pub fn fill_slot(
 /// at least 1000, as QEMU scales them.
 fn scaled_iterations(per_second: u64, iter_time_ms: u64, divisor: u64) -> Result<u32, CryptoError> {
     let iterations = u128::from(per_second) * u128::from(iter_time_ms) / 1000 / u128::from(divisor);
-    u32::try_from(iterations.max(1000))
-        .map_err(|_| CryptoError::Iterations(iterations.min(u128::from(u64::MAX)) as u64))
+    if iterations > u128::from(u32::MAX) {
+        return Err(CryptoError::Iterations(
+            iterations.min(u128::from(u64::MAX)) as u64,
+        ));
+    }
+    // No more than a header may ask for when it is read back.
+    Ok((iterations as u32).clamp(1000, qcow_format::limits::MAX_LUKS_ITERATIONS))
 }
 
 /// A new LUKS header with key slot 0 set to a password, as QEMU makes one.
-#[derive(Debug)]
 pub struct FormattedLuks {
     /// The header.
     pub header: LuksHeader,
@@ -239,6 +243,15 @@ pub fn format(options: &LuksOptions) -> Result<FormattedLuks, CryptoError> {
     })
 }
 
+impl std::fmt::Debug for FormattedLuks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FormattedLuks")
+            .field("header", &self.header)
+            .field("length", &self.length)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A random (version 4) UUID as text.
 fn uuid_text(mut bytes: [u8; 16]) -> String {
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
@@ -309,6 +322,17 @@ fn diffuse(hash: HashAlg, block: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calibrated_counts_stay_within_what_a_header_may_ask() {
+        let max = qcow_format::limits::MAX_LUKS_ITERATIONS;
+        assert_eq!(
+            scaled_iterations(u64::from(u32::MAX), 2000, 1).unwrap(),
+            max
+        );
+        assert_eq!(scaled_iterations(10, 10, 1).unwrap(), 1000);
+        assert!(scaled_iterations(u64::MAX, u64::MAX, 1).is_err());
+    }
 
     #[test]
     fn a_formatted_header_unlocks_with_its_password_only() {

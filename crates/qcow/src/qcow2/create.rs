@@ -207,7 +207,22 @@ impl Qcow2Image {
     /// Writes a new, empty QCOW2 image into `file` (which should be empty).
     /// Only the metadata is written: preallocation is applied by
     /// [`Qcow2Image::create_writable`] and [`crate::create`].
+    ///
+    /// An encrypted image is refused here (the encryption is set up on
+    /// the open image): make one with [`Qcow2Image::create_writable`] or
+    /// [`crate::create`].
     pub fn create(file: &dyn Storage, options: &CreateOptions) -> Result<()> {
+        if options.encryption.is_some() {
+            return Err(Error::InvalidOptions(
+                "an encrypted image is made by qcow::create or Qcow2Image::create_writable".into(),
+            ));
+        }
+        Self::create_layout(file, options)
+    }
+
+    /// [`Qcow2Image::create`] without the encryption, which the caller
+    /// sets up on the open image.
+    pub(crate) fn create_layout(file: &dyn Storage, options: &CreateOptions) -> Result<()> {
         let (cluster_bits, refcount_order) = options.check()?;
         let size = options.rounded_size();
         let cs = options.cluster_size;
@@ -344,7 +359,7 @@ impl Qcow2Image {
         file: Arc<dyn Storage>,
         options: &CreateOptions,
     ) -> Result<Self> {
-        Self::create(&*file, options)?;
+        Self::create_layout(&*file, options)?;
         let mut image = Self::open_writable(name, file, None)?;
         image.preallocate(options.preallocation)?;
         if let Some(encryption) = &options.encryption {

@@ -236,10 +236,14 @@ impl Qcow2Image {
             },
         )
         .map_err(crypto)?;
+        // All inside the header's space, or none is made.
+        if writes
+            .iter()
+            .any(|w| w.offset + w.bytes.len() as u64 > length)
+        {
+            return Err(crypto(CryptoError::OutsideHeader));
+        }
         for write in &writes {
-            if write.offset + write.bytes.len() as u64 > length {
-                return Err(crypto(CryptoError::OutsideHeader));
-            }
             let at = offset + write.offset;
             self.file
                 .write_at(&write.bytes, at)

@@ -233,15 +233,16 @@ impl QcowImage {
         let Some(cipher) = self.data_cipher()? else {
             return self.write_data(data, host);
         };
-        let head = host % 512;
+        // Sectors follow the guest offset, the IV's.
+        let head = guest % 512;
         if head == 0 && data.len() % 512 == 0 {
             let mut copy = data.to_vec();
             cipher.encrypt(host, guest, &mut copy);
             return self.write_data(&copy, host);
         }
         let _merging = cipher.merge_lock();
-        let start = host - head;
-        let len = ((host + data.len() as u64).next_multiple_of(512) - start) as usize;
+        let start = self.sector_start(host, head)?;
+        let len = (head + data.len() as u64).next_multiple_of(512) as usize;
         // At most a cluster and a sector.
         let mut sectors = vec![0u8; len];
         self.read_data(&mut sectors, start, guest - head)?;
@@ -260,6 +261,12 @@ impl QcowImage {
     /// window, as qemu-img does); a cluster that does not shrink is written
     /// uncompressed.
     pub fn write_compressed_cluster(&self, data: &[u8], guest: u64) -> Result<()> {
+        if self.encrypted {
+            return Err(Error::Unsupported {
+                image: self.name.clone(),
+                what: "compressed writes to an encrypted image".into(),
+            });
+        }
         let cluster_size = self.header.cluster_size();
         if data.len() as u64 != cluster_size
             || guest & (cluster_size - 1) != 0
@@ -279,6 +286,13 @@ impl QcowImage {
     /// Stores `packed`, a compressed cluster, as the guest cluster at
     /// `guest`, at the end of the file.
     fn store_compressed(&self, packed: &[u8], guest: u64) -> Result<()> {
+        if self.encrypted {
+            // Compressed clusters are not encrypted: QEMU refuses them too.
+            return Err(Error::Unsupported {
+                image: self.name.clone(),
+                what: "compressed writes to an encrypted image".into(),
+            });
+        }
         let _lock = self.lock()?;
         let l2_offset = self.writable_l2(guest)?;
         let len = packed.len() as u64;

@@ -363,3 +363,75 @@ fn qcow_version_1_aes_writes_read_back_in_qemu() {
     );
     assert!(std::fs::read(out).unwrap() == model);
 }
+
+/// Compressed clusters are never encrypted: compressed writes into an
+/// encrypted image are refused through every entry point (QEMU refuses
+/// them too), and `Qcow2Image::create`, which cannot set encryption up,
+/// refuses encryption options rather than make a plain image.
+#[test]
+fn compressed_writes_and_plain_creation_refuse_encryption() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make(
+        dir.path(),
+        "c.qcow2",
+        "encrypt.format=luks,encrypt.iter-time=10",
+        "65536",
+    );
+    let before = std::fs::read(&path).unwrap();
+    let image = qcow::open(
+        &path,
+        &OpenOptions::default()
+            .writable(true)
+            .key_secret(Some(Secret::new(PASSWORD))),
+    )
+    .unwrap();
+    let qcow2 = qcow2_of(&image);
+    let cluster = vec![0x42u8; 65536];
+    assert!(image.compressed_writes().is_none());
+    assert!(qcow2.write_compressed_cluster(&cluster, 0).is_err());
+    assert!(qcow2.write_packed_cluster(&[1, 2, 3], 0).is_err());
+    drop(image);
+    assert!(std::fs::read(&path).unwrap() == before, "the image changed");
+    let v1 = dir.path().join("c.qcow");
+    let object = format!("secret,id=sec0,data={PASSWORD}");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow",
+            "--object",
+            &object,
+            "-o",
+            "encryption=on,encrypt.key-secret=sec0",
+            v1.to_str().unwrap(),
+            "1M",
+        ],
+    );
+    let image = qcow::open(
+        &v1,
+        &OpenOptions::default()
+            .writable(true)
+            .key_secret(Some(Secret::new(PASSWORD))),
+    )
+    .unwrap();
+    let Image::Qcow(v1_image) = &image else {
+        panic!("not a qcow image");
+    };
+    assert!(image.compressed_writes().is_none());
+    assert!(
+        v1_image
+            .write_compressed_cluster(&vec![0x42u8; 4096], 0)
+            .is_err()
+    );
+    let mut options = qcow::CreateOptions::new(1 << 20);
+    options.encryption = Some(qcow::crypto::EncryptionOptions::Aes {
+        secret: Secret::new(PASSWORD),
+    });
+    let storage = qcow::MemStorage::new();
+    assert!(matches!(
+        qcow::Qcow2Image::create(&storage, &options),
+        Err(Error::InvalidOptions(_))
+    ));
+}
