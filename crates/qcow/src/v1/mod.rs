@@ -116,6 +116,20 @@ impl QcowImage {
         })
     }
 
+    /// Refuses data at a host offset that is not on a sector boundary, as
+    /// QEMU refuses to read or write it (an I/O error there).
+    fn check_sector_aligned(&self, host: u64) -> Result<()> {
+        if host % 512 != 0 {
+            return Err(Error::Corrupt {
+                image: self.name.clone(),
+                table: "L2 table",
+                offset: host,
+                reason: format!("data cluster offset {host:#x} is not on a sector boundary"),
+            });
+        }
+        Ok(())
+    }
+
     /// The host offset of the sector holding host offset `host`, `head`
     /// bytes into it (an entry pointing too close to the file's start to
     /// hold a whole sector is damaged).
@@ -234,7 +248,10 @@ impl QcowImage {
     fn read_cluster_part(&self, guest: u64, out: &mut [u8]) -> Result<()> {
         let in_cluster = guest & (self.header.cluster_size() - 1);
         match self.mapping(guest)? {
-            V1Mapping::Data { host } => self.read_data(out, host + in_cluster, guest),
+            V1Mapping::Data { host } => {
+                self.check_sector_aligned(host)?;
+                self.read_data(out, host + in_cluster, guest)
+            }
             V1Mapping::Unallocated => crate::read_backing(self.backing_device()?, out, guest),
             V1Mapping::Compressed { host, len } => {
                 // len < cluster size (64 KiB at most).

@@ -204,10 +204,12 @@ impl QcowImage {
         let cluster_size = self.header.cluster_size();
         let in_cluster = guest & (cluster_size - 1);
         if let V1Mapping::Data { host } = self.mapping(guest)? {
+            self.check_sector_aligned(host)?;
             return self.write_guest_data(piece, host + in_cluster, guest);
         }
         let _lock = self.lock()?;
         if let V1Mapping::Data { host } = self.mapping(guest)? {
+            self.check_sector_aligned(host)?;
             return self.write_guest_data(piece, host + in_cluster, guest);
         }
         let cluster_start = guest - in_cluster;
