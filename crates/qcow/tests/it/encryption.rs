@@ -517,3 +517,62 @@ fn an_unaligned_qcow_version_1_entry_is_refused_as_in_qemu() {
     image.read_at(&mut buf, 4096).unwrap();
     assert_eq!(buf, vec![0x33u8; 512]);
 }
+
+/// A key slot change whose writes would leave the space the image gives
+/// its LUKS header (a damaged extension length) is refused before any of
+/// them is made: erasing a slot there neither deactivates it in the header
+/// nor wipes anything.
+#[test]
+fn a_key_slot_change_outside_the_header_space_changes_nothing() {
+    use qcow::crypto::key_slots::{KeySlotChange, SlotState};
+    let dir = tempfile::tempdir().unwrap();
+    let path = make(
+        dir.path(),
+        "k.qcow2",
+        "encrypt.format=luks,encrypt.iter-time=10",
+        "65536",
+    );
+    let open = |path: &Path| {
+        qcow::open(
+            path,
+            &OpenOptions::default()
+                .writable(true)
+                .key_secret(Some(Secret::new(PASSWORD))),
+        )
+        .unwrap()
+    };
+    // A second password in slot 1.
+    let mut image = open(&path);
+    let Image::Qcow2(qcow2) = &mut image else {
+        panic!("not a qcow2 image");
+    };
+    let mut add = KeySlotChange::new(SlotState::Active);
+    add.new_secret = Some(Secret::new("another"));
+    add.iter_time_ms = Some(10);
+    add.keyslot = Some(1);
+    qcow2.change_key_slots(&add, false).unwrap();
+    image.close().unwrap();
+    // The encryption header extension (0x0537be77): offset, then length;
+    // cut the length to the header and slot 0 (4096 + 256000 bytes).
+    let mut file = std::fs::read(&path).unwrap();
+    let at = file
+        .windows(4)
+        .position(|w| w == [0x05, 0x37, 0xbe, 0x77])
+        .expect("the encryption header extension");
+    let length_at = at + 8 + 8;
+    file[length_at..length_at + 8].copy_from_slice(&(4096u64 + 256_000).to_be_bytes());
+    std::fs::write(&path, &file).unwrap();
+    let mut image = open(&path);
+    let Image::Qcow2(qcow2) = &mut image else {
+        panic!("not a qcow2 image");
+    };
+    let mut erase = KeySlotChange::new(SlotState::Inactive);
+    erase.keyslot = Some(1);
+    let err = qcow2.change_key_slots(&erase, true).unwrap_err();
+    assert!(
+        err.to_string().contains("outside of extension header"),
+        "{err}"
+    );
+    drop(image);
+    assert!(std::fs::read(&path).unwrap() == file, "the file changed");
+}
