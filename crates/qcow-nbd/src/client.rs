@@ -20,7 +20,8 @@ use qcow_io::{Storage, StorageExtent};
 
 use crate::protocol::{
     IHAVEOPT, MAX_BUFFER, MAX_OPTION, NBD_MAGIC, OPTION_REPLY_MAGIC, Request, SIMPLE_REPLY_MAGIC,
-    STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC, chunk, cmd, flag, info, opt, rep,
+    STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC, chunk, cmd, flag, info, opt, read_u16,
+    read_u32, read_u64, rep,
 };
 
 /// Where the server listens.
@@ -170,24 +171,6 @@ pub struct NbdClient {
 /// A protocol violation or a refusal, as an I/O error.
 fn protocol(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.into())
-}
-
-fn read_u16(stream: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0u8; 2];
-    stream.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-
-fn read_u32(stream: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    stream.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-
-fn read_u64(stream: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    stream.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
 }
 
 /// Reads `len` bytes the server announced, refusing more than `max`.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::export::{Context, Export};
 use crate::protocol::{
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, MAX_BUFFER, MAX_NAME, MAX_OPTION, NBD_MAGIC,
-    info, opt, rep, write_option_reply,
+    info, opt, read_u32, read_u64, rep, write_option_reply,
 };
 
 /// What the handshake settled.
@@ -321,18 +321,6 @@ fn name_prefixed_u32(data: &[u8]) -> Option<(String, &[u8])> {
     }
     let name = data.get(4..4 + len)?;
     Some((String::from_utf8(name.to_vec()).ok()?, &data[4 + len..]))
-}
-
-fn read_u32(stream: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    stream.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-
-fn read_u64(stream: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    stream.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
 }
 
 #[cfg(test)]

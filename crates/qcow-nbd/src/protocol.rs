@@ -338,6 +338,27 @@ pub fn write_option_reply(
     stream.write_all(&out)
 }
 
+/// Reads a big-endian `u16` (both sides of the protocol read them).
+pub(crate) fn read_u16(stream: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    stream.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+
+/// Reads a big-endian `u32`.
+pub(crate) fn read_u32(stream: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    stream.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+/// Reads a big-endian `u64`.
+pub(crate) fn read_u64(stream: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    stream.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,36 +7,36 @@
 #[path = "../../../fuzz/src/nbd_harness.rs"]
 mod nbd_harness;
 
-#[test]
-fn nbd_seeds() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/nbd");
+/// Runs `run` on every seed of `fuzz/seeds/<target>/`, naming the seed
+/// that panics, and fails with fewer than `at_least` seeds.
+fn replay(target: &str, at_least: usize, run: fn(&[u8])) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/seeds")
+        .join(target);
     let mut seeds: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|e| e.expect("entry").path())
         .filter(|p| p.is_file())
         .collect();
     seeds.sort();
-    assert!(seeds.len() >= 5, "too few seeds in {}", dir.display());
+    assert!(
+        seeds.len() >= at_least,
+        "too few seeds in {}",
+        dir.display()
+    );
     for seed in &seeds {
         let data = std::fs::read(seed).expect("seed");
-        let outcome = std::panic::catch_unwind(|| nbd_harness::nbd(&data));
+        let outcome = std::panic::catch_unwind(|| run(&data));
         assert!(outcome.is_ok(), "seed {} panicked", seed.display());
     }
 }
 
 #[test]
+fn nbd_seeds() {
+    replay("nbd", 5, nbd_harness::nbd);
+}
+
+#[test]
 fn nbd_client_seeds() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/nbd_client");
-    let mut seeds: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    seeds.sort();
-    assert!(seeds.len() >= 4, "too few seeds in {}", dir.display());
-    for seed in &seeds {
-        let data = std::fs::read(seed).expect("seed");
-        let outcome = std::panic::catch_unwind(|| nbd_harness::nbd_client(&data));
-        assert!(outcome.is_ok(), "seed {} panicked", seed.display());
-    }
+    replay("nbd_client", 4, nbd_harness::nbd_client);
 }

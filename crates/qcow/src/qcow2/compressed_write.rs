@@ -9,16 +9,23 @@ use super::allocator::Allocation;
 use crate::{Error, Result};
 
 impl Qcow2Image {
-    /// Writes one whole guest cluster compressed (as `qemu-img convert -c`
-    /// does). Clusters that do not shrink are written uncompressed. The
-    /// cluster must not be allocated yet.
-    pub fn write_compressed_cluster(&self, data: &[u8], guest: u64) -> Result<()> {
+    /// Refuses compressed clusters in an encrypted image: they are never
+    /// encrypted (QEMU refuses them too).
+    fn refuse_compression_if_encrypted(&self) -> Result<()> {
         if self.encryption.is_some() {
             return Err(Error::Unsupported {
                 image: self.name.clone(),
                 what: "compressed writes to an encrypted image".into(),
             });
         }
+        Ok(())
+    }
+
+    /// Writes one whole guest cluster compressed (as `qemu-img convert -c`
+    /// does). Clusters that do not shrink are written uncompressed. The
+    /// cluster must not be allocated yet.
+    pub fn write_compressed_cluster(&self, data: &[u8], guest: u64) -> Result<()> {
+        self.refuse_compression_if_encrypted()?;
         let cluster_size = self.header.cluster_size();
         if data.len() as u64 != cluster_size
             || self.geometry.in_cluster(guest) != 0
@@ -62,13 +69,7 @@ impl Qcow2Image {
     /// order and written with as few calls as their placement allows.
     pub fn write_packed_clusters(&self, items: &[(u64, &[u8])]) -> Result<()> {
         self.check_writable()?;
-        if self.encryption.is_some() {
-            // Compressed clusters are not encrypted: QEMU refuses them too.
-            return Err(Error::Unsupported {
-                image: self.name.clone(),
-                what: "compressed writes to an encrypted image".into(),
-            });
-        }
+        self.refuse_compression_if_encrypted()?;
         // The bitmaps record the span of the clusters (one range: the
         // items are in guest order, and a copy's chunk is contiguous).
         let start = items.iter().map(|(g, _)| *g).min().unwrap_or(0);

@@ -263,12 +263,7 @@ impl QcowImage {
     /// window, as qemu-img does); a cluster that does not shrink is written
     /// uncompressed.
     pub fn write_compressed_cluster(&self, data: &[u8], guest: u64) -> Result<()> {
-        if self.encrypted {
-            return Err(Error::Unsupported {
-                image: self.name.clone(),
-                what: "compressed writes to an encrypted image".into(),
-            });
-        }
+        self.refuse_compression_if_encrypted()?;
         let cluster_size = self.header.cluster_size();
         if data.len() as u64 != cluster_size
             || guest & (cluster_size - 1) != 0
@@ -285,16 +280,22 @@ impl QcowImage {
         }
     }
 
-    /// Stores `packed`, a compressed cluster, as the guest cluster at
-    /// `guest`, at the end of the file.
-    fn store_compressed(&self, packed: &[u8], guest: u64) -> Result<()> {
+    /// Refuses compressed clusters in an encrypted image: they are never
+    /// encrypted (QEMU refuses them too).
+    fn refuse_compression_if_encrypted(&self) -> Result<()> {
         if self.encrypted {
-            // Compressed clusters are not encrypted: QEMU refuses them too.
             return Err(Error::Unsupported {
                 image: self.name.clone(),
                 what: "compressed writes to an encrypted image".into(),
             });
         }
+        Ok(())
+    }
+
+    /// Stores `packed`, a compressed cluster, as the guest cluster at
+    /// `guest`, at the end of the file.
+    fn store_compressed(&self, packed: &[u8], guest: u64) -> Result<()> {
+        self.refuse_compression_if_encrypted()?;
         let _lock = self.lock()?;
         let l2_offset = self.writable_l2(guest)?;
         let len = packed.len() as u64;
