@@ -217,6 +217,24 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn compressed_writes(&self) -> Option<&dyn CompressedWrites> {
         None
     }
+
+    /// Whether a read does work of its own on the processor (decryption,
+    /// here or in a backing layer) that several threads can share. A copy
+    /// then reads with all its workers; otherwise with one, which keeps up
+    /// with the writer. (Compressed clusters are found by their block
+    /// status.)
+    fn reads_use_cpu(&self) -> bool {
+        false
+    }
+
+    /// Whether a write does work of its own on the processor (encryption)
+    /// that several threads can share. A copy then writes from several
+    /// threads; otherwise from one, since the host file system takes a
+    /// file's writes one at a time and more writers only contend for its
+    /// lock.
+    fn writes_use_cpu(&self) -> bool {
+        false
+    }
 }
 
 /// Space [`BlockDevice::reserve`] laid out: runs of guest clusters mapped

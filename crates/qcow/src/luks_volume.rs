@@ -216,6 +216,14 @@ impl BlockDevice for LuksImage {
         self.writable
     }
 
+    fn reads_use_cpu(&self) -> bool {
+        true
+    }
+
+    fn writes_use_cpu(&self) -> bool {
+        true
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnly {

@@ -88,6 +88,12 @@ impl BlockDevice for Image {
     fn compressed_writes(&self) -> Option<&dyn crate::device::CompressedWrites> {
         self.device().compressed_writes()
     }
+    fn reads_use_cpu(&self) -> bool {
+        self.device().reads_use_cpu()
+    }
+    fn writes_use_cpu(&self) -> bool {
+        self.device().writes_use_cpu()
+    }
     fn is_writable(&self) -> bool {
         self.device().is_writable()
     }

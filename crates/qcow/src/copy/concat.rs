@@ -118,4 +118,8 @@ impl BlockDevice for Concat {
     fn name(&self) -> &str {
         &self.name
     }
+
+    fn reads_use_cpu(&self) -> bool {
+        self.parts.iter().any(|p| p.reads_use_cpu())
+    }
 }

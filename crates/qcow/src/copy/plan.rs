@@ -6,6 +6,7 @@
 use crate::Result;
 use crate::device::{Allocation, BlockDevice, CompressedWrites};
 
+use super::buffer::ChunkBuffer;
 use super::{CopyObserver, Layers};
 
 /// What the writer must do for one part of a chunk (offsets in the
@@ -23,10 +24,13 @@ pub(super) enum Piece {
 /// A chunk read by a worker: its buffer and what to write from it.
 #[derive(Debug)]
 pub(super) struct Chunk {
-    pub(super) buf: Vec<u8>,
+    pub(super) buf: ChunkBuffer,
     pub(super) pieces: Vec<Piece>,
     /// Source bytes that could not be read and are written as zeros.
     pub(super) salvaged: u64,
+    /// Whether planning it worked the processor: compressed clusters were
+    /// read (see [`Planner::reads_use_cpu`] for the rest).
+    pub(super) decompressed: bool,
 }
 
 /// How chunks are planned (see [`super::CopyOptions`]).
@@ -66,15 +70,17 @@ impl Planner<'_> {
 
     /// Reads target range `start..end` (at most the buffer's length) and
     /// plans its writes.
-    pub(super) fn plan(&self, start: u64, end: u64, mut buf: Vec<u8>) -> Result<Chunk> {
+    pub(super) fn plan(&self, start: u64, end: u64, mut buf: ChunkBuffer) -> Result<Chunk> {
         let mut chunk = Chunk {
-            buf: Vec::new(),
+            buf: ChunkBuffer::default(),
             pieces: Vec::new(),
             salvaged: 0,
+            decompressed: false,
         };
         let mut pos = start;
         while pos < end {
-            let (len, what) = self.next_run(pos, end)?;
+            let (len, what, compressed) = self.next_run(pos, end)?;
+            chunk.decompressed |= compressed && what == What::Data;
             match what {
                 What::Skip => pos += len,
                 What::Zero => {
@@ -103,20 +109,42 @@ impl Planner<'_> {
     /// [`super::ProgressBasis::Data`] sees it: its length, and whether it
     /// is read as data (and so counted).
     pub(super) fn data_run(&self, pos: u64, end: u64) -> Result<(u64, bool)> {
-        let (len, what) = self.next_run(pos, end)?;
+        let (len, what, _) = self.next_run(pos, end)?;
         Ok((len, what == What::Data))
     }
 
+    /// Whether reading and planning chunks works the processor more than
+    /// writing them: the source decrypts, the copy compresses, or compares
+    /// with a baseline. Several workers then read; else one, which keeps
+    /// up with the writer (a chunk with compressed clusters says so too).
+    pub(super) fn reads_use_cpu(&self) -> bool {
+        self.compressor.is_some() || self.baseline.is_some() || self.source.reads_use_cpu()
+    }
+
     /// The run of the source at target offset `pos` (within a chunk
-    /// ending at `end`): its length and what to do with it.
-    fn next_run(&self, pos: u64, end: u64) -> Result<(u64, What)> {
+    /// ending at `end`): its length, what to do with it, and whether it is
+    /// stored compressed.
+    fn next_run(&self, pos: u64, end: u64) -> Result<(u64, What, bool)> {
         match self
             .source
             .block_status(self.source_offset + pos, end - pos)
         {
-            Ok(e) => Ok((e.len.max(1).min(end - pos), self.classify(e.allocation))),
+            Ok(e) => {
+                let compressed = matches!(
+                    e.allocation,
+                    Allocation::Data {
+                        compressed: true,
+                        ..
+                    }
+                );
+                Ok((
+                    e.len.max(1).min(end - pos),
+                    self.classify(e.allocation),
+                    compressed,
+                ))
+            }
             // Read it: the read says what is wrong, or salvages it.
-            Err(_) if self.salvage => Ok((end - pos, What::Data)),
+            Err(_) if self.salvage => Ok((end - pos, What::Data, false)),
             Err(e) => Err(e),
         }
     }

@@ -11,6 +11,8 @@ use std::sync::{Mutex, PoisonError};
 use crate::device::{BlockDevice, Reservation};
 use crate::{Error, Result};
 
+use super::buffer::ChunkBuffer;
+use super::pace::{IDLE_READER_NAP, Pace};
 use super::plan::{Chunk, Piece, Planner};
 use super::{CopyObserver, CopyStats, ProgressBasis};
 
@@ -187,22 +189,26 @@ impl Job<'_> {
         }
     }
 
-    /// Workers plan chunks; this thread takes them in guest order. A
-    /// compressed target gets them written here, packed in order; a target
-    /// with clusters gets each chunk's space reserved here, in order, and
-    /// its data written by a pool of writers in parallel (the file is laid
-    /// out as the disk, the writes do not wait for each other).
+    /// Workers plan chunks (one, or all where reading works the processor:
+    /// [`Pace`]); this thread takes them in guest order and writes them, so
+    /// that a target with clusters lays its file out as the disk. A target
+    /// whose writes encrypt gets each chunk's space reserved here, in
+    /// order, and its data written by a pool of writers in parallel. (A
+    /// pool writing plain data only contends for the host file's lock.)
     pub(super) fn run_in_order(&self) -> Result<CopyStats> {
         let chunks = self.chunks();
         let counters = Counters::default();
-        let pipelined = self.planner.compressor.is_none() && self.target.cluster_size().is_some();
+        let pipelined = self.planner.compressor.is_none()
+            && self.target.cluster_size().is_some()
+            && self.target.writes_use_cpu();
         let (tx, rx) = sync_channel::<(u64, Result<Chunk>)>(self.workers * 2);
         // Buffers go back to the planners, so no chunk is copied and no
         // fresh memory is touched per chunk.
-        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        let pool: Mutex<Vec<ChunkBuffer>> = Mutex::new(Vec::new());
         let next = AtomicU64::new(0);
         let stop = AtomicBool::new(false);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let pace = Pace::new(self.planner.reads_use_cpu());
         // Chunks whose space is reserved, on their way to the writers.
         let (wtx, wrx) = sync_channel::<(u64, Chunk, Reservation)>(self.workers * 2);
         let wrx = Mutex::new(wrx);
@@ -214,22 +220,32 @@ impl Job<'_> {
                 .get_or_insert(e);
         };
         std::thread::scope(|scope| -> Result<()> {
-            for _ in 0..self.workers {
+            for reader in 0..self.workers {
                 let tx = tx.clone();
-                let (next, stop, pool) = (&next, &stop, &pool);
+                let (next, stop, pool, pace) = (&next, &stop, &pool, &pace);
                 scope.spawn(move || {
                     loop {
+                        if next.load(Ordering::Relaxed) >= chunks || stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if reader >= pace.readers_wanted(self.workers) {
+                            std::thread::sleep(IDLE_READER_NAP);
+                            continue;
+                        }
                         let index = next.fetch_add(1, Ordering::Relaxed);
-                        if index >= chunks || stop.load(Ordering::Relaxed) {
+                        if index >= chunks {
                             return;
                         }
                         let buf = pool
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .pop()
-                            .unwrap_or_else(|| vec![0u8; self.chunk as usize]);
+                            .unwrap_or_else(|| ChunkBuffer::new(self.chunk as usize));
                         let (start, end) = self.bounds(index);
                         let chunk = self.planner.plan(start, end, buf);
+                        if let Ok(chunk) = &chunk {
+                            pace.chunk_read(chunk.decompressed);
+                        }
                         if tx.send((index, chunk)).is_err() {
                             return;
                         }
@@ -322,7 +338,7 @@ impl Job<'_> {
         }
     }
 
-    fn recycle(&self, pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
+    fn recycle(&self, pool: &Mutex<Vec<ChunkBuffer>>, buf: ChunkBuffer) {
         pool.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(buf);
@@ -365,7 +381,7 @@ impl Job<'_> {
             let handles: Vec<_> = (0..self.workers)
                 .map(|_| {
                     scope.spawn(|| -> Result<()> {
-                        let mut buf = vec![0u8; self.chunk as usize];
+                        let mut buf = ChunkBuffer::new(self.chunk as usize);
                         loop {
                             let index = next.fetch_add(1, Ordering::Relaxed);
                             if index >= chunks || failed.load(Ordering::Relaxed) {

@@ -328,6 +328,14 @@ impl BlockDevice for Qcow2Image {
         (self.writer.is_some() && self.encryption.is_none()).then_some(self)
     }
 
+    fn reads_use_cpu(&self) -> bool {
+        self.encryption.is_some() || self.backing.as_deref().is_some_and(|b| b.reads_use_cpu())
+    }
+
+    fn writes_use_cpu(&self) -> bool {
+        self.encryption.is_some()
+    }
+
     fn is_writable(&self) -> bool {
         self.writer.is_some()
     }

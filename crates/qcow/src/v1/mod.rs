@@ -287,6 +287,14 @@ impl BlockDevice for QcowImage {
         (self.writer.is_some() && !self.encrypted).then_some(self)
     }
 
+    fn reads_use_cpu(&self) -> bool {
+        self.encrypted || self.backing.as_deref().is_some_and(|b| b.reads_use_cpu())
+    }
+
+    fn writes_use_cpu(&self) -> bool {
+        self.encrypted
+    }
+
     fn is_writable(&self) -> bool {
         self.writer.is_some()
     }

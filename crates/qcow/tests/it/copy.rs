@@ -48,6 +48,8 @@ fn copies_read_back_in_order_and_out_of_order() {
                 .in_order(in_order)
                 .target_is_zero(true)
                 .chunk_size(1 << 20);
+            // Plain images: one worker reads (the rest wait), one writes.
+            assert!(!source.reads_use_cpu() && !target.writes_use_cpu());
             let stats = copy(&source, &target, &options, &()).expect("copy");
             assert!(read_all(&target, 1 << 20) == bytes, "{in_order} {workers}");
             // Whole clusters around the data, nothing else.

@@ -116,6 +116,8 @@ fn every_cipher_qemu_creates_reads_as_qemu_reads_it() {
         let expected = qemu_plain(&path);
         let image = open_with(&path, Some(PASSWORD)).unwrap_or_else(|e| panic!("{options}: {e}"));
         assert!(qcow2_of(&image).encryption().is_some());
+        // A copy spreads its reads and writes over threads for it.
+        assert!(image.reads_use_cpu() && image.writes_use_cpu(), "{options}");
         assert!(
             read_all(&image, 4096) == expected,
             "{options} ({cluster}): reads differ from qemu-img's"
