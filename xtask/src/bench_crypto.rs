@@ -42,8 +42,11 @@ pub(crate) fn run(work: &Path, qcow: &Path, size: u64, runs: usize) -> Result<Ve
     };
     let (a, b) = time_alternately(
         "raw -> LUKS qcow2",
-        &mut encrypt(qcow, &[], &ours_out),
-        &mut encrypt(Path::new("qemu-img"), &["-W"], &theirs_out),
+        (&mut encrypt(qcow, &[], &ours_out), &ours_out),
+        (
+            &mut encrypt(Path::new("qemu-img"), &["-W"], &theirs_out),
+            &theirs_out,
+        ),
         runs,
     )?;
     let mut results = vec![Outcome {
@@ -69,8 +72,11 @@ pub(crate) fn run(work: &Path, qcow: &Path, size: u64, runs: usize) -> Result<Ve
     };
     let (a, b) = time_alternately(
         "LUKS qcow2 -> raw",
-        &mut decrypt(qcow, &[], &ours_raw),
-        &mut decrypt(Path::new("qemu-img"), &["-W"], &theirs_raw),
+        (&mut decrypt(qcow, &[], &ours_raw), &ours_raw),
+        (
+            &mut decrypt(Path::new("qemu-img"), &["-W"], &theirs_raw),
+            &theirs_raw,
+        ),
         runs,
     )?;
     results.push(Outcome {

@@ -3,12 +3,13 @@
 //!
 //! The source is cut into chunks (page-aligned buffers, [`buffer`]) that
 //! worker threads read (decompressing or decrypting as they read), scan
-//! for zeros and, for a compressed target, compress ([`plan`]); one worker
-//! reads where reading costs the processor little ([`pace`]). What a chunk
-//! needs written goes to the target in guest order by one writer, so that
+//! for zeros and, for a compressed target, compress ([`plan`]). Each worker
+//! then writes its chunk in its turn, in guest order ([`turns`]), so that
 //! the target allocates its clusters in the disk's order as qemu-img lays
-//! them out; or, with [`CopyOptions::in_order`] off (qemu-img's `-W`),
-//! each worker writes its own chunks ([`run`]).
+//! them out; a target whose writes encrypt reserves space in order and is
+//! written by a pool ([`pace`] says how many workers read for it); with
+//! [`CopyOptions::in_order`] off (qemu-img's `-W`), each worker writes its
+//! own chunks whenever it has them ([`run`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -41,6 +42,7 @@ mod pace;
 mod plan;
 mod run;
 mod sparse;
+mod turns;
 
 pub use concat::Concat;
 pub use plan::is_zero;

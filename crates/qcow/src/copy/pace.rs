@@ -1,10 +1,11 @@
-//! How many workers read at once when chunks are written in order. A
-//! source that costs little to read (a raw file, plain clusters) needs one
-//! reader to keep the writer busy: a second only takes the processor from
-//! the writer, which is the bottleneck there (a raw -> qcow2 copy took a
-//! fifth longer with two). Where reading works the processor (decrypting,
-//! decompressing, compressing on the way, comparing with a baseline),
-//! every worker reads.
+//! How many workers read at once when chunks are read apart from where
+//! they are written (into a target whose writes encrypt, by a pool of
+//! writers). A source that costs little to read (a raw file, plain
+//! clusters) needs one reader to keep the writers busy: a second only takes
+//! the processor from them (a raw -> qcow2 copy took a fifth longer with
+//! two when its writes went that way). Where reading works the processor
+//! (decrypting, decompressing, compressing on the way, comparing with a
+//! baseline), every worker reads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

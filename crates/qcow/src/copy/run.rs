@@ -14,6 +14,7 @@ use crate::{Error, Result};
 use super::buffer::ChunkBuffer;
 use super::pace::{IDLE_READER_NAP, Pace};
 use super::plan::{Chunk, Piece, Planner};
+use super::turns::Turns;
 use super::{CopyObserver, CopyStats, ProgressBasis};
 
 /// One copy, ready to run.
@@ -189,18 +190,89 @@ impl Job<'_> {
         }
     }
 
-    /// Workers plan chunks (one, or all where reading works the processor:
-    /// [`Pace`]); this thread takes them in guest order and writes them, so
-    /// that a target with clusters lays its file out as the disk. A target
-    /// whose writes encrypt gets each chunk's space reserved here, in
-    /// order, and its data written by a pool of writers in parallel. (A
-    /// pool writing plain data only contends for the host file's lock.)
+    /// Writes the target in guest order, so that it allocates its clusters
+    /// (or an NBD server its space) in the disk's order. A target whose
+    /// writes encrypt reserves its space in order and is written by a pool
+    /// ([`Job::run_reserving`]); any other is written by the workers in
+    /// turns ([`Job::run_in_turns`]).
     pub(super) fn run_in_order(&self) -> Result<CopyStats> {
+        if self.planner.compressor.is_none()
+            && self.target.cluster_size().is_some()
+            && self.target.writes_use_cpu()
+        {
+            self.run_reserving()
+        } else {
+            self.run_in_turns()
+        }
+    }
+
+    /// Every worker reads a chunk (compressing it for a compressed target)
+    /// and writes it in its turn ([`Turns`]): while one writes, the others
+    /// read, and each chunk is written from the cache of the processor that
+    /// read it. (With a reader apart from the writer, a raw -> qcow2 copy
+    /// took a sixth longer; with one to a raw file, half as long again.)
+    fn run_in_turns(&self) -> Result<CopyStats> {
         let chunks = self.chunks();
         let counters = Counters::default();
-        let pipelined = self.planner.compressor.is_none()
-            && self.target.cluster_size().is_some()
-            && self.target.writes_use_cpu();
+        let next = AtomicU64::new(0);
+        let turns = Turns::default();
+        std::thread::scope(|scope| {
+            for _ in 0..self.workers {
+                let (next, turns, counters) = (&next, &turns, &counters);
+                scope.spawn(move || {
+                    let mut buf = ChunkBuffer::new(self.chunk as usize);
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        if index >= chunks {
+                            return;
+                        }
+                        let (start, end) = self.bounds(index);
+                        let planned = if self.observer.cancelled() {
+                            Err(Error::Cancelled)
+                        } else {
+                            self.planner.plan(start, end, buf)
+                        };
+                        // A chunk that failed fails the copy in its turn:
+                        // all before it is written, as a sequential copy
+                        // would have written it.
+                        if !turns.wait_for(index) {
+                            return;
+                        }
+                        let written = planned.and_then(|chunk| {
+                            if self.observer.cancelled() {
+                                return Err(Error::Cancelled);
+                            }
+                            self.write(&chunk, counters)?;
+                            Ok(chunk)
+                        });
+                        match written {
+                            Ok(chunk) => {
+                                self.advance(counters, index);
+                                turns.done(index);
+                                buf = chunk.buf;
+                            }
+                            Err(e) => {
+                                turns.fail(e);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        match turns.into_failure() {
+            Some(e) => Err(e),
+            None => Ok(counters.stats()),
+        }
+    }
+
+    /// Workers plan chunks (one, or all where reading works the processor:
+    /// [`Pace`]); this thread takes them in guest order and reserves each
+    /// chunk's space, in order; a pool of writers encrypts and writes them
+    /// in parallel.
+    fn run_reserving(&self) -> Result<CopyStats> {
+        let chunks = self.chunks();
+        let counters = Counters::default();
         let (tx, rx) = sync_channel::<(u64, Result<Chunk>)>(self.workers * 2);
         // Buffers go back to the planners, so no chunk is copied and no
         // fresh memory is touched per chunk.
@@ -253,19 +325,6 @@ impl Job<'_> {
                 });
             }
             drop(tx);
-            if !pipelined {
-                drop(wtx);
-                let result = self.take_in_order(rx, chunks, |index, chunk| {
-                    self.write(&chunk, &counters)?;
-                    self.recycle(&pool, chunk.buf);
-                    self.advance(&counters, index);
-                    Ok(())
-                });
-                if result.is_err() {
-                    stop.store(true, Ordering::Relaxed);
-                }
-                return result;
-            }
             for _ in 0..self.workers {
                 let (wrx, pool, counters, fail) = (&wrx, &pool, &counters, &fail);
                 scope.spawn(move || {

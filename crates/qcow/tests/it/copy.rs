@@ -211,9 +211,17 @@ fn salvage_writes_zeros_for_what_cannot_be_read_and_says_where() {
         inner,
         bad: bad.clone(),
     };
-    let target = qcow2_target(SIZE, 65536);
     let strict = CopyOptions::default().target_is_zero(true);
-    assert!(copy(&source, &target, &strict, &()).is_err());
+    for workers in [1, 2, 4] {
+        let target = qcow2_target(SIZE, 65536);
+        let options = strict.clone().workers(workers).chunk_size(1 << 20);
+        assert!(copy(&source, &target, &options, &()).is_err());
+        // In order, the copy stops as a sequential one would: every chunk
+        // before the failing one (4 MiB..5 MiB) is written, none after it.
+        let back = read_all(&target, 1 << 20);
+        assert!(back[..4 << 20] == bytes[..4 << 20], "{workers} workers");
+        assert!(back[4 << 20..].iter().all(|&b| b == 0), "{workers} workers");
+    }
 
     let target = qcow2_target(SIZE, 65536);
     let observer = Salvage::default();
