@@ -3,11 +3,13 @@
 //!
 //! The source is cut into chunks (page-aligned buffers, [`buffer`]) that
 //! worker threads read (decompressing or decrypting as they read), scan
-//! for zeros and, for a compressed target, compress ([`plan`]). Each worker
-//! then writes its chunk in its turn, in guest order ([`turns`]), so that
-//! the target allocates its clusters in the disk's order as qemu-img lays
-//! them out; a target whose writes encrypt reserves space in order and is
-//! written by a pool ([`pace`] says how many workers read for it); with
+//! for zeros and, for a compressed target, compress ([`plan`]). Where
+//! reading is cheap, each worker then writes its chunk in its turn, in
+//! guest order ([`turns`]), so that the target allocates its clusters in
+//! the disk's order as qemu-img lays them out; where reading or writing
+//! works the processor, chunks are handed to one thread that writes them
+//! in order, or reserves their space in order for a pool of writers that
+//! encrypt ([`pace`] says how many workers read); with
 //! [`CopyOptions::in_order`] off (qemu-img's `-W`), each worker writes its
 //! own chunks whenever it has them ([`run`]).
 //!

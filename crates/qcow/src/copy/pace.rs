@@ -1,6 +1,6 @@
-//! How many workers read at once when chunks are read apart from where
-//! they are written (into a target whose writes encrypt, by a pool of
-//! writers). A source that costs little to read (a raw file, plain
+//! How many workers read at once when chunks are handed on to be written
+//! elsewhere (to the collecting thread, or a pool of writers that
+//! encrypt). A source that costs little to read (a raw file, plain
 //! clusters) needs one reader to keep the writers busy: a second only takes
 //! the processor from them (a raw -> qcow2 copy took a fifth longer with
 //! two when its writes went that way). Where reading works the processor

@@ -191,16 +191,18 @@ impl Job<'_> {
     }
 
     /// Writes the target in guest order, so that it allocates its clusters
-    /// (or an NBD server its space) in the disk's order. A target whose
-    /// writes encrypt reserves its space in order and is written by a pool
-    /// ([`Job::run_reserving`]); any other is written by the workers in
-    /// turns ([`Job::run_in_turns`]).
+    /// (or an NBD server its space) in the disk's order. Where reading is
+    /// cheap next to writing, the workers write in turns
+    /// ([`Job::run_in_turns`]). Where it is not (the copy compresses, the
+    /// source decrypts) or the target's writes encrypt, they hand their
+    /// chunks to this thread ([`Job::run_collected`]), so that none waits
+    /// for its turn with work it could be doing.
     pub(super) fn run_in_order(&self) -> Result<CopyStats> {
-        if self.planner.compressor.is_none()
+        let reserving = self.planner.compressor.is_none()
             && self.target.cluster_size().is_some()
-            && self.target.writes_use_cpu()
-        {
-            self.run_reserving()
+            && self.target.writes_use_cpu();
+        if reserving || self.planner.reads_use_cpu() {
+            self.run_collected(reserving)
         } else {
             self.run_in_turns()
         }
@@ -267,10 +269,11 @@ impl Job<'_> {
     }
 
     /// Workers plan chunks (one, or all where reading works the processor:
-    /// [`Pace`]); this thread takes them in guest order and reserves each
-    /// chunk's space, in order; a pool of writers encrypts and writes them
-    /// in parallel.
-    fn run_reserving(&self) -> Result<CopyStats> {
+    /// [`Pace`]); this thread takes them in guest order. A target gets them
+    /// written here (compressed clusters packed in order); with `reserve`,
+    /// each chunk's space is reserved here, in order, and a pool of writers
+    /// encrypts and writes them in parallel.
+    fn run_collected(&self, reserve: bool) -> Result<CopyStats> {
         let chunks = self.chunks();
         let counters = Counters::default();
         let (tx, rx) = sync_channel::<(u64, Result<Chunk>)>(self.workers * 2);
@@ -325,6 +328,19 @@ impl Job<'_> {
                 });
             }
             drop(tx);
+            if !reserve {
+                drop(wtx);
+                let result = self.take_in_order(rx, chunks, |index, chunk| {
+                    self.write(&chunk, &counters)?;
+                    self.recycle(&pool, chunk.buf);
+                    self.advance(&counters, index);
+                    Ok(())
+                });
+                if result.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                return result;
+            }
             for _ in 0..self.workers {
                 let (wrx, pool, counters, fail) = (&wrx, &pool, &counters, &fail);
                 scope.spawn(move || {
