@@ -222,49 +222,55 @@ impl Job<'_> {
             for _ in 0..self.workers {
                 let (next, turns, counters) = (&next, &turns, &counters);
                 scope.spawn(move || {
-                    let mut buf = ChunkBuffer::new(self.chunk as usize);
-                    loop {
-                        let index = next.fetch_add(1, Ordering::Relaxed);
-                        if index >= chunks {
-                            return;
-                        }
-                        let (start, end) = self.bounds(index);
-                        let planned = if self.observer.cancelled() {
-                            Err(Error::Cancelled)
-                        } else {
-                            self.planner.plan(start, end, buf)
-                        };
-                        // A chunk that failed fails the copy in its turn:
-                        // all before it is written, as a sequential copy
-                        // would have written it.
-                        if !turns.wait_for(index) {
-                            return;
-                        }
-                        let written = planned.and_then(|chunk| {
-                            if self.observer.cancelled() {
-                                return Err(Error::Cancelled);
-                            }
-                            self.write(&chunk, counters)?;
-                            Ok(chunk)
-                        });
-                        match written {
-                            Ok(chunk) => {
-                                self.advance(counters, index);
-                                turns.done(index);
-                                buf = chunk.buf;
-                            }
-                            Err(e) => {
-                                turns.fail(e);
-                                return;
-                            }
-                        }
-                    }
+                    turns.failing_on_panic(|| self.write_in_turns(next, chunks, turns, counters))
                 });
             }
         });
         match turns.into_failure() {
             Some(e) => Err(e),
             None => Ok(counters.stats()),
+        }
+    }
+
+    /// One worker of [`Job::run_in_turns`]: reads chunks and writes each in
+    /// its turn, until none is left or the copy failed.
+    fn write_in_turns(&self, next: &AtomicU64, chunks: u64, turns: &Turns, counters: &Counters) {
+        let mut buf = ChunkBuffer::new(self.chunk as usize);
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            if index >= chunks {
+                return;
+            }
+            let (start, end) = self.bounds(index);
+            let planned = if self.observer.cancelled() {
+                Err(Error::Cancelled)
+            } else {
+                self.planner.plan(start, end, buf)
+            };
+            // A chunk that failed fails the copy in its turn:
+            // all before it is written, as a sequential copy
+            // would have written it.
+            if !turns.wait_for(index) {
+                return;
+            }
+            let written = planned.and_then(|chunk| {
+                if self.observer.cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                self.write(&chunk, counters)?;
+                Ok(chunk)
+            });
+            match written {
+                Ok(chunk) => {
+                    self.advance(counters, index);
+                    turns.done(index);
+                    buf = chunk.buf;
+                }
+                Err(e) => {
+                    turns.fail(e);
+                    return;
+                }
+            }
         }
     }
 
@@ -299,31 +305,42 @@ impl Job<'_> {
                 let tx = tx.clone();
                 let (next, stop, pool, pace) = (&next, &stop, &pool, &pace);
                 scope.spawn(move || {
-                    loop {
-                        if next.load(Ordering::Relaxed) >= chunks || stop.load(Ordering::Relaxed) {
-                            return;
+                    // A reader that panics stops the others (those waiting
+                    // to be wanted would wait for it forever); the panic
+                    // goes on.
+                    let read = std::panic::AssertUnwindSafe(|| {
+                        loop {
+                            if next.load(Ordering::Relaxed) >= chunks
+                                || stop.load(Ordering::Relaxed)
+                            {
+                                return;
+                            }
+                            if reader >= pace.readers_wanted(self.workers) {
+                                std::thread::sleep(IDLE_READER_NAP);
+                                continue;
+                            }
+                            let index = next.fetch_add(1, Ordering::Relaxed);
+                            if index >= chunks {
+                                return;
+                            }
+                            let buf = pool
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .pop()
+                                .unwrap_or_else(|| ChunkBuffer::new(self.chunk as usize));
+                            let (start, end) = self.bounds(index);
+                            let chunk = self.planner.plan(start, end, buf);
+                            if let Ok(chunk) = &chunk {
+                                pace.chunk_read(chunk.decompressed);
+                            }
+                            if tx.send((index, chunk)).is_err() {
+                                return;
+                            }
                         }
-                        if reader >= pace.readers_wanted(self.workers) {
-                            std::thread::sleep(IDLE_READER_NAP);
-                            continue;
-                        }
-                        let index = next.fetch_add(1, Ordering::Relaxed);
-                        if index >= chunks {
-                            return;
-                        }
-                        let buf = pool
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .pop()
-                            .unwrap_or_else(|| ChunkBuffer::new(self.chunk as usize));
-                        let (start, end) = self.bounds(index);
-                        let chunk = self.planner.plan(start, end, buf);
-                        if let Ok(chunk) = &chunk {
-                            pace.chunk_read(chunk.decompressed);
-                        }
-                        if tx.send((index, chunk)).is_err() {
-                            return;
-                        }
+                    });
+                    if let Err(panic) = std::panic::catch_unwind(read) {
+                        stop.store(true, Ordering::Relaxed);
+                        std::panic::resume_unwind(panic);
                     }
                 });
             }
