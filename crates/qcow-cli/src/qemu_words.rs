@@ -17,14 +17,27 @@ pub(crate) fn open_failure(error: &qcow::Error) -> Option<String> {
 /// an error qemu-img has no words for.
 pub(crate) fn open_failure_words(error: &qcow::Error) -> Option<(&str, String)> {
     let (image, words) = match error {
-        qcow::Error::Format { image, source } => (image, source.qemu_words()?),
-        qcow::Error::UnsupportedVersion { image, version } => {
-            (image, format!("Unsupported qcow2 version {version}"))
+        qcow::Error::Format { image, source } => (image.as_str(), source.qemu_words()?),
+        qcow::Error::UnsupportedVersion { image, version } => (
+            image.as_str(),
+            format!("Unsupported qcow2 version {version}"),
+        ),
+        qcow::Error::Crypto { image, source } => (image.as_str(), source.to_string()),
+        // The question names the file, whatever the image was named by.
+        qcow::Error::Locked {
+            path,
+            conflict,
+            creating: false,
+        } => {
+            let image = path.to_str()?;
+            (
+                image,
+                format!("{conflict}\nIs another process using the image [{image}]?"),
+            )
         }
-        qcow::Error::Crypto { image, source } => (image, source.to_string()),
         _ => return None,
     };
-    Some((image.as_str(), words))
+    Some((image, words))
 }
 
 #[cfg(test)]
@@ -63,6 +76,20 @@ mod tests {
         };
         assert!(format(small(1 << 31)).ends_with(": Image is too big"));
         assert!(format(small(9)).ends_with(": L1 table is too small"));
+    }
+
+    #[test]
+    fn a_lock_conflict_names_the_image_as_it_was_given() {
+        let error = qcow::Error::Locked {
+            path: "/tmp/locked-words-test.qcow2".into(),
+            conflict: qcow_io::LockError::Conflict {
+                perm: qcow_io::Perms::WRITE,
+                shared: true,
+            },
+            creating: false,
+        };
+        // Without options, as the library says it.
+        assert_eq!(open_failure(&error), Some(error.to_string()));
     }
 
     #[test]

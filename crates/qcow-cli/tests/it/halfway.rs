@@ -202,15 +202,15 @@ fn limited(program: &str, kib: u64, args: &[&str], cwd: &Path) -> Output {
 
 /// One command run by both tools, each in its own copy of a directory
 /// that `setup` fills, under a file size limit.
-struct Limited {
-    dirs: [PathBuf; 2],
+pub(super) struct Limited {
+    pub(super) dirs: [PathBuf; 2],
     _root: tempfile::TempDir,
 }
 
 impl Limited {
     /// Runs `args` with qemu-img and with qcow; both must fail with exit
     /// code 1. Returns qcow's directory.
-    fn run(kib: u64, setup: impl Fn(&Path), args: &[&str]) -> Limited {
+    pub(super) fn run(kib: u64, setup: impl Fn(&Path), args: &[&str]) -> Limited {
         let root = tempfile::tempdir().expect("tempdir");
         let dirs = [root.path().join("qemu-img"), root.path().join("qcow")];
         for (dir, program) in dirs.iter().zip(["qemu-img", env!("CARGO_BIN_EXE_qcow")]) {
@@ -232,7 +232,7 @@ impl Limited {
         Limited { dirs, _root: root }
     }
 
-    fn ours(&self, name: &str) -> PathBuf {
+    pub(super) fn ours(&self, name: &str) -> PathBuf {
         self.dirs[1].join(name)
     }
 }

@@ -15,6 +15,7 @@ mod convert;
 mod create;
 mod dropin;
 mod encryption;
+mod encryption_guards;
 mod guards;
 mod halfway;
 mod internal_snapshots;

@@ -115,8 +115,9 @@ impl Planner<'_> {
 
     /// Whether reading and planning chunks works the processor more than
     /// writing them: the source decrypts, the copy compresses, or compares
-    /// with a baseline. Several workers then read; else one, which keeps
-    /// up with the writer (a chunk with compressed clusters says so too).
+    /// with a baseline. Workers then read and hand their chunks on, rather
+    /// than wait for their turn to write (a chunk with compressed clusters
+    /// also sets every worker reading where chunks are handed on).
     pub(super) fn reads_use_cpu(&self) -> bool {
         self.compressor.is_some() || self.baseline.is_some() || self.source.reads_use_cpu()
     }
