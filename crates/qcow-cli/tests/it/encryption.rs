@@ -8,10 +8,10 @@ use std::process::Command;
 
 use super::{p, qcow, qemu_img, stderr, stdout};
 
-const SECRET: &str = "secret,id=sec0,data=hunter2";
+pub(super) const SECRET: &str = "secret,id=sec0,data=hunter2";
 
 /// `--image-opts` naming `image` and the secret.
-fn opts(image: &Path) -> String {
+pub(super) fn opts(image: &Path) -> String {
     format!(
         "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
         p(image)

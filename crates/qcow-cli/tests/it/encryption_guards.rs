@@ -9,20 +9,12 @@
 use std::path::Path;
 use std::process::Command;
 
+use super::encryption::{SECRET, opts};
 use super::halfway::Limited;
 use super::locking::Holder;
 use super::{p, qcow, qemu_img, stderr, stdout};
 
-const SECRET: &str = "secret,id=sec0,data=hunter2";
 const CLUSTER: usize = 64 << 10;
-
-/// `--image-opts` naming `image` and the secret.
-fn opts(image: &Path) -> String {
-    format!(
-        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
-        p(image)
-    )
-}
 
 /// A LUKS-encrypted image of `size` that qemu-img creates and qemu-io
 /// writes with `writes`.
@@ -148,7 +140,7 @@ fn an_encrypted_convert_failing_halfway_keeps_its_source_and_a_consistent_output
         "encrypt.format=luks,encrypt.iter-time=10,encrypt.key-secret=sec0",
         "out.qcow2",
     ];
-    // Past the LUKS header (about 3 MiB) and two 2 MiB chunks.
+    // 8 MiB: past the LUKS header (about 3 MiB) and two 2 MiB chunks.
     let run = Limited::run(16384, setup, &args);
     // The source is as qemu-io left it, byte for byte.
     assert!(

@@ -184,14 +184,14 @@ fn commit_and_rebase_failing_on_an_unreadable_cluster_keep_the_images() {
     }
 }
 
-/// Runs `program args` in `cwd` with files limited to `kib` KiB, as
-/// `ulimit -f` limits them; SIGXFSZ is ignored, so that a write past the
-/// limit fails (EFBIG) rather than killing the process.
-fn limited(program: &str, kib: u64, args: &[&str], cwd: &Path) -> Output {
+/// Runs `program args` in `cwd` with files limited to `blocks` blocks of 512
+/// bytes (what `ulimit -f` counts in `sh`); SIGXFSZ is ignored, so that a
+/// write past the limit fails (EFBIG) rather than killing the process.
+fn limited(program: &str, blocks: u64, args: &[&str], cwd: &Path) -> Output {
     Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "trap '' XFSZ; ulimit -f {kib} && exec \"$0\" \"$@\""
+            "trap '' XFSZ; ulimit -f {blocks} && exec \"$0\" \"$@\""
         ))
         .arg(program)
         .args(args)
@@ -208,19 +208,19 @@ pub(super) struct Limited {
 }
 
 impl Limited {
-    /// Runs `args` with qemu-img and with qcow; both must fail with exit
-    /// code 1. Returns qcow's directory.
-    pub(super) fn run(kib: u64, setup: impl Fn(&Path), args: &[&str]) -> Limited {
+    /// Runs `args` with qemu-img and with qcow, under a limit of `blocks`
+    /// blocks of 512 bytes; both must fail with exit code 1.
+    pub(super) fn run(blocks: u64, setup: impl Fn(&Path), args: &[&str]) -> Limited {
         let root = tempfile::tempdir().expect("tempdir");
         let dirs = [root.path().join("qemu-img"), root.path().join("qcow")];
         for (dir, program) in dirs.iter().zip(["qemu-img", env!("CARGO_BIN_EXE_qcow")]) {
             std::fs::create_dir(dir).expect("mkdir");
             setup(dir);
-            let out = limited(program, kib, args, dir);
+            let out = limited(program, blocks, args, dir);
             assert_eq!(
                 out.status.code(),
                 Some(1),
-                "{program} {args:?} under a {kib} KiB limit: {}",
+                "{program} {args:?} under a limit of {blocks} blocks: {}",
                 stderr(&out)
             );
             assert!(
