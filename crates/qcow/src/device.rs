@@ -220,9 +220,9 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 
     /// Whether a read does work of its own on the processor (decryption,
     /// here or in a backing layer) that several threads can share. A copy
-    /// from it then reads with all its workers and hands the chunks to one
-    /// writer; from other sources its workers read and write by turns.
-    /// (Compressed clusters are found by their block status.)
+    /// from it then reads with all its workers and hands the chunks on to
+    /// be written in order; from other sources its workers read and write
+    /// by turns. (Compressed clusters are found by their block status.)
     fn reads_use_cpu(&self) -> bool {
         false
     }

@@ -65,7 +65,8 @@ pub const DEFAULT_CHUNK: u64 = 2 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CopyOptions {
-    /// Worker threads reading (and compressing); at least one.
+    /// Worker threads reading (and compressing); at least one. A target
+    /// whose writes encrypt also gets as many writing threads.
     pub workers: usize,
     /// Smallest run of zero bytes left unwritten (qemu-img's `-S`, 4 KiB by
     /// default). A target with clusters looks for whole zero clusters

@@ -1,7 +1,9 @@
-//! Running a copy on worker threads: chunks are handed out in order; each
-//! worker plans its chunk ([`super::plan`]); then either one writer writes
-//! the chunks in guest order (the target allocates in the disk's order), or
-//! every worker writes its own.
+//! Running a copy on worker threads: chunks are handed out in order and
+//! each worker plans its chunk ([`super::plan`]). In guest order (the
+//! target allocates in the disk's order) the workers then write by turns,
+//! or hand their chunks to one thread that writes them or reserves their
+//! space for a pool of writers that encrypt; out of order, every worker
+//! writes its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -198,9 +200,9 @@ impl Job<'_> {
     /// chunks to this thread ([`Job::run_collected`]), so that none waits
     /// for its turn with work it could be doing.
     pub(super) fn run_in_order(&self) -> Result<CopyStats> {
-        let reserving = self.planner.compressor.is_none()
-            && self.target.cluster_size().is_some()
-            && self.target.writes_use_cpu();
+        // A target without clusters (a LUKS volume) reserves nothing; its
+        // pool of writers still shares the encryption.
+        let reserving = self.planner.compressor.is_none() && self.target.writes_use_cpu();
         if reserving || self.planner.reads_use_cpu() {
             self.run_collected(reserving)
         } else {
@@ -301,6 +303,9 @@ impl Job<'_> {
                 .get_or_insert(e);
         };
         std::thread::scope(|scope| -> Result<()> {
+            // However this thread leaves (a panic too), readers waiting to
+            // be wanted stop.
+            let _stop_readers = StopOnDrop(&stop);
             for reader in 0..self.workers {
                 let tx = tx.clone();
                 let (next, stop, pool, pace) = (&next, &stop, &pool, &pace);
@@ -359,29 +364,39 @@ impl Job<'_> {
                 return result;
             }
             for _ in 0..self.workers {
-                let (wrx, pool, counters, fail) = (&wrx, &pool, &counters, &fail);
+                let (wrx, pool, counters, fail, stop) = (&wrx, &pool, &counters, &fail, &stop);
                 scope.spawn(move || {
-                    loop {
-                        let received = wrx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                        let Ok((index, chunk, reserved)) = received else {
-                            return;
-                        };
-                        // Every chunk handed on is written, also after a
-                        // failure: all before it is then on disk.
-                        match self.write(&chunk, counters) {
-                            Ok(()) => {
-                                self.recycle(pool, chunk.buf);
-                                self.advance(counters, index);
-                            }
-                            Err(e) => {
-                                // Nothing may stay mapped to space that
-                                // was not written.
-                                fail(e);
-                                if let Err(e) = self.target.release(reserved) {
+                    let receive = || wrx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let write = std::panic::AssertUnwindSafe(|| {
+                        while let Ok((index, chunk, reserved)) = receive() {
+                            // Every chunk handed on is written, also after a
+                            // failure: all before it is then on disk.
+                            match self.write(&chunk, counters) {
+                                Ok(()) => {
+                                    self.recycle(pool, chunk.buf);
+                                    self.advance(counters, index);
+                                }
+                                Err(e) => {
+                                    // Nothing may stay mapped to space that
+                                    // was not written.
                                     fail(e);
+                                    if let Err(e) = self.target.release(reserved) {
+                                        fail(e);
+                                    }
                                 }
                             }
                         }
+                    });
+                    // A writer that panics stops the copy, and takes what
+                    // is still handed on (giving its space back) until the
+                    // reserving thread sees the stop, so that it does not
+                    // wait for writers that are gone; the panic goes on.
+                    if let Err(panic) = std::panic::catch_unwind(write) {
+                        stop.store(true, Ordering::Relaxed);
+                        while let Ok((_, _, reserved)) = receive() {
+                            let _ = self.target.release(reserved);
+                        }
+                        std::panic::resume_unwind(panic);
                     }
                 });
             }
@@ -512,5 +527,14 @@ impl Job<'_> {
             first
         })?;
         Ok(counters.stats())
+    }
+}
+
+/// Sets the flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }

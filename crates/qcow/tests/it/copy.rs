@@ -307,3 +307,99 @@ fn ranges_compressed_targets_and_targets_holding_data() {
     copy(&source, &target, &options, &()).expect("top");
     assert!(read_all(&target, 1 << 20) == bytes);
 }
+
+/// A raw disk whose writes say they use the processor (as an encrypting
+/// target's do), so that a copy writes it from a pool of writers.
+#[derive(Debug)]
+struct Encrypting(RawImage);
+
+impl BlockDevice for Encrypting {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+    fn virtual_size(&self) -> u64 {
+        self.0.virtual_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> qcow::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> qcow::Result<Extent> {
+        self.0.block_status(offset, len)
+    }
+    fn name(&self) -> &str {
+        "encrypting"
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> qcow::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn is_writable(&self) -> bool {
+        true
+    }
+    fn writes_use_cpu(&self) -> bool {
+        true
+    }
+}
+
+/// Panics in `progress` or `cancelled` once it has been asked `after`
+/// times (a bug in an embedder's callback).
+struct Panicking {
+    calls: AtomicU64,
+    after: u64,
+    in_progress: bool,
+}
+
+impl Panicking {
+    fn count(&self, here: bool) {
+        if here && self.calls.fetch_add(1, Ordering::Relaxed) >= self.after {
+            panic!("the observer's bug");
+        }
+    }
+}
+
+impl CopyObserver for Panicking {
+    fn progress(&self, _done: u64, _total: u64) {
+        self.count(self.in_progress);
+    }
+    fn cancelled(&self) -> bool {
+        self.count(!self.in_progress);
+        false
+    }
+}
+
+#[test]
+fn a_panic_in_any_thread_of_a_copy_ends_it_instead_of_hanging_it() {
+    for (workers, in_progress) in [(1, true), (4, true), (4, false), (2, false)] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (source, _) = source();
+            let target = Encrypting(
+                RawImage::open(
+                    "target.raw",
+                    Arc::new(MemStorage::from_bytes(vec![0; SIZE as usize])),
+                )
+                .expect("raw")
+                .with_writes(true),
+            );
+            assert!(!source.reads_use_cpu());
+            let observer = Panicking {
+                calls: AtomicU64::new(0),
+                after: 3,
+                in_progress,
+            };
+            let options = CopyOptions::default().workers(workers).chunk_size(1 << 20);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                copy(&source, &target, &options, &observer)
+            }));
+            let _ = tx.send(outcome.is_err());
+        });
+        // Writers (a panic in progress) and the reserving thread (in
+        // cancelled) each get their turn to panic.
+        let panicked = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{workers} workers, progress {in_progress}: the copy hung"));
+        assert!(
+            panicked,
+            "{workers} workers, progress {in_progress}: no panic"
+        );
+    }
+}
