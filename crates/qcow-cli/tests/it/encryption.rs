@@ -21,6 +21,18 @@ pub(super) fn opts(image: &Path) -> String {
 /// An image qemu-img encrypts with `options`, written by qemu-io.
 fn make(dir: &Path, name: &str, options: &str) -> std::path::PathBuf {
     let path = dir.join(name);
+    let writes = [
+        "write -P 0x3c 0 1M",
+        "write -P 0x4d 3000000 70000",
+        "write -z 5M 1M",
+    ];
+    encrypted(&path, options, "8M", &writes);
+    path
+}
+
+/// An image of `size` that qemu-img encrypts with `options` (and the
+/// secret), written by qemu-io with `writes`.
+pub(super) fn encrypted(path: &Path, options: &str, size: &str, writes: &[&str]) {
     let created = qemu_img(&[
         "create",
         "-q",
@@ -30,23 +42,17 @@ fn make(dir: &Path, name: &str, options: &str) -> std::path::PathBuf {
         SECRET,
         "-o",
         &format!("{options},encrypt.key-secret=sec0"),
-        p(&path),
-        "8M",
+        p(path),
+        size,
     ]);
     assert!(created.status.success(), "{}", stderr(&created));
-    let io = Command::new("qemu-io")
-        .args(["--object", SECRET, "--image-opts", &opts(&path)])
-        .args([
-            "-c",
-            "write -P 0x3c 0 1M",
-            "-c",
-            "write -P 0x4d 3000000 70000",
-        ])
-        .args(["-c", "write -z 5M 1M"])
-        .output()
-        .expect("qemu-io is required");
-    assert!(io.status.success(), "{}", stderr(&io));
-    path
+    let mut io = Command::new("qemu-io");
+    io.args(["--object", SECRET, "--image-opts", &opts(path)]);
+    for write in writes {
+        io.args(["-c", write]);
+    }
+    let out = io.output().expect("qemu-io is required");
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]

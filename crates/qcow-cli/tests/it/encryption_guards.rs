@@ -7,7 +7,6 @@
 //! data or nothing.
 
 use std::path::Path;
-use std::process::Command;
 
 use super::encryption::{SECRET, opts};
 use super::halfway::Limited;
@@ -19,26 +18,8 @@ const CLUSTER: usize = 64 << 10;
 /// A LUKS-encrypted image of `size` that qemu-img creates and qemu-io
 /// writes with `writes`.
 fn encrypted(path: &Path, size: &str, writes: &[&str]) {
-    let created = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        SECRET,
-        "-o",
-        "encrypt.format=luks,encrypt.iter-time=10,encrypt.key-secret=sec0",
-        p(path),
-        size,
-    ]);
-    assert!(created.status.success(), "{}", stderr(&created));
-    let mut io = Command::new("qemu-io");
-    io.args(["--object", SECRET, "--image-opts", &opts(path)]);
-    for write in writes {
-        io.args(["-c", write]);
-    }
-    let out = io.output().expect("qemu-io is required");
-    assert!(out.status.success(), "{}", stderr(&out));
+    let luks = "encrypt.format=luks,encrypt.iter-time=10";
+    super::encryption::encrypted(path, luks, size, writes);
 }
 
 /// What qemu-img reads from the encrypted `image`.
