@@ -89,18 +89,21 @@ fn named_options(
     }))
 }
 
+/// The value `options` give `key` last (a later value wins, as in QEMU).
+fn option<'a>(options: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    options
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
 /// QEMU's null block driver (`null-co`, `null-aio`) named by `json:{...}`
 /// or `--image-opts`: a raw disk of `size` bytes that reads as zeros
 /// (`read-zeroes` off leaves QEMU's buffer as it was; here it is zeros
 /// too) and keeps nothing written to it. `None` for any other name.
 fn null_image(arg: &Path, options: &[(String, String)]) -> Result<Option<Image>> {
-    let get = |key: &str| {
-        options
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    };
+    let get = |key: &str| option(options, key);
     if !matches!(get("driver"), Some("null-co" | "null-aio")) {
         return Ok(None);
     }
@@ -147,13 +150,7 @@ pub(crate) fn nbd_image(
             let Some(options) = named_options(arg, flags, None)? else {
                 return Ok(None);
             };
-            let get = |key: &str| {
-                options
-                    .iter()
-                    .rev()
-                    .find(|(k, _)| k == key)
-                    .map(|(_, v)| v.clone())
-            };
+            let get = |key: &str| option(&options, key).map(str::to_owned);
             if get("driver").as_deref() != Some("nbd") {
                 return Ok(None);
             }
@@ -332,13 +329,7 @@ fn resolve_options(
     format: Option<&str>,
 ) -> Result<Named> {
     let text = arg.to_string_lossy();
-    let get = |key: &str| {
-        options
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    };
+    let get = |key: &str| option(options, key).map(str::to_owned);
     let driver = match get("driver") {
         Some(driver) => Some(driver),
         None if get("file.filename").is_some() => None,

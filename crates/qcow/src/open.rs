@@ -356,6 +356,24 @@ pub(crate) struct Layer<'a> {
 impl Layer<'_> {
     /// The password for this layer, if the options give one: the named
     /// image's, or its backing layer's at this depth.
+    /// Unlocks the encrypted layer `name` with `unlock` and its secret.
+    /// Without one it opens locked only where no key is asked for (the
+    /// caller said so, or the top layer is opened for `check`).
+    fn unlock(
+        &self,
+        name: &str,
+        unlock: impl FnOnce(&crate::crypto::Secret) -> Result<()>,
+    ) -> Result<()> {
+        match self.secret() {
+            Some(secret) => unlock(secret),
+            None if self.options.without_key || (self.top && self.options.check) => Ok(()),
+            None => Err(Error::Crypto {
+                image: name.to_owned(),
+                source: crate::crypto::CryptoError::KeyRequired,
+            }),
+        }
+    }
+
     fn secret(&self) -> Option<&crate::crypto::Secret> {
         if self.top {
             self.options.key_secret.as_ref()
@@ -407,16 +425,7 @@ impl Layer<'_> {
                     }
                 }
                 if image.encryption().is_some() {
-                    match self.secret() {
-                        Some(secret) => image.unlock(secret)?,
-                        None if options.without_key || (top && options.check) => {}
-                        None => {
-                            return Err(Error::Crypto {
-                                image: name.to_owned(),
-                                source: crate::crypto::CryptoError::KeyRequired,
-                            });
-                        }
-                    }
+                    self.unlock(name, |secret| image.unlock(secret))?;
                 }
                 let given = options.data_file.as_ref().filter(|_| top);
                 if given.is_some() && !image.header().has_data_file() {
@@ -456,16 +465,7 @@ impl Layer<'_> {
                     QcowImage::open(name, storage, cache)?
                 };
                 if image.is_encrypted() {
-                    match self.secret() {
-                        Some(secret) => image.unlock(secret)?,
-                        None if options.without_key || (top && options.check) => {}
-                        None => {
-                            return Err(Error::Crypto {
-                                image: name.to_owned(),
-                                source: crate::crypto::CryptoError::KeyRequired,
-                            });
-                        }
-                    }
+                    self.unlock(name, |secret| image.unlock(secret))?;
                 }
                 if let Some(named) = image.header().backing_file.clone() {
                     if options.follow_backing {
