@@ -9,7 +9,8 @@
 //! the disk's order as qemu-img lays them out; where reading or writing
 //! works the processor, chunks are handed to one thread that writes them
 //! in order, or reserves their space in order for a pool of writers that
-//! encrypt ([`pace`] says how many workers read); with
+//! encrypt ([`pace`] says how many workers read, [`window`] how far ahead
+//! of the writing they may go); with
 //! [`CopyOptions::in_order`] off (qemu-img's `-W`), each worker writes its
 //! own chunks whenever it has them ([`run`]).
 //!
@@ -45,6 +46,7 @@ mod plan;
 mod run;
 mod sparse;
 mod turns;
+mod window;
 
 pub use concat::Concat;
 pub use plan::is_zero;

@@ -17,6 +17,7 @@ use super::buffer::ChunkBuffer;
 use super::pace::{IDLE_READER_NAP, Pace};
 use super::plan::{Chunk, Piece, Planner};
 use super::turns::Turns;
+use super::window::{AHEAD_PER_WORKER, Window};
 use super::{CopyObserver, CopyStats, ProgressBasis};
 
 /// One copy, ready to run.
@@ -292,6 +293,7 @@ impl Job<'_> {
         let stop = AtomicBool::new(false);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         let pace = Pace::new(self.planner.reads_use_cpu());
+        let window = Window::new(AHEAD_PER_WORKER * self.workers as u64);
         // Chunks whose space is reserved, on their way to the writers.
         let (wtx, wrx) = sync_channel::<(u64, Chunk, Reservation)>(self.workers * 2);
         let wrx = Mutex::new(wrx);
@@ -308,7 +310,7 @@ impl Job<'_> {
             let _stop_readers = StopOnDrop(&stop);
             for reader in 0..self.workers {
                 let tx = tx.clone();
-                let (next, stop, pool, pace) = (&next, &stop, &pool, &pace);
+                let (next, stop, pool, pace, window) = (&next, &stop, &pool, &pace, &window);
                 scope.spawn(move || {
                     // A reader that panics stops the others (those waiting
                     // to be wanted would wait for it forever); the panic
@@ -325,7 +327,7 @@ impl Job<'_> {
                                 continue;
                             }
                             let index = next.fetch_add(1, Ordering::Relaxed);
-                            if index >= chunks {
+                            if index >= chunks || !window.wait_for(index, stop) {
                                 return;
                             }
                             let buf = pool
@@ -352,7 +354,7 @@ impl Job<'_> {
             drop(tx);
             if !reserve {
                 drop(wtx);
-                let result = self.take_in_order(rx, chunks, |index, chunk| {
+                let result = self.take_in_order(rx, chunks, &window, |index, chunk| {
                     self.write(&chunk, &counters)?;
                     self.recycle(&pool, chunk.buf);
                     self.advance(&counters, index);
@@ -400,7 +402,7 @@ impl Job<'_> {
                     }
                 });
             }
-            let result = self.take_in_order(rx, chunks, |index, chunk| {
+            let result = self.take_in_order(rx, chunks, &window, |index, chunk| {
                 if stop.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
@@ -451,13 +453,15 @@ impl Job<'_> {
             .push(buf);
     }
 
-    /// Hands the planned chunks to `take` in guest order, as they come in.
-    /// A chunk that failed fails the copy in its turn, so that all before
-    /// it is handed on, as a sequential copy would have handed it.
+    /// Hands the planned chunks to `take` in guest order, as they come in,
+    /// moving the readers' `window` on. A chunk that failed fails the copy
+    /// in its turn, so that all before it is handed on, as a sequential
+    /// copy would have handed it.
     fn take_in_order(
         &self,
         rx: Receiver<(u64, Result<Chunk>)>,
         chunks: u64,
+        window: &Window,
         mut take: impl FnMut(u64, Chunk) -> Result<()>,
     ) -> Result<()> {
         let mut waiting: BTreeMap<u64, Result<Chunk>> = BTreeMap::new();
@@ -473,6 +477,7 @@ impl Job<'_> {
             while let Some(chunk) = waiting.remove(&expected) {
                 take(expected, chunk?)?;
                 expected += 1;
+                window.taken(expected);
             }
         }
         Ok(())

@@ -403,3 +403,80 @@ fn a_panic_in_any_thread_of_a_copy_ends_it_instead_of_hanging_it() {
         );
     }
 }
+
+/// A disk whose reads say they use the processor (so that a copy hands
+/// chunks to one collecting thread) and whose first chunk is slow: its
+/// read waits until every other chunk was read, or a second has passed,
+/// and counts the chunks read meanwhile.
+#[derive(Debug)]
+struct Stalling {
+    inner: RawImage,
+    chunk: u64,
+    read: Mutex<std::collections::BTreeSet<u64>>,
+    read_during_stall: AtomicU64,
+}
+
+impl BlockDevice for Stalling {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> qcow::Result<()> {
+        let index = offset / self.chunk;
+        let others = self.virtual_size() / self.chunk - 1;
+        if index == 0 {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while std::time::Instant::now() < until
+                && (self.read.lock().expect("lock").len() as u64) < others
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let read = self.read.lock().expect("lock").len() as u64;
+            self.read_during_stall.fetch_max(read, Ordering::Relaxed);
+        } else {
+            self.read.lock().expect("lock").insert(index);
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> qcow::Result<Extent> {
+        self.inner.block_status(offset, len)
+    }
+    fn name(&self) -> &str {
+        "stalling"
+    }
+    fn reads_use_cpu(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_slow_chunk_does_not_let_the_other_readers_fill_memory() {
+    let chunk = 128 << 10;
+    let chunks = SIZE / chunk;
+    for (workers, compress) in [(2, false), (4, false), (2, true)] {
+        let (inner, bytes) = source();
+        let source = Stalling {
+            inner,
+            chunk,
+            read: Mutex::default(),
+            read_during_stall: AtomicU64::new(0),
+        };
+        let target = qcow2_target(SIZE, 65536);
+        let options = CopyOptions::default()
+            .workers(workers)
+            .compress(compress)
+            .target_is_zero(true)
+            .chunk_size(chunk);
+        copy(&source, &target, &options, &()).expect("copy");
+        assert!(read_all(&target, 1 << 20) == bytes, "{workers} {compress}");
+        // The others read a few chunks each while the first one stalls,
+        // not the rest of the disk (which would all wait in memory).
+        let ahead = source.read_during_stall.load(Ordering::Relaxed);
+        assert!(
+            ahead >= 1 && ahead <= 8 * workers as u64,
+            "{workers} workers, compress {compress}: {ahead} of {chunks} chunks read during the stall"
+        );
+    }
+}
