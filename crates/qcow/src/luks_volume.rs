@@ -9,7 +9,7 @@ use qcow_format::luks::{LuksHeader, RawLuksHeader};
 use qcow_io::Storage;
 
 use crate::crypto::key_slots::{KeySlotChange, change_key_slots};
-use crate::crypto::{CryptoError, DataCipher, LuksOptions, Secret, cipher::SECTOR, luks};
+use crate::crypto::{CryptoError, DataCipher, LuksOptions, Secret, luks};
 use crate::device::{Allocation, BlockDevice, Extent, ImageFormat};
 use crate::{Error, Result};
 
@@ -148,22 +148,20 @@ impl LuksImage {
         })
     }
 
-    /// Reads whole sectors at disk offset `offset` and decrypts them.
-    fn read_sectors(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    /// Reads the encrypted bytes at disk offset `offset`.
+    fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let at = self.payload_offset + offset;
         self.storage
             .read_at(buf, at)
-            .map_err(|e| Error::io(&self.name, "reading data", at, e))?;
-        self.cipher()?.decrypt(at, offset, buf);
-        Ok(())
+            .map_err(|e| Error::io(&self.name, "reading data", at, e))
     }
 
-    /// The sectors around `offset..offset + len`: their start and length.
-    fn sectors_around(offset: u64, len: usize) -> (u64, usize) {
-        let sector = SECTOR as u64;
-        let start = offset - offset % sector;
-        let end = (offset + len as u64).next_multiple_of(sector);
-        (start, (end - start) as usize)
+    /// Writes encrypted bytes at disk offset `offset`.
+    fn write_raw(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let at = self.payload_offset + offset;
+        self.storage
+            .write_at(buf, at)
+            .map_err(|e| Error::io(&self.name, "writing data", at, e))
     }
 }
 
@@ -181,16 +179,12 @@ impl BlockDevice for LuksImage {
         if buf.is_empty() {
             return Ok(());
         }
-        if offset % SECTOR as u64 == 0 && buf.len() % SECTOR == 0 {
-            return self.read_sectors(buf, offset);
-        }
-        let (start, len) = Self::sectors_around(offset, buf.len());
-        // The caller's buffer and at most two sectors more.
-        let mut sectors = vec![0u8; len];
-        self.read_sectors(&mut sectors, start)?;
-        let head = (offset - start) as usize;
-        buf.copy_from_slice(&sectors[head..head + buf.len()]);
-        Ok(())
+        // The disk's offsets serve as both: the cipher's IVs are the
+        // disk's sectors.
+        self.cipher()?
+            .read_sectors(&self.name, buf, offset, offset, |buf, at| {
+                self.read_raw(buf, at)
+            })
     }
 
     /// All data: a LUKS volume has no holes the disk can see, and no
@@ -234,32 +228,14 @@ impl BlockDevice for LuksImage {
         if buf.is_empty() {
             return Ok(());
         }
-        let cipher = self.cipher()?;
-        let write = |data: &[u8], at: u64| {
-            self.storage
-                .write_at(data, self.payload_offset + at)
-                .map_err(|e| Error::io(&self.name, "writing data", self.payload_offset + at, e))
-        };
-        if offset % SECTOR as u64 == 0 && buf.len() % SECTOR == 0 {
-            const PIECE: usize = 1 << 20;
-            let mut copy = Vec::with_capacity(PIECE.min(buf.len()));
-            for (i, piece) in buf.chunks(PIECE).enumerate() {
-                let at = offset + (i * PIECE) as u64;
-                copy.clear();
-                copy.extend_from_slice(piece);
-                cipher.encrypt(self.payload_offset + at, at, &mut copy);
-                write(&copy, at)?;
-            }
-            return Ok(());
-        }
-        let _merging = cipher.merge_lock();
-        let (start, len) = Self::sectors_around(offset, buf.len());
-        let mut sectors = vec![0u8; len];
-        self.read_sectors(&mut sectors, start)?;
-        let head = (offset - start) as usize;
-        sectors[head..head + buf.len()].copy_from_slice(buf);
-        cipher.encrypt(self.payload_offset + start, start, &mut sectors);
-        write(&sectors, start)
+        self.cipher()?.write_sectors(
+            &self.name,
+            buf,
+            offset,
+            offset,
+            |buf, at| self.read_raw(buf, at),
+            |buf, at| self.write_raw(buf, at),
+        )
     }
 
     fn flush(&self) -> Result<()> {

@@ -8,12 +8,15 @@
 //! - [`cipher`]: sector ciphers (AES in XTS, CBC or ECB mode; IV
 //!   generators `plain`, `plain64` and `essiv`);
 //! - [`luks`]: unlocking a LUKS header with a password, making one;
-//! - [`key_slots`]: adding and erasing key slots.
+//! - [`key_slots`]: adding and erasing key slots;
+//! - [`sectors`]: any byte range of an image's data read or written
+//!   through its cipher in whole sectors.
 
 pub mod cipher;
 pub mod hash;
 pub mod key_slots;
 pub mod luks;
+mod sectors;
 
 use qcow_format::FormatError;
 use qcow_format::luks::LuksHeader;

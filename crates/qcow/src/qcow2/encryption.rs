@@ -9,9 +9,7 @@ use qcow_io::Storage;
 
 use super::Qcow2Image;
 use crate::crypto::key_slots::{KeySlotChange, change_key_slots};
-use crate::crypto::{
-    CryptoError, DataCipher, EncryptionInfo, EncryptionOptions, Secret, cipher::SECTOR, luks,
-};
+use crate::crypto::{CryptoError, DataCipher, EncryptionInfo, EncryptionOptions, Secret, luks};
 use crate::{Error, Result};
 
 /// What `header` says of the image's encryption, the LUKS header read
@@ -262,72 +260,48 @@ impl Qcow2Image {
     /// `guest`, decrypting it in an encrypted image (whole sectors are
     /// read and decrypted; the caller's part copied out).
     pub(super) fn read_data(&self, out: &mut [u8], host: u64, guest: u64) -> Result<()> {
-        let storage = self.data_storage()?;
-        let read = |buf: &mut [u8], at: u64| {
-            storage
-                .read_at(buf, at)
-                .map_err(|e| Error::io(&self.name, "reading data", at, e))
+        let Some(cipher) = self.data_cipher()? else {
+            return self.read_raw_data(out, host);
         };
-        if self.encryption.is_none() {
-            return read(out, host);
-        }
-        let cipher = self.cipher.as_ref().ok_or_else(|| Error::Crypto {
-            image: self.name.clone(),
-            source: CryptoError::KeyRequired,
-        })?;
-        let sector = SECTOR as u64;
-        let head = host % sector;
-        let len = out.len() as u64;
-        if head == 0 && len % sector == 0 {
-            read(out, host)?;
-            cipher.decrypt(host, guest, out);
-            return Ok(());
-        }
-        let start = host - head;
-        // At most one run of a read: bounded by the caller's buffer plus
-        // two sectors.
-        let mut sectors = vec![0u8; ((host + len).next_multiple_of(sector) - start) as usize];
-        read(&mut sectors, start)?;
-        cipher.decrypt(start, guest - head, &mut sectors);
-        out.copy_from_slice(&sectors[head as usize..(head + len) as usize]);
-        Ok(())
+        cipher.read_sectors(&self.name, out, host, guest, |buf, at| {
+            self.read_raw_data(buf, at)
+        })
     }
 
     /// Writes guest data `data` at host offset `host` (guest offset
-    /// `guest`) of the data file, encrypted in an encrypted image: whole
-    /// sectors from an encrypted copy (1 MiB at a time); a piece that
-    /// starts or ends inside a sector merged into that sector's decrypted
-    /// contents first, under the cipher's merge lock.
+    /// `guest`) of the data file, encrypted in an encrypted image
+    /// ([`DataCipher::write_sectors`]).
     pub(super) fn write_data(&self, data: &[u8], host: u64, guest: u64) -> Result<()> {
-        if self.encryption.is_none() {
+        let Some(cipher) = self.data_cipher()? else {
             return self.write_raw_data(data, host);
+        };
+        cipher.write_sectors(
+            &self.name,
+            data,
+            host,
+            guest,
+            |buf, at| self.read_raw_data(buf, at),
+            |buf, at| self.write_raw_data(buf, at),
+        )
+    }
+
+    /// The data cipher of an encrypted image (an error if it is locked),
+    /// or `None` for a plain one.
+    fn data_cipher(&self) -> Result<Option<&DataCipher>> {
+        if self.encryption.is_none() {
+            return Ok(None);
         }
-        let cipher = self.cipher.as_ref().ok_or_else(|| Error::Crypto {
+        self.cipher.as_ref().map(Some).ok_or_else(|| Error::Crypto {
             image: self.name.clone(),
             source: CryptoError::KeyRequired,
-        })?;
-        let sector = SECTOR as u64;
-        let head = host % sector;
-        let len = data.len() as u64;
-        if head == 0 && len % sector == 0 {
-            const PIECE: usize = 1 << 20;
-            let mut buf = Vec::with_capacity(PIECE.min(data.len()));
-            for (i, piece) in data.chunks(PIECE).enumerate() {
-                let at = (i * PIECE) as u64;
-                buf.clear();
-                buf.extend_from_slice(piece);
-                cipher.encrypt(host + at, guest + at, &mut buf);
-                self.write_raw_data(&buf, host + at)?;
-            }
-            return Ok(());
-        }
-        let _merging = cipher.merge_lock();
-        let start = host - head;
-        // The caller's piece and at most two sectors more.
-        let mut sectors = vec![0u8; ((host + len).next_multiple_of(sector) - start) as usize];
-        self.read_data(&mut sectors, start, guest - head)?;
-        sectors[head as usize..(head + len) as usize].copy_from_slice(data);
-        cipher.encrypt(start, guest - head, &mut sectors);
-        self.write_raw_data(&sectors, start)
+        })
+    }
+
+    /// Reads bytes as they are stored at host offset `host` of the data
+    /// file.
+    fn read_raw_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        self.data_storage()?
+            .read_at(buf, host)
+            .map_err(|e| Error::io(&self.name, "reading data", host, e))
     }
 }

@@ -130,39 +130,22 @@ impl QcowImage {
         Ok(())
     }
 
-    /// The host offset of the sector holding host offset `host`, `head`
-    /// bytes into it (an entry pointing too close to the file's start to
-    /// hold a whole sector is damaged).
-    fn sector_start(&self, host: u64, head: u64) -> Result<u64> {
-        host.checked_sub(head).ok_or_else(|| Error::Corrupt {
-            image: self.name.clone(),
-            table: "L2 table",
-            offset: host,
-            reason: "encrypted data starts before the first sector".into(),
-        })
-    }
-
     /// Reads `out` from host offset `host` (guest offset `guest`),
     /// decrypted in an encrypted image (whole sectors read and decrypted).
     fn read_data(&self, out: &mut [u8], host: u64, guest: u64) -> Result<()> {
-        let read = |buf: &mut [u8], at: u64| {
-            self.file
-                .read_at(buf, at)
-                .map_err(|e| Error::io(&self.name, "reading data", at, e))
-        };
         let Some(cipher) = self.data_cipher()? else {
-            return read(out, host);
+            return self.read_raw(out, host);
         };
-        // Sectors follow the guest offset, the IV's.
-        let head = guest % 512;
-        let start = self.sector_start(host, head)?;
-        let len = (head + out.len() as u64).next_multiple_of(512) as usize;
-        // At most a cluster and a sector.
-        let mut sectors = vec![0u8; len];
-        read(&mut sectors, start)?;
-        cipher.decrypt(start, guest - head, &mut sectors);
-        out.copy_from_slice(&sectors[head as usize..head as usize + out.len()]);
-        Ok(())
+        cipher.read_sectors(&self.name, out, host, guest, |buf, at| {
+            self.read_raw(buf, at)
+        })
+    }
+
+    /// Reads bytes as they are stored at host offset `host`.
+    fn read_raw(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        self.file
+            .read_at(buf, host)
+            .map_err(|e| Error::io(&self.name, "reading data", host, e))
     }
 
     /// The parsed header.

@@ -228,29 +228,19 @@ impl QcowImage {
     }
 
     /// Writes guest data at host offset `host` (guest offset `guest`),
-    /// encrypted in an encrypted image: a piece that covers sectors partly
-    /// is merged into their decrypted contents first, under the cipher's
-    /// merge lock.
+    /// encrypted in an encrypted image ([`crate::crypto::DataCipher::write_sectors`]).
     fn write_guest_data(&self, data: &[u8], host: u64, guest: u64) -> Result<()> {
         let Some(cipher) = self.data_cipher()? else {
             return self.write_data(data, host);
         };
-        // Sectors follow the guest offset, the IV's.
-        let head = guest % 512;
-        if head == 0 && data.len() % 512 == 0 {
-            let mut copy = data.to_vec();
-            cipher.encrypt(host, guest, &mut copy);
-            return self.write_data(&copy, host);
-        }
-        let _merging = cipher.merge_lock();
-        let start = self.sector_start(host, head)?;
-        let len = (head + data.len() as u64).next_multiple_of(512) as usize;
-        // At most a cluster and a sector.
-        let mut sectors = vec![0u8; len];
-        self.read_data(&mut sectors, start, guest - head)?;
-        sectors[head as usize..head as usize + data.len()].copy_from_slice(data);
-        cipher.encrypt(start, guest - head, &mut sectors);
-        self.write_data(&sectors, start)
+        cipher.write_sectors(
+            &self.name,
+            data,
+            host,
+            guest,
+            |buf, at| self.read_raw(buf, at),
+            |buf, at| self.write_data(buf, at),
+        )
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
