@@ -117,11 +117,16 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode> {
     if flush_interval > 0 && flush_interval < depth {
         bail!("Flush interval can't be smaller than depth");
     }
-    let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
-    let file = named.path.clone();
-    let mut options = named.options(&args.open)?;
-    options.writable = args.write;
-    let image = crate::open::open(&file, &options)?;
+    let format = args.format.as_deref();
+    let image = match crate::open::nbd_image(&args.file, &args.open, format, args.write)? {
+        Some(export) => export,
+        None => {
+            let named = crate::open::resolve_name(&args.file, &args.open, format)?;
+            let mut options = named.options(&args.open)?;
+            options.writable = args.write;
+            crate::open::open(&named.path, &options)?
+        }
+    };
     let image_size = image.virtual_size();
     // Threads beyond the cores only switch: each keeps one request going.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;

@@ -61,6 +61,11 @@ pub(crate) fn run(args: &CheckArgs) -> Result<ExitCode> {
     if let Some(text) = &args.max_memory {
         check = check.max_memory(option_size("max-memory", text)?);
     }
+    // An NBD export is a raw disk: nothing to check, as qemu-img says.
+    if crate::open::nbd_image(&args.file, &args.open, args.format.as_deref(), false)?.is_some() {
+        crate::report!("This image format does not support checks");
+        return Ok(ExitCode::from(63));
+    }
     let named = crate::open::resolve_name(&args.file, &args.open, args.format.as_deref())?;
     let file = named.path.clone();
     let mut options = named.options(&args.open)?;

@@ -366,7 +366,7 @@ fn existing_output(
     size: u64,
     sync: bool,
 ) -> Result<Image> {
-    if let Some(target) = crate::open::nbd_image(dest, &target_flags(args), None)? {
+    if let Some(target) = crate::open::nbd_image(dest, &target_flags(args), None, true)? {
         if target.virtual_size() < size {
             bail!("output file is smaller than input file");
         }

@@ -136,12 +136,14 @@ pub(crate) fn nbd_kind(arg: &Path, flags: &OpenFlags) -> Option<bool> {
 /// An NBD export named by a URI (`nbd://HOST[:PORT]/EXPORT`,
 /// `nbd+unix:///EXPORT?socket=PATH`) or by options (`driver=nbd,
 /// server.type=unix|inet,server.path=...|server.host=...,server.port=...,
-/// export=...,x-dirty-bitmap=CONTEXT`): a raw disk over the connection.
-/// `None` for any other name.
+/// export=...,x-dirty-bitmap=CONTEXT`): a raw disk over the connection,
+/// refused as qemu-img refuses it when the caller is to `write` and the
+/// server exports it read-only. `None` for any other name.
 pub(crate) fn nbd_image(
     arg: &Path,
     flags: &OpenFlags,
     format: Option<&str>,
+    write: bool,
 ) -> Result<Option<Image>> {
     let text = arg.to_string_lossy();
     let target = match qcow_nbd::client::Target::from_uri(&text) {
@@ -197,6 +199,9 @@ pub(crate) fn nbd_image(
         )
     })?;
     let writable = !client.read_only();
+    if write && !writable {
+        bail!("Could not open '{text}': Could not open image: Permission denied");
+    }
     let size = qcow_io::Storage::len(&client)?;
     let name = client.name().to_owned();
     let raw =
@@ -589,7 +594,7 @@ pub(crate) fn open_image(
     follow: bool,
     copy_source: bool,
 ) -> Result<Image> {
-    if let Some(image) = nbd_image(path, flags, format)? {
+    if let Some(image) = nbd_image(path, flags, format, false)? {
         return Ok(image);
     }
     let named = match named_options(path, flags, format)? {

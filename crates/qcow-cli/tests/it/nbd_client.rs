@@ -186,3 +186,59 @@ fn convert_writes_into_an_export_as_qemu_img_does() {
         assert_eq!(maps[0], maps[1], "{target_args:?}: allocation differs");
     }
 }
+
+#[test]
+fn check_bench_and_read_only_exports_answer_as_in_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let raw = dir.path().join("small.raw");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&image), "4M"])
+            .status
+            .success()
+    );
+    assert!(
+        qemu_img(&["create", "-q", "-f", "raw", p(&raw), "1M"])
+            .status
+            .success()
+    );
+    qemu_io(&image, &["write -P 9 0 1M"]);
+    let socket = dir.path().join("s");
+    let _server = QemuNbd::serve(&image, &socket, &["-r"]);
+    let uri = format!("nbd+unix:///?socket={}", p(&socket));
+    // check: an export is a raw disk, which has no checks (exit 63).
+    let (ours, theirs) = (qcow(&["check", &uri]), qemu_img(&["check", &uri]));
+    assert_eq!(ours.status.code(), Some(63), "{}", stderr(&ours));
+    assert_eq!(theirs.status.code(), Some(63));
+    assert!(stderr(&ours).contains("This image format does not support checks"));
+    // bench reads the export, with qemu-img's first line.
+    let read = [
+        "bench", "-f", "raw", "-c", "2000", "-d", "8", "-s", "4k", &uri,
+    ];
+    let (ours, theirs) = (qcow(&read), qemu_img(&read));
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    assert!(theirs.status.success());
+    let first = |s: String| s.lines().next().unwrap_or_default().to_owned();
+    assert_eq!(first(stdout(&ours)), first(stdout(&theirs)));
+    // Writing into a read-only export is refused when it is opened.
+    let write = ["bench", "-w", "-f", "raw", "-c", "10", &uri];
+    let into = ["convert", "-n", "-O", "raw", p(&raw), &uri];
+    for args in [&write[..], &into[..]] {
+        let (ours, theirs) = (qcow(args), qemu_img(args));
+        assert_eq!(ours.status.code(), Some(1), "{args:?}");
+        assert_eq!(theirs.status.code(), Some(1), "{args:?}");
+        let words = format!("Could not open '{uri}': Could not open image: Permission denied");
+        assert!(
+            stderr(&ours).contains(&words),
+            "{args:?}: {}",
+            stderr(&ours)
+        );
+        assert!(
+            stderr(&theirs).contains(&words),
+            "{args:?}: {}",
+            stderr(&theirs)
+        );
+    }
+    // Nothing was written.
+    same(&["compare", "-f", "raw", "-F", "qcow2", &uri, p(&image)]);
+}
