@@ -118,7 +118,12 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode> {
         bail!("Flush interval can't be smaller than depth");
     }
     let format = args.format.as_deref();
-    let image = match crate::open::nbd_image(&args.file, &args.open, format, args.write)? {
+    let export = crate::open::nbd_image(&args.file, &args.open, format, args.write)?;
+    // An export's requests wait on the server, not the processor: one
+    // thread per request in flight keeps `depth` of them going, as
+    // qemu-img's client does.
+    let waits_on_server = export.is_some();
+    let image = match export {
         Some(export) => export,
         None => {
             let named = crate::open::resolve_name(&args.file, &args.open, format)?;
@@ -130,7 +135,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<ExitCode> {
     let image_size = image.virtual_size();
     // Threads beyond the cores only switch: each keeps one request going.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
-    let workers = depth.min(count.max(1)).min(cores) as usize;
+    let threads = if waits_on_server { depth } else { cores };
+    let workers = depth.min(count.max(1)).min(threads) as usize;
     if !args.quiet {
         let placement = if args.random {
             format!("random offsets, aligned to {bufsize}")

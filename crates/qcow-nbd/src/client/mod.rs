@@ -6,22 +6,26 @@
 //! The handshake is fixed newstyle: structured replies when the server has
 //! them, one metadata context for block status (`base:allocation`, or the
 //! one named, as QEMU's `x-dirty-bitmap` names one), then `NBD_OPT_GO`.
-//! Requests go one at a time over the connection. Everything the server
-//! sends is checked: magic numbers, cookies, chunk lengths against what was
-//! asked; a server that breaks the protocol gets an error, never a panic or
-//! an allocation it sized.
+//! Threads share the connection: each request is in flight beside the
+//! others', and its reply is read into the buffer of the thread that sent
+//! it ([`in_flight`]). Everything the server sends is checked: magic
+//! numbers, cookies, chunk lengths against what was asked; a server that
+//! breaks the protocol gets an error, never a panic or an allocation it
+//! sized.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, PoisonError};
 
 use qcow_io::{Storage, StorageExtent};
 
+mod in_flight;
+
+use in_flight::{Call, Connection};
+
 use crate::protocol::{
-    IHAVEOPT, MAX_BUFFER, MAX_OPTION, NBD_MAGIC, OPTION_REPLY_MAGIC, Request, SIMPLE_REPLY_MAGIC,
-    STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC, chunk, cmd, flag, info, opt, read_u16,
-    read_u32, read_u64, rep,
+    IHAVEOPT, MAX_BUFFER, MAX_OPTION, NBD_MAGIC, OPTION_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, cmd,
+    flag, info, opt, read_u16, read_u32, read_u64, rep,
 };
 
 /// Where the server listens.
@@ -121,6 +125,16 @@ enum Stream {
     Tcp(TcpStream),
 }
 
+impl Stream {
+    /// Another handle on the same connection (one sends, one receives).
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -146,24 +160,13 @@ impl Write for Stream {
     }
 }
 
-/// A connection in the transmission phase.
-#[derive(Debug)]
-struct Connection {
-    stream: Stream,
-    next_cookie: u64,
-    /// A reply was left half read (or a request half sent): the stream
-    /// cannot be trusted any more.
-    broken: bool,
-}
-
 /// One export of an NBD server, as storage.
 #[derive(Debug)]
 pub struct NbdClient {
     name: String,
-    connection: Mutex<Connection>,
+    connection: Connection,
     size: u64,
     flags: u16,
-    structured: bool,
     /// The id of the negotiated metadata context.
     context_id: Option<u32>,
 }
@@ -200,31 +203,6 @@ fn server_error(errno: u32, what: &str) -> io::Error {
         .unwrap_or_default()
         .to_owned();
     io::Error::new(kind, format!("{what}: {text}"))
-}
-
-/// One request: the command, its range, what it sends and what its reply
-/// fills.
-struct Call<'a> {
-    kind: u16,
-    offset: u64,
-    len: u32,
-    payload: &'a [u8],
-    read_into: Option<&'a mut [u8]>,
-    status: Option<&'a mut Vec<(u32, u32)>>,
-}
-
-impl<'a> Call<'a> {
-    /// A command on a range, sending and filling nothing.
-    fn new(kind: u16, offset: u64, len: u32) -> Call<'a> {
-        Call {
-            kind,
-            offset,
-            len,
-            payload: &[],
-            read_into: None,
-            status: None,
-        }
-    }
 }
 
 /// One option reply.
@@ -349,14 +327,9 @@ impl NbdClient {
         let (size, flags) = export.ok_or_else(|| protocol("the server sent no export size"))?;
         Ok(NbdClient {
             name: target.display_name(),
-            connection: Mutex::new(Connection {
-                stream,
-                next_cookie: 1,
-                broken: false,
-            }),
+            connection: Connection::new(stream, structured, context_id)?,
             size,
             flags,
-            structured,
             context_id,
         })
     }
@@ -371,171 +344,10 @@ impl NbdClient {
         self.flags & flag::READ_ONLY != 0
     }
 
-    /// Sends one request and reads its reply: data into `read_into` for a
-    /// READ, block status descriptors into `status` for BLOCK_STATUS.
+    /// Sends one request and waits for its reply (others may be in
+    /// flight meanwhile).
     fn request(&self, call: Call<'_>) -> io::Result<()> {
-        let mut guard = self
-            .connection
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if guard.broken {
-            return Err(protocol("the connection to the server failed earlier"));
-        }
-        guard.broken = true;
-        match self.exchange(&mut guard, call) {
-            // The reply was read whole: the stream is still in step.
-            Ok(answer) => {
-                guard.broken = false;
-                answer
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Sends one request and reads its whole reply. The outer error: the
-    /// stream failed or the server broke the protocol; the inner one: the
-    /// server answered with an error.
-    fn exchange(&self, conn: &mut Connection, call: Call<'_>) -> io::Result<io::Result<()>> {
-        let Call {
-            kind,
-            offset,
-            len,
-            payload,
-            mut read_into,
-            mut status,
-        } = call;
-        let flags = 0;
-        let cookie = conn.next_cookie;
-        conn.next_cookie += 1;
-        let request = Request {
-            flags,
-            kind,
-            cookie,
-            offset,
-            len: u64::from(len),
-        };
-        conn.stream.write_all(&request.encode())?;
-        if !payload.is_empty() {
-            conn.stream.write_all(payload)?;
-        }
-        let stream = &mut conn.stream;
-        let mut error = None;
-        let mut covered = 0u64;
-        loop {
-            let magic = read_u32(stream)?;
-            if magic == SIMPLE_REPLY_MAGIC {
-                let errno = read_u32(stream)?;
-                if read_u64(stream)? != cookie {
-                    return Err(protocol("a reply for another request"));
-                }
-                if errno != 0 {
-                    return Ok(Err(server_error(errno, "the server failed the request")));
-                }
-                if let Some(buf) = read_into.as_deref_mut() {
-                    stream.read_exact(buf)?;
-                }
-                return Ok(Ok(()));
-            }
-            if magic != STRUCTURED_REPLY_MAGIC || !self.structured {
-                return Err(protocol(format!("bad reply magic {magic:#x}")));
-            }
-            let chunk_flags = read_u16(stream)?;
-            let chunk_kind = read_u16(stream)?;
-            if read_u64(stream)? != cookie {
-                return Err(protocol("a reply chunk for another request"));
-            }
-            let chunk_len = read_u32(stream)?;
-            match chunk_kind {
-                chunk::NONE if chunk_len == 0 => {}
-                chunk::OFFSET_DATA => {
-                    let buf = read_into
-                        .as_deref_mut()
-                        .ok_or_else(|| protocol("data for a request that reads none"))?;
-                    if chunk_len < 8 {
-                        return Err(protocol("a data chunk without its offset"));
-                    }
-                    let at = read_u64(stream)?;
-                    let n = u64::from(chunk_len - 8);
-                    let start = at
-                        .checked_sub(offset)
-                        .filter(|s| s.checked_add(n).is_some_and(|end| end <= buf.len() as u64))
-                        .ok_or_else(|| protocol("a data chunk outside the request"))?;
-                    stream.read_exact(&mut buf[start as usize..(start + n) as usize])?;
-                    covered += n;
-                }
-                OFFSET_HOLE => {
-                    let buf = read_into
-                        .as_deref_mut()
-                        .ok_or_else(|| protocol("a hole for a request that reads none"))?;
-                    if chunk_len != 12 {
-                        return Err(protocol("a hole chunk of the wrong length"));
-                    }
-                    let at = read_u64(stream)?;
-                    let n = u64::from(read_u32(stream)?);
-                    let start = at
-                        .checked_sub(offset)
-                        .filter(|s| s.checked_add(n).is_some_and(|end| end <= buf.len() as u64))
-                        .ok_or_else(|| protocol("a hole chunk outside the request"))?;
-                    buf[start as usize..(start + n) as usize].fill(0);
-                    covered += n;
-                }
-                chunk::BLOCK_STATUS => {
-                    let list = status
-                        .as_deref_mut()
-                        .ok_or_else(|| protocol("block status for another request"))?;
-                    if chunk_len < 4 || (chunk_len - 4) % 8 != 0 {
-                        return Err(protocol("a block status chunk of the wrong length"));
-                    }
-                    let data = read_payload(stream, chunk_len, MAX_OPTION)?;
-                    let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
-                    // The first descriptor is all that is used: keeping
-                    // only it bounds what an endless reply can cost.
-                    if Some(id) == self.context_id && list.is_empty() {
-                        if let Some(d) = data[4..].chunks_exact(8).next() {
-                            list.push((
-                                u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
-                                u32::from_be_bytes([d[4], d[5], d[6], d[7]]),
-                            ));
-                        }
-                    }
-                }
-                kind if kind & (1 << 15) != 0 => {
-                    if chunk_len < 6 {
-                        return Err(protocol("an error chunk of the wrong length"));
-                    }
-                    let data = read_payload(stream, chunk_len, MAX_OPTION)?;
-                    let errno = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
-                    let message_len = usize::from(u16::from_be_bytes([data[4], data[5]]));
-                    let message = data
-                        .get(6..6 + message_len)
-                        .map(|m| String::from_utf8_lossy(m).into_owned())
-                        .unwrap_or_default();
-                    let what = if message.is_empty() {
-                        "the server failed the request".to_owned()
-                    } else {
-                        message
-                    };
-                    error.get_or_insert(server_error(errno, &what));
-                }
-                _ => {
-                    // Unknown chunks are skipped (bounded).
-                    read_payload(stream, chunk_len, MAX_OPTION)?;
-                }
-            }
-            if chunk_flags & chunk::FLAG_DONE != 0 {
-                if let Some(e) = error {
-                    return Ok(Err(e));
-                }
-                // A READ's chunks must have covered all it asked for.
-                if read_into.is_some() && covered < u64::from(len) {
-                    return Err(protocol(format!(
-                        "the server's reply left {} of {len} bytes unread",
-                        u64::from(len) - covered
-                    )));
-                }
-                return Ok(Ok(()));
-            }
-        }
+        self.connection.request(call)
     }
 
     /// Splits `offset..offset + len` into requests of at most `max` bytes.
@@ -695,25 +507,14 @@ impl Storage for NbdClient {
 
 impl Drop for NbdClient {
     fn drop(&mut self) {
-        // A polite goodbye; the server closes the connection.
-        let conn = self
-            .connection
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
-        let request = Request {
-            flags: 0,
-            kind: cmd::DISC,
-            cookie: 0,
-            offset: 0,
-            len: 0,
-        };
-        let _ = conn.stream.write_all(&request.encode());
+        self.connection.disconnect();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{STRUCTURED_REPLY_MAGIC, chunk};
 
     /// A server's handshake: structured replies, base:allocation as
     /// context 1, an export of `size` bytes that takes flushes.
@@ -793,25 +594,145 @@ mod tests {
 
     #[test]
     fn a_server_error_keeps_the_connection_and_data_arrives() {
-        let mut script = handshake(1 << 20);
-        let mut error = 5u32.to_be_bytes().to_vec();
-        error.extend_from_slice(&0u16.to_be_bytes());
-        script.extend(chunk(chunk::FLAG_DONE, chunk::ERROR, 1, &error));
-        let mut data = 512u64.to_be_bytes().to_vec();
-        data.extend_from_slice(&[9u8; 512]);
-        script.extend(chunk(
-            0,
-            OFFSET_HOLE,
-            2,
-            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0],
-        ));
-        script.extend(chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, 2, &data));
-        let client = scripted(script);
+        let mut replies = 0;
+        let client = reactive(1, move |stream, requests| {
+            let cookie = requests[0].0;
+            replies += 1;
+            if replies == 1 {
+                let mut error = 5u32.to_be_bytes().to_vec();
+                error.extend_from_slice(&0u16.to_be_bytes());
+                stream
+                    .write_all(&chunk(chunk::FLAG_DONE, chunk::ERROR, cookie, &error))
+                    .unwrap();
+                return;
+            }
+            let mut data = 512u64.to_be_bytes().to_vec();
+            data.extend_from_slice(&[9u8; 512]);
+            let mut out = chunk(
+                0,
+                OFFSET_HOLE,
+                cookie,
+                &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0],
+            );
+            out.extend(chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &data));
+            stream.write_all(&out).unwrap();
+        });
         let mut buf = [1u8; 1024];
         assert!(client.read_at(&mut buf, 0).is_err());
         client.read_at(&mut buf, 0).unwrap();
         assert_eq!(&buf[..512], &[0u8; 512][..]);
         assert_eq!(&buf[512..], &[9u8; 512][..]);
+    }
+
+    /// A server that plays the handshake, then waits for `expected`
+    /// requests at a time (each batch within five seconds) and hands each
+    /// batch to `answer`, which writes the replies, until the client goes.
+    fn reactive(
+        expected: usize,
+        mut answer: impl FnMut(&mut UnixStream, Vec<(u64, u64, u32)>) + Send + 'static,
+    ) -> NbdClient {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            theirs.write_all(&handshake(1 << 20)).unwrap();
+            // The client's flags, then its three options.
+            let mut flags = [0u8; 4];
+            theirs.read_exact(&mut flags).unwrap();
+            for _ in 0..3 {
+                let mut head = [0u8; 16];
+                theirs.read_exact(&mut head).unwrap();
+                let len = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
+                let mut data = vec![0u8; len as usize];
+                theirs.read_exact(&mut data).unwrap();
+            }
+            theirs
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            loop {
+                let mut requests = Vec::new();
+                while requests.len() < expected {
+                    let mut request = [0u8; 28];
+                    // The client went, or never had them all in flight.
+                    if theirs.read_exact(&mut request).is_err() {
+                        return;
+                    }
+                    let field = |at: usize| {
+                        let mut bytes = [0u8; 8];
+                        bytes.copy_from_slice(&request[at..at + 8]);
+                        u64::from_be_bytes(bytes)
+                    };
+                    let len =
+                        u32::from_be_bytes([request[24], request[25], request[26], request[27]]);
+                    requests.push((field(8), field(16), len));
+                }
+                answer(&mut theirs, requests);
+            }
+        });
+        let target = Target {
+            address: Address::Unix(String::new()),
+            export: String::new(),
+            context: None,
+        };
+        NbdClient::over_stream(ours, &target).unwrap()
+    }
+
+    /// The bytes a test export holds at `offset`.
+    fn pattern(offset: u64) -> u8 {
+        (offset / 512) as u8 ^ 0x5a
+    }
+
+    #[test]
+    fn requests_of_many_threads_are_in_flight_at_once_and_replies_find_them() {
+        const THREADS: usize = 8;
+        // The server answers only once all eight reads are in flight: last
+        // first, each in two chunks, the chunks of different replies
+        // interleaved.
+        let client = reactive(THREADS, |stream, requests| {
+            let mut chunks = Vec::new();
+            for half in 0..2u64 {
+                for &(cookie, offset, len) in requests.iter().rev() {
+                    let piece = u64::from(len) / 2;
+                    let at = offset + half * piece;
+                    let mut data = at.to_be_bytes().to_vec();
+                    data.extend((at..at + piece).map(pattern));
+                    let flags = if half == 1 { chunk::FLAG_DONE } else { 0 };
+                    chunks.extend(chunk(flags, chunk::OFFSET_DATA, cookie, &data));
+                }
+            }
+            stream.write_all(&chunks).unwrap();
+        });
+        std::thread::scope(|scope| {
+            for i in 0..THREADS as u64 {
+                let client = &client;
+                scope.spawn(move || {
+                    let offset = i * 4096 + 512;
+                    let mut buf = vec![0u8; 2048];
+                    client.read_at(&mut buf, offset).unwrap();
+                    let expected: Vec<u8> = (offset..offset + 2048).map(pattern).collect();
+                    assert!(buf == expected, "thread {i} read another's data");
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_reply_for_no_request_in_flight_fails_every_waiting_thread() {
+        let client = reactive(2, |stream, _| {
+            let data = [0u8; 8 + 512];
+            stream
+                .write_all(&chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, 99, &data))
+                .unwrap();
+        });
+        std::thread::scope(|scope| {
+            for i in 0..2u64 {
+                let client = &client;
+                scope.spawn(move || {
+                    let mut buf = [0u8; 512];
+                    assert!(client.read_at(&mut buf, i * 512).is_err());
+                });
+            }
+        });
+        let later = client.flush().unwrap_err();
+        assert!(later.to_string().contains("failed earlier"), "{later}");
     }
 
     #[test]
