@@ -5,7 +5,8 @@
 //! reads and 4 KiB writes at queue depth 32; with fio's nbd engine (when
 //! fio is installed) random 4 KiB reads and writes at queue depth 32.
 //! Medians and ratios (qemu-nbd time / qcow time: above 1 means qcow
-//! serves faster).
+//! serves faster). Then the client side: `qcow` and `qemu-img` reading
+//! from one `qemu-nbd` ([`crate::bench_nbd_client`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -84,7 +85,7 @@ fn client(job: &Job, uri: &str) -> Result<f64> {
 }
 
 /// A running server, killed when dropped.
-struct Server(Child);
+pub(crate) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -93,7 +94,8 @@ impl Drop for Server {
     }
 }
 
-fn start(program: &Path, args: &[&str], socket: &Path) -> Result<Server> {
+/// Starts `program` and waits until it listens on `socket`.
+pub(crate) fn start(program: &Path, args: &[&str], socket: &Path) -> Result<Server> {
     let _ = std::fs::remove_file(socket);
     let child = Command::new(program)
         .args(args)
@@ -212,5 +214,5 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "(medians; speedup = qemu-nbd time / qcow time; clients: qemu-img bench and fio's nbd engine over nbd+unix)"
     );
     let _ = std::fs::remove_file(&scratch);
-    Ok(())
+    crate::bench_nbd_client::run(&qcow, &image, &work, runs)
 }

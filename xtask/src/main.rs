@@ -9,7 +9,8 @@
 //!   against `qemu-img convert` on large images, then `qcow check` against
 //!   `qemu-img check`;
 //! * `bench-serve [--runs N] [--qcow PATH]`: `qcow serve` against
-//!   `qemu-nbd` with the same client;
+//!   `qemu-nbd` with the same client, then `qcow` against `qemu-img` as
+//!   clients of one `qemu-nbd`;
 //! * `iotests --qemu-source DIR [--jobs N] [--qcow PATH]`: QEMU's qcow2
 //!   iotests with qemu-img and with qcow in its place, and how many pass.
 
@@ -17,6 +18,7 @@ mod bench;
 mod bench_check;
 mod bench_crypto;
 mod bench_engine;
+mod bench_nbd_client;
 mod bench_serve;
 mod fixtures;
 mod iotests;

@@ -199,6 +199,7 @@ impl Connection {
             // Half a request may be on the wire: nothing after it can be
             // trusted.
             self.break_connection(&e.to_string());
+            self.replies().waiting.remove(&cookie);
             return Err(e);
         }
         Ok(cookie)
@@ -319,9 +320,13 @@ impl Connection {
                 let Some(owner) = replies.waiting.get(&next.cookie()) else {
                     return Err(protocol("a reply for a request not in flight"));
                 };
-                owner.thread.unpark();
+                let owner = owner.thread.clone();
                 replies.header = Some(next);
                 replies.stream = Some(stream);
+                // Woken once the lock is free, so that it need not wait
+                // for it.
+                drop(replies);
+                owner.unpark();
                 return Ok(Turn::HandedOver);
             }
             if let Some(answer) = self.read_chunk(&mut stream, next, call, progress)? {
