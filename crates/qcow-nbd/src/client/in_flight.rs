@@ -115,6 +115,9 @@ pub(super) struct Connection {
     structured: bool,
     /// The id of the negotiated metadata context.
     context_id: Option<u32>,
+    /// A handle on the socket to shut it down with, whoever holds the
+    /// others.
+    closer: Stream,
 }
 
 /// What a request's reply has brought so far.
@@ -133,6 +136,7 @@ impl Connection {
         context_id: Option<u32>,
     ) -> io::Result<Connection> {
         let reading = stream.try_clone()?;
+        let closer = stream.try_clone()?;
         Ok(Connection {
             sender: Mutex::new(Sender {
                 stream,
@@ -146,6 +150,7 @@ impl Connection {
             }),
             structured,
             context_id,
+            closer,
         })
     }
 
@@ -206,9 +211,15 @@ impl Connection {
     }
 
     /// The connection broke (`why`): every thread waiting wakes to fail.
+    /// The socket is shut down too, so that a thread blocked writing a
+    /// request or reading a reply fails at once instead of waiting for a
+    /// server that nobody reads from any more.
     fn break_connection(&self, why: &str) {
         let mut replies = self.replies();
-        replies.broken.get_or_insert_with(|| why.to_owned());
+        if replies.broken.is_none() {
+            replies.broken = Some(why.to_owned());
+            self.closer.shutdown(std::net::Shutdown::Both);
+        }
         replies.header = None;
         for waiter in replies.waiting.values() {
             waiter.thread.unpark();
@@ -247,7 +258,20 @@ impl Connection {
                     replies = self.replies();
                 }
             };
-            match self.read_replies(stream, header, cookie, &mut call, &mut progress) {
+            // A thread that panics while it holds the stream takes it
+            // along: the connection breaks, so that nobody waits for it.
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.read_replies(stream, header, cookie, &mut call, &mut progress)
+            }));
+            let read = match read {
+                Ok(read) => read,
+                Err(panic) => {
+                    self.break_connection("a thread reading a reply panicked");
+                    self.replies().waiting.remove(&cookie);
+                    std::panic::resume_unwind(panic);
+                }
+            };
+            match read {
                 Ok(Turn::Done(mut stream, answer)) => {
                     // The next reply's header, when it is already here,
                     // goes straight to its thread; otherwise a thread

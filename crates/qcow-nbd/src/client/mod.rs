@@ -126,6 +126,15 @@ enum Stream {
 }
 
 impl Stream {
+    /// Shuts the connection down (`how`), errors ignored: it is being
+    /// given up.
+    fn shutdown(&self, how: std::net::Shutdown) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
+        };
+    }
+
     /// Another handle on the same connection (one sends, one receives).
     fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
@@ -633,17 +642,7 @@ mod tests {
     ) -> NbdClient {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         std::thread::spawn(move || {
-            theirs.write_all(&handshake(1 << 20)).unwrap();
-            // The client's flags, then its three options.
-            let mut flags = [0u8; 4];
-            theirs.read_exact(&mut flags).unwrap();
-            for _ in 0..3 {
-                let mut head = [0u8; 16];
-                theirs.read_exact(&mut head).unwrap();
-                let len = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
-                let mut data = vec![0u8; len as usize];
-                theirs.read_exact(&mut data).unwrap();
-            }
+            play_handshake(&mut theirs);
             theirs
                 .set_read_timeout(Some(std::time::Duration::from_secs(5)))
                 .unwrap();
@@ -673,6 +672,68 @@ mod tests {
             context: None,
         };
         NbdClient::over_stream(ours, &target).unwrap()
+    }
+
+    /// Plays a server's side of the handshake on `stream` ([`handshake`]),
+    /// reading what the client says.
+    fn play_handshake(stream: &mut UnixStream) {
+        stream.write_all(&handshake(1 << 20)).unwrap();
+        // The client's flags, then its three options.
+        let mut flags = [0u8; 4];
+        stream.read_exact(&mut flags).unwrap();
+        for _ in 0..3 {
+            let mut head = [0u8; 16];
+            stream.read_exact(&mut head).unwrap();
+            let len = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
+            let mut data = vec![0u8; len as usize];
+            stream.read_exact(&mut data).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_broken_connection_frees_a_thread_blocked_sending() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            play_handshake(&mut theirs);
+            // The first request (a read), then nothing more is read: a
+            // big write after it fills the socket and blocks.
+            let mut request = [0u8; 28];
+            theirs.read_exact(&mut request).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            // A reply no client can parse: the connection breaks.
+            theirs.write_all(&[0xee; 32]).unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(30));
+        });
+        let target = Target {
+            address: Address::Unix(String::new()),
+            export: String::new(),
+            context: None,
+        };
+        let client = std::sync::Arc::new(NbdClient::over_stream(ours, &target).unwrap());
+        let (done, finished) = std::sync::mpsc::channel();
+        for writes in [false, true] {
+            let (client, done) = (client.clone(), done.clone());
+            std::thread::spawn(move || {
+                let failed = if writes {
+                    client.write_at(&vec![1u8; 8 << 20], 0).is_err()
+                } else {
+                    let mut buf = [0u8; 4096];
+                    client.read_at(&mut buf, 0).is_err()
+                };
+                let _ = done.send((writes, failed));
+            });
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        for _ in 0..2 {
+            let (writes, failed) = finished
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("a thread still hangs on the broken connection");
+            assert!(
+                failed,
+                "the {} succeeded",
+                if writes { "write" } else { "read" }
+            );
+        }
     }
 
     /// The bytes a test export holds at `offset`.
