@@ -71,6 +71,12 @@ pub fn nbd(data: &[u8]) {
 /// (handshake and replies), then it hangs up. The client must fail cleanly
 /// or work, whatever the bytes: no panic, no allocation sized by them, no
 /// wait past the end of the stream.
+///
+/// Replies written ahead of their requests are refused by the client (a
+/// reply for a request not in flight breaks the connection), so only the
+/// first request's reply is parsed in full: the input's last byte says
+/// which request goes first (reads, block status, or a write and a flush),
+/// so that every kind of reply gets parsed.
 pub fn nbd_client(data: &[u8]) {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
@@ -78,6 +84,7 @@ pub fn nbd_client(data: &[u8]) {
     let Ok((client_end, mut server_end)) = UnixStream::pair() else {
         return;
     };
+    let first = data.last().map_or(0, |b| usize::from(*b % 3));
     let data = data.to_vec();
     let Ok(mut drain) = server_end.try_clone() else {
         return;
@@ -98,14 +105,28 @@ pub fn nbd_client(data: &[u8]) {
     };
     if let Ok(client) = qcow_nbd::client::NbdClient::over_stream(client_end, &target) {
         let size = qcow_io::Storage::len(&client).unwrap_or(0);
-        let mut buf = vec![0u8; 4096];
-        for offset in [0, size / 2, size.saturating_sub(4096)] {
-            let len = (size - offset.min(size)).min(4096) as usize;
-            let _ = qcow_io::Storage::read_at(&client, &mut buf[..len], offset);
-            let _ = qcow_io::Storage::extent(&client, offset, 1 << 20);
+        let offsets = [0, size / 2, size.saturating_sub(4096)];
+        let reads = || {
+            let mut buf = vec![0u8; 4096];
+            for offset in offsets {
+                let len = (size - offset.min(size)).min(4096) as usize;
+                let _ = qcow_io::Storage::read_at(&client, &mut buf[..len], offset);
+            }
+        };
+        let extents = || {
+            for offset in offsets {
+                let _ = qcow_io::Storage::extent(&client, offset, 1 << 20);
+            }
+        };
+        let writes = || {
+            let buf = [0u8; 512];
+            let _ = qcow_io::Storage::write_at(&client, &buf[..512.min(size as usize)], 0);
+            let _ = qcow_io::Storage::flush(&client);
+        };
+        let kinds: [&dyn Fn(); 3] = [&reads, &extents, &writes];
+        for i in 0..kinds.len() {
+            kinds[(first + i) % kinds.len()]();
         }
-        let _ = qcow_io::Storage::write_at(&client, &buf[..512.min(size as usize)], 0);
-        let _ = qcow_io::Storage::flush(&client);
         drop(client);
     }
     let _ = feeder.join();
