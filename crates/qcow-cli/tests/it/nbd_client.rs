@@ -242,3 +242,24 @@ fn check_bench_and_read_only_exports_answer_as_in_qemu_img() {
     // Nothing was written.
     same(&["compare", "-f", "raw", "-F", "qcow2", &uri, p(&image)]);
 }
+
+#[test]
+fn a_large_sparse_export_maps_as_in_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("big.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&image), "16G"])
+            .status
+            .success()
+    );
+    // Data past the first 2 GiB span of a block status request, and
+    // across the end of one.
+    qemu_io(&image, &["write 5G 1M", "write 4095M 2M", "write -z 12G 64k"]);
+    let socket = dir.path().join("s");
+    let _server = QemuNbd::serve(&image, &socket, &["-r"]);
+    let uri = format!("nbd+unix:///?socket={}", p(&socket));
+    for output in ["--output=human", "--output=json"] {
+        let map = same(&["map", output, &uri]);
+        assert!(map.contains("0x140000000") || map.contains("5368709120"), "{map}");
+    }
+}

@@ -24,8 +24,8 @@ mod in_flight;
 use in_flight::{Call, Connection};
 
 use crate::protocol::{
-    IHAVEOPT, MAX_BUFFER, MAX_OPTION, NBD_MAGIC, OPTION_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, cmd,
-    flag, info, opt, read_u16, read_u32, read_u64, rep,
+    IHAVEOPT, MAX_OPTION, NBD_MAGIC, OPTION_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, cmd, flag, info,
+    opt, read_u16, read_u32, read_u64, rep,
 };
 
 /// Where the server listens.
@@ -371,6 +371,10 @@ impl NbdClient {
 /// A hole chunk (`NBD_REPLY_TYPE_OFFSET_HOLE`).
 const OFFSET_HOLE: u16 = 2;
 
+/// Largest range one BLOCK_STATUS request asks about: `i32::MAX` bytes
+/// rounded down to whole sectors, as QEMU's client asks.
+const BLOCK_STATUS_SPAN: u64 = i32::MAX as u64 & !0x1ff;
+
 /// Largest piece of one READ or WRITE request.
 const PIECE: u64 = 8 << 20;
 
@@ -492,7 +496,9 @@ impl Storage for NbdClient {
             return Ok(StorageExtent::data(len));
         }
         let mut status = Vec::new();
-        let asked = len.min(u64::from(MAX_BUFFER)) as u32;
+        // Block status reads no data: one request may span up to 2 GiB,
+        // as QEMU's client asks (a larger length does not fit its field).
+        let asked = len.min(BLOCK_STATUS_SPAN) as u32;
         self.request(Call {
             status: Some(&mut status),
             ..Call::new(cmd::BLOCK_STATUS, offset, asked)
