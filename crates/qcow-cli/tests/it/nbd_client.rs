@@ -254,12 +254,18 @@ fn a_large_sparse_export_maps_as_in_qemu_img() {
     );
     // Data past the first 2 GiB span of a block status request, and
     // across the end of one.
-    qemu_io(&image, &["write 5G 1M", "write 4095M 2M", "write -z 12G 64k"]);
+    qemu_io(
+        &image,
+        &["write 5G 1M", "write 4095M 2M", "write -z 12G 64k"],
+    );
     let socket = dir.path().join("s");
     let _server = QemuNbd::serve(&image, &socket, &["-r"]);
     let uri = format!("nbd+unix:///?socket={}", p(&socket));
     for output in ["--output=human", "--output=json"] {
         let map = same(&["map", output, &uri]);
-        assert!(map.contains("0x140000000") || map.contains("5368709120"), "{map}");
+        assert!(
+            map.contains("0x140000000") || map.contains("5368709120"),
+            "{map}"
+        );
     }
 }

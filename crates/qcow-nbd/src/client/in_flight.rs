@@ -17,6 +17,7 @@ use std::io::{self, BufReader, Write};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::Thread;
 
+use super::coverage::{Coverage, Refused};
 use super::{OFFSET_HOLE, Stream, protocol, read_payload, server_error};
 use crate::protocol::{
     MAX_OPTION, Request, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk, cmd, read_u16,
@@ -124,8 +125,20 @@ pub(super) struct Connection {
 struct Progress {
     /// The server's error, if it sent one.
     error: Option<io::Error>,
-    /// Bytes of a READ the reply has covered.
-    covered: u64,
+    /// The bytes of a READ the reply has covered.
+    covered: Coverage,
+}
+
+impl Progress {
+    /// A chunk filled `start..start + len` of the READ's buffer.
+    fn cover(&mut self, start: u64, len: u64) -> io::Result<()> {
+        self.covered
+            .add(start, len)
+            .map_err(|refused| match refused {
+                Refused::Overlap => protocol("reply chunks that overlap"),
+                Refused::Scattered => protocol("a reply scattered in too many chunks"),
+            })
+    }
 }
 
 impl Connection {
@@ -231,7 +244,7 @@ impl Connection {
     fn wait_for_reply(&self, cookie: u64, mut call: Call<'_>) -> io::Result<()> {
         let mut progress = Progress {
             error: None,
-            covered: 0,
+            covered: Coverage::default(),
         };
         loop {
             let (stream, header) = {
@@ -428,7 +441,7 @@ impl Connection {
                     .filter(|s| s.checked_add(n).is_some_and(|end| end <= buf.len() as u64))
                     .ok_or_else(|| protocol("a data chunk outside the request"))?;
                 io::Read::read_exact(stream, &mut buf[start as usize..(start + n) as usize])?;
-                progress.covered += n;
+                progress.cover(start, n)?;
             }
             OFFSET_HOLE => {
                 let buf = call
@@ -445,7 +458,7 @@ impl Connection {
                     .filter(|s| s.checked_add(n).is_some_and(|end| end <= buf.len() as u64))
                     .ok_or_else(|| protocol("a hole chunk outside the request"))?;
                 buf[start as usize..(start + n) as usize].fill(0);
-                progress.covered += n;
+                progress.cover(start, n)?;
             }
             chunk::BLOCK_STATUS => {
                 let list = call
@@ -498,10 +511,11 @@ impl Connection {
             return Ok(Some(Err(e)));
         }
         // A READ's chunks must have covered all it asked for.
-        if call.read_into.is_some() && progress.covered < u64::from(call.len) {
+        let covered = progress.covered.total();
+        if call.read_into.is_some() && covered < u64::from(call.len) {
             return Err(protocol(format!(
                 "the server's reply left {} of {} bytes unread",
-                u64::from(call.len) - progress.covered,
+                u64::from(call.len) - covered,
                 call.len
             )));
         }

@@ -19,6 +19,7 @@ use std::os::unix::net::UnixStream;
 
 use qcow_io::{Storage, StorageExtent};
 
+mod coverage;
 mod in_flight;
 
 use in_flight::{Call, Connection};
@@ -800,6 +801,21 @@ mod tests {
         });
         let later = client.flush().unwrap_err();
         assert!(later.to_string().contains("failed earlier"), "{later}");
+    }
+
+    #[test]
+    fn a_read_answered_twice_for_one_half_and_never_for_the_other_fails() {
+        let client = reactive(1, |stream, requests| {
+            let (cookie, offset, _) = requests[0];
+            let mut data = offset.to_be_bytes().to_vec();
+            data.extend_from_slice(&[3u8; 512]);
+            let mut out = chunk(0, chunk::OFFSET_DATA, cookie, &data);
+            out.extend(chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &data));
+            stream.write_all(&out).unwrap();
+        });
+        let mut buf = [0u8; 1024];
+        let error = client.read_at(&mut buf, 4096).unwrap_err();
+        assert!(error.to_string().contains("overlap"), "{error}");
     }
 
     #[test]
