@@ -266,6 +266,18 @@ impl Request {
         }
     }
 
+    /// The extended header as sent (64 bits of length).
+    pub fn encode_extended(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        out[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        out[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        out[24..32].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
     /// The header as sent (for clients and tests).
     pub fn encode(&self) -> [u8; 28] {
         let mut out = [0u8; 28];

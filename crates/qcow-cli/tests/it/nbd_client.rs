@@ -269,3 +269,46 @@ fn a_large_sparse_export_maps_as_in_qemu_img() {
         );
     }
 }
+
+#[test]
+fn the_client_says_goodbye_in_the_form_it_negotiated() {
+    // qemu-nbd negotiates extended headers with qcow: the disconnect must
+    // come in the extended form too, or qemu-nbd complains that the
+    // client left in the middle of a request.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", p(&image), "1G"])
+            .status
+            .success()
+    );
+    let socket = dir.path().join("s");
+    let log = dir.path().join("qemu-nbd.log");
+    let mut server = Command::new("qemu-nbd")
+        .args(["-t", "-r", "-f", "qcow2", "-k"])
+        .arg(&socket)
+        .arg(&image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("qemu-nbd is required for the NBD client tests");
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "qemu-nbd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", p(&socket));
+    for args in [&["info", &uri][..], &["map", &uri][..]] {
+        let o = qcow(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = server.kill();
+    let _ = server.wait();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!said.contains("Disconnect client"), "qemu-nbd: {said}");
+}

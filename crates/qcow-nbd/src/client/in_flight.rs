@@ -20,8 +20,8 @@ use std::thread::Thread;
 use super::coverage::{Coverage, Refused};
 use super::{OFFSET_HOLE, Stream, protocol, read_payload, server_error};
 use crate::protocol::{
-    MAX_OPTION, Request, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk, cmd, read_u16,
-    read_u32, read_u64,
+    EXTENDED_REPLY_MAGIC, MAX_OPTION, Request, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk,
+    cmd, read_u16, read_u32, read_u64,
 };
 
 /// One request: the command, its range, what it sends and what its reply
@@ -29,15 +29,15 @@ use crate::protocol::{
 pub(super) struct Call<'a> {
     pub(super) kind: u16,
     pub(super) offset: u64,
-    pub(super) len: u32,
+    pub(super) len: u64,
     pub(super) payload: &'a [u8],
     pub(super) read_into: Option<&'a mut [u8]>,
-    pub(super) status: Option<&'a mut Vec<(u32, u32)>>,
+    pub(super) status: Option<&'a mut Vec<(u64, u64)>>,
 }
 
 impl<'a> Call<'a> {
     /// A command on a range, sending and filling nothing.
-    pub(super) fn new(kind: u16, offset: u64, len: u32) -> Call<'a> {
+    pub(super) fn new(kind: u16, offset: u64, len: u64) -> Call<'a> {
         Call {
             kind,
             offset,
@@ -56,11 +56,13 @@ enum Header {
         errno: u32,
         cookie: u64,
     },
+    /// A structured reply chunk, compact or extended (whose 64-bit
+    /// length is the payload's).
     Chunk {
         flags: u16,
         kind: u16,
         cookie: u64,
-        len: u32,
+        len: u64,
     },
 }
 
@@ -107,13 +109,23 @@ struct Waiter {
     ready: bool,
 }
 
+/// The reply and request forms the handshake settled on.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Headers {
+    /// Structured replies.
+    pub(super) structured: bool,
+    /// Extended headers: 64-bit lengths in requests and replies, every
+    /// reply chunk in the extended form.
+    pub(super) extended: bool,
+}
+
 /// One connection in the transmission phase.
 #[derive(Debug)]
 pub(super) struct Connection {
     sender: Mutex<Sender>,
     replies: Mutex<Replies>,
-    /// Structured replies were negotiated.
-    structured: bool,
+    /// The header forms negotiated.
+    headers: Headers,
     /// The id of the negotiated metadata context.
     context_id: Option<u32>,
     /// A handle on the socket to shut it down with, whoever holds the
@@ -145,7 +157,7 @@ impl Connection {
     /// A connection over `stream`, past the handshake.
     pub(super) fn new(
         stream: Stream,
-        structured: bool,
+        headers: Headers,
         context_id: Option<u32>,
     ) -> io::Result<Connection> {
         let reading = stream.try_clone()?;
@@ -161,10 +173,16 @@ impl Connection {
                 waiting: HashMap::new(),
                 broken: None,
             }),
-            structured,
+            headers,
             context_id,
             closer,
         })
+    }
+
+    /// Whether extended headers were negotiated (requests may then ask
+    /// about more than 4 GiB).
+    pub(super) fn extended(&self) -> bool {
+        self.headers.extended
     }
 
     fn replies(&self) -> MutexGuard<'_, Replies> {
@@ -183,6 +201,12 @@ impl Connection {
     /// Sends `call`'s request under a new cookie, its thread registered as
     /// waiting first (so that no reply can come for a cookie not known).
     fn send(&self, call: &Call<'_>) -> io::Result<u64> {
+        if !self.headers.extended && call.len > u64::from(u32::MAX) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a request longer than 4 GiB needs extended headers",
+            ));
+        }
         let mut sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
         let cookie = sender.next_cookie;
         sender.next_cookie += 1;
@@ -204,15 +228,17 @@ impl Connection {
             kind: call.kind,
             cookie,
             offset: call.offset,
-            len: u64::from(call.len),
+            len: call.len,
         };
-        let sent = sender
-            .stream
-            .write_all(&request.encode())
-            .and_then(|()| match call.payload {
-                [] => Ok(()),
-                payload => sender.stream.write_all(payload),
-            });
+        let sent = if self.headers.extended {
+            sender.stream.write_all(&request.encode_extended())
+        } else {
+            sender.stream.write_all(&request.encode())
+        };
+        let sent = sent.and_then(|()| match call.payload {
+            [] => Ok(()),
+            payload => sender.stream.write_all(payload),
+        });
         if let Err(e) = sent {
             // Half a request may be on the wire: nothing after it can be
             // trusted.
@@ -375,18 +401,35 @@ impl Connection {
     /// Reads the head of a reply or of a structured reply's chunk.
     fn read_header(&self, stream: &mut impl io::Read) -> io::Result<Header> {
         let magic = read_u32(stream)?;
+        if self.headers.extended {
+            // Every reply chunk comes in the extended form.
+            if magic != EXTENDED_REPLY_MAGIC {
+                return Err(protocol(format!("bad reply magic {magic:#x}")));
+            }
+            let flags = read_u16(stream)?;
+            let kind = read_u16(stream)?;
+            let cookie = read_u64(stream)?;
+            let _offset = read_u64(stream)?;
+            let len = read_u64(stream)?;
+            return Ok(Header::Chunk {
+                flags,
+                kind,
+                cookie,
+                len,
+            });
+        }
         if magic == SIMPLE_REPLY_MAGIC {
             let errno = read_u32(stream)?;
             let cookie = read_u64(stream)?;
             return Ok(Header::Simple { errno, cookie });
         }
-        if magic != STRUCTURED_REPLY_MAGIC || !self.structured {
+        if magic != STRUCTURED_REPLY_MAGIC || !self.headers.structured {
             return Err(protocol(format!("bad reply magic {magic:#x}")));
         }
         let flags = read_u16(stream)?;
         let kind = read_u16(stream)?;
         let cookie = read_u64(stream)?;
-        let len = read_u32(stream)?;
+        let len = u64::from(read_u32(stream)?);
         Ok(Header::Chunk {
             flags,
             kind,
@@ -435,7 +478,7 @@ impl Connection {
                     return Err(protocol("a data chunk without its offset"));
                 }
                 let at = read_u64(stream)?;
-                let n = u64::from(len - 8);
+                let n = len - 8;
                 let start = at
                     .checked_sub(offset)
                     .filter(|s| s.checked_add(n).is_some_and(|end| end <= buf.len() as u64))
@@ -465,7 +508,7 @@ impl Connection {
                     .status
                     .as_deref_mut()
                     .ok_or_else(|| protocol("block status for another request"))?;
-                if len < 4 || (len - 4) % 8 != 0 {
+                if self.headers.extended || len < 4 || (len - 4) % 8 != 0 {
                     return Err(protocol("a block status chunk of the wrong length"));
                 }
                 let data = read_payload(stream, len, MAX_OPTION)?;
@@ -475,9 +518,32 @@ impl Connection {
                 if Some(id) == self.context_id && list.is_empty() {
                     if let Some(d) = data[4..].chunks_exact(8).next() {
                         list.push((
-                            u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
-                            u32::from_be_bytes([d[4], d[5], d[6], d[7]]),
+                            u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]])),
+                            u64::from(u32::from_be_bytes([d[4], d[5], d[6], d[7]])),
                         ));
+                    }
+                }
+            }
+            chunk::BLOCK_STATUS_EXT => {
+                let list = call
+                    .status
+                    .as_deref_mut()
+                    .ok_or_else(|| protocol("block status for another request"))?;
+                if !self.headers.extended || len < 8 || (len - 8) % 16 != 0 {
+                    return Err(protocol("a block status chunk of the wrong length"));
+                }
+                let data = read_payload(stream, len, MAX_OPTION)?;
+                let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+                // After the context and the descriptor count, 64-bit
+                // lengths and flags; the first is all that is used.
+                if Some(id) == self.context_id && list.is_empty() {
+                    if let Some(d) = data[8..].chunks_exact(16).next() {
+                        let word = |at: usize| {
+                            let mut bytes = [0u8; 8];
+                            bytes.copy_from_slice(&d[at..at + 8]);
+                            u64::from_be_bytes(bytes)
+                        };
+                        list.push((word(0), word(8)));
                     }
                 }
             }
@@ -512,10 +578,10 @@ impl Connection {
         }
         // A READ's chunks must have covered all it asked for.
         let covered = progress.covered.total();
-        if call.read_into.is_some() && covered < u64::from(call.len) {
+        if call.read_into.is_some() && covered < call.len {
             return Err(protocol(format!(
                 "the server's reply left {} of {} bytes unread",
-                u64::from(call.len) - covered,
+                call.len - covered,
                 call.len
             )));
         }
@@ -535,7 +601,11 @@ impl Connection {
             offset: 0,
             len: 0,
         };
-        let _ = sender.stream.write_all(&request.encode());
+        let _ = if self.headers.extended {
+            sender.stream.write_all(&request.encode_extended())
+        } else {
+            sender.stream.write_all(&request.encode())
+        };
     }
 }
 
@@ -546,6 +616,7 @@ fn header_buffered(stream: &BufReader<Stream>) -> bool {
     match buffered.get(..4) {
         Some(magic) if magic == SIMPLE_REPLY_MAGIC.to_be_bytes() => buffered.len() >= 16,
         Some(magic) if magic == STRUCTURED_REPLY_MAGIC.to_be_bytes() => buffered.len() >= 20,
+        Some(magic) if magic == EXTENDED_REPLY_MAGIC.to_be_bytes() => buffered.len() >= 32,
         // Anything else is read (and refused) by the next reader.
         _ => false,
     }

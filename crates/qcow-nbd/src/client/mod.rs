@@ -3,9 +3,10 @@
 //! reads, maps and writes like any other (qemu-img's `nbd://` and
 //! `nbd+unix://` names and its `driver=nbd` options).
 //!
-//! The handshake is fixed newstyle: structured replies when the server has
-//! them, one metadata context for block status (`base:allocation`, or the
-//! one named, as QEMU's `x-dirty-bitmap` names one), then `NBD_OPT_GO`.
+//! The handshake is fixed newstyle: extended headers (64-bit lengths) or
+//! else structured replies when the server has them, one metadata context
+//! for block status (`base:allocation`, or the one named, as QEMU's
+//! `x-dirty-bitmap` names one), then `NBD_OPT_GO`.
 //! Threads share the connection: each request is in flight beside the
 //! others', and its reply is read into the buffer of the thread that sent
 //! it ([`in_flight`]). Everything the server sends is checked: magic
@@ -22,7 +23,7 @@ use qcow_io::{Storage, StorageExtent};
 mod coverage;
 mod in_flight;
 
-use in_flight::{Call, Connection};
+use in_flight::{Call, Connection, Headers};
 
 use crate::protocol::{
     IHAVEOPT, MAX_OPTION, NBD_MAGIC, OPTION_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, cmd, flag, info,
@@ -187,8 +188,8 @@ fn protocol(message: impl Into<String>) -> io::Error {
 }
 
 /// Reads `len` bytes the server announced, refusing more than `max`.
-fn read_payload(stream: &mut impl Read, len: u32, max: u32) -> io::Result<Vec<u8>> {
-    if len > max {
+fn read_payload(stream: &mut impl Read, len: u64, max: u32) -> io::Result<Vec<u8>> {
+    if len > u64::from(max) {
         return Err(protocol(format!(
             "the server announced {len} bytes where at most {max} fit"
         )));
@@ -259,10 +260,16 @@ impl NbdClient {
         let client_flags = u32::from(crate::protocol::FLAG_FIXED_NEWSTYLE) | u32::from(no_zeroes);
         stream.write_all(&client_flags.to_be_bytes())?;
 
-        // Structured replies, when the server has them.
-        send_option(&mut stream, opt::STRUCTURED_REPLY, &[])?;
-        let reply = read_option_reply(&mut stream, opt::STRUCTURED_REPLY)?;
-        let structured = reply.kind == rep::ACK;
+        // Extended headers (64-bit lengths; structured replies with
+        // them), else structured replies, when the server has them.
+        send_option(&mut stream, opt::EXTENDED_HEADERS, &[])?;
+        let reply = read_option_reply(&mut stream, opt::EXTENDED_HEADERS)?;
+        let extended = reply.kind == rep::ACK;
+        let structured = extended || {
+            send_option(&mut stream, opt::STRUCTURED_REPLY, &[])?;
+            let reply = read_option_reply(&mut stream, opt::STRUCTURED_REPLY)?;
+            reply.kind == rep::ACK
+        };
 
         // One metadata context for block status.
         let mut context_id = None;
@@ -337,7 +344,14 @@ impl NbdClient {
         let (size, flags) = export.ok_or_else(|| protocol("the server sent no export size"))?;
         Ok(NbdClient {
             name: target.display_name(),
-            connection: Connection::new(stream, structured, context_id)?,
+            connection: Connection::new(
+                stream,
+                Headers {
+                    structured,
+                    extended,
+                },
+                context_id,
+            )?,
             size,
             flags,
             context_id,
@@ -402,7 +416,7 @@ fn read_option_reply(stream: &mut impl Read, option: u32) -> io::Result<OptionRe
     }
     let kind = read_u32(stream)?;
     let len = read_u32(stream)?;
-    let data = read_payload(stream, len, MAX_OPTION)?;
+    let data = read_payload(stream, u64::from(len), MAX_OPTION)?;
     Ok(OptionReply { kind, data })
 }
 
@@ -420,7 +434,7 @@ impl Storage for NbdClient {
             let piece = &mut buf[start..start + len as usize];
             self.request(Call {
                 read_into: Some(piece),
-                ..Call::new(cmd::READ, at, len as u32)
+                ..Call::new(cmd::READ, at, len)
             })?;
         }
         Ok(())
@@ -438,7 +452,7 @@ impl Storage for NbdClient {
             let piece = &buf[start..start + len as usize];
             self.request(Call {
                 payload: piece,
-                ..Call::new(cmd::WRITE, at, len as u32)
+                ..Call::new(cmd::WRITE, at, len)
             })?;
         }
         Ok(())
@@ -470,7 +484,7 @@ impl Storage for NbdClient {
             return Ok(());
         }
         for (at, n) in Self::pieces(offset, len, u64::from(u32::MAX) & !0xfff) {
-            self.request(Call::new(cmd::TRIM, at, n as u32))?;
+            self.request(Call::new(cmd::TRIM, at, n))?;
         }
         Ok(())
     }
@@ -484,7 +498,7 @@ impl Storage for NbdClient {
             return Ok(());
         }
         for (at, n) in Self::pieces(offset, len, u64::from(u32::MAX) & !0xfff) {
-            self.request(Call::new(cmd::WRITE_ZEROES, at, n as u32))?;
+            self.request(Call::new(cmd::WRITE_ZEROES, at, n))?;
         }
         Ok(())
     }
@@ -497,9 +511,14 @@ impl Storage for NbdClient {
             return Ok(StorageExtent::data(len));
         }
         let mut status = Vec::new();
-        // Block status reads no data: one request may span up to 2 GiB,
-        // as QEMU's client asks (a larger length does not fit its field).
-        let asked = len.min(BLOCK_STATUS_SPAN) as u32;
+        // Block status reads no data: one request may span the rest of
+        // the export under extended headers, else up to 2 GiB, as QEMU's
+        // client asks (a larger length does not fit the field).
+        let asked = if self.connection.extended() {
+            len
+        } else {
+            len.min(BLOCK_STATUS_SPAN)
+        };
         self.request(Call {
             status: Some(&mut status),
             ..Call::new(cmd::BLOCK_STATUS, offset, asked)
@@ -514,9 +533,9 @@ impl Storage for NbdClient {
         // zeros only with the zero flag (base:allocation sets it on every
         // hole qemu-nbd reports); data may read as zeros too.
         Ok(StorageExtent {
-            data: flags & STATE_HOLE == 0,
-            zero: flags & STATE_ZERO != 0,
-            len: u64::from(run).min(len),
+            data: flags & u64::from(STATE_HOLE) == 0,
+            zero: flags & u64::from(STATE_ZERO) != 0,
+            len: run.min(len),
         })
     }
 }
@@ -546,6 +565,8 @@ mod tests {
         let mut out = NBD_MAGIC.to_be_bytes().to_vec();
         out.extend_from_slice(&IHAVEOPT.to_be_bytes());
         out.extend_from_slice(&3u16.to_be_bytes());
+        // No extended headers: the compact forms.
+        out.extend(reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
         out.extend(reply(opt::STRUCTURED_REPLY, rep::ACK, &[]));
         let mut context = 1u32.to_be_bytes().to_vec();
         context.extend_from_slice(b"base:allocation");
@@ -685,10 +706,10 @@ mod tests {
     /// reading what the client says.
     fn play_handshake(stream: &mut UnixStream) {
         stream.write_all(&handshake(1 << 20)).unwrap();
-        // The client's flags, then its three options.
+        // The client's flags, then its four options.
         let mut flags = [0u8; 4];
         stream.read_exact(&mut flags).unwrap();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let mut head = [0u8; 16];
             stream.read_exact(&mut head).unwrap();
             let len = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
