@@ -554,6 +554,11 @@ mod tests {
     /// A server's handshake: structured replies, base:allocation as
     /// context 1, an export of `size` bytes that takes flushes.
     fn handshake(size: u64) -> Vec<u8> {
+        handshake_in(size, false)
+    }
+
+    /// [`handshake`], with extended headers when `extended`.
+    fn handshake_in(size: u64, extended: bool) -> Vec<u8> {
         let reply = |option: u32, kind: u32, data: &[u8]| {
             let mut out = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
             out.extend_from_slice(&option.to_be_bytes());
@@ -565,9 +570,13 @@ mod tests {
         let mut out = NBD_MAGIC.to_be_bytes().to_vec();
         out.extend_from_slice(&IHAVEOPT.to_be_bytes());
         out.extend_from_slice(&3u16.to_be_bytes());
-        // No extended headers: the compact forms.
-        out.extend(reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
-        out.extend(reply(opt::STRUCTURED_REPLY, rep::ACK, &[]));
+        if extended {
+            out.extend(reply(opt::EXTENDED_HEADERS, rep::ACK, &[]));
+        } else {
+            // No extended headers: the compact forms.
+            out.extend(reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
+            out.extend(reply(opt::STRUCTURED_REPLY, rep::ACK, &[]));
+        }
         let mut context = 1u32.to_be_bytes().to_vec();
         context.extend_from_slice(b"base:allocation");
         out.extend(reply(opt::SET_META_CONTEXT, rep::META_CONTEXT, &context));
@@ -588,6 +597,54 @@ mod tests {
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         out.extend_from_slice(payload);
         out
+    }
+
+    /// An extended reply chunk header and its payload.
+    fn extended_chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out =
+            crate::protocol::extended_header(flags, kind, cookie, 0, payload.len() as u64).to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn extended_headers_bring_block_status_past_4_gib() {
+        let size = 8 << 30;
+        let mut script = handshake_in(size, true);
+        let mut status = 1u32.to_be_bytes().to_vec();
+        status.extend_from_slice(&1u32.to_be_bytes());
+        status.extend_from_slice(&(6u64 << 30).to_be_bytes());
+        status.extend_from_slice(&u64::from(STATE_HOLE | STATE_ZERO).to_be_bytes());
+        script.extend(extended_chunk(
+            chunk::FLAG_DONE,
+            chunk::BLOCK_STATUS_EXT,
+            1,
+            &status,
+        ));
+        let client = scripted(script);
+        let extent = client.extent(0, size).unwrap();
+        assert_eq!(extent.len, 6 << 30);
+        assert!(!extent.data && extent.zero);
+    }
+
+    #[test]
+    fn an_extended_chunk_announcing_exabytes_is_refused_unread() {
+        let mut script = handshake_in(1 << 20, true);
+        let mut header =
+            crate::protocol::extended_header(chunk::FLAG_DONE, chunk::OFFSET_DATA, 1, 0, 1 << 62)
+                .to_vec();
+        header.extend_from_slice(&0u64.to_be_bytes());
+        script.extend(header);
+        let client = scripted(script);
+        let mut buf = [0u8; 4096];
+        let error = client.read_at(&mut buf, 0).unwrap_err();
+        assert!(error.to_string().contains("outside the request"), "{error}");
+        // A compact reply where extended ones were agreed breaks it too.
+        let mut script = handshake_in(1 << 20, true);
+        script.extend(chunk(chunk::FLAG_DONE, chunk::NONE, 1, &[]));
+        let client = scripted(script);
+        let error = client.flush().unwrap_err();
+        assert!(error.to_string().contains("bad reply magic"), "{error}");
     }
 
     /// A client of a server that sends `script` (and reads whatever the
