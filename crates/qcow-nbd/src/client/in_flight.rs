@@ -21,7 +21,7 @@ use super::coverage::{Coverage, Refused};
 use super::{OFFSET_HOLE, Stream, protocol, read_payload, server_error};
 use crate::protocol::{
     EXTENDED_REPLY_MAGIC, MAX_OPTION, Request, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk,
-    cmd, read_u16, read_u32, read_u64,
+    cmd, cmd_flag, read_u16, read_u32, read_u64,
 };
 
 /// One request: the command, its range, what it sends and what its reply
@@ -224,7 +224,7 @@ impl Connection {
             );
         }
         let request = Request {
-            flags: 0,
+            flags: self.request_flags(call.kind),
             kind: call.kind,
             cookie,
             offset: call.offset,
@@ -247,6 +247,19 @@ impl Connection {
             return Err(e);
         }
         Ok(cookie)
+    }
+
+    /// The flags a request of `kind` goes with: block status asks for one
+    /// descriptor (only the first is used; without the flag a server may
+    /// describe a fragmented disk in more descriptors than a chunk may
+    /// bring), and a write under extended headers says its length is its
+    /// payload's, as the spec requires.
+    fn request_flags(&self, kind: u16) -> u16 {
+        match kind {
+            cmd::BLOCK_STATUS => cmd_flag::REQ_ONE,
+            cmd::WRITE if self.headers.extended => cmd_flag::PAYLOAD_LEN,
+            _ => 0,
+        }
     }
 
     /// The connection broke (`why`): every thread waiting wakes to fail.
@@ -508,7 +521,8 @@ impl Connection {
                     .status
                     .as_deref_mut()
                     .ok_or_else(|| protocol("block status for another request"))?;
-                if self.headers.extended || len < 4 || (len - 4) % 8 != 0 {
+                // Compact chunks may come under extended headers too.
+                if len < 4 || (len - 4) % 8 != 0 {
                     return Err(protocol("a block status chunk of the wrong length"));
                 }
                 let data = read_payload(stream, len, MAX_OPTION)?;

@@ -647,6 +647,64 @@ mod tests {
         assert!(error.to_string().contains("bad reply magic"), "{error}");
     }
 
+    #[test]
+    fn under_extended_headers_writes_say_their_payload_and_compact_status_is_read() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            play_handshake_in(&mut theirs, true);
+            // A WRITE of 512 bytes, then a BLOCK_STATUS.
+            let mut request = [0u8; 32];
+            theirs.read_exact(&mut request).unwrap();
+            let mut payload = [0u8; 512];
+            theirs.read_exact(&mut payload).unwrap();
+            tx.send(request).unwrap();
+            theirs
+                .write_all(&extended_chunk(chunk::FLAG_DONE, chunk::NONE, 1, &[]))
+                .unwrap();
+            theirs.read_exact(&mut request).unwrap();
+            tx.send(request).unwrap();
+            // A compact block status chunk: allowed under extended headers.
+            let mut status = 1u32.to_be_bytes().to_vec();
+            status.extend_from_slice(&4096u32.to_be_bytes());
+            status.extend_from_slice(&STATE_HOLE.to_be_bytes());
+            theirs
+                .write_all(&extended_chunk(
+                    chunk::FLAG_DONE,
+                    chunk::BLOCK_STATUS,
+                    2,
+                    &status,
+                ))
+                .unwrap();
+            let mut sink = [0u8; 64];
+            while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let target = Target {
+            address: Address::Unix(String::new()),
+            export: String::new(),
+            context: None,
+        };
+        let client = NbdClient::over_stream(ours, &target).unwrap();
+        client.write_at(&[5u8; 512], 0).unwrap();
+        let write = rx.recv().unwrap();
+        let flags = u16::from_be_bytes([write[4], write[5]]);
+        assert_eq!(
+            u32::from_be_bytes([write[0], write[1], write[2], write[3]]),
+            0x21e4_1c71
+        );
+        assert_ne!(
+            flags & crate::protocol::cmd_flag::PAYLOAD_LEN,
+            0,
+            "{flags:#x}"
+        );
+        let extent = client.extent(0, 1 << 20).unwrap();
+        let status = rx.recv().unwrap();
+        let flags = u16::from_be_bytes([status[4], status[5]]);
+        assert_ne!(flags & crate::protocol::cmd_flag::REQ_ONE, 0, "{flags:#x}");
+        assert_eq!(extent.len, 4096);
+        assert!(!extent.data);
+    }
+
     /// A client of a server that sends `script` (and reads whatever the
     /// client says).
     fn scripted(script: Vec<u8>) -> NbdClient {
@@ -762,11 +820,17 @@ mod tests {
     /// Plays a server's side of the handshake on `stream` ([`handshake`]),
     /// reading what the client says.
     fn play_handshake(stream: &mut UnixStream) {
-        stream.write_all(&handshake(1 << 20)).unwrap();
-        // The client's flags, then its four options.
+        play_handshake_in(stream, false);
+    }
+
+    /// [`play_handshake`], with extended headers when `extended`.
+    fn play_handshake_in(stream: &mut UnixStream, extended: bool) {
+        stream.write_all(&handshake_in(1 << 20, extended)).unwrap();
+        // The client's flags, then its options (STRUCTURED_REPLY too
+        // without extended headers).
         let mut flags = [0u8; 4];
         stream.read_exact(&mut flags).unwrap();
-        for _ in 0..4 {
+        for _ in 0..if extended { 3 } else { 4 } {
             let mut head = [0u8; 16];
             stream.read_exact(&mut head).unwrap();
             let len = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
