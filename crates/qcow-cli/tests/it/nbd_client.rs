@@ -15,15 +15,26 @@ struct QemuNbd(Child);
 
 impl QemuNbd {
     fn serve(image: &Path, socket: &Path, extra: &[&str]) -> QemuNbd {
+        QemuNbd::serve_as("qcow2", image, socket, extra, Stdio::null())
+    }
+
+    /// A qemu-nbd serving `image` in `format`, its messages to `stderr`.
+    fn serve_as(
+        format: &str,
+        image: &Path,
+        socket: &Path,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> QemuNbd {
         let child = Command::new("qemu-nbd")
-            .args(["-t", "-f", "qcow2"])
+            .args(["-t", "-f", format])
             .args(extra)
             .arg("-k")
             .arg(socket)
             .arg(image)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("qemu-nbd is required for the NBD client tests: {e}"));
         let started = Instant::now();
@@ -284,31 +295,20 @@ fn the_client_says_goodbye_in_the_form_it_negotiated() {
     );
     let socket = dir.path().join("s");
     let log = dir.path().join("qemu-nbd.log");
-    let mut server = Command::new("qemu-nbd")
-        .args(["-t", "-r", "-f", "qcow2", "-k"])
-        .arg(&socket)
-        .arg(&image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("qemu-nbd is required for the NBD client tests");
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "qemu-nbd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let server = QemuNbd::serve_as(
+        "qcow2",
+        &image,
+        &socket,
+        &["-r"],
+        std::fs::File::create(&log).unwrap().into(),
+    );
     let uri = format!("nbd+unix:///?socket={}", p(&socket));
     for args in [&["info", &uri][..], &["map", &uri][..]] {
         let o = qcow(args);
         assert!(o.status.success(), "{args:?}: {}", stderr(&o));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(!said.contains("Disconnect client"), "qemu-nbd: {said}");
 }
@@ -329,23 +329,7 @@ fn a_fragmented_export_maps_and_copies_as_in_qemu_img() {
         }
     }
     let socket = dir.path().join("s");
-    let mut server = Command::new("qemu-nbd")
-        .args(["-t", "-r", "-f", "raw", "-k"])
-        .arg(&socket)
-        .arg(&image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd is required for the NBD client tests");
-    let started = Instant::now();
-    while !socket.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "qemu-nbd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _server = QemuNbd::serve_as("raw", &image, &socket, &["-r"], Stdio::null());
     let uri = format!("nbd+unix:///?socket={}", p(&socket));
     let map = same(&["map", "--output=json", &uri]);
     assert!(
@@ -357,6 +341,4 @@ fn a_fragmented_export_maps_and_copies_as_in_qemu_img() {
     let o = qcow(&["convert", "-O", "raw", &uri, p(&copy)]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(&copy).unwrap() == std::fs::read(&image).unwrap());
-    let _ = server.kill();
-    let _ = server.wait();
 }
