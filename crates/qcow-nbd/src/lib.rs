@@ -31,6 +31,7 @@ pub mod export;
 pub mod handshake;
 pub mod protocol;
 pub mod server;
+mod socket;
 pub mod transmission;
 
 pub use export::{Context, DetectZeroes, DirtyRanges, Export};

@@ -242,8 +242,7 @@ impl Connection {
         if let Err(e) = sent {
             // Half a request may be on the wire: nothing after it can be
             // trusted.
-            self.break_connection(&e.to_string());
-            self.replies().waiting.remove(&cookie);
+            self.abandon(cookie, &e.to_string());
             return Err(e);
         }
         Ok(cookie)
@@ -276,6 +275,52 @@ impl Connection {
         for waiter in replies.waiting.values() {
             waiter.thread.unpark();
         }
+    }
+
+    /// The connection broke (`why`) while `cookie`'s thread was at it: it
+    /// waits no more.
+    fn abandon(&self, cookie: u64, why: &str) {
+        self.break_connection(why);
+        self.replies().waiting.remove(&cookie);
+    }
+
+    /// Gives the stream back after a thread's turn at it: with `next`, a
+    /// header read for another request, whose thread is woken to read its
+    /// payload; without, one thread waiting is woken to read on. `finished`
+    /// names a request whose reply is whole. An error when `next` is for no
+    /// request in flight (the caller breaks the connection).
+    fn give_back(
+        &self,
+        stream: BufReader<Stream>,
+        next: Option<Header>,
+        finished: Option<u64>,
+    ) -> io::Result<()> {
+        let mut replies = self.replies();
+        if let Some(cookie) = finished {
+            replies.waiting.remove(&cookie);
+        }
+        let wake = match next {
+            Some(next) => {
+                let owner = replies
+                    .waiting
+                    .get(&next.cookie())
+                    .ok_or_else(|| protocol("a reply for a request not in flight"))?;
+                Some(owner.thread.clone())
+            }
+            None => replies
+                .waiting
+                .values()
+                .find(|w| w.ready)
+                .map(|w| w.thread.clone()),
+        };
+        replies.header = next;
+        replies.stream = Some(stream);
+        // Woken once the lock is free, so that it need not wait for it.
+        drop(replies);
+        if let Some(thread) = wake {
+            thread.unpark();
+        }
+        Ok(())
     }
 
     /// Waits until this thread may read from the stream with its cookie:
@@ -318,8 +363,7 @@ impl Connection {
             let read = match read {
                 Ok(read) => read,
                 Err(panic) => {
-                    self.break_connection("a thread reading a reply panicked");
-                    self.replies().waiting.remove(&cookie);
+                    self.abandon(cookie, "a thread reading a reply panicked");
                     std::panic::resume_unwind(panic);
                 }
             };
@@ -327,48 +371,21 @@ impl Connection {
                 Ok(Turn::Done(mut stream, answer)) => {
                     // The next reply's header, when it is already here,
                     // goes straight to its thread; otherwise a thread
-                    // waiting reads on.
+                    // waiting reads on. This reply stands either way.
                     let next = if header_buffered(&stream) {
-                        match self.read_header(&mut stream) {
-                            Ok(next) => Some(next),
-                            Err(e) => {
-                                self.break_connection(&e.to_string());
-                                self.replies().waiting.remove(&cookie);
-                                return answer;
-                            }
-                        }
+                        self.read_header(&mut stream).map(Some)
                     } else {
-                        None
+                        Ok(None)
                     };
-                    let mut replies = self.replies();
-                    replies.waiting.remove(&cookie);
-                    let wake = match next {
-                        Some(next) => match replies.waiting.get(&next.cookie()) {
-                            Some(owner) => Some(owner.thread.clone()),
-                            None => {
-                                drop(replies);
-                                self.break_connection("a reply for a request not in flight");
-                                return answer;
-                            }
-                        },
-                        None => replies
-                            .waiting
-                            .values()
-                            .find(|w| w.ready)
-                            .map(|w| w.thread.clone()),
-                    };
-                    replies.header = next;
-                    replies.stream = Some(stream);
-                    drop(replies);
-                    if let Some(thread) = wake {
-                        thread.unpark();
+                    if let Err(e) = next.and_then(|next| self.give_back(stream, next, Some(cookie)))
+                    {
+                        self.abandon(cookie, &e.to_string());
                     }
                     return answer;
                 }
                 Ok(Turn::HandedOver) => {}
                 Err(e) => {
-                    self.break_connection(&e.to_string());
-                    self.replies().waiting.remove(&cookie);
+                    self.abandon(cookie, &e.to_string());
                     return Err(e);
                 }
             }
@@ -392,17 +409,7 @@ impl Connection {
                 None => self.read_header(&mut stream)?,
             };
             if next.cookie() != cookie {
-                let mut replies = self.replies();
-                let Some(owner) = replies.waiting.get(&next.cookie()) else {
-                    return Err(protocol("a reply for a request not in flight"));
-                };
-                let owner = owner.thread.clone();
-                replies.header = Some(next);
-                replies.stream = Some(stream);
-                // Woken once the lock is free, so that it need not wait
-                // for it.
-                drop(replies);
-                owner.unpark();
+                self.give_back(stream, Some(next), None)?;
                 return Ok(Turn::HandedOver);
             }
             if let Some(answer) = self.read_chunk(&mut stream, next, call, progress)? {

@@ -25,6 +25,8 @@ mod in_flight;
 
 use in_flight::{Call, Connection, Headers};
 
+use crate::socket::Stream;
+
 use crate::protocol::{
     IHAVEOPT, MAX_OPTION, NBD_MAGIC, OPTION_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, cmd, flag, info,
     opt, read_u16, read_u32, read_u64, rep,
@@ -116,57 +118,6 @@ impl Target {
         match &self.address {
             Address::Unix(path) => format!("nbd+unix://{export}?socket={path}"),
             Address::Tcp(host, port) => format!("nbd://{host}:{port}{export}"),
-        }
-    }
-}
-
-/// The connection's stream.
-#[derive(Debug)]
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    /// Shuts the connection down (`how`), errors ignored: it is being
-    /// given up.
-    fn shutdown(&self, how: std::net::Shutdown) {
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(how),
-            Stream::Tcp(s) => s.shutdown(how),
-        };
-    }
-
-    /// Another handle on the same connection (one sends, one receives).
-    fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-        })
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.flush(),
-            Stream::Tcp(s) => s.flush(),
         }
     }
 }
