@@ -269,11 +269,7 @@ impl Request {
     /// The extended header as sent (64 bits of length).
     pub fn encode_extended(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
-        out[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
-        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        out[6..8].copy_from_slice(&self.kind.to_be_bytes());
-        out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        out[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        self.encode_fields(EXTENDED_REQUEST_MAGIC, &mut out);
         out[24..32].copy_from_slice(&self.len.to_be_bytes());
         out
     }
@@ -281,14 +277,19 @@ impl Request {
     /// The header as sent (for clients and tests).
     pub fn encode(&self) -> [u8; 28] {
         let mut out = [0u8; 28];
-        out[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        self.encode_fields(REQUEST_MAGIC, &mut out);
+        // Compact headers carry 32 bits of length.
+        out[24..28].copy_from_slice(&(self.len as u32).to_be_bytes());
+        out
+    }
+
+    /// The first 24 bytes both header forms share, after `magic`.
+    fn encode_fields(&self, magic: u32, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&magic.to_be_bytes());
         out[4..6].copy_from_slice(&self.flags.to_be_bytes());
         out[6..8].copy_from_slice(&self.kind.to_be_bytes());
         out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         out[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        // Compact headers carry 32 bits of length.
-        out[24..28].copy_from_slice(&(self.len as u32).to_be_bytes());
-        out
     }
 }
 

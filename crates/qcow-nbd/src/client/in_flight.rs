@@ -230,14 +230,11 @@ impl Connection {
             offset: call.offset,
             len: call.len,
         };
-        let sent = if self.headers.extended {
-            sender.stream.write_all(&request.encode_extended())
-        } else {
-            sender.stream.write_all(&request.encode())
-        };
-        let sent = sent.and_then(|()| match call.payload {
-            [] => Ok(()),
-            payload => sender.stream.write_all(payload),
+        let sent = write_request(&mut sender.stream, &request, self.headers).and_then(|()| {
+            match call.payload {
+                [] => Ok(()),
+                payload => sender.stream.write_all(payload),
+            }
         });
         if let Err(e) = sent {
             // Half a request may be on the wire: nothing after it can be
@@ -622,11 +619,16 @@ impl Connection {
             offset: 0,
             len: 0,
         };
-        let _ = if self.headers.extended {
-            sender.stream.write_all(&request.encode_extended())
-        } else {
-            sender.stream.write_all(&request.encode())
-        };
+        let _ = write_request(&mut sender.stream, &request, self.headers);
+    }
+}
+
+/// Writes `request`'s header in the form `headers` says.
+fn write_request(stream: &mut Stream, request: &Request, headers: Headers) -> io::Result<()> {
+    if headers.extended {
+        stream.write_all(&request.encode_extended())
+    } else {
+        stream.write_all(&request.encode())
     }
 }
 
