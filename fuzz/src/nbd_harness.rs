@@ -102,6 +102,7 @@ pub fn nbd_client(data: &[u8]) {
         address: qcow_nbd::client::Address::Unix(String::new()),
         export: String::new(),
         context: None,
+        tls: None,
     };
     if let Ok(client) = qcow_nbd::client::NbdClient::over_stream(client_end, &target) {
         let size = qcow_io::Storage::len(&client).unwrap_or(0);

@@ -31,6 +31,7 @@ mod secret;
 mod serve;
 mod size;
 mod snapshot;
+mod tls_creds;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]

@@ -156,34 +156,50 @@ pub(crate) fn nbd_image(
             if get("driver").as_deref() != Some("nbd") {
                 return Ok(None);
             }
+            let required = |key: &str| {
+                get(key).ok_or_else(|| {
+                    anyhow::anyhow!("Could not open '{text}': The option '{key}' is required")
+                })
+            };
+            let port = |key: &str| -> Result<u16> {
+                let port = get(key).unwrap_or_else(|| "10809".into());
+                port.parse()
+                    .map_err(|_| anyhow::anyhow!("Could not open '{text}': bad {key} '{port}'"))
+            };
+            // QEMU's `server.*` options, or its older `path=` and
+            // `host=`/`port=`.
             let address = match get("server.type").as_deref() {
-                Some("unix") => {
-                    qcow_nbd::client::Address::Unix(get("server.path").ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "Could not open '{text}': The option 'server.path' is required"
-                        )
-                    })?)
-                }
+                Some("unix") => qcow_nbd::client::Address::Unix(required("server.path")?),
                 Some("inet") => {
-                    let host = get("server.host").ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "Could not open '{text}': The option 'server.host' is required"
-                        )
-                    })?;
-                    let port = get("server.port").unwrap_or_else(|| "10809".into());
-                    let port = port.parse().map_err(|_| {
-                        anyhow::anyhow!("Could not open '{text}': bad server.port '{port}'")
-                    })?;
-                    qcow_nbd::client::Address::Tcp(host, port)
+                    qcow_nbd::client::Address::Tcp(required("server.host")?, port("server.port")?)
                 }
-                _ => {
+                Some(_) => {
                     bail!("Could not open '{text}': The option 'server.type' must be unix or inet")
                 }
+                None => match (get("path"), get("host")) {
+                    (Some(path), None) => qcow_nbd::client::Address::Unix(path),
+                    (None, Some(host)) => qcow_nbd::client::Address::Tcp(host, port("port")?),
+                    (Some(_), Some(_)) => bail!(
+                        "Could not open '{text}': The options 'path' and 'host' are mutually exclusive"
+                    ),
+                    (None, None) => bail!(
+                        "Could not open '{text}': The option 'server.type' must be unix or inet"
+                    ),
+                },
+            };
+            let tls = match get("tls-creds") {
+                Some(id) => Some(qcow_nbd::client::TargetTls {
+                    credentials: crate::tls_creds::client(&flags.object, &id)
+                        .map_err(|e| anyhow::anyhow!("Could not open '{text}': {e}"))?,
+                    hostname: get("tls-hostname"),
+                }),
+                None => None,
             };
             qcow_nbd::client::Target {
                 address,
                 export: get("export").unwrap_or_default(),
                 context: get("x-dirty-bitmap"),
+                tls,
             }
         }
     };
@@ -192,12 +208,8 @@ pub(crate) fn nbd_image(
             bail!("Could not open '{text}': Image is not in {f} format");
         }
     }
-    let client = qcow_nbd::client::NbdClient::connect(&target).map_err(|e| {
-        anyhow::anyhow!(
-            "Could not open '{text}': Failed to connect to '{}': {e}",
-            target.display_name()
-        )
-    })?;
+    let client = qcow_nbd::client::NbdClient::connect(&target)
+        .map_err(|e| anyhow::anyhow!("Could not open '{text}': {e}"))?;
     let writable = !client.read_only();
     if write && !writable {
         bail!("Could not open '{text}': Could not open image: Permission denied");

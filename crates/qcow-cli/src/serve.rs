@@ -98,6 +98,14 @@ pub(crate) struct ServeArgs {
     /// `unmap` (releasing space, with `--discard=unmap`).
     #[arg(long = "detect-zeroes", value_name = "MODE")]
     detect_zeroes: Option<String>,
+    /// Require TLS, with the `tls-creds-x509` object of this id (given
+    /// with `--object`) as the server's credentials.
+    #[arg(long = "tls-creds", value_name = "ID")]
+    tls_creds: Option<String>,
+    /// Authorize TLS clients by the `authz` object of this id (not
+    /// supported: refused).
+    #[arg(long = "tls-authz", value_name = "ID")]
+    tls_authz: Option<String>,
     #[command(flatten)]
     open: OpenFlags,
     /// The image.
@@ -106,6 +114,18 @@ pub(crate) struct ServeArgs {
 
 /// Runs `qcow serve`.
 pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
+    // Credentials are checked before anything else, as qemu-nbd does.
+    if args.tls_authz.is_some() {
+        if args.tls_creds.is_none() {
+            bail!("--tls-authz is not permitted without --tls-creds");
+        }
+        bail!("--tls-authz is not supported");
+    }
+    let tls = args
+        .tls_creds
+        .as_deref()
+        .map(|id| crate::tls_creds::server(&args.open.object, id))
+        .transpose()?;
     if args.fork && std::env::var_os(FORKED).is_none() {
         return fork();
     }
@@ -210,7 +230,8 @@ pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
     }
     let server = ServerOptions::default()
         .shared(args.shared)
-        .persistent(args.persistent);
+        .persistent(args.persistent)
+        .tls(tls);
     let served = qcow_nbd::serve(listener, vec![Arc::new(export)], &server, &stop, &|e| {
         crate::report!("{e}");
     });

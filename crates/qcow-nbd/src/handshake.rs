@@ -39,12 +39,32 @@ pub enum HandshakeError {
     /// The client aborted.
     #[error("the client aborted the handshake")]
     Aborted,
+    /// The TLS handshake after NBD_OPT_STARTTLS failed.
+    #[error("{0}")]
+    Tls(String),
 }
 
-/// Runs the server side of the handshake over `stream` for `exports`.
-pub fn handshake(
-    stream: &mut (impl Read + Write),
+/// Turns the handshake's stream into the plaintext stream of a TLS
+/// session with the client (after NBD_OPT_STARTTLS is acknowledged).
+pub type StartTls<'a, S> = &'a dyn Fn(&mut S) -> Result<(), String>;
+
+/// Runs the server side of the handshake over `stream` for `exports`,
+/// without TLS.
+pub fn handshake<S: Read + Write>(
+    stream: &mut S,
     exports: &[Arc<Export>],
+) -> Result<Negotiated, HandshakeError> {
+    handshake_with_tls(stream, exports, None)
+}
+
+/// Runs the server side of the handshake over `stream` for `exports`. With
+/// `start_tls`, TLS is required, as qemu-nbd requires it when it has TLS
+/// credentials: until NBD_OPT_STARTTLS every option but ABORT is refused
+/// (NBD_OPT_EXPORT_NAME, which has no error reply, ends the connection).
+pub fn handshake_with_tls<S: Read + Write>(
+    stream: &mut S,
+    exports: &[Arc<Export>],
+    start_tls: Option<StartTls<'_, S>>,
 ) -> Result<Negotiated, HandshakeError> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBD_MAGIC.to_be_bytes());
@@ -66,6 +86,7 @@ pub fn handshake(
     let mut structured = false;
     let mut extended = false;
     let mut contexts: Vec<Context> = Vec::new();
+    let mut tls_pending = start_tls.is_some();
     loop {
         let magic = read_u64(stream)?;
         if magic != IHAVEOPT {
@@ -91,6 +112,32 @@ pub fn handshake(
         }
         let mut data = vec![0u8; len as usize];
         stream.read_exact(&mut data)?;
+        if let (true, Some(start_tls)) = (tls_pending, start_tls) {
+            let refusal = format!("Option {option:#x} not permitted before TLS");
+            match option {
+                opt::STARTTLS if !data.is_empty() => {
+                    // A client that cannot start TLS right is dropped.
+                    return Err(HandshakeError::Protocol(
+                        "NBD_OPT_STARTTLS with data".into(),
+                    ));
+                }
+                opt::STARTTLS => {
+                    write_option_reply(stream, option, rep::ACK, &[])?;
+                    stream.flush()?;
+                    start_tls(stream).map_err(HandshakeError::Tls)?;
+                    tls_pending = false;
+                }
+                opt::EXPORT_NAME => return Err(HandshakeError::Protocol(refusal)),
+                opt::ABORT => {
+                    // The client may already be gone.
+                    let _ =
+                        write_option_reply(stream, option, rep::ERR_TLS_REQD, refusal.as_bytes());
+                    return Err(HandshakeError::Aborted);
+                }
+                _ => write_option_reply(stream, option, rep::ERR_TLS_REQD, refusal.as_bytes())?,
+            }
+            continue;
+        }
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
@@ -239,7 +286,13 @@ pub fn handshake(
                 }
             }
             opt::STARTTLS => {
-                write_option_reply(stream, option, rep::ERR_POLICY, b"TLS is not offered")?;
+                if !data.is_empty() {
+                    write_option_reply(stream, option, rep::ERR_INVALID, b"no data expected")?;
+                } else if start_tls.is_some() {
+                    write_option_reply(stream, option, rep::ERR_INVALID, b"TLS already enabled")?;
+                } else {
+                    write_option_reply(stream, option, rep::ERR_POLICY, b"TLS not configured")?;
+                }
             }
             _ => {
                 write_option_reply(stream, option, rep::ERR_UNSUP, b"option not supported")?;

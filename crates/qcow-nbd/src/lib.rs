@@ -11,6 +11,8 @@
 //! - [`transmission`]: requests, several in flight, answered as they
 //!   complete;
 //! - [`server`]: sockets, clients, and stopping cleanly;
+//! - [`tls`]: TLS sessions (NBD_OPT_STARTTLS) with QEMU's x509
+//!   credentials;
 //! - [`client`]: the other side, an export of any server as storage.
 //!
 //! ```no_run
@@ -32,7 +34,9 @@ pub mod handshake;
 pub mod protocol;
 pub mod server;
 mod socket;
+pub mod tls;
 pub mod transmission;
 
 pub use export::{Context, DetectZeroes, DirtyRanges, Export};
 pub use server::{Listener, ServerOptions, serve};
+pub use tls::{TlsClient, TlsError, TlsServer};

@@ -71,6 +71,8 @@ pub mod rep {
     pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
     /// The option is too large.
     pub const ERR_TOO_BIG: u32 = (1 << 31) + 9;
+    /// The option needs TLS first.
+    pub const ERR_TLS_REQD: u32 = (1 << 31) + 5;
 }
 
 /// Information types of NBD_REP_INFO.

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::export::Export;
-use crate::handshake::{HandshakeError, handshake};
+use crate::handshake::{HandshakeError, StartTls, handshake_with_tls};
 use crate::socket::Stream;
+use crate::tls::TlsServer;
 use crate::transmission::transmission;
 
 /// Time a client has for its handshake.
@@ -38,6 +39,9 @@ pub struct ServerOptions {
     pub shared: usize,
     /// Keep serving after the last client leaves (qemu-nbd's `-t`).
     pub persistent: bool,
+    /// TLS credentials: with them every client must start TLS before
+    /// anything else (qemu-nbd's `--tls-creds`).
+    pub tls: Option<TlsServer>,
 }
 
 impl Default for ServerOptions {
@@ -45,6 +49,7 @@ impl Default for ServerOptions {
         ServerOptions {
             shared: 1,
             persistent: false,
+            tls: None,
         }
     }
 }
@@ -59,6 +64,12 @@ impl ServerOptions {
     /// Sets [`ServerOptions::persistent`].
     pub fn persistent(mut self, on: bool) -> Self {
         self.persistent = on;
+        self
+    }
+
+    /// Sets [`ServerOptions::tls`].
+    pub fn tls(mut self, credentials: Option<TlsServer>) -> Self {
+        self.tls = credentials;
         self
     }
 }
@@ -121,8 +132,9 @@ pub fn serve(
             active.fetch_add(1, Ordering::AcqRel);
             served.store(true, Ordering::Release);
             let (exports, active, open) = (&exports, &active, &open);
+            let tls = options.tls.as_ref();
             scope.spawn(move || {
-                if let Err(e) = serve_client(stream, exports) {
+                if let Err(e) = serve_client(stream, exports, tls) {
                     log(&e);
                 }
                 open.lock()
@@ -141,12 +153,30 @@ pub fn serve(
 }
 
 /// One client: the handshake, then requests until it leaves.
-fn serve_client(mut stream: Stream, exports: &[Arc<Export>]) -> Result<(), String> {
+fn serve_client(
+    mut stream: Stream,
+    exports: &[Arc<Export>],
+    tls: Option<&TlsServer>,
+) -> Result<(), String> {
     // A client gets 10 seconds for the handshake, as with qemu-nbd.
     stream
         .set_read_timeout(Some(HANDSHAKE_LIMIT))
         .map_err(|e| e.to_string())?;
-    let handshake = handshake(&mut stream, exports);
+    let start_tls = |stream: &mut Stream| -> Result<(), String> {
+        let Some(tls) = tls else {
+            return Err("TLS not configured".into());
+        };
+        let net = stream.try_clone().map_err(|e| e.to_string())?;
+        *stream = tls.accept(net)?;
+        stream
+            .set_read_timeout(Some(HANDSHAKE_LIMIT))
+            .map_err(|e| e.to_string())
+    };
+    let handshake = handshake_with_tls(
+        &mut stream,
+        exports,
+        tls.is_some().then_some(&start_tls as StartTls<'_, Stream>),
+    );
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     let negotiated = match handshake {
         Ok(n) => n,

@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -40,6 +41,14 @@ impl Stream {
         }
     }
 
+    /// Non-blocking (`true`) or blocking I/O.
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
     /// Blocking I/O (an accepted socket inherits the listener's mode), and
     /// no delay for small TCP writes.
     pub(crate) fn set_blocking(&self) -> io::Result<()> {
@@ -49,6 +58,15 @@ impl Stream {
                 s.set_nonblocking(false)
             }
             Stream::Unix(s) => s.set_nonblocking(false),
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         }
     }
 }

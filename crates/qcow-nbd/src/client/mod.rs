@@ -26,6 +26,7 @@ mod in_flight;
 use in_flight::{Call, Connection, Headers};
 
 use crate::socket::Stream;
+use crate::tls::TlsClient;
 
 use crate::protocol::{
     IHAVEOPT, MAX_OPTION, NBD_MAGIC, OPTION_REPLY_MAGIC, STATE_HOLE, STATE_ZERO, cmd, flag, info,
@@ -52,7 +53,29 @@ pub struct Target {
     /// Another context's flags are read as if they were
     /// `base:allocation`'s, as QEMU's `x-dirty-bitmap` reads them.
     pub context: Option<String>,
+    /// TLS, when the connection is to be encrypted (QEMU's `tls-creds`).
+    pub tls: Option<TargetTls>,
 }
+
+/// TLS for a connection: the client's credentials, and the name the
+/// server's certificate must carry.
+#[derive(Debug, Clone)]
+pub struct TargetTls {
+    /// The credentials.
+    pub credentials: TlsClient,
+    /// The name checked in the server's certificate (QEMU's
+    /// `tls-hostname`); `None`: the TCP host connected to. A Unix socket
+    /// needs one.
+    pub hostname: Option<String>,
+}
+
+impl PartialEq for TargetTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.credentials.same_as(&other.credentials) && self.hostname == other.hostname
+    }
+}
+
+impl Eq for TargetTls {}
 
 impl Target {
     /// Parses qemu's NBD URIs: `nbd://HOST[:PORT]/EXPORT` and
@@ -89,6 +112,7 @@ impl Target {
                     address: Address::Tcp(host.to_owned(), port),
                     export,
                     context: None,
+                    tls: None,
                 }))
             }
             "nbd+unix" => {
@@ -102,6 +126,7 @@ impl Target {
                     address: Address::Unix(socket.to_owned()),
                     export,
                     context: None,
+                    tls: None,
                 }))
             }
             _ => None,
@@ -176,10 +201,16 @@ struct OptionReply {
 impl NbdClient {
     /// Connects to `target` and negotiates its export.
     pub fn connect(target: &Target) -> io::Result<NbdClient> {
+        let failed = |e: io::Error, to: &str| {
+            io::Error::new(e.kind(), format!("Failed to connect to '{to}': {e}"))
+        };
         let stream = match &target.address {
-            Address::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
+            Address::Unix(path) => {
+                Stream::Unix(UnixStream::connect(path).map_err(|e| failed(e, path))?)
+            }
             Address::Tcp(host, port) => {
-                let stream = TcpStream::connect((host.as_str(), *port))?;
+                let stream = TcpStream::connect((host.as_str(), *port))
+                    .map_err(|e| failed(e, &format!("{host}:{port}")))?;
                 stream.set_nodelay(true)?;
                 Stream::Tcp(stream)
             }
@@ -210,6 +241,9 @@ impl NbdClient {
         let no_zeroes = server_flags & crate::protocol::FLAG_NO_ZEROES;
         let client_flags = u32::from(crate::protocol::FLAG_FIXED_NEWSTYLE) | u32::from(no_zeroes);
         stream.write_all(&client_flags.to_be_bytes())?;
+        if let Some(tls) = &target.tls {
+            stream = start_tls(stream, target, tls)?;
+        }
 
         // Extended headers (64-bit lengths; structured replies with
         // them), else structured replies, when the server has them.
@@ -281,6 +315,17 @@ impl NbdClient {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
                         format!("Requested export not available ('{}')", target.export),
+                    ));
+                }
+                rep::ERR_TLS_REQD => {
+                    let message = String::from_utf8_lossy(&reply.data).into_owned();
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "TLS negotiation required before option {} (go)\n\
+                             Did you forget a valid tls-creds?\nserver reported: {message}",
+                            opt::GO
+                        ),
                     ));
                 }
                 kind if kind & (1 << 31) != 0 => {
@@ -356,6 +401,35 @@ fn send_option(stream: &mut impl Write, option: u32, data: &[u8]) -> io::Result<
     header.extend_from_slice(&(data.len() as u32).to_be_bytes());
     header.extend_from_slice(data);
     stream.write_all(&header)
+}
+
+/// Asks the server for TLS (NBD_OPT_STARTTLS) and runs the TLS handshake:
+/// the stream the rest of the negotiation and the transmission use.
+fn start_tls(mut stream: Stream, target: &Target, tls: &TargetTls) -> io::Result<Stream> {
+    let hostname = match (&tls.hostname, &target.address) {
+        (Some(name), _) | (None, Address::Tcp(name, _)) => name.clone(),
+        (None, Address::Unix(_)) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "No hostname for certificate validation",
+            ));
+        }
+    };
+    send_option(&mut stream, opt::STARTTLS, &[])?;
+    let reply = read_option_reply(&mut stream, opt::STARTTLS)?;
+    if reply.kind != rep::ACK {
+        let message = String::from_utf8_lossy(&reply.data).into_owned();
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "Denied by server for option {} (starttls)\nserver reported: {message}",
+                opt::STARTTLS
+            ),
+        ));
+    }
+    tls.credentials
+        .connect(stream, &hostname)
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))
 }
 
 fn read_option_reply(stream: &mut impl Read, option: u32) -> io::Result<OptionReply> {
@@ -634,6 +708,7 @@ mod tests {
             address: Address::Unix(String::new()),
             export: String::new(),
             context: None,
+            tls: None,
         };
         let client = NbdClient::over_stream(ours, &target).unwrap();
         client.write_at(&[5u8; 512], 0).unwrap();
@@ -673,6 +748,7 @@ mod tests {
             address: Address::Unix(String::new()),
             export: String::new(),
             context: None,
+            tls: None,
         };
         NbdClient::over_stream(ours, &target).unwrap()
     }
@@ -764,6 +840,7 @@ mod tests {
             address: Address::Unix(String::new()),
             export: String::new(),
             context: None,
+            tls: None,
         };
         NbdClient::over_stream(ours, &target).unwrap()
     }
@@ -808,6 +885,7 @@ mod tests {
             address: Address::Unix(String::new()),
             export: String::new(),
             context: None,
+            tls: None,
         };
         let client = std::sync::Arc::new(NbdClient::over_stream(ours, &target).unwrap());
         let (done, finished) = std::sync::mpsc::channel();

@@ -1,0 +1,270 @@
+//! TLS end to end in one process: the server with its credentials, the
+//! client with its own, over TCP and a Unix socket; what each side
+//! refuses, in the words QEMU uses; data crossing both ways at once.
+
+mod support {
+    pub(crate) mod certs;
+}
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use qcow::{BlockDevice, RawImage};
+use qcow_io::{MemStorage, Storage};
+use qcow_nbd::client::{Address, NbdClient, Target, TargetTls};
+use qcow_nbd::{Export, Listener, ServerOptions, TlsClient, TlsServer};
+
+const SIZE: u64 = 32 << 20;
+
+/// A server running on its own thread until dropped.
+struct Server {
+    address: Address,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+    log: Arc<Mutex<Vec<String>>>,
+    device: Arc<dyn BlockDevice>,
+}
+
+impl Server {
+    fn start(unix: Option<&std::path::Path>, tls: Option<TlsServer>) -> Server {
+        let storage = Arc::new(MemStorage::from_bytes(vec![0u8; SIZE as usize]));
+        let device: Arc<dyn BlockDevice> =
+            Arc::new(RawImage::open_sized("mem.raw", storage, SIZE).with_writes(true));
+        let (listener, address) = match unix {
+            Some(path) => (
+                Listener::Unix(UnixListener::bind(path).expect("bind")),
+                Address::Unix(path.to_string_lossy().into_owned()),
+            ),
+            None => {
+                let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+                let port = l.local_addr().expect("address").port();
+                (Listener::Tcp(l), Address::Tcp("127.0.0.1".into(), port))
+            }
+        };
+        let export = Arc::new(Export::new("", device.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, log2) = (stop.clone(), log.clone());
+        let thread = std::thread::spawn(move || {
+            let options = ServerOptions::default().shared(8).persistent(true).tls(tls);
+            qcow_nbd::serve(listener, vec![export], &options, &stop2, &|e| {
+                log2.lock().expect("log").push(e.to_owned())
+            })
+        });
+        Server {
+            address,
+            stop,
+            thread: Some(thread),
+            log,
+            device,
+        }
+    }
+
+    fn target(&self, tls: Option<(TlsClient, Option<&str>)>) -> Target {
+        Target {
+            address: self.address.clone(),
+            export: String::new(),
+            context: None,
+            tls: tls.map(|(credentials, hostname)| TargetTls {
+                credentials,
+                hostname: hostname.map(str::to_owned),
+            }),
+        }
+    }
+
+    fn stop(&mut self) -> std::io::Result<()> {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .take()
+            .map_or(Ok(()), |t| t.join().expect("join"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn data_crosses_tls_both_ways_at_once_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = support::certs::make(dir.path());
+    let server = Server::start(
+        None,
+        Some(TlsServer::from_x509_dir(&creds.server, true).expect("server credentials")),
+    );
+    let client_creds = TlsClient::from_x509_dir(&creds.client, true).expect("client credentials");
+    let client = Arc::new(
+        NbdClient::connect(&server.target(Some((client_creds, None)))).expect("TLS connect"),
+    );
+    assert_eq!(client.len().expect("size"), SIZE);
+    // Four threads write and read back their own quarter at once, in
+    // pieces larger than a TLS record and than the pump's buffers.
+    let quarter = (SIZE / 4) as usize;
+    let workers: Vec<_> = (0..4u8)
+        .map(|n| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                let data = pattern(n, quarter);
+                let base = u64::from(n) * quarter as u64;
+                for (i, piece) in data.chunks(3 << 20).enumerate() {
+                    client
+                        .write_at(piece, base + (i * (3 << 20)) as u64)
+                        .expect("write");
+                }
+                let mut back = vec![0u8; quarter];
+                client.read_at(&mut back, base).expect("read");
+                assert!(back == data, "quarter {n} read back differs");
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    client.flush().expect("flush");
+    // What the server's disk holds is what was written.
+    let mut disk = vec![0u8; SIZE as usize];
+    server.device.read_at(&mut disk, 0).expect("disk");
+    for n in 0..4u8 {
+        let at = usize::from(n) * quarter;
+        assert!(disk[at..at + quarter] == pattern(n, quarter), "quarter {n}");
+    }
+    drop(client);
+    let log = server.log.lock().expect("log").clone();
+    assert!(log.is_empty(), "server log: {log:?}");
+}
+
+#[test]
+fn a_tls_server_refuses_plain_clients_and_unknown_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = support::certs::make(dir.path());
+    let server = Server::start(
+        None,
+        Some(TlsServer::from_x509_dir(&creds.server, true).expect("server credentials")),
+    );
+    let plain = NbdClient::connect(&server.target(None)).expect_err("plain client");
+    assert_eq!(
+        plain.to_string(),
+        "TLS negotiation required before option 7 (go)\nDid you forget a valid tls-creds?\n\
+         server reported: Option 0x7 not permitted before TLS"
+    );
+    // A client whose authority is another: it does not trust the server.
+    let stranger = TlsClient::from_x509_dir(&creds.stranger, true).expect("credentials");
+    let e = NbdClient::connect(&server.target(Some((stranger, None)))).expect_err("stranger");
+    assert_eq!(e.to_string(), "The certificate hasn't got a known issuer");
+    // Trusting the server without checking it does not help: the server
+    // checks the client's certificate.
+    let careless = TlsClient::from_x509_dir(&creds.stranger, false).expect("credentials");
+    assert!(NbdClient::connect(&server.target(Some((careless, None)))).is_err());
+    // Nor does having no certificate at all.
+    let anonymous_dir = dir.path().join("anonymous");
+    std::fs::create_dir(&anonymous_dir).expect("mkdir");
+    std::fs::copy(
+        creds.client.join("ca-cert.pem"),
+        anonymous_dir.join("ca-cert.pem"),
+    )
+    .expect("copy");
+    let anonymous = TlsClient::from_x509_dir(&anonymous_dir, true).expect("credentials");
+    assert!(NbdClient::connect(&server.target(Some((anonymous, None)))).is_err());
+    // The server goes on serving the ones it trusts.
+    let good = TlsClient::from_x509_dir(&creds.client, true).expect("credentials");
+    let client = NbdClient::connect(&server.target(Some((good, None)))).expect("connect");
+    let mut buf = vec![1u8; 4096];
+    client.read_at(&mut buf, 0).expect("read");
+    assert!(buf.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn the_client_checks_the_server_name_and_asks_plain_servers_in_vain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = support::certs::make(dir.path());
+    let server_creds = TlsServer::from_x509_dir(&creds.server, true).expect("server credentials");
+    let client_creds = TlsClient::from_x509_dir(&creds.client, true).expect("client credentials");
+    let tcp = Server::start(None, Some(server_creds.clone()));
+    // The certificate names 127.0.0.1, not localhost.
+    let Address::Tcp(_, port) = tcp.address.clone() else {
+        unreachable!()
+    };
+    let mut by_name = tcp.target(Some((client_creds.clone(), None)));
+    by_name.address = Address::Tcp("localhost".into(), port);
+    let e = NbdClient::connect(&by_name).expect_err("wrong name");
+    assert_eq!(
+        e.to_string(),
+        "Certificate does not match the hostname localhost"
+    );
+    // ... unless another name is given to check.
+    let mut overridden = tcp.target(Some((client_creds.clone(), Some("127.0.0.1"))));
+    overridden.address = Address::Tcp("localhost".into(), port);
+    NbdClient::connect(&overridden).expect("name given");
+
+    // A Unix socket has no host name: one must be given.
+    let unix = Server::start(Some(&dir.path().join("sock")), Some(server_creds));
+    let e =
+        NbdClient::connect(&unix.target(Some((client_creds.clone(), None)))).expect_err("no name");
+    assert_eq!(e.to_string(), "No hostname for certificate validation");
+    let client =
+        NbdClient::connect(&unix.target(Some((client_creds.clone(), Some("iotests.qemu.org")))))
+            .expect("unix with a name");
+    client.write_at(&[7u8; 512], 512).expect("write");
+    drop(client);
+
+    // A server without TLS says so.
+    let plain = Server::start(None, None);
+    let e = NbdClient::connect(&plain.target(Some((client_creds, None)))).expect_err("plain");
+    assert_eq!(
+        e.to_string(),
+        "Denied by server for option 5 (starttls)\nserver reported: TLS not configured"
+    );
+}
+
+#[test]
+fn stopping_the_server_ends_tls_connections_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = support::certs::make(dir.path());
+    let mut server = Server::start(
+        None,
+        Some(TlsServer::from_x509_dir(&creds.server, true).expect("server credentials")),
+    );
+    let client_creds = TlsClient::from_x509_dir(&creds.client, true).expect("client credentials");
+    let client = NbdClient::connect(&server.target(Some((client_creds, None)))).expect("connect");
+    client.write_at(&[9u8; 65536], 0).expect("write");
+    server.stop().expect("the server stops");
+    // The connection is gone, and says so instead of hanging.
+    let mut buf = vec![0u8; 4096];
+    assert!(client.read_at(&mut buf, 0).is_err());
+    let mut disk = vec![0u8; 65536];
+    server.device.read_at(&mut disk, 0).expect("disk");
+    assert!(disk.iter().all(|&b| b == 9));
+}
+
+#[test]
+fn missing_and_malformed_credentials_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = TlsServer::from_x509_dir(dir.path(), true).expect_err("empty directory");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Unable to access credentials {}: No such file or directory (os error 2)",
+            dir.path().join("server-cert.pem").display()
+        )
+    );
+    std::fs::write(dir.path().join("ca-cert.pem"), "not a certificate").expect("write");
+    let e = TlsClient::from_x509_dir(dir.path(), true).expect_err("malformed");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "Unable to load credentials {}",
+            dir.path().join("ca-cert.pem").display()
+        )),
+        "{e}"
+    );
+}
