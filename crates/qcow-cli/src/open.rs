@@ -25,7 +25,10 @@ pub(crate) struct OpenFlags {
     pub(crate) image_opts: bool,
     /// QEMU objects: secrets (`secret,id=ID,data=PASSWORD` or
     /// `file=PATH`, `format=raw|base64`) that unlock encrypted images named
-    /// with `encrypt.key-secret=ID`; other objects are accepted and unused.
+    /// with `encrypt.key-secret=ID`, and TLS credentials
+    /// (`tls-creds-x509,id=ID,dir=DIR,endpoint=client|server`) that NBD
+    /// images (`tls-creds=ID`) and `serve --tls-creds ID` use; other
+    /// objects are accepted and unused.
     #[arg(long = "object", value_name = "OBJECT")]
     pub(crate) object: Vec<String>,
     /// Open encrypted images without their password, for their metadata
@@ -135,8 +138,10 @@ pub(crate) fn nbd_kind(arg: &Path, flags: &OpenFlags) -> Option<bool> {
 
 /// An NBD export named by a URI (`nbd://HOST[:PORT]/EXPORT`,
 /// `nbd+unix:///EXPORT?socket=PATH`) or by options (`driver=nbd,
-/// server.type=unix|inet,server.path=...|server.host=...,server.port=...,
-/// export=...,x-dirty-bitmap=CONTEXT`): a raw disk over the connection,
+/// server.type=unix|inet,server.path=...|server.host=...,server.port=...`
+/// or the older `path=...|host=...,port=...`, and `export=...,
+/// x-dirty-bitmap=CONTEXT,tls-creds=ID,tls-hostname=NAME`): a raw disk
+/// over the connection (over TLS with `tls-creds`),
 /// refused as qemu-img refuses it when the caller is to `write` and the
 /// server exports it read-only. `None` for any other name.
 pub(crate) fn nbd_image(
@@ -189,8 +194,7 @@ pub(crate) fn nbd_image(
             };
             let tls = match get("tls-creds") {
                 Some(id) => Some(qcow_nbd::client::TargetTls {
-                    credentials: crate::tls_creds::client(&flags.object, &id)
-                        .map_err(|e| anyhow::anyhow!("Could not open '{text}': {e}"))?,
+                    credentials: crate::tls_creds::client(&flags.object, &id, &text)?,
                     hostname: get("tls-hostname"),
                 }),
                 None => None,

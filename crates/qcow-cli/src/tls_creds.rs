@@ -60,7 +60,7 @@ fn find(objects: &[String], id: &str, endpoint: Endpoint) -> Result<(String, boo
         };
         if wanted != endpoint {
             bail!(
-                "Expecting TLS credentials with a {} endpoint",
+                "Expected TLS credentials for a {} endpoint",
                 endpoint.name()
             );
         }
@@ -77,15 +77,20 @@ fn find(objects: &[String], id: &str, endpoint: Endpoint) -> Result<(String, boo
     bail!("No TLS credentials with id '{id}'")
 }
 
-/// The server credentials with id `id`, loaded.
+/// The server credentials with id `id`, loaded; errors in qemu-nbd's
+/// words.
 pub(crate) fn server(objects: &[String], id: &str) -> Result<TlsServer> {
-    let (dir, verify_peer) = find(objects, id, Endpoint::Server)?;
+    let (dir, verify_peer) = find(objects, id, Endpoint::Server)
+        .map_err(|e| anyhow::anyhow!("Failed to get TLS creds: {e}"))?;
     Ok(TlsServer::from_x509_dir(Path::new(&dir), verify_peer)?)
 }
 
-/// The client credentials with id `id`, loaded.
-pub(crate) fn client(objects: &[String], id: &str) -> Result<TlsClient> {
-    let (dir, verify_peer) = find(objects, id, Endpoint::Client)?;
+/// The client credentials with id `id`, loaded, for the image `name`;
+/// errors in qemu-img's words (a credential file that cannot be used is
+/// no fault of the image's).
+pub(crate) fn client(objects: &[String], id: &str, name: &str) -> Result<TlsClient> {
+    let (dir, verify_peer) = find(objects, id, Endpoint::Client)
+        .map_err(|e| anyhow::anyhow!("Could not open '{name}': {e}"))?;
     Ok(TlsClient::from_x509_dir(Path::new(&dir), verify_peer)?)
 }
 
@@ -112,7 +117,7 @@ mod tests {
         let wrong_side = find(&objects, "srv", Endpoint::Client).unwrap_err();
         assert_eq!(
             wrong_side.to_string(),
-            "Expecting TLS credentials with a client endpoint"
+            "Expected TLS credentials for a client endpoint"
         );
         assert!(
             find(&objects, "psk", Endpoint::Server)

@@ -255,7 +255,7 @@ fn missing_and_malformed_credentials_are_named() {
         e.to_string(),
         format!(
             "Unable to access credentials {}: No such file or directory (os error 2)",
-            dir.path().join("server-cert.pem").display()
+            dir.path().join("ca-cert.pem").display()
         )
     );
     std::fs::write(dir.path().join("ca-cert.pem"), "not a certificate").expect("write");

@@ -27,6 +27,7 @@ mod rebase;
 mod serve;
 mod shrink;
 mod tidy;
+mod tls;
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata")

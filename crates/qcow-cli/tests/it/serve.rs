@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::{fixtures, p, qemu_img, qemu_io, stderr, stdout, testdata};
 
 /// A server process, stopped (SIGTERM, then waited for) when dropped.
-struct Server {
+pub(super) struct Server {
     child: Option<Child>,
     socket: Option<PathBuf>,
 }
@@ -19,7 +19,12 @@ struct Server {
 impl Server {
     /// Starts `program args` and waits until `socket` exists or `port`
     /// accepts connections.
-    fn start(program: &str, args: &[&str], socket: Option<&Path>, port: Option<u16>) -> Server {
+    pub(super) fn start(
+        program: &str,
+        args: &[&str],
+        socket: Option<&Path>,
+        port: Option<u16>,
+    ) -> Server {
         // A socket file a refused server left behind is no sign of life.
         if let Some(s) = socket {
             let _ = std::fs::remove_file(s);
@@ -67,7 +72,7 @@ impl Server {
     }
 
     /// `qcow serve ARGS`.
-    fn qcow(args: &[&str], socket: Option<&Path>, port: Option<u16>) -> Server {
+    pub(super) fn qcow(args: &[&str], socket: Option<&Path>, port: Option<u16>) -> Server {
         Server::start(env!("CARGO_BIN_EXE_qcow"), args, socket, port)
     }
 
@@ -89,7 +94,7 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits; returns the exit code and standard error.
-    fn stop(&mut self) -> (Option<i32>, String) {
+    pub(super) fn stop(&mut self) -> (Option<i32>, String) {
         let Some(mut child) = self.child.take() else {
             return (None, String::new());
         };
@@ -122,7 +127,7 @@ impl Drop for Server {
 }
 
 /// A TCP port free on the loopback address (for a moment).
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")

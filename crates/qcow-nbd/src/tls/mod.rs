@@ -39,12 +39,12 @@ mod pump;
 #[non_exhaustive]
 pub enum TlsError {
     /// A file of the credentials could not be read.
-    #[error("Unable to access credentials {}: {source}", path.display())]
+    #[error("Unable to access credentials {}: {error}", path.display())]
     Access {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: io::Error,
+        /// Why (in the message, not a source: the message says it all).
+        error: io::Error,
     },
     /// A file holds no certificate or key, or a malformed one.
     #[error("Unable to load credentials {}: {why}", path.display())]
@@ -114,9 +114,9 @@ fn authorities(dir: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Access {
+    std::fs::read(path).map_err(|error| TlsError::Access {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -142,22 +142,23 @@ pub struct TlsServer {
 
 impl TlsServer {
     /// Loads the server credentials of the directory `dir`
-    /// (`server-cert.pem`, `server-key.pem`, and `ca-cert.pem` when
-    /// `verify_peer`: clients must then show a certificate those
-    /// authorities signed).
+    /// (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`); with
+    /// `verify_peer`, clients must show a certificate those authorities
+    /// signed.
     pub fn from_x509_dir(dir: &Path, verify_peer: bool) -> Result<TlsServer, TlsError> {
         let provider = provider();
+        // The authorities first, needed or not, as QEMU reads them.
+        let roots = authorities(dir)?;
         let chain = certificates(&dir.join("server-cert.pem"))?;
         let key = private_key(&dir.join("server-key.pem"))?;
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| unusable(dir, e))?;
         let builder = if verify_peer {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(authorities(dir)?, provider.clone())
-                    .with_crls(revocations(dir)?)
-                    .build()
-                    .map_err(|e| unusable(dir, e))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .with_crls(revocations(dir)?)
+                .build()
+                .map_err(|e| unusable(dir, e))?;
             builder.with_client_cert_verifier(verifier)
         } else {
             builder.with_no_client_auth()
@@ -187,16 +188,19 @@ pub struct TlsClient {
 
 impl TlsClient {
     /// Loads the client credentials of the directory `dir`: `ca-cert.pem`
-    /// to verify the server with (when `verify_peer`), and
+    /// (required, as QEMU requires it) to verify the server with (when
+    /// `verify_peer`), and
     /// `client-cert.pem` with `client-key.pem` to show the server, when
     /// both are there.
     pub fn from_x509_dir(dir: &Path, verify_peer: bool) -> Result<TlsClient, TlsError> {
         let provider = provider();
+        // The authorities first, needed or not, as QEMU reads them.
+        let roots = authorities(dir)?;
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| unusable(dir, e))?;
         let builder = if verify_peer {
-            let verifier = WebPkiServerVerifier::builder_with_provider(authorities(dir)?, provider)
+            let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
                 .with_crls(revocations(dir)?)
                 .build()
                 .map_err(|e| unusable(dir, e))?;

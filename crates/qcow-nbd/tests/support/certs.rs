@@ -54,7 +54,11 @@ fn leaf(dir: &Path, ca: &Authority, role: &str) {
     params
         .distinguished_name
         .push(DnType::CommonName, format!("qcow test {role}"));
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // QEMU checks for both usages (its templates ask for them).
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     let cert = params
         .signed_by(&key, &ca.cert, &ca.key)
         .expect("certificate");
