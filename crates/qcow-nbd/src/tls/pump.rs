@@ -36,6 +36,8 @@ pub(crate) fn start(
             return Err(HandshakeFailure(e));
         }
     }
+    // Room for a large write's records at once.
+    session.set_buffer_limit(Some(CHUNK));
     let (app, pump_end) = UnixStream::pair().map_err(HandshakeFailure)?;
     net.set_nonblocking(true).map_err(HandshakeFailure)?;
     pump_end.set_nonblocking(true).map_err(HandshakeFailure)?;
@@ -46,8 +48,10 @@ pub(crate) fn start(
                 session,
                 net,
                 app: pump_end,
+                from_net: Buffer::default(),
                 to_app: Buffer::default(),
                 from_app: Buffer::default(),
+                net_eof: false,
                 net_done: false,
                 app_done: false,
                 app_write_shut: false,
@@ -79,6 +83,11 @@ impl Buffer {
         self.start == self.data.len()
     }
 
+    /// Whether more fits.
+    fn has_room(&self) -> bool {
+        self.data.len() < CHUNK
+    }
+
     fn pending(&self) -> &[u8] {
         &self.data[self.start..]
     }
@@ -91,13 +100,13 @@ impl Buffer {
         }
     }
 
-    /// Fills the buffer (empty) from `read`; `Ok(0)` at its end.
-    fn fill(&mut self, read: impl FnOnce(&mut [u8]) -> io::Result<usize>) -> io::Result<usize> {
-        debug_assert!(self.is_empty());
-        self.data.resize(CHUNK, 0);
-        let n = read(&mut self.data);
-        self.data.truncate(*n.as_ref().unwrap_or(&0));
-        self.start = 0;
+    /// Appends what `read` gives into the room left; its result (`Ok(0)`
+    /// at the end of the source).
+    fn append(&mut self, read: impl FnOnce(&mut [u8]) -> io::Result<usize>) -> io::Result<usize> {
+        let old = self.data.len();
+        self.data.resize(CHUNK.max(old), 0);
+        let n = read(&mut self.data[old..]);
+        self.data.truncate(old + *n.as_ref().unwrap_or(&0));
         n
     }
 }
@@ -107,10 +116,15 @@ struct Pump {
     session: rustls::Connection,
     net: Stream,
     app: UnixStream,
+    /// Ciphertext from the network, not yet given to the session (read in
+    /// large pieces: the session takes a few KiB at a time).
+    from_net: Buffer,
     /// Plaintext from the peer, for the application.
     to_app: Buffer,
     /// Plaintext from the application, not yet taken by the session.
     from_app: Buffer,
+    /// The network socket has reached its end.
+    net_eof: bool,
     /// The peer has ended its side (close_notify or end of stream).
     net_done: bool,
     /// The application has ended its side.
@@ -155,7 +169,7 @@ impl Pump {
         }
         if self.from_app.is_empty() && !self.app_done && !self.session.wants_write() {
             let app = &mut self.app;
-            match self.from_app.fill(|buf| app.read(buf)) {
+            match self.from_app.append(|buf| app.read(buf)) {
                 Ok(0) => {
                     self.app_done = true;
                     self.session.send_close_notify();
@@ -179,41 +193,53 @@ impl Pump {
                 Err(e) => return Err(e),
             }
         }
-        // Network -> session.
-        if !self.net_done && self.to_app.is_empty() && self.session.wants_read() {
-            match self.session.read_tls(&mut self.net) {
+        // Network -> ciphertext buffer, in one large read.
+        if self.from_net.is_empty() && !self.net_eof {
+            let net = &mut self.net;
+            match self.from_net.append(|buf| net.read(buf)) {
                 Ok(0) => {
-                    self.net_done = true;
+                    self.net_eof = true;
+                    // Tells the session the stream ended.
+                    self.session.read_tls(&mut io::empty())?;
                     moved = true;
                 }
-                Ok(_) => {
-                    self.session
-                        .process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    moved = true;
-                }
+                Ok(_) => moved = true,
                 Err(e) if would_block(&e) => {}
                 Err(e) => return Err(e),
             }
         }
-        // Session -> application.
-        if self.to_app.is_empty() && !self.app_write_shut {
+        // Ciphertext -> session -> plaintext for the application.
+        while !self.net_done && self.to_app.has_room() {
             let session = &mut self.session;
-            match self.to_app.fill(|buf| session.reader().read(buf)) {
+            match self.to_app.append(|buf| session.reader().read(buf)) {
                 // close_notify: the peer sends no more.
                 Ok(0) => {
                     self.net_done = true;
                     moved = true;
+                    break;
                 }
-                Ok(_) => moved = true,
+                Ok(_) => {
+                    moved = true;
+                    continue;
+                }
                 Err(e) if would_block(&e) => {}
                 // The stream ended without close_notify.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     self.net_done = true;
                     moved = true;
+                    break;
                 }
                 Err(e) => return Err(e),
             }
+            if self.from_net.is_empty() || !self.session.wants_read() {
+                break;
+            }
+            let taken = self.session.read_tls(&mut self.from_net.pending())?;
+            self.from_net.consume(taken);
+            self.session
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            moved = true;
         }
         if !self.to_app.is_empty() {
             match self.app.write(self.to_app.pending()) {
@@ -245,7 +271,7 @@ impl Pump {
         if self.session.wants_write() {
             net |= PollFlags::OUT;
         }
-        if !self.net_done && self.to_app.is_empty() && self.session.wants_read() {
+        if !self.net_eof && self.from_net.is_empty() {
             net |= PollFlags::IN;
         }
         let mut app = PollFlags::empty();
