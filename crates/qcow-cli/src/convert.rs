@@ -205,9 +205,18 @@ pub(crate) fn run(args: &ConvertArgs) -> Result<ExitCode> {
         )?)
     };
     let size = source.virtual_size();
+    // Requests to an NBD server wait on the network more than on the
+    // processor: keep as many in flight as qemu-img's 8 coroutines do.
+    let over_nbd = target_is_nbd
+        || sources
+            .iter()
+            .any(|s| crate::open::nbd_kind(s, &args.open).is_some());
     let workers = args
         .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+            if over_nbd { cores.max(8) } else { cores }
+        })
         .clamp(1, 16);
     let sync = match args.cache.as_str() {
         "unsafe" => false,

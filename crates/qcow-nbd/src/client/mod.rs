@@ -17,6 +17,7 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::sync::{Mutex, PoisonError};
 
 use qcow_io::{Storage, StorageExtent};
 
@@ -156,6 +157,23 @@ pub struct NbdClient {
     flags: u16,
     /// The id of the negotiated metadata context.
     context_id: Option<u32>,
+    /// The last block status descriptor, kept until this client writes.
+    status: Mutex<StatusCache>,
+}
+
+/// The block status the server last gave, so that a copy walking an
+/// extent of gigabytes in chunks asks once, as qemu-img's convert loop
+/// remembers where the current extent ends. Writes, zeroes and discards
+/// sent through this client forget it; a change another client makes to
+/// a shared export is seen at the next extent asked about.
+#[derive(Debug, Default)]
+struct StatusCache {
+    /// Counts this client's changes (each counts twice: when sent and
+    /// when done), so that a reply asked for before or during one is not
+    /// kept.
+    generation: u64,
+    /// The extent: start, end, and its data and zero flags.
+    extent: Option<(u64, u64, bool, bool)>,
 }
 
 /// A protocol violation or a refusal, as an I/O error.
@@ -351,7 +369,24 @@ impl NbdClient {
             size,
             flags,
             context_id,
+            status: Mutex::new(StatusCache::default()),
         })
+    }
+
+    /// Forgets the block status kept (this client changes the export).
+    fn forget_status(&self) {
+        let mut cache = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.generation += 1;
+        cache.extent = None;
+    }
+
+    /// Runs a request that changes the export, forgetting the block status
+    /// kept before and after it.
+    fn change(&self, call: Call<'_>) -> io::Result<()> {
+        self.forget_status();
+        let done = self.request(call);
+        self.forget_status();
+        done
     }
 
     /// The export's name for messages.
@@ -475,7 +510,7 @@ impl Storage for NbdClient {
         for (at, len) in Self::pieces(offset, buf.len() as u64, PIECE) {
             let start = (at - offset) as usize;
             let piece = &buf[start..start + len as usize];
-            self.request(Call {
+            self.change(Call {
                 payload: piece,
                 ..Call::new(cmd::WRITE, at, len)
             })?;
@@ -509,7 +544,7 @@ impl Storage for NbdClient {
             return Ok(());
         }
         for (at, n) in Self::pieces(offset, len, u64::from(u32::MAX) & !0xfff) {
-            self.request(Call::new(cmd::TRIM, at, n))?;
+            self.change(Call::new(cmd::TRIM, at, n))?;
         }
         Ok(())
     }
@@ -523,7 +558,7 @@ impl Storage for NbdClient {
             return Ok(());
         }
         for (at, n) in Self::pieces(offset, len, u64::from(u32::MAX) & !0xfff) {
-            self.request(Call::new(cmd::WRITE_ZEROES, at, n))?;
+            self.change(Call::new(cmd::WRITE_ZEROES, at, n))?;
         }
         Ok(())
     }
@@ -535,15 +570,30 @@ impl Storage for NbdClient {
         if self.context_id.is_none() || len == 0 {
             return Ok(StorageExtent::data(len));
         }
-        let mut status = Vec::new();
-        // Block status reads no data: one request may span the rest of
-        // the export under extended headers, else up to 2 GiB, as QEMU's
-        // client asks (a larger length does not fit the field).
-        let asked = if self.connection.extended() {
-            len
-        } else {
-            len.min(BLOCK_STATUS_SPAN)
+        let generation = {
+            let cache = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((start, end, data, zero)) = cache.extent {
+                if (start..end).contains(&offset) {
+                    return Ok(StorageExtent {
+                        data,
+                        zero,
+                        len: (end - offset).min(len),
+                    });
+                }
+            }
+            cache.generation
         };
+        // Block status reads no data: one request spans the rest of the
+        // export under extended headers, else up to 2 GiB, as QEMU's
+        // client asks (a larger length does not fit the field), whatever
+        // the caller asked: the extent found is kept for the next calls.
+        let rest = self.size - offset;
+        let asked = if self.connection.extended() {
+            rest
+        } else {
+            rest.min(BLOCK_STATUS_SPAN)
+        };
+        let mut status = Vec::new();
         self.request(Call {
             status: Some(&mut status),
             ..Call::new(cmd::BLOCK_STATUS, offset, asked)
@@ -557,9 +607,16 @@ impl Storage for NbdClient {
         // The flags as QEMU reads them: a hole is no data, and reads as
         // zeros only with the zero flag (base:allocation sets it on every
         // hole qemu-nbd reports); data may read as zeros too.
+        let data = flags & u64::from(STATE_HOLE) == 0;
+        let zero = flags & u64::from(STATE_ZERO) != 0;
+        let run = run.min(asked);
+        let mut cache = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.generation == generation {
+            cache.extent = Some((offset, offset + run, data, zero));
+        }
         Ok(StorageExtent {
-            data: flags & u64::from(STATE_HOLE) == 0,
-            zero: flags & u64::from(STATE_ZERO) != 0,
+            data,
+            zero,
             len: run.min(len),
         })
     }

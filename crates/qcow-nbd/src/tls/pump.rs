@@ -71,43 +71,52 @@ pub(crate) fn start(
 #[derive(Debug)]
 pub(crate) struct HandshakeFailure(pub(crate) io::Error);
 
-/// Bytes waiting to go on, up to [`CHUNK`].
-#[derive(Default)]
+/// Bytes waiting to go on, up to [`CHUNK`], in memory allocated (and
+/// zeroed) once.
 struct Buffer {
-    data: Vec<u8>,
+    data: Box<[u8]>,
     start: usize,
+    end: usize,
+}
+
+impl Default for Buffer {
+    fn default() -> Self {
+        Buffer {
+            data: vec![0u8; CHUNK].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
 }
 
 impl Buffer {
     fn is_empty(&self) -> bool {
-        self.start == self.data.len()
+        self.start == self.end
     }
 
     /// Whether more fits.
     fn has_room(&self) -> bool {
-        self.data.len() < CHUNK
+        self.end < self.data.len()
     }
 
     fn pending(&self) -> &[u8] {
-        &self.data[self.start..]
+        &self.data[self.start..self.end]
     }
 
     fn consume(&mut self, n: usize) {
         self.start += n;
         if self.is_empty() {
-            self.data.clear();
             self.start = 0;
+            self.end = 0;
         }
     }
 
     /// Appends what `read` gives into the room left; its result (`Ok(0)`
     /// at the end of the source).
     fn append(&mut self, read: impl FnOnce(&mut [u8]) -> io::Result<usize>) -> io::Result<usize> {
-        let old = self.data.len();
-        self.data.resize(CHUNK.max(old), 0);
-        let n = read(&mut self.data[old..]);
-        self.data.truncate(old + *n.as_ref().unwrap_or(&0));
-        n
+        let n = read(&mut self.data[self.end..])?;
+        self.end += n;
+        Ok(n)
     }
 }
 
