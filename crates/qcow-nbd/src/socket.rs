@@ -1,17 +1,22 @@
-//! A connected NBD socket, Unix or TCP, for both sides of the protocol:
-//! the server's connections and the client's.
+//! A connected NBD socket, Unix or TCP, plain or under TLS, for both sides
+//! of the protocol: the server's connections and the client's.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::tls::Session;
 
 /// A connected socket.
 #[derive(Debug)]
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A TLS session over one of the others, shared by the handles of the
+    /// connection.
+    Tls(Arc<Session>),
 }
 
 impl Stream {
@@ -21,6 +26,7 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.clone()),
         })
     }
 
@@ -30,6 +36,10 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+            Stream::Tls(s) => {
+                s.shutdown(how);
+                Ok(())
+            }
         };
     }
 
@@ -38,14 +48,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(limit),
             Stream::Unix(s) => s.set_read_timeout(limit),
-        }
-    }
-
-    /// Non-blocking (`true`) or blocking I/O.
-    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_nonblocking(on),
-            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tls(s) => s.socket().set_read_timeout(limit),
         }
     }
 
@@ -58,15 +61,42 @@ impl Stream {
                 s.set_nonblocking(false)
             }
             Stream::Unix(s) => s.set_nonblocking(false),
+            Stream::Tls(s) => s.socket().set_blocking(),
         }
     }
-}
 
-impl AsFd for Stream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
+    /// Reads through a shared handle (plain sockets only; a TLS session
+    /// reads through its own).
+    pub(crate) fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let read = match self {
+                Stream::Tcp(s) => (&*s).read(buf),
+                Stream::Unix(s) => (&*s).read(buf),
+                Stream::Tls(s) => s.read(buf),
+            };
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes all of `buf` through a shared handle.
+    pub(crate) fn write_all_shared(&self, buf: &[u8]) -> io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => (&*s).write_all(buf),
+            Stream::Unix(s) => (&*s).write_all(buf),
+            Stream::Tls(s) => {
+                let mut rest = buf;
+                while !rest.is_empty() {
+                    let n = s.write(rest)?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    rest = &rest[n..];
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -76,6 +106,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -85,6 +116,15 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
 
@@ -92,6 +132,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(_) => Ok(()),
         }
     }
 }

@@ -620,6 +620,8 @@ impl Connection {
             len: 0,
         };
         let _ = write_request(&mut sender.stream, &request, self.headers);
+        // Nothing follows (under TLS, the session's close_notify).
+        sender.stream.shutdown(std::net::Shutdown::Write);
     }
 }
 

@@ -12,9 +12,8 @@
 //! connected to (or the one given instead), a server asks every client for
 //! a certificate its authorities signed.
 //!
-//! The session runs on a thread of its own per connection ([`pump`]), so
-//! the protocol code keeps a plain socket whose reader and writer threads
-//! stay independent.
+//! The reader and writer threads of a connection share the session as
+//! they share a plain socket ([`session`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -32,7 +31,9 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStor
 
 use crate::socket::Stream;
 
-mod pump;
+mod session;
+
+pub(crate) use session::Session;
 
 /// Why TLS credentials could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +177,7 @@ impl TlsServer {
     pub(crate) fn accept(&self, net: Stream) -> Result<Stream, String> {
         let session = rustls::ServerConnection::new(self.config.clone())
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        pump::start(session.into(), net).map_err(|e| describe(&e.0, None))
+        Session::start(session.into(), net).map_err(|e| describe(&e.0, None))
     }
 }
 
@@ -236,7 +237,7 @@ impl TlsClient {
             .map_err(|_| format!("Invalid hostname for certificate validation: {hostname}"))?;
         let session = rustls::ClientConnection::new(self.config.clone(), name)
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        pump::start(session.into(), net).map_err(|e| describe(&e.0, Some(hostname)))
+        Session::start(session.into(), net).map_err(|e| describe(&e.0, Some(hostname)))
     }
 }
 
