@@ -1,7 +1,8 @@
 //! The NBD fuzz harness: arbitrary bytes played as a client's side of a
 //! whole conversation with the server (handshake options, then requests
 //! with their payloads) over an in-memory 1 MiB raw disk, read-write and
-//! with a dirty bitmap and allocation depth to export. Whatever the
+//! with a dirty bitmap and allocation depth to export; the handshake is
+//! also played to a server that requires TLS first. Whatever the
 //! bytes, the server must answer or hang up: never panic, never loop, never
 //! allocate more than the protocol's bounds. Shared by the `nbd` fuzz
 //! target and the `qcow-nbd` crate's seed replay test.
@@ -55,6 +56,18 @@ pub fn nbd(data: &[u8]) {
             )
             .allocation_depth(true)
             .multi_conn(true),
+    );
+    // The same bytes to a server that requires TLS (which this harness
+    // cannot start: the rules before STARTTLS are what is played).
+    let mut required = Duplex {
+        input: Cursor::new(data),
+        output: Vec::new(),
+    };
+    let no_tls = |_: &mut Duplex<'_>| -> Result<(), String> { Err("no TLS here".into()) };
+    let _ = qcow_nbd::handshake::handshake_with_tls(
+        &mut required,
+        std::slice::from_ref(&export),
+        Some(&no_tls),
     );
     let mut stream = Duplex {
         input: Cursor::new(data),

@@ -268,3 +268,107 @@ fn missing_and_malformed_credentials_are_named() {
         "{e}"
     );
 }
+
+/// A client speaking the handshake by hand on a raw TCP socket.
+struct RawClient(std::net::TcpStream);
+
+impl RawClient {
+    /// Connects and reads the greeting, answering with fixed newstyle.
+    fn connect(server: &Server) -> RawClient {
+        use std::io::{Read, Write};
+        let Address::Tcp(host, port) = &server.address else {
+            panic!("a TCP server")
+        };
+        let mut s = std::net::TcpStream::connect((host.as_str(), *port)).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .expect("timeout");
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).expect("greeting");
+        s.write_all(&3u32.to_be_bytes()).expect("flags");
+        RawClient(s)
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        use std::io::Write;
+        let mut out = qcow_nbd::protocol::IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        self.0.write_all(&out).expect("option");
+    }
+
+    /// The next option reply: its kind and data; `None` once the server
+    /// has hung up.
+    fn reply(&mut self) -> Option<(u32, Vec<u8>)> {
+        use std::io::Read;
+        let mut head = [0u8; 20];
+        self.0.read_exact(&mut head).ok()?;
+        let kind = u32::from_be_bytes(head[12..16].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes"));
+        let mut data = vec![0u8; len as usize];
+        self.0.read_exact(&mut data).ok()?;
+        Some((kind, data))
+    }
+
+    /// Whether the server closes the connection, after at most a few
+    /// bytes (a TLS alert).
+    fn closed(&mut self) -> bool {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        for _ in 0..16 {
+            match self.0.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+            }
+        }
+        false
+    }
+}
+
+#[test]
+fn clients_that_break_the_tls_rules_are_refused_and_the_server_serves_on() {
+    use qcow_nbd::protocol::{opt, rep};
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = support::certs::make(dir.path());
+    let server = Server::start(
+        None,
+        Some(TlsServer::from_x509_dir(&creds.server, true).expect("server credentials")),
+    );
+
+    // Options before STARTTLS are refused, and the connection stays: LIST,
+    // then STARTTLS is still accepted.
+    let mut c = RawClient::connect(&server);
+    c.option(opt::LIST, &[]);
+    let (kind, text) = c.reply().expect("a reply");
+    assert_eq!(kind, rep::ERR_TLS_REQD);
+    assert_eq!(text, b"Option 0x3 not permitted before TLS");
+    c.option(opt::STARTTLS, &[]);
+    assert_eq!(c.reply().expect("a reply").0, rep::ACK);
+    // ... then garbage where the TLS handshake should be.
+    c.0.write_all(&[0x55; 512]).expect("garbage");
+    assert!(c.closed(), "the server kept a connection that sent garbage");
+
+    // STARTTLS with data, and EXPORT_NAME before TLS: hung up on.
+    let mut c = RawClient::connect(&server);
+    c.option(opt::STARTTLS, b"x");
+    assert!(c.reply().is_none() && c.closed());
+    let mut c = RawClient::connect(&server);
+    c.option(opt::EXPORT_NAME, b"");
+    assert!(c.reply().is_none() && c.closed());
+
+    // A client that leaves in the middle of the TLS handshake.
+    let mut c = RawClient::connect(&server);
+    c.option(opt::STARTTLS, &[]);
+    assert_eq!(c.reply().expect("a reply").0, rep::ACK);
+    drop(c);
+
+    // Through all of it the server serves a client that follows the rules.
+    let good = TlsClient::from_x509_dir(&creds.client, true).expect("credentials");
+    let client = NbdClient::connect(&server.target(Some((good, None)))).expect("connect");
+    client.write_at(&[3u8; 4096], 8192).expect("write");
+    let mut back = [0u8; 4096];
+    client.read_at(&mut back, 8192).expect("read");
+    assert_eq!(back, [3u8; 4096]);
+}
