@@ -6,7 +6,8 @@
 //! fio is installed) random 4 KiB reads and writes at queue depth 32.
 //! Medians and ratios (qemu-nbd time / qcow time: above 1 means qcow
 //! serves faster). Then the client side: `qcow` and `qemu-img` reading
-//! from one `qemu-nbd` ([`crate::bench_nbd_client`]).
+//! from one `qemu-nbd` ([`crate::bench_nbd_client`]), and both sides over
+//! TLS ([`crate::bench_tls`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -214,5 +215,6 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "(medians; speedup = qemu-nbd time / qcow time; clients: qemu-img bench and fio's nbd engine over nbd+unix)"
     );
     let _ = std::fs::remove_file(&scratch);
-    crate::bench_nbd_client::run(&qcow, &image, &work, runs)
+    crate::bench_nbd_client::run(&qcow, &image, &work, runs)?;
+    crate::bench_tls::run(&qcow, &image, &work, runs)
 }

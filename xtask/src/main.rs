@@ -20,6 +20,7 @@ mod bench_crypto;
 mod bench_engine;
 mod bench_nbd_client;
 mod bench_serve;
+mod bench_tls;
 mod fixtures;
 mod iotests;
 mod util;
