@@ -149,6 +149,8 @@ pub(crate) fn run(qcow: &Path, image: &Path, work: &Path, runs: usize) -> Result
         clients.1,
         clients.0 / clients.1
     );
-    println!("(medians; ratio = qcow time / qemu-nbd or qemu-img time: below 1 means qcow is faster)");
+    println!(
+        "(medians; ratio = qcow time / qemu-nbd or qemu-img time: below 1 means qcow is faster)"
+    );
     Ok(())
 }
