@@ -116,10 +116,11 @@ pub fn handshake_with_tls<S: Read + Write>(
             let refusal = format!("Option {option:#x} not permitted before TLS");
             match option {
                 opt::STARTTLS if !data.is_empty() => {
-                    // A client that cannot start TLS right is dropped.
-                    return Err(HandshakeError::Protocol(
-                        "NBD_OPT_STARTTLS with data".into(),
-                    ));
+                    // A client that cannot start TLS right is told why,
+                    // then dropped, as qemu-nbd does.
+                    let why = "option 'starttls' has unexpected length";
+                    let _ = write_option_reply(stream, option, rep::ERR_INVALID, why.as_bytes());
+                    return Err(HandshakeError::Protocol(why.into()));
                 }
                 opt::STARTTLS => {
                     write_option_reply(stream, option, rep::ACK, &[])?;
@@ -129,7 +130,10 @@ pub fn handshake_with_tls<S: Read + Write>(
                 }
                 opt::EXPORT_NAME => return Err(HandshakeError::Protocol(refusal)),
                 opt::ABORT => {
-                    // The client may already be gone.
+                    // The spec asks for an ACK; qemu-nbd answers
+                    // ERR_TLS_REQD, and clients written against it expect
+                    // that (either way the connection ends). The client
+                    // may already be gone.
                     let _ =
                         write_option_reply(stream, option, rep::ERR_TLS_REQD, refusal.as_bytes());
                     return Err(HandshakeError::Aborted);

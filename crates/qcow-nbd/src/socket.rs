@@ -81,6 +81,16 @@ impl Stream {
         }
     }
 
+    /// Sends what of `buf` the socket takes without waiting (best effort:
+    /// for a last message before a shutdown).
+    pub(crate) fn send_now(&self, buf: &[u8]) {
+        let _ = match self {
+            Stream::Tcp(s) => rustix::net::send(s, buf, rustix::net::SendFlags::DONTWAIT),
+            Stream::Unix(s) => rustix::net::send(s, buf, rustix::net::SendFlags::DONTWAIT),
+            Stream::Tls(s) => return s.socket().send_now(buf),
+        };
+    }
+
     /// Writes all of `buf` through a shared handle.
     pub(crate) fn write_all_shared(&self, buf: &[u8]) -> io::Result<()> {
         match self {

@@ -217,6 +217,9 @@ fn the_client_checks_the_server_name_and_asks_plain_servers_in_vain() {
             .expect("unix with a name");
     client.write_at(&[7u8; 512], 512).expect("write");
     drop(client);
+    // A client that does not verify the server needs no name (as in QEMU).
+    let trusting = TlsClient::from_x509_dir(&creds.client, false).expect("credentials");
+    NbdClient::connect(&unix.target(Some((trusting, None)))).expect("unix, no check");
 
     // A server without TLS says so.
     let plain = Server::start(None, None);
@@ -350,10 +353,14 @@ fn clients_that_break_the_tls_rules_are_refused_and_the_server_serves_on() {
     c.0.write_all(&[0x55; 512]).expect("garbage");
     assert!(c.closed(), "the server kept a connection that sent garbage");
 
-    // STARTTLS with data, and EXPORT_NAME before TLS: hung up on.
+    // STARTTLS with data: told why, then hung up on; EXPORT_NAME before
+    // TLS (which has no error reply): hung up on.
     let mut c = RawClient::connect(&server);
     c.option(opt::STARTTLS, b"x");
-    assert!(c.reply().is_none() && c.closed());
+    let (kind, text) = c.reply().expect("a reply");
+    assert_eq!(kind, rep::ERR_INVALID);
+    assert_eq!(text, b"option 'starttls' has unexpected length");
+    assert!(c.closed());
     let mut c = RawClient::connect(&server);
     c.option(opt::EXPORT_NAME, b"");
     assert!(c.reply().is_none() && c.closed());
@@ -371,4 +378,27 @@ fn clients_that_break_the_tls_rules_are_refused_and_the_server_serves_on() {
     let mut back = [0u8; 4096];
     client.read_at(&mut back, 8192).expect("read");
     assert_eq!(back, [3u8; 4096]);
+}
+
+#[test]
+fn revocation_lists_refuse_revoked_certificates_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = support::certs::make(dir.path());
+    let connect = |crl: Option<String>| {
+        if let Some(crl) = crl {
+            std::fs::write(creds.server.join("ca-crl.pem"), crl).expect("write");
+        }
+        let server = Server::start(
+            None,
+            Some(TlsServer::from_x509_dir(&creds.server, true).expect("server credentials")),
+        );
+        let client = TlsClient::from_x509_dir(&creds.client, true).expect("credentials");
+        NbdClient::connect(&server.target(Some((client, None)))).map(drop)
+    };
+    // A list that revokes nothing, and one from another authority (which
+    // says nothing of this client's): the client is let in.
+    connect(Some(creds.revocation_list(1, false))).expect("nothing revoked");
+    connect(Some(creds.revocation_list(2, true))).expect("another authority's list");
+    // Its own authority revoked it: refused.
+    assert!(connect(Some(creds.revocation_list(1, true))).is_err());
 }

@@ -185,18 +185,76 @@ impl Session {
         Ok(taken)
     }
 
-    /// Ends the session: a close_notify when the socket is free to send it
-    /// (a thread blocked sending must not hold this up), then the socket's
-    /// shutdown.
+    /// Ends the session: a close_notify when the socket is free to take
+    /// it at once (never waiting: neither for a thread blocked sending nor
+    /// for a peer that stopped reading), then the socket's shutdown.
     pub(crate) fn shutdown(&self, how: Shutdown) {
         if how != Shutdown::Read {
-            if let (Ok(mut out), Ok(mut state)) = (self.sending.try_lock(), self.state.try_lock()) {
+            if let Ok(mut out) = self.sending.try_lock() {
+                // Nobody holds the session across I/O: this wait is short.
+                let mut state = lock(&self.state);
                 state.send_close_notify();
                 if seal_into(&mut state, &mut out).is_ok() {
-                    let _ = self.net.write_all_shared(&out);
+                    drop(state);
+                    self.net.send_now(&out);
                 }
             }
         }
         self.net.shutdown(how);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::tls::{TlsClient, TlsServer, test_certs as certs};
+
+    #[test]
+    fn shutdown_does_not_wait_for_a_peer_that_stopped_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = certs::make(dir.path());
+        let server_creds = TlsServer::from_x509_dir(&creds.server, true).unwrap();
+        let client_creds = TlsClient::from_x509_dir(&creds.client, true).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let (release, held) = mpsc::channel::<()>();
+        let (ready, accepted) = mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (socket, _) = listener.accept().unwrap();
+            let stream = server_creds.accept(Stream::Tcp(socket)).unwrap();
+            ready.send(()).unwrap();
+            // Never reads; keeps the connection until released.
+            let _ = held.recv();
+            drop(stream);
+        });
+        let raw = TcpStream::connect(address).unwrap();
+        let filler = raw.try_clone().unwrap();
+        let stream = client_creds.connect(Stream::Tcp(raw), "127.0.0.1").unwrap();
+        accepted.recv().unwrap();
+        // Fill the socket with bytes nobody will read, until it takes no
+        // more.
+        filler.set_nonblocking(true).unwrap();
+        let junk = [0u8; 65536];
+        loop {
+            match (&filler).write(&junk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the socket: {e}"),
+            }
+        }
+        filler.set_nonblocking(false).unwrap();
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            stream.shutdown(Shutdown::Both);
+            let _ = done.send(());
+        });
+        let returned = finished.recv_timeout(Duration::from_secs(10)).is_ok();
+        let _ = release.send(());
+        server.join().unwrap();
+        assert!(returned, "shutdown waited for a peer that does not read");
     }
 }

@@ -7,8 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, Certificate, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SanType, SerialNumber, date_time_ymd,
 };
 
 /// One authority: its certificate and key.
@@ -33,9 +34,13 @@ fn authority(name: &str) -> Authority {
     Authority { cert, key }
 }
 
+/// The serial number of the trusted client's certificate.
+const CLIENT_SERIAL: u64 = 7;
+
 /// Writes `dir/{ca-cert,<role>-cert,<role>-key}.pem`: a certificate for
-/// `role` ("server" or "client") signed by `ca`.
-fn leaf(dir: &Path, ca: &Authority, role: &str) {
+/// `role` ("server" or "client") signed by `ca`, with serial number
+/// `serial`.
+fn leaf(dir: &Path, ca: &Authority, role: &str, serial: u64) {
     std::fs::create_dir_all(dir).expect("credentials directory");
     let key = KeyPair::generate().expect("key");
     let mut params = if role == "server" {
@@ -54,6 +59,7 @@ fn leaf(dir: &Path, ca: &Authority, role: &str) {
     params
         .distinguished_name
         .push(DnType::CommonName, format!("qcow test {role}"));
+    params.serial_number = Some(SerialNumber::from(serial));
     // QEMU checks for both usages (its templates ask for them).
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
@@ -67,8 +73,10 @@ fn leaf(dir: &Path, ca: &Authority, role: &str) {
     std::fs::write(dir.join(format!("{role}-key.pem")), key.serialize_pem()).expect("write");
 }
 
-/// The credential directories under one root.
+/// The credential directories under one root (and the authorities, for
+/// revocation lists).
 pub(crate) struct Credentials {
+    authorities: [Authority; 2],
     /// The server's, signed by authority 1.
     pub(crate) server: PathBuf,
     /// A client's, signed by authority 1 (trusted by the server).
@@ -81,13 +89,43 @@ pub(crate) struct Credentials {
 /// Makes the credentials under `root`.
 pub(crate) fn make(root: &Path) -> Credentials {
     let (ca1, ca2) = (authority("1"), authority("2"));
-    let creds = Credentials {
+    leaf(&root.join("server"), &ca1, "server", 1);
+    leaf(&root.join("client"), &ca1, "client", CLIENT_SERIAL);
+    leaf(&root.join("stranger"), &ca2, "client", 3);
+    Credentials {
+        authorities: [ca1, ca2],
         server: root.join("server"),
         client: root.join("client"),
         stranger: root.join("stranger"),
-    };
-    leaf(&creds.server, &ca1, "server");
-    leaf(&creds.client, &ca1, "client");
-    leaf(&creds.stranger, &ca2, "client");
-    creds
+    }
+}
+
+impl Credentials {
+    /// A revocation list in PEM, signed by authority `which` (1 or 2),
+    /// revoking the trusted client's certificate when `revoke_client`.
+    pub(crate) fn revocation_list(&self, which: usize, revoke_client: bool) -> String {
+        let ca = &self.authorities[which - 1];
+        let revoked = if revoke_client {
+            vec![RevokedCertParams {
+                serial_number: SerialNumber::from(CLIENT_SERIAL),
+                revocation_time: date_time_ymd(2024, 1, 1),
+                reason_code: None,
+                invalidity_date: None,
+            }]
+        } else {
+            Vec::new()
+        };
+        CertificateRevocationListParams {
+            this_update: date_time_ymd(2024, 1, 1),
+            next_update: date_time_ymd(2999, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca.cert, &ca.key)
+        .expect("revocation list")
+        .pem()
+        .expect("PEM")
+    }
 }
