@@ -2,7 +2,8 @@
 //! as clients of the same `qemu-nbd` export (the cached 1 GiB qcow2 image,
 //! read-only, over a Unix socket), alternating in one run: `bench` reads
 //! of 4 KiB at queue depth 32 and of 1 MiB at depth 8, and `convert -O raw`
-//! of the whole export (its output deleted, untimed, before every run).
+//! of the whole export (its output in memory, `/dev/shm`, where the
+//! machine has it, deleted, untimed, before every run).
 //! Medians and ratios (qcow time / qemu-img time: below 1 means qcow is
 //! faster).
 
@@ -41,7 +42,7 @@ const JOBS: [(&str, &[&str]); 3] = [
 pub(crate) fn run(qcow: &Path, image: &Path, work: &Path, runs: usize) -> Result<()> {
     let socket = work.join("client.sock");
     let uri = format!("nbd+unix:///?socket={}", socket.display());
-    let out = work.join("client-out.raw");
+    let out = crate::util::scratch_output(work, "client-out.raw");
     let image_s = image.to_string_lossy().into_owned();
     let socket_s = socket.to_string_lossy().into_owned();
     let _server = crate::bench_serve::start(

@@ -1,4 +1,4 @@
-//! `cargo xtask bench-serve [--runs N] [--qcow PATH]`: `qcow serve` beside
+//! `cargo xtask bench-serve [--runs N] [--qcow PATH] [--only server,client,tls]`: `qcow serve` beside
 //! `qemu-nbd` on the same cached 1 GiB qcow2 image, the same client, in the
 //! same run, servers alternating: with `qemu-img bench` over `nbd+unix://`
 //! (QEMU's own NBD client) sequential 1 MiB reads at queue depth 8, 4 KiB
@@ -121,11 +121,21 @@ pub(crate) fn start(program: &Path, args: &[&str], socket: &Path) -> Result<Serv
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let mut runs = 3usize;
     let mut qcow: Option<PathBuf> = None;
+    let mut only: Option<Vec<String>> = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--runs" => runs = it.next().context("--runs needs a number")?.parse()?,
             "--qcow" => qcow = it.next().map(PathBuf::from),
+            "--only" => {
+                only = Some(
+                    it.next()
+                        .context("--only needs a list: server,client,tls")?
+                        .split(',')
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>(),
+                )
+            }
             other => bail!("unknown option {other}"),
         }
     }
@@ -150,6 +160,21 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         fill.args(["-c", "write -P 7 0 1G"]).arg(&image);
         run_captured(&mut fill)?;
     }
+    let wanted = |part: &str| only.as_ref().is_none_or(|o| o.iter().any(|p| p == part));
+    if wanted("server") {
+        servers(&qcow, &image, &work, runs)?;
+    }
+    if wanted("client") {
+        crate::bench_nbd_client::run(&qcow, &image, &work, runs)?;
+    }
+    if wanted("tls") {
+        crate::bench_tls::run(&qcow, &image, &work, runs)?;
+    }
+    Ok(())
+}
+
+/// The server jobs: `qcow serve` and qemu-nbd under the same clients.
+fn servers(qcow: &Path, image: &Path, work: &Path, runs: usize) -> Result<()> {
     let scratch = work.join("serve-scratch.qcow2");
     let socket = work.join("serve.sock");
     let uri = format!("nbd+unix:///?socket={}", socket.display());
@@ -165,10 +190,10 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         for run in 0..=runs {
             for who in ["qcow", "qemu-nbd"] {
                 let served = if job.writes {
-                    std::fs::copy(&image, &scratch)?;
+                    std::fs::copy(image, &scratch)?;
                     scratch.clone()
                 } else {
-                    image.clone()
+                    image.to_path_buf()
                 };
                 let served_s = served.to_string_lossy().into_owned();
                 let socket_s = socket.to_string_lossy().into_owned();
@@ -180,7 +205,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
                     let mut a = vec!["serve"];
                     a.extend(&args);
                     a.push(&served_s);
-                    start(&qcow, &a, &socket)?
+                    start(qcow, &a, &socket)?
                 } else {
                     let mut a = vec!["-f", "qcow2"];
                     a.extend(&args);
@@ -215,6 +240,5 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "(medians; speedup = qemu-nbd time / qcow time; clients: qemu-img bench and fio's nbd engine over nbd+unix)"
     );
     let _ = std::fs::remove_file(&scratch);
-    crate::bench_nbd_client::run(&qcow, &image, &work, runs)?;
-    crate::bench_tls::run(&qcow, &image, &work, runs)
+    Ok(())
 }

@@ -9,8 +9,9 @@
 //! - clients: `qcow convert` and `qemu-img convert` of the same
 //!   `qemu-nbd --tls-creds` export (ratio = qcow time / qemu-img time).
 //!
-//! Outputs are deleted, untimed, before every run; run 0 of each job only
-//! warms the caches.
+//! Outputs go to memory (`/dev/shm`) where the machine has it, and are
+//! deleted, untimed, before every run; run 0 of each job only warms the
+//! caches.
 
 #[allow(dead_code)]
 #[path = "../../crates/qcow-nbd/tests/support/certs.rs"]
@@ -93,7 +94,7 @@ pub(crate) fn run(qcow: &Path, image: &Path, work: &Path, runs: usize) -> Result
     let _ = std::fs::remove_dir_all(&tls);
     let creds = certs::make(&tls);
     let socket = work.join("tls.sock");
-    let out = work.join("tls-out.raw");
+    let out = crate::util::scratch_output(work, "tls-out.raw");
     let qemu_img = Path::new("qemu-img");
 
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());

@@ -365,6 +365,18 @@ impl Rng {
     }
 }
 
+/// Where a benchmark writes an output it deletes again: memory
+/// (`/dev/shm`) when the machine has it, so that the time measured is the
+/// tools' and not the disk's write-back; else `work`.
+pub(crate) fn scratch_output(work: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.join(format!("qcow-bench-{}-{name}", std::process::id()))
+    } else {
+        work.join(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
