@@ -4,56 +4,18 @@
 //! iotest nbd-qemu-allocation reads it), and `convert` writes into them.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::serve::Server;
 use super::{p, qcow, qemu_img, qemu_io, stderr, stdout};
 
-/// A qemu-nbd serving an image on a Unix socket (persistent, `-t`), killed
-/// when dropped.
-struct QemuNbd(Child);
-
-impl QemuNbd {
-    fn serve(image: &Path, socket: &Path, extra: &[&str]) -> QemuNbd {
-        QemuNbd::serve_as("qcow2", image, socket, extra, Stdio::null())
-    }
-
-    /// A qemu-nbd serving `image` in `format`, its messages to `stderr`.
-    fn serve_as(
-        format: &str,
-        image: &Path,
-        socket: &Path,
-        extra: &[&str],
-        stderr: Stdio,
-    ) -> QemuNbd {
-        let child = Command::new("qemu-nbd")
-            .args(["-t", "-f", format])
-            .args(extra)
-            .arg("-k")
-            .arg(socket)
-            .arg(image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("qemu-nbd is required for the NBD client tests: {e}"));
-        let started = Instant::now();
-        while !socket.exists() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "qemu-nbd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        QemuNbd(child)
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A qemu-nbd serving `image` in `format` on the Unix socket `socket`
+/// (persistent, `-t`), with `extra` flags; stopped when dropped.
+fn qemu_nbd(format: &str, image: &Path, socket: &Path, extra: &[&str]) -> Server {
+    let mut args = vec!["-t", "-f", format];
+    args.extend(extra);
+    args.extend(["-k", p(socket), p(image)]);
+    Server::start("qemu-nbd", &args, Some(socket), None)
 }
 
 /// Runs `args` in both tools and asserts the same exit code and output.
@@ -98,7 +60,7 @@ fn exports_read_and_map_as_in_qemu_img() {
     );
     qemu_io(&top, &["write -P 7 1M 2M", "write -z 3584k 256k"]);
     let socket = dir.path().join("s");
-    let _server = QemuNbd::serve(&top, &socket, &["-r", "-A"]);
+    let _server = qemu_nbd("qcow2", &top, &socket, &["-r", "-A"]);
     let uri = format!("nbd+unix:///?socket={}", p(&socket));
     let opts = format!("driver=nbd,server.type=unix,server.path={}", p(&socket));
     for output in ["--output=human", "--output=json"] {
@@ -169,7 +131,7 @@ fn convert_writes_into_an_export_as_qemu_img_does() {
             );
             let socket = dir.path().join(format!("t{i}.sock"));
             let _ = std::fs::remove_file(&socket);
-            let server = QemuNbd::serve(&target, &socket, &[]);
+            let server = qemu_nbd("qcow2", &target, &socket, &[]);
             let name = if target_args.contains(&"--target-image-opts") {
                 format!("driver=nbd,server.type=unix,server.path={}", p(&socket))
             } else {
@@ -215,7 +177,7 @@ fn check_bench_and_read_only_exports_answer_as_in_qemu_img() {
     );
     qemu_io(&image, &["write -P 9 0 1M"]);
     let socket = dir.path().join("s");
-    let _server = QemuNbd::serve(&image, &socket, &["-r"]);
+    let _server = qemu_nbd("qcow2", &image, &socket, &["-r"]);
     let uri = format!("nbd+unix:///?socket={}", p(&socket));
     // check: an export is a raw disk, which has no checks (exit 63).
     let (ours, theirs) = (qcow(&["check", &uri]), qemu_img(&["check", &uri]));
@@ -270,7 +232,7 @@ fn a_large_sparse_export_maps_as_in_qemu_img() {
         &["write 5G 1M", "write 4095M 2M", "write -z 12G 64k"],
     );
     let socket = dir.path().join("s");
-    let _server = QemuNbd::serve(&image, &socket, &["-r"]);
+    let _server = qemu_nbd("qcow2", &image, &socket, &["-r"]);
     let uri = format!("nbd+unix:///?socket={}", p(&socket));
     for output in ["--output=human", "--output=json"] {
         let map = same(&["map", output, &uri]);
@@ -294,22 +256,14 @@ fn the_client_says_goodbye_in_the_form_it_negotiated() {
             .success()
     );
     let socket = dir.path().join("s");
-    let log = dir.path().join("qemu-nbd.log");
-    let server = QemuNbd::serve_as(
-        "qcow2",
-        &image,
-        &socket,
-        &["-r"],
-        std::fs::File::create(&log).unwrap().into(),
-    );
+    let mut server = qemu_nbd("qcow2", &image, &socket, &["-r"]);
     let uri = format!("nbd+unix:///?socket={}", p(&socket));
     for args in [&["info", &uri][..], &["map", &uri][..]] {
         let o = qcow(args);
         assert!(o.status.success(), "{args:?}: {}", stderr(&o));
     }
     std::thread::sleep(Duration::from_millis(200));
-    drop(server);
-    let said = std::fs::read_to_string(&log).unwrap();
+    let (_, said) = server.stop();
     assert!(!said.contains("Disconnect client"), "qemu-nbd: {said}");
 }
 
@@ -329,7 +283,7 @@ fn a_fragmented_export_maps_and_copies_as_in_qemu_img() {
         }
     }
     let socket = dir.path().join("s");
-    let _server = QemuNbd::serve_as("raw", &image, &socket, &["-r"], Stdio::null());
+    let _server = qemu_nbd("raw", &image, &socket, &["-r"]);
     let uri = format!("nbd+unix:///?socket={}", p(&socket));
     let map = same(&["map", "--output=json", &uri]);
     assert!(

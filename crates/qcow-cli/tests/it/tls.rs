@@ -34,6 +34,41 @@ fn qemu_io_opts(object: &str, opts: &str, commands: &[&str]) -> Output {
     cmd.arg(opts).output().expect("qemu-io is required")
 }
 
+/// `qcow serve` (`program` "qcow") or qemu-nbd, persistent, serving `img`
+/// over TLS with the credentials in `server_dir` on a free loopback port,
+/// with `extra` flags: the server and its port.
+fn serve_tls(program: &str, server_dir: &Path, img: &Path, extra: &[&str]) -> (Server, u16) {
+    let port = free_port();
+    let port_text = port.to_string();
+    let object = object(server_dir, "server");
+    let mut args: Vec<&str> = if program == "qcow" {
+        vec!["serve"]
+    } else {
+        Vec::new()
+    };
+    args.extend([
+        "-t",
+        "-f",
+        "qcow2",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        &port_text,
+        "--object",
+        &object,
+        "--tls-creds",
+        "tls0",
+    ]);
+    args.extend(extra);
+    args.push(p(img));
+    let server = if program == "qcow" {
+        Server::qcow(&args, None, Some(port))
+    } else {
+        Server::start(program, &args, None, Some(port))
+    };
+    (server, port)
+}
+
 /// A 64 MiB qcow2 image with 0x11 in its second MiB.
 fn image(dir: &Path) -> std::path::PathBuf {
     let img = dir.join("disk.qcow2");
@@ -62,28 +97,7 @@ fn qemu_clients_use_a_tls_qcow_server() {
     let dir = tempfile::tempdir().unwrap();
     let creds = certs::make(dir.path());
     let img = image(dir.path());
-    let port = free_port();
-    let port_text = port.to_string();
-    let server_object = object(&creds.server, "server");
-    let mut server = Server::qcow(
-        &[
-            "serve",
-            "-t",
-            "-f",
-            "qcow2",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port_text,
-            "--object",
-            &server_object,
-            "--tls-creds",
-            "tls0",
-            p(&img),
-        ],
-        None,
-        Some(port),
-    );
+    let (mut server, port) = serve_tls("qcow", &creds.server, &img, &[]);
     let client = object(&creds.client, "client");
     let opts = nbd_opts("127.0.0.1", port);
 
@@ -157,30 +171,7 @@ fn qcow_reads_and_writes_a_tls_qemu_nbd_export_as_qemu_img_does() {
     let dir = tempfile::tempdir().unwrap();
     let creds = certs::make(dir.path());
     let img = image(dir.path());
-    let port = free_port();
-    let port_text = port.to_string();
-    let server_object = object(&creds.server, "server");
-    let _server = Server::start(
-        "qemu-nbd",
-        &[
-            "-t",
-            "-e",
-            "4",
-            "-f",
-            "qcow2",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port_text,
-            "--object",
-            &server_object,
-            "--tls-creds",
-            "tls0",
-            p(&img),
-        ],
-        None,
-        Some(port),
-    );
+    let (_server, port) = serve_tls("qemu-nbd", &creds.server, &img, &["-e", "4"]);
     let client = object(&creds.client, "client");
     let opts = nbd_opts("127.0.0.1", port);
 
