@@ -645,7 +645,7 @@ fn exports_list_as_qemu_nbd_lists_its_own() {
 
 /// Runs `tool args` (a libnbd tool: libnbd-bin), failing the test, and
 /// saying so, when it is missing.
-fn libnbd(tool: &str, args: &[&str]) -> String {
+pub(super) fn libnbd(tool: &str, args: &[&str]) -> String {
     // nbdsh runs the system's python3, which has libnbd's module
     // (python3-libnbd); another python3 first on PATH would not.
     let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());

@@ -336,3 +336,34 @@ fn credentials_missing_or_unusable_are_refused_before_serving_as_qemu_does() {
     }
     assert!(std::fs::read(&img).unwrap() == before, "the image changed");
 }
+
+#[test]
+fn nbdcopy_writes_and_reads_a_tls_qcow_server_over_several_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = certs::make(dir.path());
+    let img = image(dir.path());
+    // Data that is not the same from one MiB to the next.
+    let source = dir.path().join("source.raw");
+    let data: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&source, &data).unwrap();
+    let (mut server, port) = serve_tls("qcow", &creds.server, &img, &["-e", "4"]);
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        p(&creds.client)
+    );
+    // nbdcopy: four connections (the export allows them), many requests
+    // in flight on each.
+    super::serve::libnbd("nbdcopy", &["-C", "4", p(&source), &uri]);
+    let back = dir.path().join("back.raw");
+    super::serve::libnbd("nbdcopy", &["-C", "4", &uri, p(&back)]);
+    assert!(std::fs::read(&back).unwrap() == data, "read back differs");
+    let (code, err) = server.stop();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.is_empty(), "the server complained: {err}");
+    let check = qemu_img(&["check", p(&img)]);
+    assert!(check.status.success(), "{}", stdout(&check));
+    let compare = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&source)]);
+    assert!(compare.status.success(), "{}", stdout(&compare));
+}
