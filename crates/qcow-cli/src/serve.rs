@@ -102,8 +102,10 @@ pub(crate) struct ServeArgs {
     /// with `--object`) as the server's credentials.
     #[arg(long = "tls-creds", value_name = "ID")]
     tls_creds: Option<String>,
-    /// Authorize TLS clients by the `authz` object of this id (not
-    /// supported: refused).
+    /// Let in only the TLS clients the `authz-simple` object of this id
+    /// (given with `--object authz-simple,id=ID,identity=DN`) names: the
+    /// distinguished name of their certificate, most specific part first
+    /// (`CN=...,O=...,C=...`), as GnuTLS writes it.
     #[arg(long = "tls-authz", value_name = "ID")]
     tls_authz: Option<String>,
     #[command(flatten)]
@@ -115,17 +117,22 @@ pub(crate) struct ServeArgs {
 /// Runs `qcow serve`.
 pub(crate) fn run(args: &ServeArgs) -> Result<ExitCode> {
     // Credentials are checked before anything else, as qemu-nbd does.
-    if args.tls_authz.is_some() {
-        if args.tls_creds.is_none() {
-            bail!("--tls-authz is not permitted without --tls-creds");
-        }
-        bail!("--tls-authz is not supported");
+    if args.tls_authz.is_some() && args.tls_creds.is_none() {
+        bail!("--tls-authz is not permitted without --tls-creds");
     }
-    let tls = args
-        .tls_creds
-        .as_deref()
-        .map(|id| crate::tls_creds::server(&args.open.object, id))
-        .transpose()?;
+    let tls = match &args.tls_creds {
+        Some(id) => {
+            let credentials = crate::tls_creds::server(&args.open.object, id)?;
+            Some(match &args.tls_authz {
+                Some(authz) => credentials.authorize_only(&crate::tls_creds::authorized_identity(
+                    &args.open.object,
+                    authz,
+                )?),
+                None => credentials,
+            })
+        }
+        None => None,
+    };
     if args.fork && std::env::var_os(FORKED).is_none() {
         return fork();
     }

@@ -2,7 +2,8 @@
 //! dir=DIR,endpoint=server|client,verify-peer=on|off`), looked up by the id
 //! `qcow serve --tls-creds ID` or an NBD image's `tls-creds=ID` names.
 //! Only x509 credentials are supported: `tls-creds-psk` and
-//! `tls-creds-anon` are refused by name.
+//! `tls-creds-anon` are refused by name. Also the `authz-simple` objects
+//! `--tls-authz ID` names (`--object authz-simple,id=ID,identity=DN`).
 
 use std::path::Path;
 
@@ -94,6 +95,36 @@ pub(crate) fn client(objects: &[String], id: &str, name: &str) -> Result<TlsClie
     Ok(TlsClient::from_x509_dir(Path::new(&dir), verify_peer)?)
 }
 
+/// The identity the `authz-simple` object with id `id` lets in (QEMU's
+/// other authorization objects, lists and PAM, are refused by name).
+pub(crate) fn authorized_identity(objects: &[String], id: &str) -> Result<String> {
+    for object in objects {
+        let list = OptionList::parse(std::slice::from_ref(object))?;
+        if list.get("id") != Some(id) {
+            continue;
+        }
+        let kind = list.get("qom-type").map(str::to_owned).or_else(|| {
+            list.pairs()
+                .first()
+                .filter(|(_, v)| v == "on")
+                .map(|(k, _)| k.clone())
+        });
+        return match kind.as_deref() {
+            Some("authz-simple") => list
+                .get("identity")
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow::anyhow!("Parameter 'identity' is missing")),
+            Some(other @ ("authz-list" | "authz-listfile" | "authz-pam")) => Err(anyhow::anyhow!(
+                "authorization objects of type '{other}' are not supported (only authz-simple)"
+            )),
+            _ => Err(anyhow::anyhow!(
+                "Object with id '{id}' is not an authorization object"
+            )),
+        };
+    }
+    bail!("No authorization object with id '{id}'")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +162,18 @@ mod tests {
                 .to_string()
                 .contains("is not TLS credentials")
         );
+        let authz = vec![
+            "authz-simple,id=a,identity=CN=x,,O=y".to_owned(),
+            "authz-pam,id=p,service=login".to_owned(),
+        ];
+        assert_eq!(authorized_identity(&authz, "a").unwrap(), "CN=x,O=y");
+        assert!(
+            authorized_identity(&authz, "p")
+                .unwrap_err()
+                .to_string()
+                .contains("'authz-pam' are not supported")
+        );
+        assert!(authorized_identity(&authz, "q").is_err());
         assert_eq!(
             find(&objects, "nope", Endpoint::Client)
                 .unwrap_err()

@@ -402,3 +402,29 @@ fn revocation_lists_refuse_revoked_certificates_only() {
     // Its own authority revoked it: refused.
     assert!(connect(Some(creds.revocation_list(1, true))).is_err());
 }
+
+#[test]
+fn an_authorized_identity_lets_in_that_client_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = support::certs::make(dir.path());
+    let identity = support::certs::identity("client", support::certs::CLIENT_SERIAL);
+    let server = Server::start(
+        None,
+        Some(
+            TlsServer::from_x509_dir(&creds.server, true)
+                .expect("server credentials")
+                .authorize_only(&identity),
+        ),
+    );
+    let client = TlsClient::from_x509_dir(&creds.client, true).expect("credentials");
+    NbdClient::connect(&server.target(Some((client, None)))).expect("the named client");
+    let other = TlsClient::from_x509_dir(&creds.other, true).expect("credentials");
+    assert!(NbdClient::connect(&server.target(Some((other, None)))).is_err());
+    let log = server.log.lock().expect("log").clone();
+    let other_name = support::certs::identity("client", support::certs::OTHER_SERIAL);
+    assert!(
+        log.iter()
+            .any(|l| l == &format!("TLS x509 authz check for {other_name} is denied")),
+        "{log:?}"
+    );
+}

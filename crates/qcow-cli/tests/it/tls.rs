@@ -367,3 +367,63 @@ fn nbdcopy_writes_and_reads_a_tls_qcow_server_over_several_connections() {
     let compare = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&source)]);
     assert!(compare.status.success(), "{}", stdout(&compare));
 }
+
+#[test]
+fn tls_authz_lets_in_the_clients_qemu_nbd_lets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = certs::make(dir.path());
+    let img = image(dir.path());
+    // Each client's name as GnuTLS writes it (the other's country in
+    // hex), commas doubled for QEMU's option syntax: both servers let in
+    // the client named and no other.
+    for (named, serial) in [
+        ("client", certs::CLIENT_SERIAL),
+        ("other", certs::OTHER_SERIAL),
+    ] {
+        let identity = certs::identity("client", serial).replace(',', ",,");
+        let authz = format!("authz-simple,id=authz0,identity={identity}");
+        let flags = ["--object", authz.as_str(), "--tls-authz", "authz0"];
+        for program in ["qemu-nbd", "qcow"] {
+            let (mut server, port) = serve_tls(program, &creds.server, &img, &flags);
+            let opts = nbd_opts("127.0.0.1", port);
+            for (who, dir) in [("client", &creds.client), ("other", &creds.other)] {
+                let object = object(dir, "client");
+                let o = qemu_img(&["info", "--object", &object, "--image-opts", &opts]);
+                if o.status.success() != (who == named) {
+                    let (_, log) = server.stop();
+                    panic!(
+                        "{program} naming {named}, {who} connecting: {}{log}",
+                        stderr(&o)
+                    );
+                }
+            }
+            drop(server.stop());
+        }
+    }
+    // Refused before serving: authorization without TLS, or by an object
+    // that is not there.
+    let server_object = object(&creds.server, "server");
+    for (args, refusal) in [
+        (
+            vec!["serve", "--tls-authz", "authz0", p(&img)],
+            "--tls-authz is not permitted without --tls-creds",
+        ),
+        (
+            vec![
+                "serve",
+                "--object",
+                &server_object,
+                "--tls-creds",
+                "tls0",
+                "--tls-authz",
+                "authz9",
+                p(&img),
+            ],
+            "No authorization object with id 'authz9'",
+        ),
+    ] {
+        let o = qcow(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(message(&o).contains(refusal), "{args:?}: {}", stderr(&o));
+    }
+}

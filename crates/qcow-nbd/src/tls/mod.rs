@@ -31,6 +31,7 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStor
 
 use crate::socket::Stream;
 
+mod identity;
 mod session;
 
 /// The test credentials the integration tests make too.
@@ -145,6 +146,8 @@ fn unusable(dir: &Path, why: impl std::fmt::Display) -> TlsError {
 #[derive(Debug, Clone)]
 pub struct TlsServer {
     config: Arc<ServerConfig>,
+    /// The one client identity let in, when set (QEMU's `authz-simple`).
+    identity: Option<String>,
 }
 
 impl TlsServer {
@@ -178,7 +181,17 @@ impl TlsServer {
             .map_err(|e| unusable(dir, e))?;
         Ok(TlsServer {
             config: Arc::new(config),
+            identity: None,
         })
+    }
+
+    /// Lets in only clients whose certificate's distinguished name is
+    /// `identity`, written as GnuTLS writes it
+    /// (`CN=name,O=organization,C=country`: the most specific part first),
+    /// as QEMU's `authz-simple` objects do.
+    pub fn authorize_only(mut self, identity: &str) -> TlsServer {
+        self.identity = Some(identity.to_owned());
+        self
     }
 
     /// Runs the server side of the TLS handshake over `net`, and returns
@@ -186,7 +199,18 @@ impl TlsServer {
     pub(crate) fn accept(&self, net: Stream) -> Result<Stream, String> {
         let session = rustls::ServerConnection::new(self.config.clone())
             .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        Session::start(session.into(), net).map_err(|e| describe(&e.0, None))
+        let stream = Session::start(session.into(), net).map_err(|e| describe(&e.0, None))?;
+        if let (Some(wanted), Stream::Tls(session)) = (&self.identity, &stream) {
+            let name = session.peer_name();
+            if name.as_deref() != Some(wanted.as_str()) {
+                stream.shutdown(std::net::Shutdown::Both);
+                return Err(format!(
+                    "TLS x509 authz check for {} is denied",
+                    name.unwrap_or_else(|| "a client without a certificate".into())
+                ));
+            }
+        }
+        Ok(stream)
     }
 }
 

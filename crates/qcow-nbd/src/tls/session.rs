@@ -99,6 +99,15 @@ impl Session {
         })))
     }
 
+    /// The distinguished name of the peer's certificate, if it showed one
+    /// that parses.
+    pub(crate) fn peer_name(&self) -> Option<String> {
+        let state = lock(&self.state);
+        let der = state.peer_certificates()?.first()?.to_vec();
+        drop(state);
+        super::identity::distinguished_name(&der)
+    }
+
     /// The socket under the session.
     pub(crate) fn socket(&self) -> &Stream {
         &self.net

@@ -7,9 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
-    SanType, SerialNumber, date_time_ymd,
+    BasicConstraints, Certificate, CertificateParams, CertificateRevocationListParams,
+    DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, PrintableString, RevokedCertParams, SanType, SerialNumber, date_time_ymd,
 };
 
 /// One authority: its certificate and key.
@@ -35,7 +35,10 @@ fn authority(name: &str) -> Authority {
 }
 
 /// The serial number of the trusted client's certificate.
-const CLIENT_SERIAL: u64 = 7;
+pub(crate) const CLIENT_SERIAL: u64 = 7;
+
+/// The serial number of the other trusted client's certificate.
+pub(crate) const OTHER_SERIAL: u64 = 5;
 
 /// Writes `dir/{ca-cert,<role>-cert,<role>-key}.pem`: a certificate for
 /// `role` ("server" or "client") signed by `ca`, with serial number
@@ -56,6 +59,22 @@ fn leaf(dir: &Path, ca: &Authority, role: &str, serial: u64) {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p
     };
+    // Written most general first, as QEMU's iotests write theirs. The
+    // country is a PrintableString as X.520 calls for, except in the
+    // other client's, where it is UTF-8 (GnuTLS then writes it in hex).
+    params.distinguished_name = DistinguishedName::new();
+    let country = if serial == OTHER_SERIAL {
+        DnValue::Utf8String("GB".into())
+    } else {
+        DnValue::PrintableString(PrintableString::try_from("GB").expect("printable"))
+    };
+    params.distinguished_name.push(DnType::CountryName, country);
+    params
+        .distinguished_name
+        .push(DnType::LocalityName, "R'lyeh");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, format!("qcow tests {serial}"));
     params
         .distinguished_name
         .push(DnType::CommonName, format!("qcow test {role}"));
@@ -73,6 +92,17 @@ fn leaf(dir: &Path, ca: &Authority, role: &str, serial: u64) {
     std::fs::write(dir.join(format!("{role}-key.pem")), key.serialize_pem()).expect("write");
 }
 
+/// The distinguished name of the certificate of serial number `serial`
+/// made here for `role`, as GnuTLS writes it.
+pub(crate) fn identity(role: &str, serial: u64) -> String {
+    let country = if serial == OTHER_SERIAL {
+        "#0c024742"
+    } else {
+        "GB"
+    };
+    format!("C={country},L=R'lyeh,O=qcow tests {serial},CN=qcow test {role}")
+}
+
 /// The credential directories under one root (and the authorities, for
 /// revocation lists).
 pub(crate) struct Credentials {
@@ -81,6 +111,8 @@ pub(crate) struct Credentials {
     pub(crate) server: PathBuf,
     /// A client's, signed by authority 1 (trusted by the server).
     pub(crate) client: PathBuf,
+    /// Another client's, signed by authority 1, under another name.
+    pub(crate) other: PathBuf,
     /// A client's, signed by authority 2 (trusted by nobody; it also
     /// trusts only authority 2).
     pub(crate) stranger: PathBuf,
@@ -91,11 +123,13 @@ pub(crate) fn make(root: &Path) -> Credentials {
     let (ca1, ca2) = (authority("1"), authority("2"));
     leaf(&root.join("server"), &ca1, "server", 1);
     leaf(&root.join("client"), &ca1, "client", CLIENT_SERIAL);
+    leaf(&root.join("other"), &ca1, "client", OTHER_SERIAL);
     leaf(&root.join("stranger"), &ca2, "client", 3);
     Credentials {
         authorities: [ca1, ca2],
         server: root.join("server"),
         client: root.join("client"),
+        other: root.join("other"),
         stranger: root.join("stranger"),
     }
 }
