@@ -30,23 +30,31 @@ impl Endpoint {
     }
 }
 
-/// The directory and verification setting of the `tls-creds-x509` object
-/// with id `id` among the `--object` arguments, checked to be for
-/// `endpoint`.
-fn find(objects: &[String], id: &str, endpoint: Endpoint) -> Result<(String, bool)> {
+/// The `--object` argument with id `id`: its type (its first item, bare as
+/// in `tls-creds-x509,...`, or named as in `qom-type=tls-creds-x509,...`)
+/// and its options.
+fn object_with_id(objects: &[String], id: &str) -> Result<Option<(Option<String>, OptionList)>> {
     for object in objects {
         let list = OptionList::parse(std::slice::from_ref(object))?;
         if list.get("id") != Some(id) {
             continue;
         }
-        // The object's type is its first item, bare (`tls-creds-x509,...`)
-        // or named (`qom-type=tls-creds-x509,...`).
         let kind = list.get("qom-type").map(str::to_owned).or_else(|| {
             list.pairs()
                 .first()
                 .filter(|(_, v)| v == "on")
                 .map(|(k, _)| k.clone())
         });
+        return Ok(Some((kind, list)));
+    }
+    Ok(None)
+}
+
+/// The directory and verification setting of the `tls-creds-x509` object
+/// with id `id` among the `--object` arguments, checked to be for
+/// `endpoint`.
+fn find(objects: &[String], id: &str, endpoint: Endpoint) -> Result<(String, bool)> {
+    if let Some((kind, list)) = object_with_id(objects, id)? {
         match kind.as_deref() {
             Some("tls-creds-x509") => {}
             Some(other @ ("tls-creds-psk" | "tls-creds-anon")) => {
@@ -98,17 +106,7 @@ pub(crate) fn client(objects: &[String], id: &str, name: &str) -> Result<TlsClie
 /// The identity the `authz-simple` object with id `id` lets in (QEMU's
 /// other authorization objects, lists and PAM, are refused by name).
 pub(crate) fn authorized_identity(objects: &[String], id: &str) -> Result<String> {
-    for object in objects {
-        let list = OptionList::parse(std::slice::from_ref(object))?;
-        if list.get("id") != Some(id) {
-            continue;
-        }
-        let kind = list.get("qom-type").map(str::to_owned).or_else(|| {
-            list.pairs()
-                .first()
-                .filter(|(_, v)| v == "on")
-                .map(|(k, _)| k.clone())
-        });
+    if let Some((kind, list)) = object_with_id(objects, id)? {
         return match kind.as_deref() {
             Some("authz-simple") => list
                 .get("identity")
